@@ -1,0 +1,194 @@
+"""The ``posttrain`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _cmd_sft(args: argparse.Namespace) -> int:
+    from posttrain.config import load_config
+    from posttrain.pipeline import run_sft
+
+    cfg = load_config(args.config, args.overrides, method="sft")
+    run_sft(cfg, resume=args.resume)
+    return 0
+
+
+def _chat_messages(prompt: str, system: str | None) -> list[dict[str, str]]:
+    msgs = [{"role": "system", "content": system}] if system else []
+    return [*msgs, {"role": "user", "content": prompt}]
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from posttrain.pipeline import load_for_inference
+    from posttrain.rollout import generate
+
+    loaded = load_for_inference(args.model, args.adapter, dtype=args.dtype)
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    outs = generate(loaded.model, loaded.tokenizer, [_chat_messages(p, args.system) for p in prompts],
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    for p, o in zip(prompts, outs):
+        print(json.dumps({"prompt": p, "output": o}) if args.json else f">>> {p}\n{o}\n")
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    from posttrain.pipeline import load_for_inference
+    from posttrain.rollout import generate
+
+    loaded = load_for_inference(args.model, args.adapter, dtype=args.dtype)
+    history = [{"role": "system", "content": args.system}] if args.system else []
+    print("chat: type a message; /reset clears the history, /exit or Ctrl-D quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            return 0
+        if line.strip() in {"/exit", "/quit"}:
+            return 0
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        reply = generate(loaded.model, loaded.tokenizer, [history], max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_p=args.top_p)[0]
+        history.append({"role": "assistant", "content": reply})
+        print(f"model> {reply}")
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from posttrain.config import load_config
+    from posttrain.data import eval_batches
+    from posttrain.engine import console
+    from posttrain.eval import heldout_loss, sample_generations
+    from posttrain.pipeline import load_for_inference, prepare_data, resolve_template
+
+    target = Path(args.target)
+    run_dir = target if target.is_dir() else None
+    cfg = load_config(run_dir / "config.yaml" if run_dir else target, args.overrides, method="sft")
+    adapter = None
+    if not args.base and run_dir is not None and cfg.finetune == "lora":
+        adapter = str(run_dir)
+    model_name = str(run_dir / "model") if run_dir is not None and cfg.finetune == "full" and not args.base \
+        else cfg.model.name
+    loaded = load_for_inference(model_name, adapter, dtype=cfg.model.dtype, device=cfg.model.device)
+    _, held, held_chats, lines = prepare_data(cfg.data, loaded.tokenizer)
+    if not held:
+        console.print("no held-out data: set data.eval or data.eval_fraction")
+        return 2
+    batches = eval_batches(held, cfg.train.micro_batch_size, loaded.tokenizer.pad_token_id)
+    result = {"model": model_name or "embedded", "adapter": adapter,
+              **heldout_loss(loaded.model, batches, cfg.train.loss_chunk_size)}
+    if args.samples:
+        result["samples"] = sample_generations(loaded.model, loaded.tokenizer, held_chats[:args.samples],
+                                               chat_template=resolve_template(cfg.data.chat_template))
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _cmd_render(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from posttrain.config import load_config
+    from posttrain.data import build_examples, highlight
+    from posttrain.models import load_tokenizer
+    from posttrain.pipeline import resolve_template
+
+    cfg = load_config(args.config, args.overrides, method="sft")
+    tok = load_tokenizer(cfg.model.name)
+    d = cfg.data
+    examples, _, report = build_examples(d.train, tok, fmt=d.format, system_prompt=d.system_prompt,
+                                         max_seq_len=d.max_seq_len, overlong=d.overlong,
+                                         chat_template=resolve_template(d.chat_template))
+    out = Console(highlight=False)
+    out.print(report.summary())
+    for ex in examples[:args.rows]:
+        out.print(f"\n[bold]row {ex.row}[/] ({len(ex)} tokens, {ex.num_trained} trained, trained in green)")
+        out.print(highlight(tok, ex))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from posttrain.demo import main as demo_main
+
+    return demo_main(args.output_dir, quick=args.quick)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="posttrain", description="Post-training for causal language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("sft", help="supervised fine-tuning (LoRA or full) from a YAML config")
+    s.add_argument("config")
+    s.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lr=1e-4 lora.r=8")
+    s.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    s.set_defaults(func=_cmd_sft)
+
+    def inference_args(q: argparse.ArgumentParser) -> None:
+        q.add_argument("--model", default=None, help="base model (default: the run's base, else the embedded model)")
+        q.add_argument("--adapter", default=None, help="LoRA adapter folder or run folder")
+        q.add_argument("--system", default=None, help="system prompt")
+        q.add_argument("--max-new-tokens", type=int, default=128)
+        q.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        q.add_argument("--top-p", type=float, default=1.0)
+        q.add_argument("--dtype", default="auto")
+
+    g = sub.add_parser("generate", help="complete prompts with a base model or base+adapter")
+    inference_args(g)
+    g.add_argument("--prompt", action="append", help="repeatable; without it, one prompt per stdin line")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--json", action="store_true", help="print JSON lines")
+    g.set_defaults(func=_cmd_generate)
+
+    c = sub.add_parser("chat", help="interactive chat with a base model or base+adapter")
+    inference_args(c)
+    c.set_defaults(func=_cmd_chat)
+
+    e = sub.add_parser("eval", help="held-out completion loss, perplexity and samples of a run or config")
+    e.add_argument("target", help="a run folder (uses its config.yaml and adapter) or a config file")
+    e.add_argument("overrides", nargs="*")
+    e.add_argument("--base", action="store_true", help="evaluate the base model without the run's adapter")
+    e.add_argument("--samples", type=int, default=3, help="held-out prompts to generate from")
+    e.set_defaults(func=_cmd_eval)
+
+    r = sub.add_parser("render", help="print rendered training examples with the trained tokens highlighted")
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*")
+    r.add_argument("--rows", type=int, default=2)
+    r.set_defaults(func=_cmd_render)
+
+    d = sub.add_parser("demo", help="LoRA SFT of the embedded model on a generated JSON-extraction task")
+    d.add_argument("--output-dir", default="demo-run")
+    d.add_argument("--quick", action="store_true", help="a smaller run, for smoke tests")
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from posttrain.config import ConfigError
+    from posttrain.data import DataError
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,185 @@
+"""Typed, validated run configs: YAML files plus dotted ``key=value`` overrides.
+
+Every section forbids unknown keys; a typo is an error that lists the keys that do exist
+(and the closest match), instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says where and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelConfig(_Section):
+    name: str | None = Field(
+        None, description="HF model folder, .gguf file, or hub id; null/'embedded' = SmolLM2-135M-Instruct"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+class LoraConfig(_Section):
+    r: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = Field(
+        "all-linear", description="'all-linear' or a list of module names such as [q_proj, v_proj]"
+    )
+
+
+class DataConfig(_Section):
+    train: str = Field(..., description="JSONL, JSON, Parquet or CSV file")
+    eval: str | None = Field(None, description="held-out file; when null, eval_fraction of train is held out")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    format: Literal["auto", "messages", "alpaca", "prompt_completion"] = "auto"
+    system_prompt: str | None = Field(None, description="added to rows that have no system message")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template (text or a .jinja file) replacing the tokenizer's own")
+    max_seq_len: int = Field(1024, gt=1)
+    overlong: Literal["error", "truncate", "drop"] = Field(
+        "error", description="what to do with an example longer than max_seq_len"
+    )
+    packing: bool = True
+
+
+class TrainConfig(_Section):
+    lr: float = Field(2e-4, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
+    micro_batch_size: int = Field(4, gt=0, description="sequences (or packed rows) per forward")
+    grad_accum: int = Field(1, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine decays to this fraction of lr")
+    weight_decay: float = Field(0.0, ge=0.0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = Field(1.0, description="null disables clipping")
+    seed: int = 0
+    log_every: int = Field(1, gt=0)
+    eval_every: int | None = Field(None, gt=0, description="steps between held-out evals; null = at the end only")
+    save_every: int | None = Field(None, gt=0, description="steps between checkpoints; null = at the end only")
+    save_total_limit: int = Field(2, gt=0)
+    loss_chunk_size: int = Field(1024, gt=0, description="trained positions per LM-head chunk")
+
+
+class SFTConfig(_Section):
+    method: Literal["sft"] = "sft"
+    output_dir: str = "runs/sft"
+    finetune: Literal["lora", "full"] = "lora"
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    eval_samples: int = Field(3, ge=0, description="held-out prompts to generate from at eval time")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SFTConfig":
+        if self.data.eval is None and self.data.eval_fraction == 0.0 and self.train.eval_every:
+            raise ValueError("train.eval_every is set but there is no held-out data (data.eval / data.eval_fraction)")
+        return self
+
+
+CONFIGS: dict[str, type[BaseModel]] = {"sft": SFTConfig}
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.get(key)
+        if child is None:
+            child = node[key] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    pairs = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.lr=1e-4)")
+        key, raw = item.split("=", 1)
+        # YAML parsing turns "1e-4" into a float, "null" into None, "[q_proj,v_proj]" into a list.
+        value = yaml.safe_load(raw) if raw != "" else ""
+        pairs.append((key.strip(), value))
+    return pairs
+
+
+def _fields_at(schema: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    node: Any = schema
+    for part in loc[:-1]:
+        field = node.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return None
+        ann = field.annotation
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        node = ann
+    return sorted(node.model_fields)
+
+
+def _explain(exc: ValidationError, schema: type[BaseModel], source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        where = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            known = _fields_at(schema, loc) or []
+            close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+            hint = f" did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
+            lines.append(f"  {where}: unknown key.{hint} Keys here: {', '.join(known)}")
+        else:
+            lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, *, method: str | None = None,
+                base: dict[str, Any] | None = None) -> Any:
+    """Read a YAML config, apply ``key=value`` overrides, and validate it.
+
+    ``method`` picks the schema when the file does not name one; ``base`` is a dict used instead of a file.
+    """
+    source = str(path) if path is not None else "(overrides)"
+    tree: dict[str, Any] = dict(base or {})
+    if path is not None:
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {path} must be a mapping of sections, got {type(loaded).__name__}")
+        tree.update(loaded)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    name = tree.get("method", method or "sft")
+    schema = CONFIGS.get(name)
+    if schema is None:
+        raise ConfigError(f"config {source}: unknown method {name!r}; known: {', '.join(CONFIGS)}")
+    try:
+        return schema.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, schema, source)) from None
+
+
+def dump_config(cfg: BaseModel) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

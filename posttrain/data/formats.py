@@ -1,0 +1,92 @@
+"""Row formats (OpenAI messages, Alpaca, prompt/completion) turned into validated chat messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.data.readers import DataError
+
+Messages = list[dict[str, str]]
+ROLES = ("system", "user", "assistant")
+
+
+def detect_format(row: dict[str, Any]) -> str | None:
+    if "messages" in row:
+        return "messages"
+    if "instruction" in row and "output" in row:
+        return "alpaca"
+    if "prompt" in row and "completion" in row:
+        return "prompt_completion"
+    return None
+
+
+def _text(row: dict[str, Any], field: str, file: str, num: int, *, required: bool = True,
+          allow_empty: bool = False) -> str:
+    if field not in row or row[field] is None:
+        if required:
+            raise DataError(file, num, field, "missing field")
+        return ""
+    value = row[field]
+    if not isinstance(value, str):
+        raise DataError(file, num, field, f"expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise DataError(file, num, field, "is empty")
+    return value
+
+
+def validate_messages(messages: Any, file: str, num: int, field: str = "messages") -> Messages:
+    """Check roles, order and contents: [system], then user/assistant alternating, ending with assistant."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(file, num, field, "expected a non-empty list of {role, content} messages")
+    out: Messages = []
+    for i, msg in enumerate(messages):
+        where = f"{field}[{i}]"
+        if not isinstance(msg, dict):
+            raise DataError(file, num, where, f"expected an object with role and content, got {type(msg).__name__}")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise DataError(file, num, f"{where}.role", f"role must be one of {', '.join(ROLES)}, got {role!r}")
+        if "content" not in msg:
+            raise DataError(file, num, f"{where}.content", "missing field")
+        content = msg["content"]
+        if not isinstance(content, str):
+            raise DataError(file, num, f"{where}.content", f"expected a string, got {type(content).__name__}")
+        if role == "assistant" and not content.strip():
+            raise DataError(file, num, f"{where}.content", "empty assistant turn: there is nothing to train on")
+        out.append({"role": role, "content": content})
+    turns = out[1:] if out[0]["role"] == "system" else out
+    for i, msg in enumerate(turns):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if msg["role"] != expected:
+            idx = i + (len(out) - len(turns))
+            raise DataError(file, num, f"{field}[{idx}].role",
+                            f"wrong role order: expected {expected!r}, got {msg['role']!r} "
+                            "(after an optional system message, turns alternate user/assistant)")
+    if not turns or turns[-1]["role"] != "assistant":
+        raise DataError(file, num, field, "the conversation must end with an assistant turn")
+    return out
+
+
+def row_to_messages(row: dict[str, Any], fmt: str, file: str, num: int, system_prompt: str | None = None) -> Messages:
+    """Turn one row into chat messages; ``fmt='auto'`` picks the format from the row's fields."""
+    if fmt == "auto":
+        fmt = detect_format(row) or ""
+        if not fmt:
+            raise DataError(file, num, None, "cannot tell the row format: expected 'messages', "
+                            f"'instruction'+'output' (Alpaca) or 'prompt'+'completion'; got fields {sorted(row)}")
+    if fmt == "messages":
+        messages = validate_messages(row.get("messages"), file, num)
+    elif fmt == "alpaca":
+        instruction = _text(row, "instruction", file, num)
+        extra = _text(row, "input", file, num, required=False, allow_empty=True)
+        prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+        messages = [{"role": "user", "content": prompt},
+                    {"role": "assistant", "content": _text(row, "output", file, num)}]
+    elif fmt == "prompt_completion":
+        messages = [{"role": "user", "content": _text(row, "prompt", file, num, allow_empty=True)},
+                    {"role": "assistant", "content": _text(row, "completion", file, num)}]
+    else:
+        raise DataError(file, num, None, f"unknown format {fmt!r}")
+    if system_prompt and messages[0]["role"] != "system":
+        messages = [{"role": "system", "content": system_prompt}, *messages]
+    return messages

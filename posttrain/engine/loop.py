@@ -1,0 +1,132 @@
+"""The one training loop every method uses.
+
+Per optimizer step: fetch this step's micro-batches (deterministic by step, so resume is exact), count the
+loss units (trained tokens) over all of them and all ranks, backpropagate each micro-batch's summed loss
+divided by that total, clip, step, log. The loss is therefore the same token mean whatever the split into
+micro-batches, accumulation steps or packed rows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from posttrain.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from posttrain.engine.logging import MetricsLog, console, format_line
+from posttrain.engine.schedule import warmup_cosine
+
+Batch = dict[str, torch.Tensor]
+
+
+class Method(Protocol):
+    name: str
+
+    def count(self, batch: Batch) -> int: ...
+
+    def loss_sum(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+class StepBatches(Protocol):
+    def step(self, step: int) -> list[Batch]: ...
+
+
+@dataclass
+class LoopOptions:
+    total_steps: int
+    lr: float
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = 1.0
+    log_every: int = 1
+    eval_every: int | None = None
+    save_every: int | None = None
+    save_total_limit: int = 2
+
+
+def _all_reduce_sum(value: float, device: torch.device) -> float:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+    return value
+
+
+def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opts: LoopOptions, output_dir: Path, *,
+               evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+               export: Callable[[Path], None] | None = None, resume: bool = False) -> list[dict[str, Any]]:
+    """Train for ``opts.total_steps`` optimizer steps; returns the logged records of this call."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    device = params[0].device
+    optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=opts.adam_betas, weight_decay=opts.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
+        s, total_steps=opts.total_steps, warmup_steps=opts.warmup_steps, min_ratio=opts.min_lr_ratio))
+    ckpt_root = output_dir / "checkpoints"
+    start = 0
+    if resume:
+        found = list_checkpoints(ckpt_root)
+        if not found:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_root}")
+        start = load_checkpoint(found[-1], model, optimizer, scheduler)["step"]
+        console.print(f"resumed from {found[-1]} at step {start}")
+    log = MetricsLog(output_dir / "metrics.jsonl", resume_step=start)
+    records: list[dict[str, Any]] = []
+
+    def save(step: int) -> None:
+        save_checkpoint(ckpt_root, step, model, optimizer, scheduler, {"total_steps": opts.total_steps},
+                        keep=opts.save_total_limit, export=export)
+
+    def emit(rec: dict[str, Any]) -> None:
+        log.write(rec)
+        records.append(rec)
+        console.print(format_line(rec, opts.total_steps))
+
+    if evaluate is not None and start == 0:
+        emit({"step": 0, **evaluate(model)})  # the baseline every later eval is compared with
+    model.train()
+    window_tokens, window_start = 0, time.perf_counter()
+    for step in range(start, opts.total_steps):
+        micro = batches.step(step)
+        units = _all_reduce_sum(float(sum(method.count(b) for b in micro)), device)
+        loss_total, metrics = 0.0, {}
+        for batch in micro:
+            loss_sum, m = method.loss_sum(model, batch)
+            (loss_sum / max(units, 1.0)).backward()
+            loss_total += float(loss_sum.detach())
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + v / len(micro)
+            window_tokens += int(batch.get("num_tokens", 0))
+        grad_norm = None
+        if opts.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm))
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        if done % opts.log_every == 0 or done == opts.total_steps:
+            elapsed = time.perf_counter() - window_start
+            rec = {"step": done, "loss": _all_reduce_sum(loss_total, device) / max(units, 1.0), "lr": lr,
+                   "trained_tokens": units, "tokens_per_s": window_tokens / max(elapsed, 1e-9), **metrics}
+            if grad_norm is not None:
+                rec["grad_norm"] = grad_norm
+            emit(rec)
+            window_tokens, window_start = 0, time.perf_counter()
+        if evaluate is not None and ((opts.eval_every and done % opts.eval_every == 0) or done == opts.total_steps):
+            emit({"step": done, **evaluate(model)})
+            model.train()
+            window_start = time.perf_counter()
+        if opts.save_every and done % opts.save_every == 0 and done != opts.total_steps:
+            save(done)
+            window_start = time.perf_counter()
+    if start < opts.total_steps or not list_checkpoints(ckpt_root):
+        save(opts.total_steps)
+    log.close()
+    return records

@@ -1,0 +1,64 @@
+"""Token cross-entropy for SFT, computed from hidden states in chunks.
+
+The LM head is applied only to positions that carry loss, ``chunk_size`` rows at a time. Each chunk's
+gradient with respect to its hidden states (and the head weight, when it trains) is computed in the forward
+pass, so the (tokens x vocab) logits never exist beyond one chunk and nothing is recomputed in backward.
+Because the loss is a sum, the backward only scales those stored gradients by the incoming gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens of -log softmax(logits)[target]. logits: (N, V), targets: (N,) -> scalar (fp32)."""
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
+        need_w = ctx.needs_input_grad[1]
+        need_h = ctx.needs_input_grad[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start:start + chunk_size]
+            t = targets[start:start + chunk_size]
+            logits = (h @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                # d(sum CE)/d logits = softmax - onehot, reusing the logits buffer.
+                g = logits.sub_(lse[:, None]).exp_()
+                g[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                g = g.to(hidden.dtype)
+                if need_h:
+                    grad_h[start:start + chunk_size] = g @ weight
+                if need_w:
+                    grad_w += (g.t() @ h).float()
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                             chunk_size: int = 1024) -> torch.Tensor:
+    """sum_n CE(hidden[n] @ weight.T, targets[n]) without materialising all logits.
+
+    hidden: (N, H), weight: (V, H), targets: (N,) -> scalar fp32. Equal to
+    ``token_cross_entropy_sum(hidden @ weight.T, targets)`` in value and gradients.
+    """
+    if hidden.shape[0] == 0:
+        return hidden.sum().float() * 0.0
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)

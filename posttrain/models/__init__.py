@@ -1,0 +1,8 @@
+"""Model loading, dtype/device choice, LoRA and full fine-tuning set-up."""
+
+from posttrain.models.loading import (Loaded, cache_dir, choose_device, choose_dtype, load_model, load_tokenizer,
+                                      resolve_model_path)
+from posttrain.models.lora import apply_lora, format_trainable, load_adapter, prepare_full, trainable_report
+
+__all__ = ["Loaded", "apply_lora", "cache_dir", "choose_device", "choose_dtype", "format_trainable", "load_adapter",
+           "load_model", "load_tokenizer", "prepare_full", "resolve_model_path", "trainable_report"]

