@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 def token_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Sum over tokens of -log softmax(logits)[target]. logits: (N, V), targets: (N,) -> scalar (fp32)."""
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -22,13 +22,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int):
         need_w = ctx.needs_input_grad[1]
         need_h = ctx.needs_input_grad[0]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # bf16 accumulates in fp32, fp64 stays fp64
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_w = torch.zeros_like(weight, dtype=acc) if need_w else None
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]
             t = targets[start:start + chunk_size]
-            logits = (h @ weight.t()).float()
+            logits = (h @ weight.t()).to(acc)
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
             if need_h or need_w:
@@ -39,7 +40,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_h:
                     grad_h[start:start + chunk_size] = g @ weight
                 if need_w:
-                    grad_w += (g.t() @ h).float()
+                    grad_w += (g.t() @ h).to(acc)
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_h if need_h else None, grad_w if need_w else None)
         return total

