@@ -145,6 +145,8 @@ def _explain(exc: ValidationError, schema: type[BaseModel], source: str) -> str:
             close = difflib.get_close_matches(str(loc[-1]), known, n=1)
             hint = f" did you mean {'.'.join([*map(str, loc[:-1]), close[0]])!r}?" if close else ""
             lines.append(f"  {where}: unknown key.{hint} Keys here: {', '.join(known)}")
+        elif err["type"] == "missing":
+            lines.append(f"  {where}: required, but not given")
         else:
             lines.append(f"  {where}: {err['msg']} (got {err.get('input')!r})")
     return "\n".join(lines)

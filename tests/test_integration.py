@@ -1,0 +1,44 @@
+"""A few checks on the real embedded model (SmolLM2-135M-Instruct)."""
+
+import json
+
+import pytest
+import torch
+
+from posttrain.models import load_model, trainable_report, apply_lora
+from posttrain.rollout import generate
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    return load_model(None)
+
+
+def test_embedded_model_answers(embedded):
+    assert embedded.dtype == torch.float32  # CPU: fp32, never the 170x slower bf16
+    assert embedded.model.config.num_hidden_layers == 30 and embedded.model.config.vocab_size == 49152
+    out = generate(embedded.model, embedded.tokenizer,
+                   [[{"role": "user", "content": "What is the capital of France?"}]], max_new_tokens=16)
+    assert "Paris" in out[0]
+
+
+def test_lora_trainable_report_all_linear(embedded):
+    import copy
+
+    model = apply_lora(copy.deepcopy(embedded.model), r=16, alpha=32, dropout=0.0, target_modules="all-linear")
+    rep = trainable_report(model)
+    # per layer: r * (in + out) summed over q,k,v,o,gate,up,down of SmolLM2 (576 hidden, 192 kv, 1536 mlp)
+    per_layer = 16 * ((576 + 576) + (576 + 192) * 2 + (576 + 576) + (576 + 1536) * 3)
+    assert rep["trainable"] == 30 * per_layer
+    assert rep["by_module"]["q_proj.lora_A"] == 30 * 16 * 576
+
+
+def test_demo_quick_shows_before_and_after(tmp_path):
+    from posttrain.demo import main
+
+    assert main(str(tmp_path / "demo"), quick=True) == 0
+    res = json.loads((tmp_path / "demo" / "demo_result.json").read_text())
+    assert res["after_loss"] < res["before_loss"]  # two steps at lr 1e-3 already move the held-out loss
+    assert len(res["before"]) == len(res["after"]) == 4
