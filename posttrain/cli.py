@@ -7,10 +7,13 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# PEFT still calls this transformers property; the warning says nothing a user can act on.
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 
 def _cmd_sft(args: argparse.Namespace) -> int:

@@ -76,7 +76,7 @@ def main(output_dir: str = "demo-run", quick: bool = False) -> int:
     out = Console(highlight=False)
     t0 = time.perf_counter()
     root = Path(output_dir)
-    n_train, n_eval, n_gen = (48, 8, 4) if quick else (320, 40, 24)
+    n_train, n_eval, n_gen = (48, 8, 4) if quick else (160, 40, 24)
     train, held = write_demo_data(root / "data", n_train, n_eval)
     overrides = [f"data.train={train}", f"data.eval={held}", f"output_dir={root / 'run'}", "data.max_seq_len=512",
                  "lora.r=16", "lora.alpha=32", "train.lr=1e-3", "train.micro_batch_size=2", "train.epochs=1",

@@ -1,0 +1,398 @@
+"""LoRA SFT throughput: posttrain vs TRL's SFTTrainer, side by side, same model, data, LoRA and batch settings.
+
+Each framework runs in its own subprocess (so peak RSS is per framework), alternately, for ``--rounds`` rounds;
+the table reports the median per configuration. Only optimizer steps after ``--warmup`` steps are timed
+(model loading, tokenisation and packing are excluded), and both sides count tokens the same way: non-padding
+input tokens fed to the model (``tokens/s``) and tokens that carry loss (``trained tokens/s``).
+
+Configurations:
+  posttrain          posttrain's engine (BatchPlan + train_loop + SFT), packing=True (its default)
+  posttrain-nopack   the same with packing=False (one example per row, padded to the batch's longest)
+  trl-pack           TRL SFTTrainer, packing=True (strategy 'bfd', which turns on padding-free batches)
+  trl-pad            TRL SFTTrainer, packing=False (right padding to the batch's longest)
+
+Shared settings: the embedded SmolLM2-135M-Instruct in fp32 with SDPA attention, LoRA r=16 alpha=32
+dropout=0.05 on all linear layers (q,k,v,o,gate,up,down), lr 2e-4, AdamW, grad clip 1.0, micro-batch 4,
+no gradient accumulation, no gradient checkpointing, assistant-only loss, seq length cap 512,
+2 torch threads. TRL gets ``bf16=False, fp16=False, use_cpu=True``; its SmolLM2 chat template has no
+``{% generation %}`` tags and TRL ships no training template for it, so TRL is fed prompt/completion
+conversational rows with ``completion_only_loss=True`` (the same assistant-only mask for single-turn chats).
+
+FLOP ceiling: LoRA training costs about 4 * N FLOPs per token (forward 2N, activation gradients 2N; frozen
+weights need no weight gradients), N = the base model's parameter count including the tied embedding/head.
+The attention term (about 12 * layers * T * d per token for causal attention) is left out. The fraction reported
+is achieved FLOP/s divided by the fp32 2048x2048 matmul rate measured on this machine by this script.
+
+Set-up and run (TRL lives only in a separate, git-ignored venv):
+  python3 -m venv .bench-venv
+  .bench-venv/bin/pip install torch==2.13.0
+  .bench-venv/bin/pip install trl 'transformers>=5,<6' peft datasets
+  .bench-venv/bin/pip install -e .
+  .bench-venv/bin/python benchmarks/bench_sft.py            # ~25 min on 2 CPU cores
+
+Makefile target (``make bench``):
+  BENCH_VENV := .bench-venv
+  bench:
+  	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+  	$(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0
+  	$(BENCH_VENV)/bin/python -m pip install -q trl 'transformers>=5,<6' peft datasets
+  	$(BENCH_VENV)/bin/python -m pip install -q -e .
+  	$(BENCH_VENV)/bin/python benchmarks/bench_sft.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO.parent / "shared" / "data" / "alpaca-eval" / "gpt4_vs_davinci003_annotations.json"
+CONFIGS = ("posttrain", "posttrain-nopack", "trl-pack", "trl-pad")
+DEFAULT_CONFIGS = ("posttrain", "trl-pack", "trl-pad")
+LORA = dict(r=16, alpha=32, dropout=0.05, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"])
+SEED = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared by both workers: the same chats, selected the same way.
+
+def load_chats(n: int, max_len: int, tokenizer) -> tuple[list[list[dict]], str]:
+    """The first ``n`` single-turn chats (user instruction, GPT-4 answer) that render to <= max_len - 2 tokens.
+
+    Two tokens of slack: TRL renders prompt + completion as one chat whose trailing newline it keeps as a
+    completion token, so its rendering is never longer than posttrain's by more than that.
+    """
+    from posttrain.data import render_example
+
+    if DATA.exists():
+        rows = json.loads(DATA.read_text())
+        chats = [[{"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output_2"]}]
+                 for r in rows if r.get("instruction") and r.get("output_2")]
+        source = f"{DATA.name} (instruction, output_2)"
+    else:  # synthetic but deterministic chats of varied length
+        import random
+
+        rng = random.Random(SEED)
+        words = "the a model data token train loss batch layer weight gradient step value of to and in".split()
+        chats = []
+        for i in range(4 * n):
+            q = " ".join(rng.choice(words) for _ in range(rng.randint(8, 40)))
+            a = " ".join(rng.choice(words) for _ in range(rng.randint(30, 300)))
+            chats.append([{"role": "user", "content": f"Question {i}: {q}?"}, {"role": "assistant", "content": a}])
+        source = "synthetic"
+    keep = []
+    for chat in chats:
+        if len(render_example(tokenizer, chat)) <= max_len - 2:
+            keep.append(chat)
+            if len(keep) == n:
+                break
+    return keep, source
+
+
+def base_param_count(model) -> int:
+    """Parameters of the base model, tied weights once, LoRA excluded."""
+    seen, total = set(), 0
+    for name, p in model.named_parameters():
+        if "lora_" in name or id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def batch_counts(batch) -> tuple[int, int]:
+    """(non-padding input tokens, trained tokens) of a collated batch; the same rule for both frameworks."""
+    if "attention_mask" in batch:
+        tokens = int(batch["attention_mask"].sum())
+    elif "num_tokens" in batch:
+        tokens = int(batch["num_tokens"])
+    else:  # TRL padding-free: one flattened row, nothing padded (pad_to_multiple_of is None off Neuron)
+        tokens = int(batch["input_ids"].numel())
+    trained = int((batch["labels"][..., 1:] != -100).sum())
+    return tokens, trained
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Workers (run in subprocesses).
+
+def worker_posttrain(args, packing: bool) -> dict:
+    import torch
+
+    from posttrain.data import BatchPlan, render_example
+    from posttrain.engine import LoopOptions, read_metrics, train_loop
+    from posttrain.methods import SFT
+    from posttrain.models import apply_lora, load_model
+    from posttrain.pipeline import seed_everything
+
+    seed_everything(SEED)
+    loaded = load_model(args.model, dtype="float32", device="cpu", attn_implementation="sdpa")
+    tok = loaded.tokenizer
+    chats, source = load_chats(args.examples, args.max_len, tok)
+    examples = [render_example(tok, c) for c in chats]
+    n_params = base_param_count(loaded.model)
+    seed_everything(SEED)
+    model = apply_lora(loaded.model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
+                       target_modules=LORA["targets"])
+    plan = BatchPlan(examples, micro_batch_size=args.batch, grad_accum=1, seed=SEED, pad_id=tok.pad_token_id,
+                     packing=packing, max_seq_len=args.max_len)
+
+    counts: dict[int, tuple[int, int]] = {}
+
+    class Counted:  # records what each optimizer step feeds the model
+        def step(self, step: int):
+            micro = plan.step(step)
+            sums = [batch_counts(b) for b in micro]
+            counts[step + 1] = (sum(s[0] for s in sums), sum(s[1] for s in sums))
+            return micro
+
+    total = args.warmup + args.steps
+    opts = LoopOptions(total_steps=total, lr=args.lr, warmup_steps=0, max_grad_norm=1.0, log_every=1)
+    with tempfile.TemporaryDirectory(prefix="bench-posttrain-") as out:
+        train_loop(model, SFT(), Counted(), opts, Path(out))
+        records = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "tokens_per_s" in r]
+    steps = []
+    for r in records:  # tokens_per_s = step tokens / (time from the end of the previous step's log to this one)
+        tokens, trained = counts[r["step"]]
+        steps.append({"step": r["step"], "tokens": tokens, "trained": trained, "seconds": tokens / r["tokens_per_s"],
+                      "loss": r["loss"]})
+    return {"steps": steps, "n_params": n_params, "examples": len(examples), "data": source,
+            "dataset_tokens": sum(len(e) for e in examples),
+            "dataset_trained": sum(e.num_trained for e in examples), "rows": len(plan.units)}
+
+
+def worker_trl(args, packing: bool) -> dict:
+    import torch
+    import transformers
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.set_seed(SEED)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    chats, source = load_chats(args.examples, args.max_len, tok)
+    ds = Dataset.from_list([{"prompt": c[:1], "completion": c[1:]} for c in chats])
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+    n_params = base_param_count(model)
+    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                             target_modules=LORA["targets"], bias="none", task_type="CAUSAL_LM")
+    out = tempfile.mkdtemp(prefix="bench-trl-")
+    cfg = SFTConfig(
+        output_dir=out, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
+        max_grad_norm=1.0, weight_decay=0.0, seed=SEED, data_seed=SEED,
+        bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False,
+        max_length=args.max_len, packing=packing, completion_only_loss=True,
+        logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+
+    step_counts: list[tuple[int, int]] = []
+    pending = [0, 0]
+
+    class Counting(SFTTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            t, tr = batch_counts(inputs)
+            pending[0] += t
+            pending[1] += tr
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    ends: list[float] = []
+    losses: dict[int, float] = {}
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, a, state, control, **kw):
+            ends.clear()
+            ends.append(time.perf_counter())  # step 1's start (warm-up, not measured)
+
+        def on_step_end(self, a, state, control, **kw):
+            ends.append(time.perf_counter())
+            step_counts.append((pending[0], pending[1]))
+            pending[0] = pending[1] = 0
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses[state.global_step] = logs["loss"]
+
+    trainer = Counting(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config,
+                       callbacks=[Timer()])
+    prepared = trainer.train_dataset
+    trainer.train()
+    steps = []
+    for i, (tokens, trained) in enumerate(step_counts):
+        # ends[i + 1] - ends[i]: from the previous step's end (after its optimizer step) to this one's, data
+        # fetching, forward, backward, clipping and optimizer step included.
+        steps.append({"step": i + 1, "tokens": tokens, "trained": trained, "seconds": ends[i + 1] - ends[i],
+                      "loss": losses.get(i + 1)})
+    n_tokens = sum(len(x) for x in prepared["input_ids"])
+    return {"steps": steps, "n_params": n_params, "examples": len(chats), "data": source, "dataset_tokens": n_tokens,
+            "rows": len(prepared), "padding_free": bool(getattr(trainer, "padding_free", False)),
+            "gradient_checkpointing": bool(cfg.gradient_checkpointing), "optim": str(cfg.optim)}
+
+
+def run_worker(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    name = args.worker
+    result = (worker_posttrain(args, packing=name == "posttrain") if name.startswith("posttrain")
+              else worker_trl(args, packing=name == "trl-pack"))
+    measured = [s for s in result["steps"] if s["step"] > args.warmup]
+    seconds = sum(s["seconds"] for s in measured)
+    result.update(config=name, threads=torch.get_num_threads(), peak_rss_mb=peak_rss_mb(),
+                  measured_steps=len(measured), seconds=seconds,
+                  tokens_per_s=sum(s["tokens"] for s in measured) / seconds,
+                  trained_per_s=sum(s["trained"] for s in measured) / seconds,
+                  s_per_step=seconds / len(measured),
+                  tokens_per_step=sum(s["tokens"] for s in measured) / len(measured))
+    Path(args.result).write_text(json.dumps(result, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver.
+
+def matmul_gflops(n: int = 2048, iters: int = 10, repeats: int = 3) -> float:
+    """Best fp32 n x n matmul rate (GFLOP/s) over a few timed loops, with this process's thread count."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    c = torch.empty(n, n)
+    for _ in range(2):
+        torch.mm(a, b, out=c)
+    best = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            torch.mm(a, b, out=c)
+        best = max(best, 2 * n ** 3 * iters / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "datasets"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "-"
+    return out
+
+
+def table(results: dict[str, list[dict]], ceiling: float, warmup: int, steps: int) -> str:
+    med = {c: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "trained_per_s", "peak_rss_mb",
+                                                                    "s_per_step", "tokens_per_step")}
+           for c, rs in results.items() if rs}
+    trl = [c for c in med if c.startswith("trl")]
+    best_trl = max(trl, key=lambda c: med[c]["tokens_per_s"]) if trl else None
+    n_params = next(iter(results.values()))[0]["n_params"]
+    lines = [f"| config | tokens/s | trained tokens/s | peak RSS MB | s/step | tokens/step | runs | "
+             f"vs best TRL (tokens/s) | FLOP ceiling fraction |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c, m in med.items():
+        ratio = f"{m['tokens_per_s'] / med[best_trl]['tokens_per_s']:.2f}x" if best_trl else "-"
+        frac = m["tokens_per_s"] * 4 * n_params / (ceiling * 1e9)
+        runs = ", ".join(f"{r['tokens_per_s']:.1f}" for r in results[c])
+        lines.append(f"| {c} | {m['tokens_per_s']:.1f} | {m['trained_per_s']:.1f} | {m['peak_rss_mb']:.0f} | "
+                     f"{m['s_per_step']:.2f} | {m['tokens_per_step']:.0f} | {runs} | {ratio} | {100 * frac:.0f}% |")
+    notes = [f"Medians over runs (the 'runs' column lists each run's tokens/s); {steps} timed optimizer steps after "
+             f"{warmup} warm-up steps per run.",
+             f"FLOP ceiling: fp32 2048x2048 matmul at {ceiling:.1f} GFLOP/s; 4 x N = 4 x {n_params / 1e6:.1f} M "
+             f"FLOPs per token, so the ceiling is {ceiling * 1e9 / (4 * n_params):.0f} tokens/s."]
+    if best_trl:
+        notes.append(f"Best TRL configuration: {best_trl}.")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; the median per config is reported")
+    p.add_argument("--examples", type=int, default=128, help="chats in the fixed training subset")
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--batch", type=int, default=4, help="micro-batch (sequences or packed rows)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", default=None, help="HF model folder; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--json", default=None, help="write all raw results here")
+    p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.model is None:
+        from posttrain.models import resolve_model_path
+
+        args.model = resolve_model_path(None)
+    if args.worker:
+        run_worker(args)
+        return
+
+    import torch
+
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [c for c in configs if c not in CONFIGS]
+    if bad:
+        p.error(f"unknown config(s) {bad}; known: {', '.join(CONFIGS)}")
+    if any(c.startswith("trl") for c in configs):
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            sys.exit(f"TRL is not installed in {sys.executable}; see the set-up lines at the top of {__file__}")
+    torch.set_num_threads(args.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    ceilings = [matmul_gflops()]
+    print(f"fp32 matmul: {ceilings[0]:.1f} GFLOP/s ({args.threads} threads)", flush=True)
+    results: dict[str, list[dict]] = {c: [] for c in configs}
+    common = ["--model", args.model, "--examples", str(args.examples), "--max-len", str(args.max_len), "--batch",
+              str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps), "--lr", str(args.lr),
+              "--threads", str(args.threads)]
+    with tempfile.TemporaryDirectory(prefix="bench-sft-") as tmp:
+        for rnd in range(args.rounds):
+            for c in configs:
+                res = Path(tmp) / f"{c}-{rnd}.json"
+                t0 = time.perf_counter()
+                proc = subprocess.run([sys.executable, __file__, "--worker", c, "--result", str(res), *common],
+                                      env=env, cwd=REPO, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+                    sys.exit(f"{c} (round {rnd + 1}) failed with exit code {proc.returncode}")
+                r = json.loads(res.read_text())
+                results[c].append(r)
+                print(f"round {rnd + 1}/{args.rounds} {c:17s} {r['tokens_per_s']:7.1f} tokens/s "
+                      f"{r['trained_per_s']:7.1f} trained/s {r['s_per_step']:6.2f} s/step "
+                      f"{r['tokens_per_step']:6.0f} tokens/step {r['peak_rss_mb']:6.0f} MB "
+                      f"(data: {r['examples']} chats, {r['dataset_tokens']} tokens, {r['rows']} rows; "
+                      f"{time.perf_counter() - t0:.0f} s wall)", flush=True)
+    ceilings.append(matmul_gflops())
+    print(f"fp32 matmul after: {ceilings[1]:.1f} GFLOP/s", flush=True)
+    ceiling = max(ceilings)
+    print()
+    print(table(results, ceiling, args.warmup, args.steps))
+    v = versions()
+    print("\nversions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + f"; python {sys.version.split()[0]}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"ceiling_gflops": ceilings, "versions": v, "args": vars(args),
+                                               "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
