@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from posttrain.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from posttrain.engine.logging import MetricsLog, console, format_line
@@ -83,49 +84,59 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
         save_checkpoint(ckpt_root, step, model, optimizer, scheduler, {"total_steps": opts.total_steps},
                         keep=opts.save_total_limit, export=export)
 
+    bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console, transient=True,
+                   disable=not console.is_terminal)
+    task = bar.add_task(method.name, total=opts.total_steps, completed=start, status="")
+
     def emit(rec: dict[str, Any]) -> None:
         log.write(rec)
         records.append(rec)
         console.print(format_line(rec, opts.total_steps))
 
-    if evaluate is not None and start == 0:
-        emit({"step": 0, **evaluate(model)})  # the baseline every later eval is compared with
-    model.train()
-    window_tokens, window_start = 0, time.perf_counter()
-    for step in range(start, opts.total_steps):
-        micro = batches.step(step)
-        units = _all_reduce_sum(float(sum(method.count(b) for b in micro)), device)
-        loss_total, metrics = 0.0, {}
-        for batch in micro:
-            loss_sum, m = method.loss_sum(model, batch)
-            (loss_sum / max(units, 1.0)).backward()
-            loss_total += float(loss_sum.detach())
-            for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + v / len(micro)
-            window_tokens += int(batch.get("num_tokens", 0))
-        grad_norm = None
-        if opts.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm))
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        if done % opts.log_every == 0 or done == opts.total_steps:
-            elapsed = time.perf_counter() - window_start
-            rec = {"step": done, "loss": _all_reduce_sum(loss_total, device) / max(units, 1.0), "lr": lr,
-                   "trained_tokens": units, "tokens_per_s": window_tokens / max(elapsed, 1e-9), **metrics}
-            if grad_norm is not None:
-                rec["grad_norm"] = grad_norm
-            emit(rec)
-            window_tokens, window_start = 0, time.perf_counter()
-        if evaluate is not None and ((opts.eval_every and done % opts.eval_every == 0) or done == opts.total_steps):
-            emit({"step": done, **evaluate(model)})
-            model.train()
-            window_start = time.perf_counter()
-        if opts.save_every and done % opts.save_every == 0 and done != opts.total_steps:
-            save(done)
-            window_start = time.perf_counter()
+    with bar:
+        if evaluate is not None and start == 0:
+            emit({"step": 0, **evaluate(model)})  # the baseline every later eval is compared with
+        model.train()
+        window_tokens, window_start = 0, time.perf_counter()
+        for step in range(start, opts.total_steps):
+            micro = batches.step(step)
+            units = _all_reduce_sum(float(sum(method.count(b) for b in micro)), device)
+            loss_total = torch.zeros((), dtype=torch.float64, device=device)
+            metrics: dict[str, float] = {}
+            for batch in micro:
+                loss_sum, m = method.loss_sum(model, batch)
+                (loss_sum / max(units, 1.0)).backward()
+                loss_total += loss_sum.detach()
+                for k, v in m.items():
+                    metrics[k] = metrics.get(k, 0.0) + v / len(micro)
+                window_tokens += int(batch.get("num_tokens", 0))
+            grad_norm = None
+            if opts.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            if done % opts.log_every == 0 or done == opts.total_steps:
+                elapsed = time.perf_counter() - window_start
+                loss = _all_reduce_sum(float(loss_total), device) / max(units, 1.0)
+                rec = {"step": done, "loss": loss, "lr": lr, "trained_tokens": units,
+                       "tokens_per_s": window_tokens / max(elapsed, 1e-9), **metrics}
+                if grad_norm is not None:
+                    rec["grad_norm"] = grad_norm
+                emit(rec)
+                bar.update(task, status=f"loss {loss:.4f} | {rec['tokens_per_s']:.0f} tok/s")
+                window_tokens, window_start = 0, time.perf_counter()
+            bar.update(task, completed=done)
+            if evaluate is not None and ((opts.eval_every and done % opts.eval_every == 0) or done == opts.total_steps):
+                emit({"step": done, **evaluate(model)})
+                model.train()
+                window_start = time.perf_counter()
+            if opts.save_every and done % opts.save_every == 0 and done != opts.total_steps:
+                save(done)
+                window_start = time.perf_counter()
     if start < opts.total_steps or not list_checkpoints(ckpt_root):
         save(opts.total_steps)
     log.close()
