@@ -24,5 +24,17 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
 
+# TRL lives only in its own git-ignored venv: it is a benchmark opponent, not a dependency.
+BENCH_VENV := .bench-venv
+$(BENCH_VENV)/.installed: pyproject.toml
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0 || $(BENCH_VENV)/bin/python -m pip install -q 'torch>=2.6'
+	$(BENCH_VENV)/bin/python -m pip install -q trl 'transformers>=5,<6' peft datasets
+	$(BENCH_VENV)/bin/python -m pip install -q -e .
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python benchmarks/bench_sft.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache

@@ -12,7 +12,7 @@ Configurations:
   trl-pad            TRL SFTTrainer, packing=False (right padding to the batch's longest)
 
 Shared settings: the embedded SmolLM2-135M-Instruct in fp32 with SDPA attention, LoRA r=16 alpha=32
-dropout=0.05 on all linear layers (q,k,v,o,gate,up,down), lr 2e-4, AdamW, grad clip 1.0, micro-batch 4,
+dropout 0 (posttrain's default; --lora-dropout) on all linear layers (q,k,v,o,gate,up,down), lr 2e-4, AdamW, grad clip 1.0, micro-batch 4,
 no gradient accumulation, no gradient checkpointing, assistant-only loss, seq length cap 512,
 2 torch threads. TRL gets ``bf16=False, fp16=False, use_cpu=True``; its SmolLM2 chat template has no
 ``{% generation %}`` tags and TRL ships no training template for it, so TRL is fed prompt/completion
@@ -21,23 +21,10 @@ conversational rows with ``completion_only_loss=True`` (the same assistant-only 
 FLOP ceiling: LoRA training costs about 4 * N FLOPs per token (forward 2N, activation gradients 2N; frozen
 weights need no weight gradients), N = the base model's parameter count including the tied embedding/head.
 The attention term (about 12 * layers * T * d per token for causal attention) is left out. The fraction reported
-is achieved FLOP/s divided by the fp32 2048x2048 matmul rate measured on this machine by this script.
+is achieved FLOP/s divided by the fp32 2048x2048 matmul rate measured on this machine by this script (before
+every run and at the end; the best reading counts, since other load on the machine only lowers it).
 
-Set-up and run (TRL lives only in a separate, git-ignored venv):
-  python3 -m venv .bench-venv
-  .bench-venv/bin/pip install torch==2.13.0
-  .bench-venv/bin/pip install trl 'transformers>=5,<6' peft datasets
-  .bench-venv/bin/pip install -e .
-  .bench-venv/bin/python benchmarks/bench_sft.py            # ~25 min on 2 CPU cores
-
-Makefile target (``make bench``):
-  BENCH_VENV := .bench-venv
-  bench:
-  	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
-  	$(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0
-  	$(BENCH_VENV)/bin/python -m pip install -q trl 'transformers>=5,<6' peft datasets
-  	$(BENCH_VENV)/bin/python -m pip install -q -e .
-  	$(BENCH_VENV)/bin/python benchmarks/bench_sft.py
+Set-up and run: ``make bench`` (TRL lives only in the git-ignored .bench-venv; BENCH_ARGS passes flags).
 """
 
 from __future__ import annotations
@@ -57,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "alpaca-eval" / "gpt4_vs_davinci003_annotations.json"
 CONFIGS = ("posttrain", "posttrain-nopack", "trl-pack", "trl-pad")
 DEFAULT_CONFIGS = ("posttrain", "trl-pack", "trl-pad")
-LORA = dict(r=16, alpha=32, dropout=0.05, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+LORA = dict(r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                    "down_proj"])
 SEED = 0
 
@@ -129,8 +116,6 @@ def batch_counts(batch) -> tuple[int, int]:
 # Workers (run in subprocesses).
 
 def worker_posttrain(args, packing: bool) -> dict:
-    import torch
-
     from posttrain.data import BatchPlan, render_example
     from posttrain.engine import LoopOptions, read_metrics, train_loop
     from posttrain.methods import SFT
@@ -144,7 +129,7 @@ def worker_posttrain(args, packing: bool) -> dict:
     examples = [render_example(tok, c) for c in chats]
     n_params = base_param_count(loaded.model)
     seed_everything(SEED)
-    model = apply_lora(loaded.model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
+    model = apply_lora(loaded.model, r=LORA["r"], alpha=LORA["alpha"], dropout=args.lora_dropout,
                        target_modules=LORA["targets"])
     plan = BatchPlan(examples, micro_batch_size=args.batch, grad_accum=1, seed=SEED, pad_id=tok.pad_token_id,
                      packing=packing, max_seq_len=args.max_len)
@@ -189,7 +174,7 @@ def worker_trl(args, packing: bool) -> dict:
     ds = Dataset.from_list([{"prompt": c[:1], "completion": c[1:]} for c in chats])
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
     n_params = base_param_count(model)
-    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=args.lora_dropout,
                              target_modules=LORA["targets"], bias="none", task_type="CAUSAL_LM")
     out = tempfile.mkdtemp(prefix="bench-trl-")
     cfg = SFTConfig(
@@ -330,6 +315,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
     p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--lora-dropout", type=float, default=0.0,
+                   help="LoRA dropout for both frameworks; 0 is posttrain's default")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default=None, help="HF model folder; default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--json", default=None, help="write all raw results here")
@@ -364,11 +351,12 @@ def main() -> None:
     results: dict[str, list[dict]] = {c: [] for c in configs}
     common = ["--model", args.model, "--examples", str(args.examples), "--max-len", str(args.max_len), "--batch",
               str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps), "--lr", str(args.lr),
-              "--threads", str(args.threads)]
+              "--lora-dropout", str(args.lora_dropout), "--threads", str(args.threads)]
     with tempfile.TemporaryDirectory(prefix="bench-sft-") as tmp:
         for rnd in range(args.rounds):
             for c in configs:
                 res = Path(tmp) / f"{c}-{rnd}.json"
+                ceilings.append(matmul_gflops())  # between runs too: the best reading is the machine's ceiling
                 t0 = time.perf_counter()
                 proc = subprocess.run([sys.executable, __file__, "--worker", c, "--result", str(res), *common],
                                       env=env, cwd=REPO, capture_output=True, text=True)
@@ -381,10 +369,12 @@ def main() -> None:
                       f"{r['trained_per_s']:7.1f} trained/s {r['s_per_step']:6.2f} s/step "
                       f"{r['tokens_per_step']:6.0f} tokens/step {r['peak_rss_mb']:6.0f} MB "
                       f"(data: {r['examples']} chats, {r['dataset_tokens']} tokens, {r['rows']} rows; "
-                      f"{time.perf_counter() - t0:.0f} s wall)", flush=True)
+                      f"{time.perf_counter() - t0:.0f} s wall; matmul before it {ceilings[-1]:.0f} GFLOP/s)",
+                      flush=True)
     ceilings.append(matmul_gflops())
-    print(f"fp32 matmul after: {ceilings[1]:.1f} GFLOP/s", flush=True)
     ceiling = max(ceilings)
+    print(f"fp32 matmul readings: {', '.join(f'{g:.0f}' for g in ceilings)} GFLOP/s; ceiling = best = {ceiling:.1f}",
+          flush=True)
     print()
     print(table(results, ceiling, args.warmup, args.steps))
     v = versions()
