@@ -16,12 +16,16 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 
-def _cmd_sft(args: argparse.Namespace) -> int:
+def _cmd_train(args: argparse.Namespace) -> int:
+    from posttrain import pipeline
     from posttrain.config import load_config
-    from posttrain.pipeline import run_sft
 
-    cfg = load_config(args.config, args.overrides, method="sft")
-    run_sft(cfg, resume=args.resume)
+    cfg = load_config(args.config, args.overrides, method=args.command)
+    if cfg.method != args.command:
+        from posttrain.config import ConfigError
+
+        raise ConfigError(f"{args.config} is a {cfg.method!r} config; run it with `posttrain {cfg.method}`")
+    getattr(pipeline, f"run_{args.command}")(cfg, resume=args.resume)
     return 0
 
 
@@ -131,11 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="posttrain", description="Post-training for causal language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("sft", help="supervised fine-tuning (LoRA or full) from a YAML config")
-    s.add_argument("config")
-    s.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lr=1e-4 lora.r=8")
-    s.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
-    s.set_defaults(func=_cmd_sft)
+    for name, help_text in (("sft", "supervised fine-tuning (LoRA or full) from a YAML config"),
+                            ("dpo", "preference optimisation (DPO, IPO, SimPO) from a YAML config")):
+        s = sub.add_parser(name, help=help_text)
+        s.add_argument("config")
+        s.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lr=1e-4 lora.r=8")
+        s.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+        s.set_defaults(func=_cmd_train)
 
     def inference_args(q: argparse.ArgumentParser) -> None:
         q.add_argument("--model", default=None, help="base model (default: the run's base, else the embedded model)")

@@ -30,6 +30,8 @@ class ModelConfig(_Section):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    init_adapter: str | None = Field(
+        None, description="LoRA adapter (or run folder) merged into the base first, e.g. an SFT run before DPO")
 
 
 class LoraConfig(_Section):
@@ -94,7 +96,41 @@ class SFTConfig(_Section):
         return self
 
 
-CONFIGS: dict[str, type[BaseModel]] = {"sft": SFTConfig}
+class PreferenceDataConfig(_Section):
+    train: str = Field(..., description="pairs: prompt/chosen/rejected, or HH-style chosen/rejected conversations")
+    eval: str | None = Field(None, description="held-out pairs; when null, eval_fraction of train is held out")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    limit: int | None = Field(None, gt=0, description="read only the first N rows of train (and of eval)")
+    system_prompt: str | None = None
+    chat_template: str | None = None
+    max_seq_len: int = Field(1024, gt=1, description="per response sequence (prompt + one response)")
+    overlong: Literal["error", "truncate", "drop"] = "error"
+    bad_pairs: Literal["error", "drop"] = Field(
+        "error", description="identical or empty responses, no common prompt: stop, or count and skip")
+    packing: bool = True
+
+
+class DPOSection(_Section):
+    loss: Literal["dpo", "ipo", "simpo"] = "dpo"
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    gamma: float = Field(0.5, description="SimPO target margin")
+    precompute_ref: bool = Field(False, description="one reference pass stored on disk; none during training")
+
+
+class DPOConfig(_Section):
+    method: Literal["dpo"] = "dpo"
+    output_dir: str = "runs/dpo"
+    finetune: Literal["lora", "full"] = "lora"
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    data: PreferenceDataConfig
+    train: TrainConfig = TrainConfig(lr=5e-6, micro_batch_size=2)
+    dpo: DPOSection = DPOSection()
+
+
+CONFIGS: dict[str, type[BaseModel]] = {"sft": SFTConfig, "dpo": DPOConfig}
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

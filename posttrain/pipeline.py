@@ -10,10 +10,10 @@ from typing import Any
 
 import torch
 
-from posttrain.config import DataConfig, ModelConfig, SFTConfig, dump_config
+from posttrain.config import DataConfig, DPOConfig, ModelConfig, SFTConfig, TrainConfig, dump_config
 from posttrain.data import BatchPlan, build_examples, eval_batches, holdout_split
 from posttrain.data.render import Example
-from posttrain.engine import LoopOptions, atomic_dir, atomic_write_text, console, train_loop
+from posttrain.engine import LoopOptions, atomic_dir, atomic_write_text, console, read_metrics, train_loop
 from posttrain.eval import heldout_loss, sample_generations
 from posttrain.methods import SFT
 from posttrain.models import (Loaded, apply_lora, format_trainable, load_adapter, load_model, prepare_full,
@@ -36,6 +36,32 @@ def resolve_template(template: str | None) -> str | None:
 
 def load_base(mcfg: ModelConfig) -> Loaded:
     return load_model(mcfg.name, dtype=mcfg.dtype, device=mcfg.device, attn_implementation=mcfg.attn_implementation)
+
+
+def prepare_model(cfg: SFTConfig | DPOConfig, loaded: Loaded) -> tuple[torch.nn.Module, dict[str, int]]:
+    """Merge ``model.init_adapter`` (if any), switch on checkpointing, and add LoRA or unfreeze everything."""
+    model = loaded.model
+    if cfg.model.init_adapter:
+        model = load_adapter(model, str(resolve_adapter(cfg.model.init_adapter))).merge_and_unload()
+        console.print(f"merged {cfg.model.init_adapter} into the base")
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    seed_everything(cfg.train.seed)  # adapter initialisation does not depend on what loading consumed
+    if cfg.finetune == "lora":
+        model = apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
+                           target_modules=cfg.lora.target_modules)
+    else:
+        model = prepare_full(model)
+    report = trainable_report(model)
+    console.print(format_trainable(report))
+    return model, report
+
+
+def loop_options(t: TrainConfig, total: int) -> LoopOptions:
+    return LoopOptions(total_steps=total, lr=t.lr, warmup_steps=round(t.warmup_ratio * total),
+                       min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, adam_betas=t.adam_betas,
+                       max_grad_norm=t.max_grad_norm, log_every=t.log_every, eval_every=t.eval_every,
+                       save_every=t.save_every, save_total_limit=t.save_total_limit)
 
 
 def prepare_data(dcfg: DataConfig, tokenizer) -> tuple[list[Example], list[Example], list[list[dict]], list[str]]:
@@ -71,26 +97,13 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False) -> dict[str, Any]:
     for line in lines:
         console.print(f"data: {line}")
 
-    model = loaded.model
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    seed_everything(cfg.train.seed)  # adapter initialisation does not depend on what loading consumed
-    if cfg.finetune == "lora":
-        model = apply_lora(model, r=cfg.lora.r, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                           target_modules=cfg.lora.target_modules)
-    else:
-        model = prepare_full(model)
-    report = trainable_report(model)
-    console.print(format_trainable(report))
+    model, report = prepare_model(cfg, loaded)
 
     t = cfg.train
     plan = BatchPlan(train, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, seed=t.seed,
                      pad_id=tok.pad_token_id, packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len)
     total = t.max_steps or plan.steps_for(t.epochs)
-    opts = LoopOptions(total_steps=total, lr=t.lr, warmup_steps=round(t.warmup_ratio * total),
-                       min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, adam_betas=t.adam_betas,
-                       max_grad_norm=t.max_grad_norm, log_every=t.log_every, eval_every=t.eval_every,
-                       save_every=t.save_every, save_total_limit=t.save_total_limit)
+    opts = loop_options(t, total)
     console.print(f"training {total} steps: {len(plan.units)} {'packed rows' if cfg.data.packing else 'examples'} "
                   f"x {t.epochs} epochs, {plan.per_step} per step ({t.micro_batch_size} x {t.grad_accum} accumulation)")
     held_batches = eval_batches(held, t.micro_batch_size, tok.pad_token_id) if held else []
@@ -106,7 +119,7 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False) -> dict[str, Any]:
         samples = sample_generations(model, tok, held_chats[:cfg.eval_samples],
                                      chat_template=resolve_template(cfg.data.chat_template))
         atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-    evals = [r for r in _all_records(out) if "eval/loss" in r]
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval/loss" in r]
     summary = {"output": str(final_dir), "steps": total, "seconds": round(time.perf_counter() - t0, 1),
                "trainable": report["trainable"], "total_params": report["total"], "data": lines,
                "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None,
@@ -117,12 +130,6 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False) -> dict[str, Any]:
                       f"(ppl {evals[0]['eval/ppl']:.2f} -> {evals[-1]['eval/ppl']:.2f})")
     console.print(f"saved {final_dir}")
     return {**summary, "samples": samples}
-
-
-def _all_records(out: Path) -> list[dict[str, Any]]:
-    from posttrain.engine import read_metrics
-
-    return read_metrics(out / "metrics.jsonl")
 
 
 def save_trained(model: torch.nn.Module, tokenizer, out: Path, finetune: str) -> Path:
@@ -175,3 +182,100 @@ def base_of(adapter: str) -> str | None:
             return (yaml.safe_load(cfg.read_text()).get("model") or {}).get("name")
     meta = json.loads((resolve_adapter(adapter) / "adapter_config.json").read_text())
     return meta.get("base_model_name_or_path")
+
+
+def prepare_pairs(dcfg, tokenizer) -> tuple[list, list, list[str]]:
+    """Train and held-out preference pairs (each list indexed from 0 for reference tables) and report lines."""
+    from posttrain.data import build_pairs
+
+    template = resolve_template(dcfg.chat_template)
+    kw = dict(max_seq_len=dcfg.max_seq_len, overlong=dcfg.overlong, bad_pairs=dcfg.bad_pairs,
+              system_prompt=dcfg.system_prompt, chat_template=template, limit=dcfg.limit)
+    train, report = build_pairs(dcfg.train, tokenizer, **kw)
+    lines = [report.summary()]
+    if dcfg.eval:
+        held, eval_report = build_pairs(dcfg.eval, tokenizer, **kw)
+        lines.append(eval_report.summary())
+    else:
+        keep, hold = holdout_split(len(train), dcfg.eval_fraction, dcfg.split_seed)
+        held, train = [train[i] for i in hold], [train[i] for i in keep]
+        if hold:
+            lines.append(f"held out {len(hold)} of {len(keep) + len(hold)} pairs "
+                         f"(eval_fraction={dcfg.eval_fraction}, split_seed={dcfg.split_seed})")
+    for pairs in (train, held):
+        for i, p in enumerate(pairs):
+            p.index = i
+    return train, held, lines
+
+
+def run_dpo(cfg: DPOConfig, *, resume: bool = False) -> dict[str, Any]:
+    """DPO / IPO / SimPO from a base model or an SFT adapter (``model.init_adapter``)."""
+    from posttrain.data import PairPlan, pair_batches
+    from posttrain.losses import REFERENCE_FREE, PreferenceParams
+    from posttrain.methods import (AdapterOffReference, FrozenCopyReference, Preference, precompute_reference,
+                                   preference_eval)
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.train.seed)
+    t0 = time.perf_counter()
+    loaded = load_base(cfg.model)
+    tok = loaded.tokenizer
+    console.print(f"model {loaded.path} on {loaded.device} in {str(loaded.dtype).removeprefix('torch.')}")
+    train, held, lines = prepare_pairs(cfg.data, tok)
+    for line in lines:
+        console.print(f"data: {line}")
+    model, report = prepare_model(cfg, loaded)
+    t, d = cfg.train, cfg.dpo
+    held_batches = pair_batches(held, t.micro_batch_size, tok.pad_token_id) if held else []
+
+    reference_free = d.loss in REFERENCE_FREE
+    if reference_free:
+        ref_train = ref_eval = None
+        console.print(f"reference: none ({d.loss} is reference-free)")
+    else:
+        live = AdapterOffReference(t.loss_chunk_size) if cfg.finetune == "lora" else None
+        if d.precompute_ref:
+            # Before any step the policy is the reference (LoRA's B starts at zero), so one pass over the model
+            # as it is now gives the reference log-probs, and no frozen copy is ever made.
+            from posttrain.methods import sequence_logps
+
+            now = live or (lambda m, b: sequence_logps(m, b, t.loss_chunk_size)[0].detach())
+            with torch.no_grad():
+                ref_train = precompute_reference(now, model, pair_batches(train, t.micro_batch_size, tok.pad_token_id),
+                                                 len(train), out / "reference-train.pt")
+                ref_eval = precompute_reference(now, model, held_batches, len(held), out / "reference-eval.pt") \
+                    if held else None
+            console.print(f"reference: precomputed once for {len(train)} + {len(held)} pairs "
+                          f"({out / 'reference-train.pt'})")
+        else:
+            ref_train = ref_eval = live or FrozenCopyReference(model, t.loss_chunk_size)
+            console.print("reference: " + ("the policy with adapters disabled (no copy)" if live else
+                                          "a frozen copy of the model"))
+    params = PreferenceParams(beta=d.beta, label_smoothing=d.label_smoothing, gamma=d.gamma)
+    method = Preference(d.loss, params, ref_train, t.loss_chunk_size)
+    eval_method = Preference(d.loss, params, ref_eval, t.loss_chunk_size)
+
+    plan = PairPlan(train, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, seed=t.seed,
+                    pad_id=tok.pad_token_id, packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len)
+    total = t.max_steps or plan.steps_for(t.epochs)
+    console.print(f"training {total} steps: {len(train)} pairs in {len(plan.units)} rows x {t.epochs} epochs, "
+                  f"{plan.per_step} rows per step ({t.micro_batch_size} x {t.grad_accum} accumulation)")
+    evaluate = (lambda m: preference_eval(m, eval_method, held_batches)) if held_batches else None
+    export = (lambda path: model.save_pretrained(path)) if cfg.finetune == "lora" else None
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    records = train_loop(model, method, plan, loop_options(t, total), out, evaluate=evaluate, export=export,
+                         resume=resume)
+    final_dir = save_trained(model, tok, out, cfg.finetune)
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval/accuracy" in r]
+    summary = {"output": str(final_dir), "steps": total, "seconds": round(time.perf_counter() - t0, 1),
+               "trainable": report["trainable"], "total_params": report["total"], "data": lines,
+               "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None,
+               "final_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None)}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if evals:
+        console.print(f"held-out preference accuracy {evals[0]['eval/accuracy']:.3f} -> "
+                      f"{evals[-1]['eval/accuracy']:.3f}; loss {evals[0]['eval/loss']:.4f} -> "
+                      f"{evals[-1]['eval/loss']:.4f}")
+    console.print(f"saved {final_dir}")
+    return summary

@@ -128,8 +128,11 @@ class BatchPlan:
         batches = []
         for m in range(self.accum):
             start = first + (m * self.world_size + self.rank) * self.micro
-            batches.append(collate([self._unit(k) for k in range(start, start + self.micro)], self.pad_id))
+            batches.append(self._collate([self._unit(k) for k in range(start, start + self.micro)]))
         return batches
+
+    def _collate(self, units: list) -> dict[str, torch.Tensor]:
+        return collate(units, self.pad_id)
 
     def epoch_of(self, step: int) -> float:
         return step * self.per_step / len(self.units)

@@ -48,8 +48,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def format_line(rec: dict[str, Any], total_steps: int) -> str:
     parts = [f"step {rec['step']}/{total_steps}"]
-    for key, fmt in (("loss", ".4f"), ("eval/loss", ".4f"), ("eval/ppl", ".2f"), ("lr", ".2e"),
+    for key, fmt in (("loss", ".4f"), ("accuracy", ".2f"), ("rewards/margin", ".3f"), ("eval/loss", ".4f"),
+                     ("eval/ppl", ".2f"), ("eval/accuracy", ".3f"), ("eval/rewards/margin", ".3f"), ("lr", ".2e"),
                      ("grad_norm", ".3f"), ("tokens_per_s", ".0f")):
         if key in rec:
-            parts.append(f"{key.replace('tokens_per_s', 'tok/s')} {rec[key]:{fmt}}")
+            parts.append(f"{key.replace('tokens_per_s', 'tok/s').replace('rewards/', '')} {rec[key]:{fmt}}")
     return " | ".join(parts)

@@ -1,5 +1,8 @@
 """Pure loss functions on tensors (they import only torch)."""
 
 from posttrain.losses.cross_entropy import linear_cross_entropy_sum, token_cross_entropy_sum
+from posttrain.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps, PreferenceParams,
+                                         bradley_terry, dpo_sigmoid, ipo, simpo)
 
-__all__ = ["linear_cross_entropy_sum", "token_cross_entropy_sum"]
+__all__ = ["PREFERENCE_LOSSES", "REFERENCE_FREE", "PairLogps", "PreferenceParams", "bradley_terry", "dpo_sigmoid",
+           "ipo", "linear_cross_entropy_sum", "simpo", "token_cross_entropy_sum"]

@@ -1,0 +1,103 @@
+"""Preference losses, per pair, as pure functions of sequence log-probabilities or reward scores.
+
+Every function takes a ``PairLogps`` (summed log-probs of the response tokens of the chosen and rejected
+responses under the policy, under the reference where the loss has one, and the response lengths) and returns
+a (pairs,) tensor of losses plus the implicit rewards the loss defines; ``PREFERENCE_LOSSES`` is the table a
+config's ``loss`` name is looked up in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PairLogps:
+    policy_chosen: torch.Tensor
+    policy_rejected: torch.Tensor
+    ref_chosen: torch.Tensor | None = None
+    ref_rejected: torch.Tensor | None = None
+    len_chosen: torch.Tensor | None = None
+    len_rejected: torch.Tensor | None = None
+
+
+@dataclass
+class PreferenceParams:
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO: the probability that a label is flipped
+    gamma: float = 0.5  # SimPO's target reward margin
+
+
+LossOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (loss per pair, chosen reward, rejected reward)
+
+
+def _ref(x: PairLogps) -> tuple[torch.Tensor, torch.Tensor]:
+    if x.ref_chosen is None or x.ref_rejected is None:
+        raise ValueError("this loss needs reference log-probs")
+    return x.ref_chosen, x.ref_rejected
+
+
+def dpo_sigmoid(x: PairLogps, p: PreferenceParams) -> LossOut:
+    """DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta * h), h = log pi/ref (chosen) - log pi/ref (rejected).
+
+    With label smoothing eps (Mitchell 2023, "conservative DPO") the loss is the expectation over a label that is
+    wrong with probability eps: -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h).
+    """
+    rc, rr = _ref(x)
+    chosen = p.beta * (x.policy_chosen - rc)
+    rejected = p.beta * (x.policy_rejected - rr)
+    logits = chosen - rejected
+    eps = p.label_smoothing
+    loss = -(1 - eps) * F.logsigmoid(logits) - eps * F.logsigmoid(-logits)
+    return loss, chosen.detach(), rejected.detach()
+
+
+def ipo(x: PairLogps, p: PreferenceParams) -> LossOut:
+    """IPO (Azar et al. 2023, eq. 17): (h - 1/(2 tau))^2 with tau = beta; it regresses the log-ratio gap onto a fixed
+    target instead of pushing it to infinity, so it does not overfit deterministic preferences."""
+    rc, rr = _ref(x)
+    h = (x.policy_chosen - rc) - (x.policy_rejected - rr)
+    loss = (h - 1.0 / (2.0 * p.beta)) ** 2
+    return loss, (p.beta * (x.policy_chosen - rc)).detach(), (p.beta * (x.policy_rejected - rr)).detach()
+
+
+def simpo(x: PairLogps, p: PreferenceParams) -> LossOut:
+    """SimPO (Meng et al. 2024, eq. 6): -log sigmoid(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma).
+
+    Reference-free: the reward is the length-normalised log-prob, and gamma is a target margin.
+    """
+    if x.len_chosen is None or x.len_rejected is None:
+        raise ValueError("SimPO needs response lengths")
+    chosen = p.beta * x.policy_chosen / x.len_chosen
+    rejected = p.beta * x.policy_rejected / x.len_rejected
+    loss = -F.logsigmoid(chosen - rejected - p.gamma)
+    return loss, chosen.detach(), rejected.detach()
+
+
+PREFERENCE_LOSSES: dict[str, Callable[[PairLogps, PreferenceParams], LossOut]] = {
+    "dpo": dpo_sigmoid,
+    "ipo": ipo,
+    "simpo": simpo,
+}
+REFERENCE_FREE = {"simpo"}
+
+
+def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0,
+                  len_chosen: torch.Tensor | None = None, len_rejected: torch.Tensor | None = None,
+                  length_coef: float = 0.0) -> torch.Tensor:
+    """Reward-model loss (Bradley & Terry 1952; Ouyang et al. 2022 eq. 1): -log sigmoid(r_c - r_r - m).
+
+    ``margin`` m asks for a gap of at least m (Llama 2's graded-preference margin). ``length_coef`` c adds a fixed
+    term c * (len_c - len_r) / 100 to the logit that explains the part of a preference a length difference
+    predicts, so the score itself need not learn "longer is better" (in the spirit of ODIN, Chen et al. 2024).
+    """
+    logits = chosen - rejected - margin
+    if length_coef:
+        if len_chosen is None or len_rejected is None:
+            raise ValueError("length_coef needs response lengths")
+        logits = logits + length_coef * (len_chosen - len_rejected) / 100.0
+    return -F.logsigmoid(logits)

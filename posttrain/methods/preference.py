@@ -1,0 +1,189 @@
+"""Direct preference optimisation (DPO, IPO, SimPO): per-sequence log-probs in one forward, a reference, a loss.
+
+A batch from ``data.preference.collate_pairs`` holds every pair's chosen and rejected responses as segments of
+packed rows; ``sequence_logps`` returns the summed log-prob of each segment's trained (response) tokens, in
+segment order, so even entries are chosen and odd ones rejected.
+
+References, cheapest first: none (reference-free losses such as SimPO); precomputed (one pass before training,
+stored on disk; training never runs the reference again); LoRA with the adapters disabled (the same weights,
+no second copy); a frozen copy of the model (full fine-tuning).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from posttrain.data.packing import IGNORE
+from posttrain.engine.checkpoint import atomic_write_bytes
+from posttrain.losses import PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps, PreferenceParams
+from posttrain.methods.sft import _plain_head, unwrap
+
+Batch = dict[str, torch.Tensor]
+
+
+def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B, T) global segment number: a segment starts where positions restart at 0."""
+    seg = (position_ids == 0).long().cumsum(1) - 1
+    per_row = seg[:, -1] + 1
+    offsets = torch.cumsum(per_row, 0) - per_row
+    return seg + offsets[:, None]
+
+
+def sequence_logps(model: torch.nn.Module, batch: Batch, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probs and token counts of the trained tokens of every segment that has any, in segment order."""
+    inner = unwrap(model)
+    device = next(inner.parameters()).device
+    ids = batch["input_ids"].to(device)
+    pos = batch["position_ids"].to(device)
+    targets = batch["labels"][:, 1:].to(device)
+    keep = targets != IGNORE
+    seq = segment_ids(batch["position_ids"])[:, 1:].to(device)[keep]
+    head = _plain_head(inner)
+    up = torch.promote_types(next(inner.parameters()).dtype, torch.float32)  # bf16 logits lose log-prob digits
+    if head is None:
+        logits = inner(input_ids=ids, position_ids=pos, use_cache=False).logits[:, :-1][keep]
+        logp = torch.log_softmax(logits.to(up), -1).gather(1, targets[keep][:, None])[:, 0]
+    else:  # the LM head only on response positions, a chunk at a time
+        hidden = inner.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[:, :-1][keep]
+        tgt = targets[keep]
+        parts = []
+        for s in range(0, hidden.shape[0], chunk_size):
+            logits = (hidden[s:s + chunk_size] @ head.weight.t()).to(up)
+            parts.append(logits.gather(1, tgt[s:s + chunk_size, None])[:, 0] - torch.logsumexp(logits, -1))
+        logp = torch.cat(parts) if parts else hidden.new_zeros(0)
+    n_seg = int(segment_ids(batch["position_ids"])[:, -1].max()) + 1
+    sums = torch.zeros(n_seg, dtype=logp.dtype, device=device).index_add(0, seq, logp)
+    counts = torch.zeros(n_seg, dtype=torch.long, device=device).index_add(0, seq, torch.ones_like(seq))
+    has = counts > 0
+    return sums[has], counts[has]
+
+
+class Reference(Protocol):
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor: ...
+
+
+class AdapterOffReference:
+    """The policy with its LoRA adapters disabled: the base weights it started from, no second copy."""
+
+    def __init__(self, chunk_size: int = 1024):
+        self.chunk_size = chunk_size
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        with model.disable_adapter():
+            return sequence_logps(model, batch, self.chunk_size)[0]
+
+
+class FrozenCopyReference:
+    """A frozen copy of the model taken before training (full fine-tuning changes the weights themselves)."""
+
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 1024):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.chunk_size = chunk_size
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        return sequence_logps(self.model, batch, self.chunk_size)[0]
+
+
+class PrecomputedReference:
+    """Reference log-probs looked up by pair index: (pairs, 2) = (chosen, rejected) per pair."""
+
+    def __init__(self, table: torch.Tensor):
+        self.table = table
+
+    def __call__(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        rows = self.table[batch["pair_index"]]
+        return rows.reshape(-1).to(next(model.parameters()).device)
+
+
+def fingerprint(batches: list[Batch]) -> str:
+    h = hashlib.sha256()
+    for b in batches:
+        for key in ("input_ids", "labels", "pair_index"):
+            h.update(b[key].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def precompute_reference(reference: Reference, model: torch.nn.Module, batches: list[Batch], n_pairs: int,
+                         path: Path) -> PrecomputedReference:
+    """One pass of ``reference`` over all pairs, cached at ``path`` (reused when the data is the same)."""
+    key = fingerprint(batches)
+    if path.exists():
+        saved = torch.load(path, weights_only=True)
+        if saved.get("fingerprint") == key:
+            return PrecomputedReference(saved["table"])
+    table = torch.full((n_pairs, 2), float("nan"), dtype=torch.float64)
+    was_training = model.training
+    model.eval()
+    for b in batches:
+        logps = reference(model, b).double().cpu().reshape(-1, 2)
+        table[b["pair_index"]] = logps
+    model.train(was_training)
+    if torch.isnan(table).any():
+        raise RuntimeError("reference precomputation missed some pairs")
+    buf = io.BytesIO()
+    torch.save({"fingerprint": key, "table": table}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return PrecomputedReference(table)
+
+
+class Preference:
+    """DPO-family method: ``loss`` names a function in losses.PREFERENCE_LOSSES; the loss unit is a pair."""
+
+    def __init__(self, loss: str, params: PreferenceParams, reference: Reference | None, chunk_size: int = 1024):
+        if loss not in PREFERENCE_LOSSES:
+            raise ValueError(f"unknown preference loss {loss!r}; known: {', '.join(PREFERENCE_LOSSES)}")
+        if reference is None and loss not in REFERENCE_FREE:
+            raise ValueError(f"loss {loss!r} needs a reference")
+        self.name, self.fn, self.params, self.reference, self.chunk_size = loss, PREFERENCE_LOSSES[loss], params, \
+            reference, chunk_size
+
+    def count(self, batch: Batch) -> int:
+        return int(batch["pair_index"].numel())
+
+    def pair_terms(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logp, n = sequence_logps(model, batch, self.chunk_size)
+        ref = None if self.reference is None or self.name in REFERENCE_FREE else self.reference(model, batch)
+        x = PairLogps(logp[0::2], logp[1::2], None if ref is None else ref[0::2].to(logp.dtype),
+                      None if ref is None else ref[1::2].to(logp.dtype), n[0::2].to(logp.dtype),
+                      n[1::2].to(logp.dtype))
+        loss, chosen, rejected = self.fn(x, self.params)
+        terms = {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margin": chosen - rejected,
+                 "accuracy": (chosen > rejected).to(logp.dtype),
+                 "logps/chosen": x.policy_chosen.detach(), "logps/rejected": x.policy_rejected.detach()}
+        if ref is not None:
+            terms["logps/ref_chosen"] = x.ref_chosen
+            terms["logps/ref_rejected"] = x.ref_rejected
+            # Per-token log-ratio on the data's responses: a KL(policy || reference) estimate off-policy.
+            terms["kl_to_ref"] = ((x.policy_chosen.detach() - x.ref_chosen) + (x.policy_rejected.detach() -
+                                   x.ref_rejected)) / (x.len_chosen + x.len_rejected)
+        return loss, terms
+
+    def loss_sum(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, terms = self.pair_terms(model, batch)
+        return loss.sum(), {k: float(v.mean()) for k, v in terms.items()}
+
+
+@torch.no_grad()
+def preference_eval(model: torch.nn.Module, method: Preference, batches: list[Batch],
+                    prefix: str = "eval") -> dict[str, float]:
+    """Held-out loss, preference accuracy (implicit reward margin > 0) and mean rewards, pair-weighted."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    for b in batches:
+        loss, terms = method.pair_terms(model, b)
+        n += loss.numel()
+        for k, v in {"loss": loss, **terms}.items():
+            sums[k] = sums.get(k, 0.0) + float(v.sum())
+    model.train(was_training)
+    return {f"{prefix}/{k}": v / max(n, 1) for k, v in sums.items()}
+
