@@ -130,7 +130,25 @@ class DPOConfig(_Section):
     dpo: DPOSection = DPOSection()
 
 
-CONFIGS: dict[str, type[BaseModel]] = {"sft": SFTConfig, "dpo": DPOConfig}
+class RewardSection(_Section):
+    margin: float = Field(0.0, description="Bradley-Terry margin: the score gap a pair should have")
+    length_coef: float = Field(
+        0.0, description="weight of a fixed length term (per 100 tokens) in the BT logit, to counter length bias")
+    length_warn: float = Field(0.5, ge=0.0, le=1.0, description="warn when |corr(score, length)| exceeds this")
+
+
+class RewardConfig(_Section):
+    method: Literal["reward"] = "reward"
+    output_dir: str = "runs/reward"
+    finetune: Literal["lora", "full"] = "lora"
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    data: PreferenceDataConfig
+    train: TrainConfig = TrainConfig(lr=1e-4, micro_batch_size=2)
+    reward: RewardSection = RewardSection()
+
+
+CONFIGS: dict[str, type[BaseModel]] = {"sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig}
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from posttrain.config import DataConfig, DPOConfig, ModelConfig, SFTConfig, TrainConfig, dump_config
+from posttrain.config import DataConfig, DPOConfig, ModelConfig, RewardConfig, SFTConfig, TrainConfig, dump_config
 from posttrain.data import BatchPlan, build_examples, eval_batches, holdout_split
 from posttrain.data.render import Example
 from posttrain.engine import LoopOptions, atomic_dir, atomic_write_text, console, read_metrics, train_loop
@@ -38,7 +38,7 @@ def load_base(mcfg: ModelConfig) -> Loaded:
     return load_model(mcfg.name, dtype=mcfg.dtype, device=mcfg.device, attn_implementation=mcfg.attn_implementation)
 
 
-def prepare_model(cfg: SFTConfig | DPOConfig, loaded: Loaded) -> tuple[torch.nn.Module, dict[str, int]]:
+def prepare_model(cfg: SFTConfig | DPOConfig | RewardConfig, loaded: Loaded) -> tuple[torch.nn.Module, dict[str, int]]:
     """Merge ``model.init_adapter`` (if any), switch on checkpointing, and add LoRA or unfreeze everything."""
     model = loaded.model
     if cfg.model.init_adapter:
@@ -278,4 +278,63 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False) -> dict[str, Any]:
                       f"{evals[-1]['eval/accuracy']:.3f}; loss {evals[0]['eval/loss']:.4f} -> "
                       f"{evals[-1]['eval/loss']:.4f}")
     console.print(f"saved {final_dir}")
+    return summary
+
+
+def run_reward(cfg: RewardConfig, *, resume: bool = False) -> dict[str, Any]:
+    """A Bradley-Terry reward model: backbone (LoRA or full) + scalar head; loadable with posttrain.rewards."""
+    from safetensors.torch import save_file
+
+    from posttrain.data import PairPlan, pair_batches
+    from posttrain.methods.reward import RewardBT, ScoreModel, reward_eval
+    from posttrain.rewards.model import HEAD_FILE
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.train.seed)
+    t0 = time.perf_counter()
+    loaded = load_base(cfg.model)
+    tok = loaded.tokenizer
+    console.print(f"model {loaded.path} on {loaded.device} in {str(loaded.dtype).removeprefix('torch.')}")
+    train, held, lines = prepare_pairs(cfg.data, tok)
+    for line in lines:
+        console.print(f"data: {line}")
+    lm, _ = prepare_model(cfg, loaded)
+    model = ScoreModel(lm)
+    report = trainable_report(model)
+    t, rc = cfg.train, cfg.reward
+    method = RewardBT(rc.margin, rc.length_coef)
+    held_batches = pair_batches(held, t.micro_batch_size, tok.pad_token_id) if held else []
+    plan = PairPlan(train, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, seed=t.seed,
+                    pad_id=tok.pad_token_id, packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len)
+    total = t.max_steps or plan.steps_for(t.epochs)
+    console.print(f"training {total} steps: {len(train)} pairs in {len(plan.units)} rows x {t.epochs} epochs")
+    evaluate = (lambda m: reward_eval(m, method, held_batches)) if held_batches else None
+
+    def export(path: Path) -> None:  # a checkpoint's adapter/ folder: the adapter and the score head beside it
+        path.mkdir(parents=True, exist_ok=True)
+        if cfg.finetune == "lora":
+            lm.save_pretrained(path)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(path / HEAD_FILE))
+
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    records = train_loop(model, method, plan, loop_options(t, total), out, evaluate=evaluate, export=export,
+                         resume=resume)
+    final_dir = save_trained(lm, tok, out, cfg.finetune)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE))
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval/accuracy" in r]
+    summary = {"output": str(out), "steps": total, "seconds": round(time.perf_counter() - t0, 1),
+               "trainable": report["trainable"], "total_params": report["total"], "data": lines,
+               "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None,
+               "final_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None)}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if evals:
+        last = evals[-1]
+        console.print(f"held-out pairwise accuracy {evals[0]['eval/accuracy']:.3f} -> {last['eval/accuracy']:.3f}; "
+                      f"scores chosen {last['eval/score_chosen']:.3f} vs rejected {last['eval/score_rejected']:.3f} "
+                      f"(std {last['eval/score_std']:.3f}); corr(score, length) {last['eval/length_corr']:+.2f}")
+        if abs(last["eval/length_corr"]) > rc.length_warn:
+            console.print(f"[yellow]warning: the score follows response length (|corr| > {rc.length_warn}); "
+                          "a policy can raise it by writing longer. Consider reward.length_coef.[/]")
+    console.print(f"saved {final_dir} and {out / HEAD_FILE}")
     return summary

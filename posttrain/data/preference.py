@@ -46,12 +46,22 @@ _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
 
 
 def parse_hh(text: str, file: str, num: int, fld: str) -> Messages:
-    """``"\\n\\nHuman: a\\n\\nAssistant: b ..."`` -> chat messages."""
+    """``"\\n\\nHuman: a\\n\\nAssistant: b ..."`` -> chat messages.
+
+    The released HH data has a few dialogues where one speaker has two turns in a row; they are joined into one
+    turn (nothing is dropped), since chat templates need alternating roles.
+    """
     parts = _HH_TURN.split(text)
     if len(parts) < 3 or parts[0].strip():
         raise DataError(file, num, fld, "not in the HH format: expected '\\n\\nHuman: ...\\n\\nAssistant: ...'")
     roles = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": roles[who], "content": said.strip()} for who, said in zip(parts[1::2], parts[2::2])]
+    out: Messages = []
+    for who, said in zip(parts[1::2], parts[2::2]):
+        if out and out[-1]["role"] == roles[who]:
+            out[-1]["content"] += "\n\n" + said.strip()
+        else:
+            out.append({"role": roles[who], "content": said.strip()})
+    return out
 
 
 def _conversation(value: Any, file: str, num: int, fld: str) -> Messages:

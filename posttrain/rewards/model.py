@@ -1,0 +1,86 @@
+"""Load trained reward models and score (prompt, response) pairs in batches; ensembles by mean or min."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from posttrain.data.formats import Messages
+from posttrain.data.preference import Pair, collate_pairs, render_response
+
+HEAD_FILE = "score_head.safetensors"
+
+
+def _prompt_messages(prompt: str | Messages) -> Messages:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+class RewardModel:
+    """A reward run folder (``posttrain reward``) loaded for scoring."""
+
+    def __init__(self, run_dir: str | Path, *, device: str = "auto", dtype: str = "auto"):
+        import yaml
+        from safetensors.torch import load_file
+
+        from posttrain.methods.reward import ScoreModel
+        from posttrain.models import load_adapter, load_model
+
+        run = Path(run_dir)
+        if not (run / HEAD_FILE).exists():
+            raise FileNotFoundError(f"{run} is not a reward-model run folder (no {HEAD_FILE}); train one with "
+                                    "`posttrain reward CONFIG`")
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        mcfg = cfg.get("model") or {}
+        full = (run / "model").is_dir()
+        loaded = load_model(str(run / "model") if full else mcfg.get("name"), dtype=dtype, device=device)
+        lm = loaded.model
+        if not full:
+            if mcfg.get("init_adapter"):
+                from posttrain.pipeline import resolve_adapter
+
+                lm = load_adapter(lm, str(resolve_adapter(mcfg["init_adapter"]))).merge_and_unload()
+            lm = load_adapter(lm, str(run / "adapter")).merge_and_unload()
+        state = load_file(str(run / HEAD_FILE))
+        head = torch.nn.Linear(state["weight"].shape[1], 1, dtype=lm.dtype, device=loaded.device)
+        head.load_state_dict({k: v.to(lm.dtype) for k, v in state.items()})
+        self.model = ScoreModel(lm, head).eval()
+        self.tokenizer = loaded.tokenizer
+        self.chat_template = (cfg.get("data") or {}).get("chat_template")
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str | Messages], responses: Sequence[str], batch_size: int = 8) -> list[float]:
+        """One score per (prompt, response); prompts are text (one user turn) or chat messages."""
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        exs = [render_response(self.tokenizer, _prompt_messages(p), [{"role": "assistant", "content": r}],
+                               self.chat_template) for p, r in zip(prompts, responses)]
+        out: list[float] = []
+        for k in range(0, len(exs), 2 * batch_size):
+            chunk = exs[k:k + 2 * batch_size]
+            # collate_pairs wants pairs; an odd tail is paired with itself and its copy's score ignored.
+            pairs = [Pair(chunk[i], chunk[min(i + 1, len(chunk) - 1)], [], 0, i) for i in range(0, len(chunk), 2)]
+            scores, _ = self.model(collate_pairs([[p] for p in pairs], self.tokenizer.pad_token_id))
+            out += scores.tolist()[:len(chunk)]
+        return out
+
+
+class Ensemble:
+    """Several reward models reduced per item by mean or min (min is the pessimistic, harder-to-hack choice)."""
+
+    def __init__(self, models: Sequence[RewardModel], reduce: str = "mean"):
+        if reduce not in ("mean", "min"):
+            raise ValueError(f"reduce must be 'mean' or 'min', got {reduce!r}")
+        self.models, self.reduce = list(models), reduce
+
+    def score(self, prompts: Sequence[str | Messages], responses: Sequence[str], batch_size: int = 8) -> list[float]:
+        table = torch.tensor([m.score(prompts, responses, batch_size) for m in self.models])
+        return (table.mean(0) if self.reduce == "mean" else table.min(0).values).tolist()
+
+
+def load_reward(paths: str | Sequence[str], reduce: str = "mean", **kw) -> RewardModel | Ensemble:
+    """``load_reward("runs/rm")`` or ``load_reward(["runs/rm1", "runs/rm2"], reduce="min")``."""
+    if isinstance(paths, (str, Path)):
+        return RewardModel(paths, **kw)
+    return Ensemble([RewardModel(p, **kw) for p in paths], reduce)
