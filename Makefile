@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench bench-dpo clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,9 @@ $(BENCH_VENV)/.installed: pyproject.toml
 
 bench: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python benchmarks/bench_sft.py $(BENCH_ARGS)
+
+bench-dpo: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python benchmarks/bench_dpo.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache

@@ -83,6 +83,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     target = Path(args.target)
     run_dir = target if target.is_dir() else None
     cfg = load_config(run_dir / "config.yaml" if run_dir else target, args.overrides, method="sft")
+    if cfg.method != "sft":
+        if run_dir is None:
+            from posttrain.config import ConfigError
+
+            raise ConfigError(f"posttrain eval of a {cfg.method} job needs its run folder, not a config file")
+        from posttrain.pipeline import eval_preference_run
+
+        print(json.dumps(eval_preference_run(cfg, run_dir), indent=2))
+        return 0
     adapter = None
     if not args.base and run_dir is not None and cfg.finetune == "lora":
         adapter = str(run_dir)

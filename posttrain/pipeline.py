@@ -84,15 +84,33 @@ def prepare_data(dcfg: DataConfig, tokenizer) -> tuple[list[Example], list[Examp
     return train, held, [m for _, m in held_rows], lines
 
 
-def run_sft(cfg: SFTConfig, *, resume: bool = False) -> dict[str, Any]:
-    """Supervised fine-tuning (LoRA or full); writes adapter/model, config.yaml, metrics.jsonl, summary.json."""
+def begin_run(cfg: SFTConfig | DPOConfig | RewardConfig) -> tuple[Path, float, Loaded]:
+    """The run folder, the start time and the loaded base model (seeded, announced)."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
     t0 = time.perf_counter()
     loaded = load_base(cfg.model)
-    tok = loaded.tokenizer
     console.print(f"model {loaded.path} on {loaded.device} in {str(loaded.dtype).removeprefix('torch.')}")
+    return out, t0, loaded
+
+
+def write_summary(out: Path, t0: float, total: int, report: dict, lines: list[str], records: list[dict],
+                  final_dir: Path, eval_key: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """summary.json: where the result is, how long it took, and the first and last held-out evals."""
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if eval_key in r]
+    summary = {"output": str(final_dir), "steps": total, "seconds": round(time.perf_counter() - t0, 1),
+               "trainable": report["trainable"], "total_params": report["total"], "data": lines,
+               "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None,
+               "final_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None)}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary, evals
+
+
+def run_sft(cfg: SFTConfig, *, resume: bool = False) -> dict[str, Any]:
+    """Supervised fine-tuning (LoRA or full); writes adapter/model, config.yaml, metrics.jsonl, summary.json."""
+    out, t0, loaded = begin_run(cfg)
+    tok = loaded.tokenizer
     train, held, held_chats, lines = prepare_data(cfg.data, tok)
     for line in lines:
         console.print(f"data: {line}")
@@ -119,12 +137,7 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False) -> dict[str, Any]:
         samples = sample_generations(model, tok, held_chats[:cfg.eval_samples],
                                      chat_template=resolve_template(cfg.data.chat_template))
         atomic_write_text(out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
-    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval/loss" in r]
-    summary = {"output": str(final_dir), "steps": total, "seconds": round(time.perf_counter() - t0, 1),
-               "trainable": report["trainable"], "total_params": report["total"], "data": lines,
-               "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None,
-               "final_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None)}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    summary, evals = write_summary(out, t0, total, report, lines, records, final_dir, "eval/loss")
     if evals:
         console.print(f"held-out loss {evals[0]['eval/loss']:.4f} -> {evals[-1]['eval/loss']:.4f} "
                       f"(ppl {evals[0]['eval/ppl']:.2f} -> {evals[-1]['eval/ppl']:.2f})")
@@ -157,6 +170,9 @@ def load_for_inference(model_name: str | None, adapter: str | None, *, dtype: st
             model_name = base_of(adapter)
     loaded = load_model(model_name, dtype=dtype, device=device)
     if adapter_dir is not None:
+        init = init_adapter_of(adapter)
+        if init:  # the run trained on top of another adapter (e.g. DPO after SFT): that one is part of its base
+            loaded.model = load_adapter(loaded.model, str(resolve_adapter(init))).merge_and_unload()
         model = load_adapter(loaded.model, str(adapter_dir))
         loaded.model = model.merge_and_unload() if merge else model
     loaded.model.eval()
@@ -172,14 +188,25 @@ def resolve_adapter(path: str) -> Path:
     raise FileNotFoundError(f"{path} is neither a PEFT adapter folder nor a run folder with adapter/ in it")
 
 
-def base_of(adapter: str) -> str | None:
-    """The base model a run or adapter was trained from."""
+def _run_config(adapter: str) -> dict:
     p = Path(adapter)
     for cfg in (p / "config.yaml", p.parent / "config.yaml"):
         if cfg.exists():
             import yaml
 
-            return (yaml.safe_load(cfg.read_text()).get("model") or {}).get("name")
+            return yaml.safe_load(cfg.read_text()) or {}
+    return {}
+
+
+def init_adapter_of(adapter: str) -> str | None:
+    return (_run_config(adapter).get("model") or {}).get("init_adapter")
+
+
+def base_of(adapter: str) -> str | None:
+    """The base model a run or adapter was trained from."""
+    run = _run_config(adapter)
+    if run:
+        return (run.get("model") or {}).get("name")
     meta = json.loads((resolve_adapter(adapter) / "adapter_config.json").read_text())
     return meta.get("base_model_name_or_path")
 
@@ -215,17 +242,18 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False) -> dict[str, Any]:
     from posttrain.methods import (AdapterOffReference, FrozenCopyReference, Preference, precompute_reference,
                                    preference_eval)
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.train.seed)
-    t0 = time.perf_counter()
-    loaded = load_base(cfg.model)
+    out, t0, loaded = begin_run(cfg)
     tok = loaded.tokenizer
-    console.print(f"model {loaded.path} on {loaded.device} in {str(loaded.dtype).removeprefix('torch.')}")
     train, held, lines = prepare_pairs(cfg.data, tok)
     for line in lines:
         console.print(f"data: {line}")
     model, report = prepare_model(cfg, loaded)
+    # Policy and reference must be the same network at step 0 (loss ln 2); dropout would make them differ.
+    dropped = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    for m in dropped:
+        m.p = 0.0
+    if dropped:
+        console.print(f"dropout disabled in {len(dropped)} modules (DPO compares the policy with its reference)")
     t, d = cfg.train, cfg.dpo
     held_batches = pair_batches(held, t.micro_batch_size, tok.pad_token_id) if held else []
 
@@ -267,12 +295,7 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False) -> dict[str, Any]:
     records = train_loop(model, method, plan, loop_options(t, total), out, evaluate=evaluate, export=export,
                          resume=resume)
     final_dir = save_trained(model, tok, out, cfg.finetune)
-    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval/accuracy" in r]
-    summary = {"output": str(final_dir), "steps": total, "seconds": round(time.perf_counter() - t0, 1),
-               "trainable": report["trainable"], "total_params": report["total"], "data": lines,
-               "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None,
-               "final_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None)}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    summary, evals = write_summary(out, t0, total, report, lines, records, final_dir, "eval/accuracy")
     if evals:
         console.print(f"held-out preference accuracy {evals[0]['eval/accuracy']:.3f} -> "
                       f"{evals[-1]['eval/accuracy']:.3f}; loss {evals[0]['eval/loss']:.4f} -> "
@@ -289,13 +312,8 @@ def run_reward(cfg: RewardConfig, *, resume: bool = False) -> dict[str, Any]:
     from posttrain.methods.reward import RewardBT, ScoreModel, reward_eval
     from posttrain.rewards.model import HEAD_FILE
 
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.train.seed)
-    t0 = time.perf_counter()
-    loaded = load_base(cfg.model)
+    out, t0, loaded = begin_run(cfg)
     tok = loaded.tokenizer
-    console.print(f"model {loaded.path} on {loaded.device} in {str(loaded.dtype).removeprefix('torch.')}")
     train, held, lines = prepare_pairs(cfg.data, tok)
     for line in lines:
         console.print(f"data: {line}")
@@ -322,12 +340,7 @@ def run_reward(cfg: RewardConfig, *, resume: bool = False) -> dict[str, Any]:
                          resume=resume)
     final_dir = save_trained(lm, tok, out, cfg.finetune)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE))
-    evals = [r for r in read_metrics(out / "metrics.jsonl") if "eval/accuracy" in r]
-    summary = {"output": str(out), "steps": total, "seconds": round(time.perf_counter() - t0, 1),
-               "trainable": report["trainable"], "total_params": report["total"], "data": lines,
-               "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None,
-               "final_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None)}
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    summary, evals = write_summary(out, t0, total, report, lines, records, out, "eval/accuracy")
     if evals:
         last = evals[-1]
         console.print(f"held-out pairwise accuracy {evals[0]['eval/accuracy']:.3f} -> {last['eval/accuracy']:.3f}; "
@@ -338,3 +351,33 @@ def run_reward(cfg: RewardConfig, *, resume: bool = False) -> dict[str, Any]:
                           "a policy can raise it by writing longer. Consider reward.length_coef.[/]")
     console.print(f"saved {final_dir} and {out / HEAD_FILE}")
     return summary
+
+
+def eval_preference_run(cfg: DPOConfig | RewardConfig, run_dir: Path) -> dict[str, Any]:
+    """Held-out metrics of a finished dpo or reward run: preference accuracy, rewards/scores, loss."""
+    from posttrain.data import pair_batches
+    from posttrain.losses import PreferenceParams
+    from posttrain.methods import AdapterOffReference, FrozenCopyReference, Preference, preference_eval
+    from posttrain.methods.reward import RewardBT, reward_eval
+    from posttrain.rewards import RewardModel
+
+    if cfg.method == "reward":
+        rm = RewardModel(run_dir, device=cfg.model.device, dtype=cfg.model.dtype)
+        _, held, _ = prepare_pairs(cfg.data, rm.tokenizer)
+        batches = pair_batches(held, cfg.train.micro_batch_size, rm.tokenizer.pad_token_id)
+        return {"run": str(run_dir), "pairs": len(held),
+                **reward_eval(rm.model, RewardBT(cfg.reward.margin, cfg.reward.length_coef), batches)}
+    base = load_base(cfg.model)
+    if cfg.model.init_adapter:
+        base.model = load_adapter(base.model, str(resolve_adapter(cfg.model.init_adapter))).merge_and_unload()
+    if cfg.finetune == "lora":
+        model, reference = load_adapter(base.model, str(run_dir / "adapter")), AdapterOffReference()
+    else:
+        reference = FrozenCopyReference(base.model)
+        model = load_model(str(run_dir / "model"), dtype=cfg.model.dtype, device=cfg.model.device).model
+    _, held, _ = prepare_pairs(cfg.data, base.tokenizer)
+    d = cfg.dpo
+    method = Preference(d.loss, PreferenceParams(beta=d.beta, label_smoothing=d.label_smoothing, gamma=d.gamma),
+                        reference, cfg.train.loss_chunk_size)
+    batches = pair_batches(held, cfg.train.micro_batch_size, base.tokenizer.pad_token_id)
+    return {"run": str(run_dir), "pairs": len(held), **preference_eval(model, method, batches)}

@@ -41,4 +41,5 @@ def test_demo_quick_shows_before_and_after(tmp_path):
     assert main(str(tmp_path / "demo"), quick=True) == 0
     res = json.loads((tmp_path / "demo" / "demo_result.json").read_text())
     assert res["after_loss"] < res["before_loss"]  # two steps at lr 1e-3 already move the held-out loss
-    assert len(res["before"]) == len(res["after"]) == 4
+    assert len(res["before"]) == len(res["after"]) == len(res["dpo"]) == 4
+    assert res["dpo_margin"] > 0  # two DPO steps already separate chosen from rejected on held-out pairs

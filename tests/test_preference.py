@@ -183,9 +183,16 @@ def test_run_dpo_end_to_end(tiny_dir, tmp_path, loss, finetune, precompute):
     if loss != "simpo":
         assert {"logps/ref_chosen", "logps/ref_rejected", "kl_to_ref"} <= set(step)
         assert metrics[0]["eval/loss"] == pytest.approx(0.6931 if loss == "dpo" else 25.0, abs=1e-3)
+        assert metrics[0]["eval/accuracy"] == 0.5  # policy == reference: every pair a tie, counted as chance
     assert summary["eval_after"]["step"] == 4
     out = tmp_path / "run" / ("adapter" if finetune == "lora" else "model")
     assert out.is_dir() and (tmp_path / "run" / "reference-train.pt").exists() == precompute
+    if loss == "dpo":  # `posttrain eval RUN` rebuilds the reference and gives the run's own final numbers
+        from posttrain.pipeline import eval_preference_run
+
+        again = eval_preference_run(cfg, tmp_path / "run")
+        for key in ("eval/loss", "eval/accuracy", "eval/rewards/margin"):
+            assert again[key] == pytest.approx(summary["eval_after"][key], abs=1e-4)
 
 
 def test_dpo_config_example_validates_and_wrong_command_is_clear(tmp_path):

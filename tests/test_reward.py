@@ -48,6 +48,11 @@ def test_run_reward_end_to_end_then_load_and_ensemble(tiny_dir, tmp_path):
     assert after["eval/accuracy"] > 0.5 and after["eval/loss"] < metrics[0]["eval/loss"]
     assert {"eval/score_std", "eval/length_corr", "eval/score_p10"} <= set(after)
 
+    from posttrain.pipeline import eval_preference_run
+
+    again = eval_preference_run(cfg, tmp_path / "rm")  # what `posttrain eval RUN` prints
+    assert again["eval/accuracy"] == pytest.approx(after["eval/accuracy"])
+    assert again["eval/loss"] == pytest.approx(after["eval/loss"], abs=1e-4)
     rm = load_reward(str(tmp_path / "rm"))
     prompts = ["Name colour number 3.", "Name colour number 3."]
     got = rm.score(prompts, ["amber.", "I refuse to name colour 3, sorry."])

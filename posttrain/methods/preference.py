@@ -19,10 +19,9 @@ from typing import Protocol
 
 import torch
 
-from posttrain.data.packing import IGNORE
 from posttrain.engine.checkpoint import atomic_write_bytes
 from posttrain.losses import PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps, PreferenceParams
-from posttrain.methods.sft import _plain_head, unwrap
+from posttrain.methods.sft import _plain_head, model_inputs
 
 Batch = dict[str, torch.Tensor]
 
@@ -37,12 +36,8 @@ def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
 
 def sequence_logps(model: torch.nn.Module, batch: Batch, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs and token counts of the trained tokens of every segment that has any, in segment order."""
-    inner = unwrap(model)
-    device = next(inner.parameters()).device
-    ids = batch["input_ids"].to(device)
-    pos = batch["position_ids"].to(device)
-    targets = batch["labels"][:, 1:].to(device)
-    keep = targets != IGNORE
+    inner, ids, pos, targets, keep = model_inputs(model, batch)
+    device = ids.device
     seq = segment_ids(batch["position_ids"])[:, 1:].to(device)[keep]
     head = _plain_head(inner)
     up = torch.promote_types(next(inner.parameters()).dtype, torch.float32)  # bf16 logits lose log-prob digits
@@ -119,12 +114,16 @@ def precompute_reference(reference: Reference, model: torch.nn.Module, batches: 
         saved = torch.load(path, weights_only=True)
         if saved.get("fingerprint") == key:
             return PrecomputedReference(saved["table"])
+    from rich.progress import Progress
+
+    from posttrain.engine.logging import console
+
     table = torch.full((n_pairs, 2), float("nan"), dtype=torch.float64)
     was_training = model.training
     model.eval()
-    for b in batches:
-        logps = reference(model, b).double().cpu().reshape(-1, 2)
-        table[b["pair_index"]] = logps
+    with Progress(console=console, transient=True, disable=not console.is_terminal) as bar:
+        for b in bar.track(batches, description=f"reference log-probs ({path.name})"):
+            table[b["pair_index"]] = reference(model, b).double().cpu().reshape(-1, 2)
     model.train(was_training)
     if torch.isnan(table).any():
         raise RuntimeError("reference precomputation missed some pairs")
@@ -132,6 +131,12 @@ def precompute_reference(reference: Reference, model: torch.nn.Module, batches: 
     torch.save({"fingerprint": key, "table": table}, buf)
     atomic_write_bytes(path, buf.getvalue())
     return PrecomputedReference(table)
+
+
+def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """1 where chosen scores higher, 0 where lower, 0.5 on a tie: a model with no preference yet (the policy at
+    step 0 equals its reference) is at chance, 50%, not at 0%."""
+    return (chosen > rejected).double() + 0.5 * (chosen == rejected).double()
 
 
 class Preference:
@@ -156,7 +161,7 @@ class Preference:
                       n[1::2].to(logp.dtype))
         loss, chosen, rejected = self.fn(x, self.params)
         terms = {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margin": chosen - rejected,
-                 "accuracy": (chosen > rejected).to(logp.dtype),
+                 "accuracy": pair_accuracy(chosen, rejected),
                  "logps/chosen": x.policy_chosen.detach(), "logps/rejected": x.policy_rejected.detach()}
         if ref is not None:
             terms["logps/ref_chosen"] = x.ref_chosen

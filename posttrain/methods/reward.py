@@ -13,7 +13,7 @@ import torch
 
 from posttrain.data.packing import IGNORE
 from posttrain.losses import bradley_terry
-from posttrain.methods.preference import segment_ids
+from posttrain.methods.preference import pair_accuracy, segment_ids
 from posttrain.methods.sft import unwrap
 
 Batch = dict[str, torch.Tensor]
@@ -64,11 +64,14 @@ class RewardBT:
         return int(batch["pair_index"].numel())
 
     def pair_terms(self, model: ScoreModel, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        scores, lengths = model(batch)
+        return self.terms(*model(batch))
+
+    def terms(self, scores: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-pair loss and metrics from the scores and lengths of sequences in (chosen, rejected) order."""
         c, r = scores[0::2], scores[1::2]
         lengths = lengths.float()
         loss = bradley_terry(c, r, self.margin, lengths[0::2], lengths[1::2], self.length_coef)
-        return loss, {"accuracy": (c > r).float(), "score/chosen": c.detach(), "score/rejected": r.detach(),
+        return loss, {"accuracy": pair_accuracy(c, r), "score/chosen": c.detach(), "score/rejected": r.detach(),
                       "score/margin": (c - r).detach()}
 
     def loss_sum(self, model: ScoreModel, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -94,7 +97,7 @@ def reward_eval(model: ScoreModel, method: RewardBT, batches: list[Batch], prefi
     losses, acc, scores, lengths, chosen, rejected = [], [], [], [], [], []
     for b in batches:
         s, n = model(b)
-        loss, terms = method.pair_terms(model, b)
+        loss, terms = method.terms(s, n)
         losses += loss.tolist()
         acc += terms["accuracy"].tolist()
         scores += s.tolist()

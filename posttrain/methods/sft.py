@@ -24,14 +24,17 @@ def _plain_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     return None
 
 
-def completion_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> torch.Tensor:
-    """Sum of cross-entropy over trained tokens of a (B, T) batch (see data.packing.collate)."""
+def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    """(inner model, input ids, position ids, next-token targets, target mask), on the model's device."""
     inner = unwrap(model)
     device = next(inner.parameters()).device
-    ids = batch["input_ids"].to(device)
-    pos = batch["position_ids"].to(device)
     targets = batch["labels"][:, 1:].to(device)
-    keep = targets != IGNORE
+    return inner, batch["input_ids"].to(device), batch["position_ids"].to(device), targets, targets != IGNORE
+
+
+def completion_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> torch.Tensor:
+    """Sum of cross-entropy over trained tokens of a (B, T) batch (see data.packing.collate)."""
+    inner, ids, pos, targets, keep = model_inputs(model, batch)
     head = _plain_head(inner)
     if head is None:  # generic path: full logits, then select
         logits = inner(input_ids=ids, position_ids=pos, use_cache=False).logits[:, :-1]
