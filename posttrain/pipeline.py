@@ -235,9 +235,19 @@ def prepare_pairs(dcfg, tokenizer) -> tuple[list, list, list[str]]:
     return train, held, lines
 
 
+def pair_plan(cfg: DPOConfig | RewardConfig, train: list, pad_id: int):
+    """The training batches of a preference job and its number of optimizer steps."""
+    from posttrain.data import PairPlan
+
+    t = cfg.train
+    plan = PairPlan(train, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, seed=t.seed,
+                    pad_id=pad_id, packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len)
+    return plan, t.max_steps or plan.steps_for(t.epochs)
+
+
 def run_dpo(cfg: DPOConfig, *, resume: bool = False) -> dict[str, Any]:
     """DPO / IPO / SimPO from a base model or an SFT adapter (``model.init_adapter``)."""
-    from posttrain.data import PairPlan, pair_batches
+    from posttrain.data import pair_batches
     from posttrain.losses import REFERENCE_FREE, PreferenceParams
     from posttrain.methods import (AdapterOffReference, FrozenCopyReference, Preference, precompute_reference,
                                    preference_eval)
@@ -284,9 +294,7 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False) -> dict[str, Any]:
     method = Preference(d.loss, params, ref_train, t.loss_chunk_size)
     eval_method = Preference(d.loss, params, ref_eval, t.loss_chunk_size)
 
-    plan = PairPlan(train, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, seed=t.seed,
-                    pad_id=tok.pad_token_id, packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len)
-    total = t.max_steps or plan.steps_for(t.epochs)
+    plan, total = pair_plan(cfg, train, tok.pad_token_id)
     console.print(f"training {total} steps: {len(train)} pairs in {len(plan.units)} rows x {t.epochs} epochs, "
                   f"{plan.per_step} rows per step ({t.micro_batch_size} x {t.grad_accum} accumulation)")
     evaluate = (lambda m: preference_eval(m, eval_method, held_batches)) if held_batches else None
@@ -308,7 +316,7 @@ def run_reward(cfg: RewardConfig, *, resume: bool = False) -> dict[str, Any]:
     """A Bradley-Terry reward model: backbone (LoRA or full) + scalar head; loadable with posttrain.rewards."""
     from safetensors.torch import save_file
 
-    from posttrain.data import PairPlan, pair_batches
+    from posttrain.data import pair_batches
     from posttrain.methods.reward import RewardBT, ScoreModel, reward_eval
     from posttrain.rewards.model import HEAD_FILE
 
@@ -323,9 +331,7 @@ def run_reward(cfg: RewardConfig, *, resume: bool = False) -> dict[str, Any]:
     t, rc = cfg.train, cfg.reward
     method = RewardBT(rc.margin, rc.length_coef)
     held_batches = pair_batches(held, t.micro_batch_size, tok.pad_token_id) if held else []
-    plan = PairPlan(train, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, seed=t.seed,
-                    pad_id=tok.pad_token_id, packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len)
-    total = t.max_steps or plan.steps_for(t.epochs)
+    plan, total = pair_plan(cfg, train, tok.pad_token_id)
     console.print(f"training {total} steps: {len(train)} pairs in {len(plan.units)} rows x {t.epochs} epochs")
     evaluate = (lambda m: reward_eval(m, method, held_batches)) if held_batches else None
 

@@ -38,7 +38,8 @@ def sequence_logps(model: torch.nn.Module, batch: Batch, chunk_size: int = 1024)
     """Summed log-probs and token counts of the trained tokens of every segment that has any, in segment order."""
     inner, ids, pos, targets, keep = model_inputs(model, batch)
     device = ids.device
-    seq = segment_ids(batch["position_ids"])[:, 1:].to(device)[keep]
+    segs = segment_ids(batch["position_ids"])
+    seq = segs[:, 1:].to(device)[keep]
     head = _plain_head(inner)
     up = torch.promote_types(next(inner.parameters()).dtype, torch.float32)  # bf16 logits lose log-prob digits
     if head is None:
@@ -52,7 +53,7 @@ def sequence_logps(model: torch.nn.Module, batch: Batch, chunk_size: int = 1024)
             logits = (hidden[s:s + chunk_size] @ head.weight.t()).to(up)
             parts.append(logits.gather(1, tgt[s:s + chunk_size, None])[:, 0] - torch.logsumexp(logits, -1))
         logp = torch.cat(parts) if parts else hidden.new_zeros(0)
-    n_seg = int(segment_ids(batch["position_ids"])[:, -1].max()) + 1
+    n_seg = int(segs[:, -1].max()) + 1
     sums = torch.zeros(n_seg, dtype=logp.dtype, device=device).index_add(0, seq, logp)
     counts = torch.zeros(n_seg, dtype=torch.long, device=device).index_add(0, seq, torch.ones_like(seq))
     has = counts > 0
