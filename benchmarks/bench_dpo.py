@@ -3,14 +3,19 @@
 Each framework runs in its own subprocess (so peak RSS is per framework), alternately, for ``--rounds`` rounds;
 the table reports the median per configuration. Only optimizer steps after ``--warmup`` steps are timed (model
 loading and tokenisation are excluded). The primary figure is preference pairs per second; both sides also count
-the same tokens: non-padding input tokens fed to the policy (prompt + chosen and prompt + rejected, so every
-prompt counts twice, as both frameworks feed it twice).
+the same tokens: prompt + chosen and prompt + rejected of every pair trained, so every prompt counts twice (TRL
+feeds it twice; posttrain with a shared prompt feeds it once, and the 'positions' column shows what was fed).
 
 Configurations:
-  posttrain        posttrain's engine (PairPlan + train_loop + Preference "dpo"), packing=False: one pair per row,
-                   its chosen and rejected responses as two segments of that row
-  posttrain-pack   the same with packing=True (several pairs share a row of up to 2 * --max-len tokens)
-  trl              TRL DPOTrainer (chosen rows then rejected rows, right-padded to the batch's longest sequence)
+  posttrain          posttrain's engine (PairPlan + train_loop + Preference "dpo"), packing=False: one pair per
+                     row, laid out as prompt | chosen | rejected with the prompt shared (run through the model once)
+  posttrain-pack     packing=True: pairs packed into rows of up to 2 * --max-len tokens, --pack-rows rows per
+                     micro-batch (default 1: about the positions of TRL's micro-batch of --batch 2 padded pairs)
+  posttrain-noshare  posttrain-pack with share_prompt=False: chosen and rejected as two full segments (ablation)
+  posttrain-precomp  posttrain with the reference log-probs computed in one pass before training
+                     (``precompute_ref: true``, packed no-grad batches); its pairs/s is a one-epoch figure that
+                     includes that pass: 1 / (training s/pair + reference-pass s/pair over the whole --pairs set)
+  trl                TRL DPOTrainer (chosen rows then rejected rows, right-padded to the batch's longest sequence)
 
 Shared settings: the embedded SmolLM2-135M-Instruct in fp32 with SDPA attention, 2 torch threads, LoRA r=16
 alpha=32 dropout 0 on q,k,v,o,gate,up,down, DPO sigmoid loss with beta 0.1, lr 5e-6 constant (no warmup), AdamW,
@@ -58,7 +63,7 @@ if TYPE_CHECKING:  # posttrain imports torch: only workers pay for it
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
-CONFIGS = ("posttrain", "posttrain-pack", "trl")
+CONFIGS = ("posttrain", "posttrain-pack", "posttrain-noshare", "posttrain-precomp", "trl")
 DEFAULT_CONFIGS = ("posttrain", "trl")
 LORA = dict(r=16, alpha=32, dropout=0.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                   "down_proj"])
@@ -104,20 +109,22 @@ def load_pairs(n: int, max_len: int, tokenizer) -> tuple[list[Pair], list[dict[s
     return pairs, convs, info
 
 
-def make_plan(pairs: list[Pair], batch: int, pad_id: int, packing: bool, max_len: int) -> PairPlan:
+def make_plan(pairs: list[Pair], batch: int, pad_id: int, packing: bool, max_len: int,
+              share_prompt: bool = True) -> PairPlan:
     from posttrain.data import PairPlan
 
     return PairPlan(pairs, micro_batch_size=batch, grad_accum=1, seed=SEED, pad_id=pad_id, packing=packing,
-                    max_seq_len=max_len)
+                    max_seq_len=max_len, share_prompt=share_prompt)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Workers (run in subprocesses).
 
-def worker_posttrain(args: argparse.Namespace, packing: bool) -> dict[str, Any]:
+def worker_posttrain(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    from posttrain.data import pair_batches
     from posttrain.engine import LoopOptions, read_metrics, train_loop
     from posttrain.losses import PreferenceParams
-    from posttrain.methods import AdapterOffReference, Preference
+    from posttrain.methods import AdapterOffReference, Preference, precompute_reference
     from posttrain.models import apply_lora, load_model
     from posttrain.pipeline import seed_everything
 
@@ -129,16 +136,25 @@ def worker_posttrain(args: argparse.Namespace, packing: bool) -> dict[str, Any]:
     seed_everything(SEED)
     model = apply_lora(loaded.model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
                        target_modules=LORA["targets"])
-    plan = make_plan(pairs, args.batch, tok.pad_token_id, packing, args.max_len)
-    method = Preference("dpo", PreferenceParams(beta=BETA), AdapterOffReference())
+    share, packing = name != "posttrain-noshare", name in ("posttrain-pack", "posttrain-noshare")
+    plan = make_plan(pairs, args.pack_rows if packing else args.batch, tok.pad_token_id, packing, args.max_len, share)
+    reference, ref_seconds = AdapterOffReference(), 0.0
+    if name == "posttrain-precomp":
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="bench-ref-") as tmp:
+            batches = pair_batches(pairs, args.batch, tok.pad_token_id, share, args.max_len)
+            reference = precompute_reference(reference, model, batches, len(pairs), Path(tmp) / "ref.pt")
+        ref_seconds = time.perf_counter() - t0
+    method = Preference("dpo", PreferenceParams(beta=BETA), reference)
 
-    counts: dict[int, tuple[int, int, int]] = {}
+    counts: dict[int, tuple[int, int, int, int]] = {}
 
-    class Counted:  # records what each optimizer step feeds the model: pairs, real tokens, padded positions
+    class Counted:  # what each optimizer step trains and feeds: pairs, tokens (prompt twice), fed tokens, positions
         def step(self, step: int):
             micro = plan.step(step)
-            counts[step + 1] = (sum(len(b["pair_index"]) for b in micro), sum(int(b["num_tokens"]) for b in micro),
-                                sum(b["input_ids"].numel() for b in micro))
+            counts[step + 1] = (sum(len(b["pair_index"]) for b in micro),
+                                sum(len(pairs[i]) for b in micro for i in b["pair_index"].tolist()),
+                                sum(int(b["num_tokens"]) for b in micro), sum(b["input_ids"].numel() for b in micro))
             return micro
 
     # min_lr_ratio=1 turns posttrain's warmup-cosine schedule into a constant lr, as TRL's "constant".
@@ -148,11 +164,11 @@ def worker_posttrain(args: argparse.Namespace, packing: bool) -> dict[str, Any]:
         train_loop(model, method, Counted(), opts, Path(out))
         records = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "tokens_per_s" in r]
     steps = []
-    for r in records:  # tokens_per_s = step tokens / (time from the end of the previous step's log to this one)
-        n_pairs, tokens, positions = counts[r["step"]]
+    for r in records:  # tokens_per_s = fed tokens / (time from the end of the previous step's log to this one)
+        n_pairs, tokens, fed, positions = counts[r["step"]]
         steps.append({"step": r["step"], "pairs": n_pairs, "tokens": tokens, "positions": positions,
-                      "seconds": tokens / r["tokens_per_s"], "loss": r["loss"]})
-    return {"steps": steps, "n_params": n_params, **info, "rows": len(plan.units)}
+                      "seconds": fed / r["tokens_per_s"], "loss": r["loss"]})
+    return {"steps": steps, "n_params": n_params, **info, "rows": len(plan.units), "ref_seconds": ref_seconds}
 
 
 def trl_batch_counts(inputs: dict[str, Any]) -> tuple[int, int, int]:
@@ -264,12 +280,15 @@ def run_worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     name = args.worker
-    result = worker_trl(args) if name == "trl" else worker_posttrain(args, packing=name == "posttrain-pack")
+    result = worker_trl(args) if name == "trl" else worker_posttrain(args, name)
     measured = [s for s in result["steps"] if s["step"] > args.warmup]
     if not measured:
         raise RuntimeError("no timed step: --steps must be at least 1")
     seconds = sum(s["seconds"] for s in measured)
     n = len(measured)
+    if result.get("ref_seconds"):  # one epoch: every pair trained once, and the reference pass over all of them
+        pairs = sum(s["pairs"] for s in measured)
+        seconds *= 1 + result["ref_seconds"] / result["pairs"] / (seconds / pairs)
     result.update(config=name, threads=torch.get_num_threads(), peak_rss_mb=peak_rss_mb(), measured_steps=n,
                   seconds=seconds, pairs_per_s=sum(s["pairs"] for s in measured) / seconds,
                   tokens_per_s=sum(s["tokens"] for s in measured) / seconds, s_per_step=seconds / n,
@@ -318,7 +337,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds; the median per config is reported")
     p.add_argument("--pairs", type=int, default=64, help="preference pairs in the fixed training subset")
     p.add_argument("--max-len", type=int, default=256, help="token cap for prompt + response (chosen and rejected)")
-    p.add_argument("--batch", type=int, default=2, help="micro-batch in pairs (posttrain-pack: packed rows)")
+    p.add_argument("--batch", type=int, default=2, help="micro-batch in pairs (TRL, posttrain, posttrain-precomp)")
+    p.add_argument("--pack-rows", type=int, default=1, help="micro-batch in packed rows (posttrain-pack, -noshare)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
     p.add_argument("--lr", type=float, default=5e-6)
@@ -357,8 +377,8 @@ def main() -> None:
     print(f"fp32 matmul: {ceilings[0]:.1f} GFLOP/s ({args.threads} threads)", flush=True)
     results: dict[str, list[dict]] = {c: [] for c in configs}
     common = ["--model", args.model, "--pairs", str(args.pairs), "--max-len", str(args.max_len), "--batch",
-              str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps), "--lr", str(args.lr),
-              "--threads", str(args.threads)]
+              str(args.batch), "--pack-rows", str(args.pack_rows), "--warmup", str(args.warmup), "--steps",
+              str(args.steps), "--lr", str(args.lr), "--threads", str(args.threads)]
     with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
         for rnd in range(args.rounds):
             for c in configs:

@@ -109,14 +109,24 @@ class PreferenceDataConfig(_Section):
     bad_pairs: Literal["error", "drop"] = Field(
         "error", description="identical or empty responses, no common prompt: stop, or count and skip")
     packing: bool = True
+    share_prompt: bool = Field(
+        True, description="the prompt goes through the model once per pair, chosen and rejected both attend to it")
 
 
 class DPOSection(_Section):
-    loss: Literal["dpo", "ipo", "simpo"] = "dpo"
+    loss: Literal["dpo", "ipo", "simpo", "rpo"] = "dpo"
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     gamma: float = Field(0.5, description="SimPO target margin")
+    rpo_alpha: float = Field(1.0, ge=0.0, description="RPO: weight of the chosen responses' per-token NLL")
     precompute_ref: bool = Field(False, description="one reference pass stored on disk; none during training")
+
+
+def _check_share_prompt(cfg: Any) -> Any:
+    if cfg.data.share_prompt and cfg.model.attn_implementation.startswith("flash"):
+        raise ValueError("data.share_prompt needs an attention that takes a custom mask (sdpa, eager); with "
+                         f"model.attn_implementation={cfg.model.attn_implementation!r} set data.share_prompt: false")
+    return cfg
 
 
 class DPOConfig(_Section):
@@ -128,6 +138,8 @@ class DPOConfig(_Section):
     data: PreferenceDataConfig
     train: TrainConfig = TrainConfig(lr=5e-6, micro_batch_size=2)
     dpo: DPOSection = DPOSection()
+
+    _share = model_validator(mode="after")(_check_share_prompt)
 
 
 class RewardSection(_Section):
@@ -146,6 +158,8 @@ class RewardConfig(_Section):
     data: PreferenceDataConfig
     train: TrainConfig = TrainConfig(lr=1e-4, micro_batch_size=2)
     reward: RewardSection = RewardSection()
+
+    _share = model_validator(mode="after")(_check_share_prompt)
 
 
 CONFIGS: dict[str, type[BaseModel]] = {"sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig}

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from posttrain.config import DataConfig, DPOConfig, ModelConfig, RewardConfig, SFTConfig, TrainConfig, dump_config
+from posttrain.config import DataConfig, DPOConfig, DPOSection, ModelConfig, RewardConfig, SFTConfig, TrainConfig, dump_config
 from posttrain.data import BatchPlan, build_examples, eval_batches, holdout_split
 from posttrain.data.render import Example
 from posttrain.engine import LoopOptions, atomic_dir, atomic_write_text, console, read_metrics, train_loop
@@ -235,20 +235,35 @@ def prepare_pairs(dcfg, tokenizer) -> tuple[list, list, list[str]]:
     return train, held, lines
 
 
+def fixed_pair_batches(cfg: DPOConfig | RewardConfig, pairs: list, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Evaluation and reference-precomputation batches, laid out as the job's training batches are."""
+    from posttrain.data import pair_batches
+
+
+    return pair_batches(pairs, cfg.train.micro_batch_size, pad_id, cfg.data.share_prompt,
+                        cfg.data.max_seq_len if cfg.data.packing else None)
+
+
 def pair_plan(cfg: DPOConfig | RewardConfig, train: list, pad_id: int):
     """The training batches of a preference job and its number of optimizer steps."""
     from posttrain.data import PairPlan
 
     t = cfg.train
     plan = PairPlan(train, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, seed=t.seed,
-                    pad_id=pad_id, packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len)
+                    pad_id=pad_id, packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len,
+                    share_prompt=cfg.data.share_prompt)
     return plan, t.max_steps or plan.steps_for(t.epochs)
+
+
+def preference_params(d: DPOSection):
+    from posttrain.losses import PreferenceParams
+
+    return PreferenceParams(beta=d.beta, label_smoothing=d.label_smoothing, gamma=d.gamma, alpha=d.rpo_alpha)
 
 
 def run_dpo(cfg: DPOConfig, *, resume: bool = False) -> dict[str, Any]:
     """DPO / IPO / SimPO from a base model or an SFT adapter (``model.init_adapter``)."""
-    from posttrain.data import pair_batches
-    from posttrain.losses import REFERENCE_FREE, PreferenceParams
+    from posttrain.losses import REFERENCE_FREE
     from posttrain.methods import (AdapterOffReference, FrozenCopyReference, Preference, precompute_reference,
                                    preference_eval)
 
@@ -265,7 +280,7 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False) -> dict[str, Any]:
     if dropped:
         console.print(f"dropout disabled in {len(dropped)} modules (DPO compares the policy with its reference)")
     t, d = cfg.train, cfg.dpo
-    held_batches = pair_batches(held, t.micro_batch_size, tok.pad_token_id) if held else []
+    held_batches = fixed_pair_batches(cfg, held, tok.pad_token_id) if held else []
 
     reference_free = d.loss in REFERENCE_FREE
     if reference_free:
@@ -280,7 +295,7 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False) -> dict[str, Any]:
 
             now = live or (lambda m, b: sequence_logps(m, b, t.loss_chunk_size)[0].detach())
             with torch.no_grad():
-                ref_train = precompute_reference(now, model, pair_batches(train, t.micro_batch_size, tok.pad_token_id),
+                ref_train = precompute_reference(now, model, fixed_pair_batches(cfg, train, tok.pad_token_id),
                                                  len(train), out / "reference-train.pt")
                 ref_eval = precompute_reference(now, model, held_batches, len(held), out / "reference-eval.pt") \
                     if held else None
@@ -290,7 +305,7 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False) -> dict[str, Any]:
             ref_train = ref_eval = live or FrozenCopyReference(model, t.loss_chunk_size)
             console.print("reference: " + ("the policy with adapters disabled (no copy)" if live else
                                           "a frozen copy of the model"))
-    params = PreferenceParams(beta=d.beta, label_smoothing=d.label_smoothing, gamma=d.gamma)
+    params = preference_params(d)
     method = Preference(d.loss, params, ref_train, t.loss_chunk_size)
     eval_method = Preference(d.loss, params, ref_eval, t.loss_chunk_size)
 
@@ -316,7 +331,6 @@ def run_reward(cfg: RewardConfig, *, resume: bool = False) -> dict[str, Any]:
     """A Bradley-Terry reward model: backbone (LoRA or full) + scalar head; loadable with posttrain.rewards."""
     from safetensors.torch import save_file
 
-    from posttrain.data import pair_batches
     from posttrain.methods.reward import RewardBT, ScoreModel, reward_eval
     from posttrain.rewards.model import HEAD_FILE
 
@@ -330,7 +344,7 @@ def run_reward(cfg: RewardConfig, *, resume: bool = False) -> dict[str, Any]:
     report = trainable_report(model)
     t, rc = cfg.train, cfg.reward
     method = RewardBT(rc.margin, rc.length_coef)
-    held_batches = pair_batches(held, t.micro_batch_size, tok.pad_token_id) if held else []
+    held_batches = fixed_pair_batches(cfg, held, tok.pad_token_id) if held else []
     plan, total = pair_plan(cfg, train, tok.pad_token_id)
     console.print(f"training {total} steps: {len(train)} pairs in {len(plan.units)} rows x {t.epochs} epochs")
     evaluate = (lambda m: reward_eval(m, method, held_batches)) if held_batches else None
@@ -361,8 +375,6 @@ def run_reward(cfg: RewardConfig, *, resume: bool = False) -> dict[str, Any]:
 
 def eval_preference_run(cfg: DPOConfig | RewardConfig, run_dir: Path) -> dict[str, Any]:
     """Held-out metrics of a finished dpo or reward run: preference accuracy, rewards/scores, loss."""
-    from posttrain.data import pair_batches
-    from posttrain.losses import PreferenceParams
     from posttrain.methods import AdapterOffReference, FrozenCopyReference, Preference, preference_eval
     from posttrain.methods.reward import RewardBT, reward_eval
     from posttrain.rewards import RewardModel
@@ -370,7 +382,7 @@ def eval_preference_run(cfg: DPOConfig | RewardConfig, run_dir: Path) -> dict[st
     if cfg.method == "reward":
         rm = RewardModel(run_dir, device=cfg.model.device, dtype=cfg.model.dtype)
         _, held, _ = prepare_pairs(cfg.data, rm.tokenizer)
-        batches = pair_batches(held, cfg.train.micro_batch_size, rm.tokenizer.pad_token_id)
+        batches = fixed_pair_batches(cfg, held, rm.tokenizer.pad_token_id)
         return {"run": str(run_dir), "pairs": len(held),
                 **reward_eval(rm.model, RewardBT(cfg.reward.margin, cfg.reward.length_coef), batches)}
     base = load_base(cfg.model)
@@ -383,7 +395,6 @@ def eval_preference_run(cfg: DPOConfig | RewardConfig, run_dir: Path) -> dict[st
         model = load_model(str(run_dir / "model"), dtype=cfg.model.dtype, device=cfg.model.device).model
     _, held, _ = prepare_pairs(cfg.data, base.tokenizer)
     d = cfg.dpo
-    method = Preference(d.loss, PreferenceParams(beta=d.beta, label_smoothing=d.label_smoothing, gamma=d.gamma),
-                        reference, cfg.train.loss_chunk_size)
-    batches = pair_batches(held, cfg.train.micro_batch_size, base.tokenizer.pad_token_id)
+    method = Preference(d.loss, preference_params(d), reference, cfg.train.loss_chunk_size)
+    batches = fixed_pair_batches(cfg, held, base.tokenizer.pad_token_id)
     return {"run": str(run_dir), "pairs": len(held), **preference_eval(model, method, batches)}

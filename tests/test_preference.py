@@ -115,6 +115,32 @@ def test_one_packed_forward_equals_each_sequence_alone(tiny_dir, pairs, tokenize
     assert n.tolist() == [sum(ex.trained[1:]) for p in pairs for ex in (p.chosen, p.rejected)]
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_equals_separate_sequences_in_loss_and_gradients(tiny_dir, tmp_path, tokenizer, attn):
+    rows = pair_rows(4) + [HH, {**HH, "rejected": HH["rejected"].replace("I won't.", "Green, or maybe red.")}]
+    pairs = build_pairs(write_jsonl(tmp_path / "p.jsonl", rows), tokenizer, max_seq_len=128)[0]
+    torch.manual_seed(0)
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation=attn),
+                       r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    method = Preference("dpo", PreferenceParams(beta=0.5), AdapterOffReference())
+    results = []
+    for share in (False, True):
+        batch = collate_pairs([pairs[:2], pairs[2:5], pairs[5:]], tokenizer.pad_token_id, share_prompt=share)
+        loss, terms = method.pair_terms(model, batch)
+        loss.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        model.zero_grad()
+        results.append((loss, terms["logps/chosen"], terms["logps/rejected"], grads, int(batch["num_tokens"])))
+    (l0, c0, r0, g0, n0), (l1, c1, r1, g1, n1) = results
+    assert torch.allclose(l0, l1, atol=1e-5) and torch.allclose(c0, c1, atol=1e-4) and torch.allclose(r0, r1, atol=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g0, g1))
+    assert n1 < n0  # every prompt went through the model once, not twice
+
+
 def test_lora_reference_by_disabling_equals_a_frozen_copy(tiny_dir, pairs, tokenizer):
     base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     frozen = FrozenCopyReference(base)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from posttrain.losses import PREFERENCE_LOSSES, PairLogps, PreferenceParams, bradley_terry, dpo_sigmoid, ipo, simpo
+from posttrain.losses import (PREFERENCE_LOSSES, PairLogps, PreferenceParams, bradley_terry, dpo_sigmoid, ipo, rpo,
+                              simpo)
 
 
 def logps(pc, pr, rc=None, rr=None, lc=None, lr=None, grad=False):
@@ -70,3 +71,15 @@ def test_bradley_terry_with_margin_and_length_term():
 def test_losses_needing_a_reference_say_so():
     with pytest.raises(ValueError, match="reference"):
         PREFERENCE_LOSSES["dpo"](logps(-1.0, -2.0), PreferenceParams())
+
+
+def test_rpo_adds_the_chosen_per_token_nll():
+    # the DPO example above (0.313262) plus alpha * (-(-9) / 3 tokens) = 0.5 * 3 = 1.5 -> 1.813262
+    x = logps(-9.0, -11.0, -10.0, -10.0, lc=3.0, lr=5.0, grad=True)
+    loss, chosen, rejected = rpo(x, PreferenceParams(beta=0.5, alpha=0.5))
+    assert float(loss.detach()) == pytest.approx(0.3132617 + 1.5, abs=1e-6)
+    assert (float(chosen), float(rejected)) == (0.5, -0.5)
+    loss.sum().backward()
+    # the NLL adds -alpha / |y_w| = -1/6 to the chosen gradient; the rejected one is DPO's alone
+    assert float(x.policy_chosen.grad) == pytest.approx(-0.5 * 0.2689414 - 0.5 / 3, abs=1e-6)
+    assert float(x.policy_rejected.grad) == pytest.approx(0.5 * 0.2689414, abs=1e-6)

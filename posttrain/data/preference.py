@@ -7,8 +7,9 @@ Row formats (picked per row):
   or message lists. Both must share the dialogue up to the last assistant turn, which becomes the prompt.
 
 Only the final response carries the preference, so only its tokens (and its end-of-turn) are scored, even when
-the prompt holds earlier assistant turns. Chosen and rejected of a pair become two segments of one packed row
-(positions restart, so they cannot attend to each other) and go through the model in one forward.
+the prompt holds earlier assistant turns. A pair goes through the model in one forward, as one stretch of a row:
+its prompt once, then the chosen and the rejected response, each attending to the prompt and never to the other
+(see ``collate_pairs``); several pairs can share a row (packing).
 """
 
 from __future__ import annotations
@@ -211,12 +212,99 @@ def build_pairs(path: str, tokenizer, *, max_seq_len: int, overlong: str = "erro
     return pairs, report
 
 
-def collate_pairs(units: list[list[Pair]], pad_id: int) -> dict[str, torch.Tensor]:
-    """One row per unit: chosen, rejected, chosen, rejected, ... as segments; ``pair_index`` lists the pairs in
-    segment order, so sequence 2k is pair k's chosen response and 2k+1 its rejected one."""
-    batch = collate([[ex for p in unit for ex in (p.chosen, p.rejected)] for unit in units], pad_id)
-    batch["pair_index"] = torch.tensor([p.index for unit in units for p in unit], dtype=torch.long)
-    return batch
+def shared_prefix(c: Example, r: Example) -> int:
+    """Leading tokens chosen and rejected have in common before either response starts: the rendered prompt."""
+    limit = min(c.trained.index(True), r.trained.index(True))
+    n = 0
+    while n < limit and c.input_ids[n] == r.input_ids[n]:
+        n += 1
+    return n
+
+
+def collate_pairs(units: list[list[Pair]], pad_id: int, share_prompt: bool = True) -> dict[str, torch.Tensor]:
+    """One row per unit; pair k of the batch (``pair_index[k]``) owns sequences 2k (chosen) and 2k+1 (rejected).
+
+    With ``share_prompt`` a pair is laid out once as ``prompt | chosen response | rejected response``: the rejected
+    response sits at the positions it would have after the prompt, and ``branch`` (0 prompt, 1 chosen, 2 rejected, 3 padding)
+    with ``block`` (one id per pair, per padding run) let ``pair_attention_mask`` hide the chosen response from it,
+    so the prompt goes through the model once instead of twice with the same result. Without it, chosen and
+    rejected are two segments whose positions restart, the layout of plain packing.
+
+    Scored tokens are listed explicitly, because with a shared prompt the first token of the rejected response is
+    predicted from the prompt's last token, not from its left neighbour: ``score_index`` is the flat (row * T + t)
+    position whose hidden state predicts ``score_target``, ``score_seq`` its sequence; ``last_index`` is each
+    sequence's last trained token (where a reward model reads its score).
+    """
+    rows: list[tuple[list[int], list[int], list[int], list[int]]] = []  # ids, positions, branch, block
+    src: list[int] = []
+    tgt: list[int] = []
+    seq: list[int] = []
+    last: list[int] = []
+    src_row: list[int] = []
+    last_row: list[int] = []
+    block = 0
+    for unit in units:
+        ids: list[int] = []
+        pos: list[int] = []
+        branch: list[int] = []
+        blocks: list[int] = []
+        for p in unit:
+            c, r = p.chosen, p.rejected
+            shared = shared_prefix(c, r) if share_prompt else 0
+            base = len(ids)
+            tail = base + len(c) - shared  # where the rejected response's own tokens start in the row
+            n_seq = len(last)
+            for j in range(1, len(c)):
+                if c.trained[j]:
+                    src.append(base + j - 1)
+                    tgt.append(c.input_ids[j])
+                    seq.append(n_seq)
+            for j in range(1, len(r)):
+                if r.trained[j]:
+                    src.append(base + j - 1 if j - 1 < shared else tail + j - 1)
+                    tgt.append(r.input_ids[j])
+                    seq.append(n_seq + 1)
+            last.append(base + max(j for j, on in enumerate(c.trained) if on))
+            last.append(tail + max(j for j, on in enumerate(r.trained) if on))
+            ids += c.input_ids + r.input_ids[shared:]
+            pos += list(range(len(c))) + list(range(shared, len(r)))
+            branch += [0] * shared + [1] * (len(c) - shared) + [2] * (len(r) - shared)
+            if shared:
+                blocks += [block] * (len(c) + len(r) - shared)
+                block += 1
+            else:  # two independent segments
+                blocks += [block] * len(c) + [block + 1] * len(r)
+                block += 2
+        rows.append((ids, pos, branch, blocks))
+        src_row += [len(rows) - 1] * (len(src) - len(src_row))
+        last_row += [len(rows) - 1] * (len(last) - len(last_row))
+    width = max(len(r[0]) for r in rows)
+    out = {
+        "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
+        "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
+        "branch": torch.zeros((len(rows), width), dtype=torch.long),
+        "block": torch.zeros((len(rows), width), dtype=torch.long),
+    }
+    for b, (ids, pos, branch, blocks) in enumerate(rows):
+        n = len(ids)
+        out["input_ids"][b, :n] = torch.tensor(ids)
+        out["position_ids"][b, :n] = torch.tensor(pos)
+        out["position_ids"][b, n:] = torch.arange(width - n)  # padding: its own segment
+        out["branch"][b, :n] = torch.tensor(branch)
+        out["block"][b, :n] = torch.tensor(blocks)
+        out["branch"][b, n:] = 3  # padding: a branch of its own
+        out["block"][b, n:] = block
+        block += 1
+    out.update(score_index=torch.tensor(src) + width * torch.tensor(src_row), score_target=torch.tensor(tgt),
+               score_seq=torch.tensor(seq), last_index=torch.tensor(last) + width * torch.tensor(last_row))
+    out["num_tokens"] = torch.tensor(sum(len(r[0]) for r in rows))
+    out["pair_index"] = torch.tensor([p.index for unit in units for p in unit], dtype=torch.long)
+    return out
+
+
+def row_len(p: Pair, share_prompt: bool) -> int:
+    """Tokens a pair takes in a batch row."""
+    return len(p) - (shared_prefix(p.chosen, p.rejected) if share_prompt else 0)
 
 
 class PairPlan(BatchPlan):
@@ -224,20 +312,28 @@ class PairPlan(BatchPlan):
     up to ``2 * max_seq_len`` tokens."""
 
     def __init__(self, pairs: list[Pair], *, micro_batch_size: int, grad_accum: int, seed: int, pad_id: int,
-                 packing: bool, max_seq_len: int, world_size: int = 1, rank: int = 0):
+                 packing: bool, max_seq_len: int, share_prompt: bool = True, world_size: int = 1, rank: int = 0):
         super().__init__([], micro_batch_size=micro_batch_size, grad_accum=grad_accum, seed=seed, pad_id=pad_id,
                          packing=False, max_seq_len=max_seq_len, world_size=world_size, rank=rank)
+        self.share_prompt = share_prompt
         if packing:
-            self.units = [[pairs[i] for i in b] for b in best_fit([len(p) for p in pairs], 2 * max_seq_len)]
+            lengths = [row_len(p, share_prompt) for p in pairs]
+            self.units = [[pairs[i] for i in b] for b in best_fit(lengths, 2 * max_seq_len)]
         else:
             self.units = [[p] for p in pairs]
 
     def _collate(self, units: list) -> dict[str, torch.Tensor]:
-        return collate_pairs(units, self.pad_id)
+        return collate_pairs(units, self.pad_id, self.share_prompt)
 
 
-def pair_batches(pairs: list[Pair], batch_size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """Fixed batches in length order (evaluation, reference precomputation)."""
-    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]))
-    return [collate_pairs([[pairs[i]] for i in order[k:k + batch_size]], pad_id)
-            for k in range(0, len(order), batch_size)]
+def pair_batches(pairs: list[Pair], batch_size: int, pad_id: int, share_prompt: bool = True,
+                 max_seq_len: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """Fixed batches for evaluation and reference precomputation. With ``max_seq_len``, pairs are packed into rows
+    of up to ``2 * max_seq_len`` tokens (no padding to speak of), ``batch_size`` rows a batch; without, one pair per
+    row in length order."""
+    lengths = [row_len(p, share_prompt) for p in pairs]
+    if max_seq_len:
+        rows = [[pairs[i] for i in b] for b in best_fit(lengths, max(2 * max_seq_len, max(lengths, default=0)))]
+    else:
+        rows = [[pairs[i]] for i in sorted(range(len(pairs)), key=lambda i: lengths[i])]
+    return [collate_pairs(rows[k:k + batch_size], pad_id, share_prompt) for k in range(0, len(rows), batch_size)]

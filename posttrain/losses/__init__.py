@@ -2,7 +2,7 @@
 
 from posttrain.losses.cross_entropy import linear_cross_entropy_sum, token_cross_entropy_sum
 from posttrain.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps, PreferenceParams,
-                                         bradley_terry, dpo_sigmoid, ipo, simpo)
+                                         bradley_terry, dpo_sigmoid, ipo, rpo, simpo)
 
 __all__ = ["PREFERENCE_LOSSES", "REFERENCE_FREE", "PairLogps", "PreferenceParams", "bradley_terry", "dpo_sigmoid",
-           "ipo", "linear_cross_entropy_sum", "simpo", "token_cross_entropy_sum"]
+           "ipo", "linear_cross_entropy_sum", "rpo", "simpo", "token_cross_entropy_sum"]

@@ -30,6 +30,7 @@ class PreferenceParams:
     beta: float = 0.1
     label_smoothing: float = 0.0  # conservative DPO: the probability that a label is flipped
     gamma: float = 0.5  # SimPO's target reward margin
+    alpha: float = 1.0  # RPO: weight of the chosen responses' negative log-likelihood
 
 
 LossOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (loss per pair, chosen reward, rejected reward)
@@ -78,10 +79,22 @@ def simpo(x: PairLogps, p: PreferenceParams) -> LossOut:
     return loss, chosen.detach(), rejected.detach()
 
 
+def rpo(x: PairLogps, p: PreferenceParams) -> LossOut:
+    """DPO plus alpha * the chosen response's per-token negative log-likelihood (Pang et al. 2024, "Iterative
+    Reasoning Preference Optimization", eq. 1; Liu et al. 2024 call it RPO). Plain DPO can raise the margin by
+    lowering both log-probs, the rejected one faster; the NLL term keeps the chosen response likely, so a
+    fine-tuned format (e.g. stopping after the answer) survives the preference step."""
+    if x.len_chosen is None:
+        raise ValueError("RPO needs response lengths")
+    loss, chosen, rejected = dpo_sigmoid(x, p)
+    return loss - p.alpha * x.policy_chosen / x.len_chosen, chosen, rejected
+
+
 PREFERENCE_LOSSES: dict[str, Callable[[PairLogps, PreferenceParams], LossOut]] = {
     "dpo": dpo_sigmoid,
     "ipo": ipo,
     "simpo": simpo,
+    "rpo": rpo,
 }
 REFERENCE_FREE = {"simpo"}
 

@@ -1,8 +1,8 @@
 """Direct preference optimisation (DPO, IPO, SimPO): per-sequence log-probs in one forward, a reference, a loss.
 
-A batch from ``data.preference.collate_pairs`` holds every pair's chosen and rejected responses as segments of
-packed rows; ``sequence_logps`` returns the summed log-prob of each segment's trained (response) tokens, in
-segment order, so even entries are chosen and odd ones rejected.
+A batch from ``data.preference.collate_pairs`` lays every pair out as prompt | chosen | rejected (the prompt run
+once) and lists the scored tokens with the position that predicts each; ``sequence_logps`` returns the summed
+log-prob of each response, so even entries are chosen and odd ones rejected.
 
 References, cheapest first: none (reference-free losses such as SimPO); precomputed (one pass before training,
 stored on disk; training never runs the reference again); LoRA with the adapters disabled (the same weights,
@@ -21,43 +21,61 @@ import torch
 
 from posttrain.engine.checkpoint import atomic_write_bytes
 from posttrain.losses import PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps, PreferenceParams
-from posttrain.methods.sft import _plain_head, model_inputs
+from posttrain.methods.sft import _plain_head, unwrap
 
 Batch = dict[str, torch.Tensor]
 
 
-def segment_ids(position_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) -> (B, T) global segment number: a segment starts where positions restart at 0."""
-    seg = (position_ids == 0).long().cumsum(1) - 1
-    per_row = seg[:, -1] + 1
-    offsets = torch.cumsum(per_row, 0) - per_row
-    return seg + offsets[:, None]
+def pair_attention_mask(batch: Batch, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """(B, 1, T, T) additive mask for a shared-prompt batch: causal, within a pair, and a response never sees the
+    other response. None when no prompt is shared: then restarting positions alone give transformers the
+    block-diagonal mask (and flash attention stays usable)."""
+    branch, block = batch["branch"], batch["block"]
+    if not bool((branch == 0).any()):
+        return None
+    t = branch.shape[1]
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    same_pair = block[:, :, None] == block[:, None, :]
+    visible = (branch[:, None, :] == 0) | (branch[:, :, None] == branch[:, None, :])
+    allowed = (causal & same_pair & visible).to(device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def pair_hidden(model: torch.nn.Module, batch: Batch, decoder_only: bool) -> torch.Tensor:
+    """Last hidden states (or logits, when not ``decoder_only``) of a pair batch, flattened to (B * T, -1)."""
+    inner = unwrap(model)
+    param = next(inner.parameters())
+    kw = {"input_ids": batch["input_ids"].to(param.device), "position_ids": batch["position_ids"].to(param.device),
+          "use_cache": False}
+    mask = pair_attention_mask(batch, param.dtype, param.device)
+    if mask is not None:
+        kw["attention_mask"] = mask
+    out = inner.get_decoder()(**kw).last_hidden_state if decoder_only else inner(**kw).logits
+    return out.reshape(-1, out.shape[-1])
 
 
 def sequence_logps(model: torch.nn.Module, batch: Batch, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs and token counts of the trained tokens of every segment that has any, in segment order."""
-    inner, ids, pos, targets, keep = model_inputs(model, batch)
-    device = ids.device
-    segs = segment_ids(batch["position_ids"])
-    seq = segs[:, 1:].to(device)[keep]
+    """Summed log-probs and counts of the scored (response) tokens of every sequence: chosen 2k, rejected 2k+1."""
+    inner = unwrap(model)
     head = _plain_head(inner)
+    device = next(inner.parameters()).device
+    src, tgt, seq = (batch[k].to(device) for k in ("score_index", "score_target", "score_seq"))
     up = torch.promote_types(next(inner.parameters()).dtype, torch.float32)  # bf16 logits lose log-prob digits
     if head is None:
-        logits = inner(input_ids=ids, position_ids=pos, use_cache=False).logits[:, :-1][keep]
-        logp = torch.log_softmax(logits.to(up), -1).gather(1, targets[keep][:, None])[:, 0]
-    else:  # the LM head only on response positions, a chunk at a time
-        hidden = inner.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[:, :-1][keep]
-        tgt = targets[keep]
+        logits = pair_hidden(model, batch, decoder_only=False)[src]
+        logp = torch.log_softmax(logits.to(up), -1).gather(1, tgt[:, None])[:, 0]
+    else:  # the LM head only on scored positions, a chunk at a time
+        hidden = pair_hidden(model, batch, decoder_only=True)[src]
         parts = []
         for s in range(0, hidden.shape[0], chunk_size):
             logits = (hidden[s:s + chunk_size] @ head.weight.t()).to(up)
             parts.append(logits.gather(1, tgt[s:s + chunk_size, None])[:, 0] - torch.logsumexp(logits, -1))
-        logp = torch.cat(parts) if parts else hidden.new_zeros(0)
-    n_seg = int(segs[:, -1].max()) + 1
-    sums = torch.zeros(n_seg, dtype=logp.dtype, device=device).index_add(0, seq, logp)
-    counts = torch.zeros(n_seg, dtype=torch.long, device=device).index_add(0, seq, torch.ones_like(seq))
-    has = counts > 0
-    return sums[has], counts[has]
+        logp = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=up)
+    n_seq = 2 * int(batch["pair_index"].numel())
+    sums = torch.zeros(n_seq, dtype=logp.dtype, device=device).index_add(0, seq, logp)
+    counts = torch.zeros(n_seq, dtype=torch.long, device=device).index_add(0, seq, torch.ones_like(seq))
+    return sums, counts
 
 
 class Reference(Protocol):
@@ -102,7 +120,7 @@ class PrecomputedReference:
 def fingerprint(batches: list[Batch]) -> str:
     h = hashlib.sha256()
     for b in batches:
-        for key in ("input_ids", "labels", "pair_index"):
+        for key in ("input_ids", "score_target", "score_index", "pair_index"):
             h.update(b[key].numpy().tobytes())
     return h.hexdigest()[:16]
 

@@ -11,9 +11,8 @@ import math
 
 import torch
 
-from posttrain.data.packing import IGNORE
 from posttrain.losses import bradley_terry
-from posttrain.methods.preference import pair_accuracy, segment_ids
+from posttrain.methods.preference import pair_accuracy, pair_hidden
 from posttrain.methods.sft import unwrap
 
 Batch = dict[str, torch.Tensor]
@@ -35,21 +34,11 @@ class ScoreModel(torch.nn.Module):
 
     def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores and response lengths (trained tokens) of every sequence in segment order."""
-        device = self.head.weight.device
-        ids = batch["input_ids"].to(device)
-        pos = batch["position_ids"].to(device)
-        hidden = unwrap(self.lm).get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
-        trained = batch["labels"] != IGNORE
-        seg = segment_ids(batch["position_ids"])
-        n_seg = int(seg[:, -1].max()) + 1
-        flat_seg, flat_on = seg.reshape(-1), trained.reshape(-1)
-        index = torch.arange(flat_seg.numel())
-        last = torch.full((n_seg,), -1, dtype=torch.long).scatter_reduce(
-            0, flat_seg[flat_on], index[flat_on], reduce="amax")
-        lengths = torch.zeros(n_seg, dtype=torch.long).index_add(0, flat_seg[flat_on], torch.ones_like(index[flat_on]))
-        has = last >= 0
-        picked = hidden.reshape(-1, hidden.shape[-1])[last[has].to(device)]
-        return self.head(picked).squeeze(-1).float(), lengths[has].to(device)
+        hidden = pair_hidden(self.lm, batch, decoder_only=True)
+        lengths = torch.zeros(2 * int(batch["pair_index"].numel()), dtype=torch.long).index_add(
+            0, batch["score_seq"], torch.ones_like(batch["score_seq"]))
+        picked = hidden[batch["last_index"].to(hidden.device)]
+        return self.head(picked).squeeze(-1).float(), lengths.to(hidden.device)
 
 
 class RewardBT:
