@@ -33,9 +33,11 @@ matches posttrain's token for token and reports how many sequences differ.
 
 FLOP ceiling: a LoRA DPO step costs about 6 * N FLOPs per token (policy forward 2N, activation gradients 2N,
 reference forward 2N; frozen weights need no weight gradients), N = the base model's parameter count including
-the tied embedding/head. Attention is left out, and so is the fact that both sides project the LM head only on
-response positions, so 6N slightly overstates the work. The fraction reported is achieved FLOP/s divided by
-the fp32 2048x2048 matmul rate measured by this script (before every run and at the end; the best reading counts).
+the tied embedding/head, per counted token (prompt counted twice). Attention is left out. posttrain does less
+than 6N per counted token: it runs a shared prompt once and the LM head only on response positions, so its
+fraction is an effective one (work of two separate sequences per pair / time) and can pass 100%. The fraction is
+that FLOP/s divided by the fp32 2048x2048 matmul rate measured by this script (before every run and at the end;
+the best reading counts).
 
 Set-up and run (TRL lives only in the git-ignored .bench-venv; see benchmarks/README.md):
   .bench-venv/bin/python benchmarks/bench_dpo.py [--configs posttrain,posttrain-pack,trl] [--json out.json]
@@ -318,10 +320,12 @@ def table(results: dict[str, list[dict]], ceiling: float, warmup: int, steps: in
                      f"{m['peak_rss_mb']:.0f} | {m['pairs_per_step']:.1f} | {m['tokens_per_step']:.0f} | "
                      f"{m['positions_per_step']:.0f} | {runs} | {ratio} | {100 * frac:.0f}% |")
     notes = [f"Medians over runs (the 'runs' column lists each run's pairs/s); {steps} timed optimizer steps after "
-             f"{warmup} warm-up steps per run. tokens = non-padding tokens fed to the policy (prompt counted with "
-             f"each response); positions = input tensor size, padding included.",
+             f"{warmup} warm-up steps per run. tokens = prompt + chosen and prompt + rejected of every pair "
+             f"trained (the work of two separate sequences, what TRL feeds); positions = input tensor size as fed, "
+             f"padding included (a shared prompt is fed once).",
              f"FLOP ceiling: fp32 2048x2048 matmul at {ceiling:.1f} GFLOP/s; 6 x N = 6 x {n_params / 1e6:.1f} M "
-             f"FLOPs per token, so the ceiling is {ceiling * 1e9 / (6 * n_params):.0f} tokens/s."]
+             f"FLOPs per token, so the ceiling is {ceiling * 1e9 / (6 * n_params):.0f} tokens/s (tokens as above: "
+             f"a framework that computes a shared prompt once can pass 100%)."]
     if results.get("trl"):
         r = results["trl"][0]
         notes.append(f"TRL tokenisation vs posttrain's: {r['sequences_differing_from_posttrain']} of "

@@ -225,9 +225,9 @@ def collate_pairs(units: list[list[Pair]], pad_id: int, share_prompt: bool = Tru
     """One row per unit; pair k of the batch (``pair_index[k]``) owns sequences 2k (chosen) and 2k+1 (rejected).
 
     With ``share_prompt`` a pair is laid out once as ``prompt | chosen response | rejected response``: the rejected
-    response sits at the positions it would have after the prompt, and ``branch`` (0 prompt, 1 chosen, 2 rejected, 3 padding)
-    with ``block`` (one id per pair, per padding run) let ``pair_attention_mask`` hide the chosen response from it,
-    so the prompt goes through the model once instead of twice with the same result. Without it, chosen and
+    response sits at the positions it would have after the prompt, and ``branch`` (0 prompt, 1 chosen,
+    2 rejected, 3 padding) with ``block`` (one id per pair, per padding run) let ``pair_attention_mask`` hide the
+    chosen response from it, so the prompt goes through the model once instead of twice with the same result. Without it, chosen and
     rejected are two segments whose positions restart, the layout of plain packing.
 
     Scored tokens are listed explicitly, because with a shared prompt the first token of the rejected response is

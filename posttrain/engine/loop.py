@@ -122,7 +122,8 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
             if done % opts.log_every == 0 or done == opts.total_steps:
                 elapsed = time.perf_counter() - window_start
                 loss = _all_reduce_sum(float(loss_total), device) / max(units, 1.0)
-                rec = {"step": done, "loss": loss, "lr": lr, "trained_tokens": units,
+                # loss_units: what the loss averages over this step (trained tokens for SFT, pairs for DPO)
+                rec = {"step": done, "loss": loss, "lr": lr, "loss_units": units,
                        "tokens_per_s": window_tokens / max(elapsed, 1e-9), **metrics}
                 if grad_norm is not None:
                     rec["grad_norm"] = grad_norm

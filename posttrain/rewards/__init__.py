@@ -1,5 +1,7 @@
-"""Rewards: trained reward models (and, with online RL, verifiable reward functions)."""
+"""Rewards: trained reward models, and verifiable reward functions for online RL."""
 
+from posttrain.rewards.functions import REWARD_FUNCTIONS, Combined, call_reward, resolve_reward
 from posttrain.rewards.model import Ensemble, RewardModel, load_reward
 
-__all__ = ["Ensemble", "RewardModel", "load_reward"]
+__all__ = ["REWARD_FUNCTIONS", "Combined", "Ensemble", "RewardModel", "call_reward", "load_reward",
+           "resolve_reward"]

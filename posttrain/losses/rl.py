@@ -1,0 +1,94 @@
+"""Online-RL pieces (GRPO and PPO) as pure functions of per-token tensors.
+
+Shapes: a batch of completions is (N, T) with a float ``mask`` that is 1 on completion tokens and 0 on padding;
+per-sequence quantities are (N,). Nothing here runs a model.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO (Shao et al. 2024, DeepSeekMath section 4.1.2): A_i = (r_i - mean(r)) / (std(r) + eps) within each group
+    of ``group_size`` consecutive completions of one prompt. The population std (divide by G) is the one of the
+    derivation; a group whose rewards are all equal gets zero advantages (it carries no signal)."""
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    g = rewards.reshape(-1, group_size).double()
+    adv = (g - g.mean(1, keepdim=True)) / (g.std(1, correction=0, keepdim=True) + eps)
+    return adv.reshape(-1).to(rewards.dtype)
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
+                      clip_eps: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective per token (Schulman et al. 2017, eq. 7), as a loss to minimise:
+    -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logp - old_logp). Where the clip is the smaller term
+    (rho past 1 + eps with A > 0, or under 1 - eps with A < 0) the loss is constant in logp: no gradient pushes
+    the ratio further. Returns (per-token loss, per-token 1.0 where the clip was active)."""
+    if advantages.dim() == logp.dim() - 1:
+        advantages = advantages[:, None]
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * advantages
+    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
+    return -torch.minimum(unclipped, clipped), (clipped < unclipped).to(logp.dtype)
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate from samples of the policy, Schulman's k3:
+    exp(ref - logp) - (ref - logp) - 1. Non-negative, unbiased, zero where the two agree."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    if dim is None:
+        return (x * mask).sum() / mask.sum().clamp(min=1)
+    return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (PPO's advantage whitening); padding stays 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_shaped_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor,
+                      kl_coef: float) -> torch.Tensor:
+    """PPO-RLHF per-token rewards (Ouyang et al. 2022; Ziegler et al. 2019): -kl_coef * (logp - ref_logp) on every
+    completion token, plus the reward model's score on the last one."""
+    rewards = -kl_coef * (logp - ref_logp) * mask
+    last = (mask.cumsum(1) == mask.sum(1, keepdim=True)) & (mask > 0)
+    return rewards + last.to(rewards.dtype) * scores[:, None]
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over each completion, the value after the
+    last token being 0: delta_t = r_t + gamma V_{t+1} - V_t, A_t = delta_t + gamma lam A_{t+1}.
+    Returns (advantages, returns = advantages + values), zero on padding."""
+    n, t = rewards.shape
+    adv = torch.zeros_like(rewards)
+    next_adv = torch.zeros(n, dtype=rewards.dtype, device=rewards.device)
+    next_value = torch.zeros_like(next_adv)
+    for i in range(t - 1, -1, -1):
+        m = mask[:, i]
+        delta = rewards[:, i] + gamma * next_value - values[:, i]
+        a = delta + gamma * lam * next_adv
+        adv[:, i] = a * m
+        # Padding after a completion passes nothing back; a real token hands its value and advantage on.
+        next_adv = torch.where(m > 0, a, next_adv)
+        next_value = torch.where(m > 0, values[:, i], next_value)
+    return adv, (adv + values) * mask
+
+
+def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                       clip_eps: float = 0.2) -> torch.Tensor:
+    """PPO's value loss per token: 0.5 * max((V - R)^2, (V_clip - R)^2), V_clip = V_old + clip(V - V_old, +-eps),
+    so one update cannot move a value estimate far from the one the advantages were computed with."""
+    v_clip = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
+    return 0.5 * torch.maximum((values - returns) ** 2, (v_clip - returns) ** 2)
