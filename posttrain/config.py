@@ -162,7 +162,62 @@ class RewardConfig(_Section):
     _share = model_validator(mode="after")(_check_share_prompt)
 
 
-CONFIGS: dict[str, type[BaseModel]] = {"sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig}
+class PromptDataConfig(_Section):
+    train: str = Field(..., description="rows with a prompt (text or chat messages) and any columns rewards read")
+    eval: str | None = Field(None, description="held-out prompts; when null, eval_fraction of train is held out")
+    eval_fraction: float = Field(0.05, ge=0.0, lt=1.0)
+    eval_limit: int | None = Field(64, gt=0, description="held-out prompts generated from at each eval")
+    split_seed: int = 0
+    limit: int | None = Field(None, gt=0, description="read only the first N rows of train")
+    prompt_field: str = Field("prompt", description="the column holding the prompt, e.g. 'question' for GSM8K")
+    system_prompt: str | None = None
+    chat_template: str | None = None
+    max_prompt_len: int = Field(512, gt=1)
+    overlong: Literal["error", "drop"] = "error"
+
+
+class GRPOSection(_Section):
+    group_size: int = Field(4, ge=2, description="completions per prompt (G)")
+    prompts_per_step: int = Field(4, gt=0)
+    max_new_tokens: int = Field(128, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    kl_coef: float = Field(0.04, ge=0.0, description="weight of k3 KL to the reference; 0 runs no reference")
+    mu: int = Field(1, gt=0, description="optimizer steps per batch of rollouts (old log-probs kept)")
+    aggregation: Literal["grpo", "dapo", "dr_grpo"] = Field(
+        "grpo", description="per-completion token mean (grpo), batch token mean (dapo), sum / max_new_tokens")
+
+
+class RewardTerm(_Section):
+    name: str = Field(..., description="gsm8k_answer, regex, json_schema, length_penalty, or package.module:fn")
+    weight: float = 1.0
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the function")
+
+
+class GRPOConfig(_Section):
+    method: Literal["grpo"] = "grpo"
+    output_dir: str = "runs/grpo"
+    finetune: Literal["lora", "full"] = "lora"
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+    data: PromptDataConfig
+    train: TrainConfig = TrainConfig(lr=2e-5, micro_batch_size=8)
+    grpo: GRPOSection = GRPOSection()
+    rewards: list[RewardTerm] = Field(..., min_length=1)
+    reward_reduce: Literal["sum", "min"] = "sum"
+
+    @model_validator(mode="after")
+    def _check(self) -> "GRPOConfig":
+        mu = self.grpo.mu
+        if mu > 1 and ((self.train.save_every or mu) % mu or (self.train.max_steps or mu) % mu):
+            raise ValueError(f"with grpo.mu={mu}, train.save_every and train.max_steps must be multiples of it "
+                             "(a checkpoint inside a rollout batch could not be resumed exactly)")
+        return self
+
+
+CONFIGS: dict[str, type[BaseModel]] = {"sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig,
+                                       "grpo": GRPOConfig}
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

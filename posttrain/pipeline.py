@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from posttrain.config import DataConfig, DPOConfig, DPOSection, ModelConfig, RewardConfig, SFTConfig, TrainConfig, dump_config
+from posttrain.config import (DataConfig, DPOConfig, DPOSection, GRPOConfig, ModelConfig, PromptDataConfig, RewardConfig,
+                              SFTConfig, TrainConfig, dump_config)
 from posttrain.data import BatchPlan, build_examples, eval_batches, holdout_split
 from posttrain.data.render import Example
 from posttrain.engine import LoopOptions, atomic_dir, atomic_write_text, console, read_metrics, train_loop
@@ -255,6 +256,16 @@ def pair_plan(cfg: DPOConfig | RewardConfig, train: list, pad_id: int):
     return plan, t.max_steps or plan.steps_for(t.epochs)
 
 
+def disable_dropout(model: torch.nn.Module, method: str) -> None:
+    """Policy and reference must be the same network at step 0 (DPO loss ln 2, GRPO ratio 1); dropout would
+    make every forward a different one."""
+    dropped = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+    for m in dropped:
+        m.p = 0.0
+    if dropped:
+        console.print(f"dropout disabled in {len(dropped)} modules ({method} compares the policy with a reference)")
+
+
 def preference_params(d: DPOSection):
     from posttrain.losses import PreferenceParams
 
@@ -273,12 +284,7 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False) -> dict[str, Any]:
     for line in lines:
         console.print(f"data: {line}")
     model, report = prepare_model(cfg, loaded)
-    # Policy and reference must be the same network at step 0 (loss ln 2); dropout would make them differ.
-    dropped = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
-    for m in dropped:
-        m.p = 0.0
-    if dropped:
-        console.print(f"dropout disabled in {len(dropped)} modules (DPO compares the policy with its reference)")
+    disable_dropout(model, "DPO")
     t, d = cfg.train, cfg.dpo
     held_batches = fixed_pair_batches(cfg, held, tok.pad_token_id) if held else []
 
@@ -398,3 +404,96 @@ def eval_preference_run(cfg: DPOConfig | RewardConfig, run_dir: Path) -> dict[st
     method = Preference(d.loss, preference_params(d), reference, cfg.train.loss_chunk_size)
     batches = fixed_pair_batches(cfg, held, base.tokenizer.pad_token_id)
     return {"run": str(run_dir), "pairs": len(held), **preference_eval(model, method, batches)}
+
+
+def load_prompts(path: str, dcfg: PromptDataConfig, tokenizer,
+                 limit: int | None = None) -> tuple[list[list[int]], list[dict[str, Any]], list[Any], list[str]]:
+    """Prompt token ids, the rows (their other columns feed the rewards), the prompts as chats, report lines."""
+    from posttrain.data import DataError, read_rows
+    from posttrain.data.formats import validate_messages
+    from posttrain.data.render import has_chat_template, render_prompt
+
+    template = resolve_template(dcfg.chat_template)
+    add_special = not has_chat_template(tokenizer, template)
+    rows = read_rows(path)[:limit] if limit else read_rows(path)
+    ids, kept, chats, dropped = [], [], [], []
+    for num, row in rows:
+        value = row.get(dcfg.prompt_field)
+        if isinstance(value, str) and value.strip():
+            chat = [{"role": "user", "content": value}]
+        elif isinstance(value, list) and value:
+            chat = list(value)
+            validate_messages(chat + [{"role": "assistant", "content": "x"}], path, num, dcfg.prompt_field)
+        else:
+            raise DataError(path, num, dcfg.prompt_field, "missing or empty prompt (data.prompt_field names the "
+                            f"column; this row has {', '.join(map(repr, row)) or 'no columns'})")
+        if dcfg.system_prompt and chat[0].get("role") != "system":
+            chat = [{"role": "system", "content": dcfg.system_prompt}, *chat]
+        tokens = tokenizer(render_prompt(tokenizer, chat, template), add_special_tokens=add_special)["input_ids"]
+        if len(tokens) > dcfg.max_prompt_len:
+            if dcfg.overlong == "error":
+                raise DataError(path, num, dcfg.prompt_field, f"{len(tokens)} tokens, more than "
+                                f"data.max_prompt_len={dcfg.max_prompt_len}; raise it or set data.overlong: drop")
+            dropped.append(num)
+            continue
+        ids.append(tokens)
+        kept.append(row)
+        chats.append(chat)
+    line = f"{path}: {len(rows)} prompts, {len(ids)} kept" + (f"; {len(dropped)} dropped as over-long" if dropped
+                                                              else "")
+    if not ids:
+        raise DataError(path, None, None, "no prompt is left (see data.max_prompt_len and data.overlong)")
+    return ids, kept, chats, [line]
+
+
+def run_grpo(cfg: GRPOConfig, *, resume: bool = False) -> dict[str, Any]:
+    """GRPO with verifiable rewards from a base model or an SFT adapter (``model.init_adapter``)."""
+    from posttrain.methods.grpo import (GRPO, AdapterOffTokenReference, FrozenTokenReference, GRPOParams, RolloutPlan,
+                                        grpo_eval)
+    from posttrain.rewards import Combined
+
+    out, t0, loaded = begin_run(cfg)
+    tok = loaded.tokenizer
+    d, g, t = cfg.data, cfg.grpo, cfg.train
+    prompts, rows, chats, lines = load_prompts(d.train, d, tok, d.limit)
+    if d.eval:
+        held = load_prompts(d.eval, d, tok, d.eval_limit)
+        lines += held[3]
+        held_prompts, held_rows, held_chats = held[:3]
+    else:
+        keep, hold = holdout_split(len(prompts), d.eval_fraction, d.split_seed)
+        hold = hold[:d.eval_limit] if d.eval_limit else hold
+        held_prompts, held_rows, held_chats = ([x[i] for i in hold] for x in (prompts, rows, chats))
+        prompts, rows, chats = ([x[i] for i in keep] for x in (prompts, rows, chats))
+        if hold:
+            lines.append(f"held out {len(hold)} prompts (eval_fraction={d.eval_fraction}, split_seed={d.split_seed})")
+    for line in lines:
+        console.print(f"data: {line}")
+    reward = Combined([(r.name, r.weight, r.options) for r in cfg.rewards], cfg.reward_reduce)
+    model, report = prepare_model(cfg, loaded)
+    disable_dropout(model, "GRPO")
+    params = GRPOParams(group_size=g.group_size, clip_eps=g.clip_eps, kl_coef=g.kl_coef, temperature=g.temperature,
+                        max_new_tokens=g.max_new_tokens, aggregation=g.aggregation)
+    reference = None
+    if g.kl_coef > 0:
+        reference = AdapterOffTokenReference(g.temperature, t.loss_chunk_size) if cfg.finetune == "lora" else \
+            FrozenTokenReference(model, g.temperature, t.loss_chunk_size)
+    plan = RolloutPlan(model, tok, prompts, rows, chats, reward, params, prompts_per_step=g.prompts_per_step,
+                       mu=g.mu, micro_batch_size=t.micro_batch_size, seed=t.seed, reference=reference, top_p=g.top_p,
+                       chunk_size=t.loss_chunk_size)
+    total = t.max_steps or plan.steps_for(t.epochs)
+    console.print(f"training {total} steps: {g.prompts_per_step} prompts x {g.group_size} completions per rollout, "
+                  f"{g.mu} step(s) per rollout; reference: " + ("none (kl_coef 0)" if reference is None else
+                  "adapters disabled" if cfg.finetune == "lora" else "a frozen copy"))
+    evaluate = (lambda m: grpo_eval(m, tok, held_prompts, held_rows, held_chats, reward, g.max_new_tokens,
+                                    t.micro_batch_size)) if held_prompts else None
+    export = (lambda path: model.save_pretrained(path)) if cfg.finetune == "lora" else None
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    records = train_loop(model, GRPO(params, t.loss_chunk_size), plan, loop_options(t, total), out,
+                         evaluate=evaluate, export=export, resume=resume)
+    final_dir = save_trained(model, tok, out, cfg.finetune)
+    summary, evals = write_summary(out, t0, total, report, lines, records, final_dir, "eval/reward")
+    if evals:
+        console.print(f"held-out reward (greedy) {evals[0]['eval/reward']:.3f} -> {evals[-1]['eval/reward']:.3f}")
+    console.print(f"saved {final_dir}")
+    return summary
