@@ -156,7 +156,8 @@ def main(output_dir: str = "demo-run", quick: bool = False) -> int:
                      # Plain DPO at this setting flips the preference but lowers the likelihood of ending the
                      # card (both log-probs fall), and answers run on; RPO's NLL on the chosen card keeps it.
                      "train.epochs=1", "train.warmup_ratio=0.1", "train.log_every=2", "dpo.beta=0.1",
-                     "dpo.loss=rpo", "dpo.rpo_alpha=1.0", "dpo.precompute_ref=true"]
+                     "dpo.loss=rpo", "dpo.rpo_alpha=1.0", "dpo.precompute_ref=true",
+                     "data.packing=false"]  # one pair per row: 16 steps, not the 4 that packing would leave
     if quick:
         dpo_overrides += ["train.max_steps=2"]
     dres = run_dpo(load_config(None, dpo_overrides, method="dpo"))
