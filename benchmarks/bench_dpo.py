@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the SFT benchmark's helpers, shared not copied
-from bench_sft import base_param_count, matmul_gflops, peak_rss_mb, versions  # noqa: E402
+from bench_sft import base_param_count, matmul_gflops, peak_rss_mb, start, versions  # noqa: E402
 
 if TYPE_CHECKING:  # posttrain imports torch: only workers pay for it
     from posttrain.data import Pair, PairPlan
@@ -346,33 +346,14 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
     p.add_argument("--lr", type=float, default=5e-6)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--model", default=None, help="HF model folder; default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--json", default=None, help="write all raw results here")
-    p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.model is None:
-        from posttrain.models import resolve_model_path
-
-        args.model = resolve_model_path(None)
-    if args.worker:
-        run_worker(args)
+    args, configs = start(p, CONFIGS, run_worker, __file__)
+    if configs is None:
         return
+    if not DATA.exists():
+        sys.exit(f"missing {DATA}; see benchmarks/prepare_hh.py")
 
     import torch
 
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    bad = [c for c in configs if c not in CONFIGS]
-    if bad:
-        p.error(f"unknown config(s) {bad}; known: {', '.join(CONFIGS)}")
-    if not DATA.exists():
-        sys.exit(f"missing {DATA}; see benchmarks/prepare_hh.py")
-    if "trl" in configs:
-        try:
-            import trl  # noqa: F401
-        except ImportError:
-            sys.exit(f"TRL is not installed in {sys.executable}; see the set-up lines at the top of {__file__}")
     torch.set_num_threads(args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",

@@ -305,6 +305,35 @@ def table(results: dict[str, list[dict]], ceiling: float, warmup: int, steps: in
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
 
 
+def start(p: argparse.ArgumentParser, known: tuple[str, ...], run_worker,
+          script: str) -> tuple[argparse.Namespace, list[str] | None]:
+    """The arguments every benchmark shares; parse them, run this process's worker if it is one (configs None),
+    else return the chosen configurations after checking them and that TRL is importable when one needs it."""
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", default=None, help="HF model folder; default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--json", default=None, help="write all raw results here")
+    p.add_argument("--worker", choices=known, help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.model is None:
+        from posttrain.models import resolve_model_path
+
+        args.model = resolve_model_path(None)
+    if args.worker:
+        run_worker(args)
+        return args, None
+    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    bad = [c for c in configs if c not in known]
+    if bad:
+        p.error(f"unknown config(s) {bad}; known: {', '.join(known)}")
+    if any(c.startswith("trl") for c in configs):
+        try:
+            import trl  # noqa: F401
+        except ImportError:
+            sys.exit(f"TRL is not installed in {sys.executable}; see the set-up lines at the top of {script}")
+    return args, configs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
@@ -317,31 +346,12 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lora-dropout", type=float, default=0.0,
                    help="LoRA dropout for both frameworks; 0 is posttrain's default")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--model", default=None, help="HF model folder; default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--json", default=None, help="write all raw results here")
-    p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.model is None:
-        from posttrain.models import resolve_model_path
-
-        args.model = resolve_model_path(None)
-    if args.worker:
-        run_worker(args)
+    args, configs = start(p, CONFIGS, run_worker, __file__)
+    if configs is None:
         return
 
     import torch
 
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    bad = [c for c in configs if c not in CONFIGS]
-    if bad:
-        p.error(f"unknown config(s) {bad}; known: {', '.join(CONFIGS)}")
-    if any(c.startswith("trl") for c in configs):
-        try:
-            import trl  # noqa: F401
-        except ImportError:
-            sys.exit(f"TRL is not installed in {sys.executable}; see the set-up lines at the top of {__file__}")
     torch.set_num_threads(args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",

@@ -79,12 +79,18 @@ class TrainConfig(_Section):
     loss_chunk_size: int = Field(1024, gt=0, description="trained positions per LM-head chunk")
 
 
-class SFTConfig(_Section):
-    method: Literal["sft"] = "sft"
-    output_dir: str = "runs/sft"
+class _Job(_Section):
+    """What every training job has: its method, run folder, and the model it trains (LoRA or full)."""
+    method: str
+    output_dir: str
     finetune: Literal["lora", "full"] = "lora"
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
+
+
+class SFTConfig(_Job):
+    method: Literal["sft"] = "sft"
+    output_dir: str = "runs/sft"
     data: DataConfig
     train: TrainConfig = TrainConfig()
     eval_samples: int = Field(3, ge=0, description="held-out prompts to generate from at eval time")
@@ -129,12 +135,9 @@ def _check_share_prompt(cfg: Any) -> Any:
     return cfg
 
 
-class DPOConfig(_Section):
+class DPOConfig(_Job):
     method: Literal["dpo"] = "dpo"
     output_dir: str = "runs/dpo"
-    finetune: Literal["lora", "full"] = "lora"
-    model: ModelConfig = ModelConfig()
-    lora: LoraConfig = LoraConfig()
     data: PreferenceDataConfig
     train: TrainConfig = TrainConfig(lr=5e-6, micro_batch_size=2)
     dpo: DPOSection = DPOSection()
@@ -149,12 +152,9 @@ class RewardSection(_Section):
     length_warn: float = Field(0.5, ge=0.0, le=1.0, description="warn when |corr(score, length)| exceeds this")
 
 
-class RewardConfig(_Section):
+class RewardConfig(_Job):
     method: Literal["reward"] = "reward"
     output_dir: str = "runs/reward"
-    finetune: Literal["lora", "full"] = "lora"
-    model: ModelConfig = ModelConfig()
-    lora: LoraConfig = LoraConfig()
     data: PreferenceDataConfig
     train: TrainConfig = TrainConfig(lr=1e-4, micro_batch_size=2)
     reward: RewardSection = RewardSection()
@@ -195,12 +195,9 @@ class RewardTerm(_Section):
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the function")
 
 
-class GRPOConfig(_Section):
+class GRPOConfig(_Job):
     method: Literal["grpo"] = "grpo"
     output_dir: str = "runs/grpo"
-    finetune: Literal["lora", "full"] = "lora"
-    model: ModelConfig = ModelConfig()
-    lora: LoraConfig = LoraConfig()
     data: PromptDataConfig
     train: TrainConfig = TrainConfig(lr=2e-5, micro_batch_size=8)
     grpo: GRPOSection = GRPOSection()

@@ -448,8 +448,7 @@ def load_prompts(path: str, dcfg: PromptDataConfig, tokenizer,
 
 def run_grpo(cfg: GRPOConfig, *, resume: bool = False) -> dict[str, Any]:
     """GRPO with verifiable rewards from a base model or an SFT adapter (``model.init_adapter``)."""
-    from posttrain.methods.grpo import (GRPO, AdapterOffTokenReference, FrozenTokenReference, GRPOParams, RolloutPlan,
-                                        grpo_eval)
+    from posttrain.methods.grpo import GRPO, GRPOParams, RolloutPlan, grpo_eval, token_reference
     from posttrain.rewards import Combined
 
     out, t0, loaded = begin_run(cfg)
@@ -474,10 +473,8 @@ def run_grpo(cfg: GRPOConfig, *, resume: bool = False) -> dict[str, Any]:
     disable_dropout(model, "GRPO")
     params = GRPOParams(group_size=g.group_size, clip_eps=g.clip_eps, kl_coef=g.kl_coef, temperature=g.temperature,
                         max_new_tokens=g.max_new_tokens, aggregation=g.aggregation)
-    reference = None
-    if g.kl_coef > 0:
-        reference = AdapterOffTokenReference(g.temperature, t.loss_chunk_size) if cfg.finetune == "lora" else \
-            FrozenTokenReference(model, g.temperature, t.loss_chunk_size)
+    reference = token_reference(model, cfg.finetune == "lora", g.temperature, t.loss_chunk_size) \
+        if g.kl_coef > 0 else None
     plan = RolloutPlan(model, tok, prompts, rows, chats, reward, params, prompts_per_step=g.prompts_per_step,
                        mu=g.mu, micro_batch_size=t.micro_batch_size, seed=t.seed, reference=reference, top_p=g.top_p,
                        chunk_size=t.loss_chunk_size)

@@ -63,3 +63,14 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     if hidden.shape[0] == 0:
         return hidden.sum().float() * 0.0
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
+
+
+def target_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                 dtype: torch.dtype, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(hidden @ W.T / temperature)[target] per row, a chunk of rows at a time in ``dtype``, so the
+    (rows x vocab) logits exist one chunk at a time (autograd keeps each chunk for its backward)."""
+    parts = []
+    for s in range(0, hidden.shape[0], chunk_size):
+        logits = (hidden[s:s + chunk_size] @ weight.t()).to(dtype) / temperature
+        parts.append(logits.gather(1, targets[s:s + chunk_size, None])[:, 0] - torch.logsumexp(logits, -1))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=dtype)

@@ -16,7 +16,9 @@ import torch
 
 from posttrain.data.packing import IGNORE, collate
 from posttrain.data.render import Example
+from posttrain.losses import target_logps
 from posttrain.losses.rl import clipped_surrogate, group_advantages, kl_k3
+from posttrain.methods.preference import AdapterOffReference, FrozenCopyReference
 from posttrain.methods.sft import _plain_head, model_inputs
 from posttrain.rollout.sample import sample_completions
 
@@ -36,11 +38,7 @@ def token_logps(model: torch.nn.Module, batch: Batch, temperature: float = 1.0,
         logp = torch.log_softmax(logits.to(up) / temperature, -1).gather(1, tgt[:, None])[:, 0]
     else:
         hidden = inner.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[:, :-1][keep]
-        parts = []
-        for s in range(0, hidden.shape[0], chunk_size):
-            logits = (hidden[s:s + chunk_size] @ head.weight.t()).to(up) / temperature
-            parts.append(logits.gather(1, tgt[s:s + chunk_size, None])[:, 0] - torch.logsumexp(logits, -1))
-        logp = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=up)
+        logp = target_logps(hidden, head.weight, tgt, chunk_size, up, temperature)
     out = torch.zeros(keep.shape, dtype=up, device=ids.device)
     out[keep] = logp
     return out
@@ -132,6 +130,7 @@ class RolloutPlan:
             top_p, chunk_size
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._cached: tuple[int, list[Batch]] | None = None
+        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its prompt permutation)
         self.last_rollout: dict[str, Any] = {}
 
     def steps_for(self, epochs: float) -> int:
@@ -142,9 +141,11 @@ class RolloutPlan:
         out = []
         for k in range(rollout * self.per_step, (rollout + 1) * self.per_step):
             epoch, i = divmod(k, len(self.prompts))
-            order = list(range(len(self.prompts)))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            out.append(order[i])
+            if self._order[0] != epoch:
+                order = list(range(len(self.prompts)))
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+                self._order = (epoch, order)
+            out.append(self._order[1][i])
         return out
 
     def step(self, step: int) -> list[Batch]:
@@ -190,28 +191,10 @@ class RolloutPlan:
         return batches
 
 
-class AdapterOffTokenReference:
-    """Per-token reference log-probs of the policy with its LoRA adapters disabled (no second copy)."""
-
-    def __init__(self, temperature: float, chunk_size: int = 1024):
-        self.temperature, self.chunk_size = temperature, chunk_size
-
-    def __call__(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        with model.disable_adapter():
-            return token_logps(model, batch, self.temperature, self.chunk_size)
-
-
-class FrozenTokenReference:
-    """Per-token reference log-probs of a frozen copy taken before training (full fine-tuning)."""
-
-    def __init__(self, model: torch.nn.Module, temperature: float, chunk_size: int = 1024):
-        import copy
-
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.temperature, self.chunk_size = temperature, chunk_size
-
-    def __call__(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return token_logps(self.model, batch, self.temperature, self.chunk_size)
+def token_reference(model: torch.nn.Module, lora: bool, temperature: float, chunk_size: int = 1024):
+    """Per-token reference log-probs: the adapter-off policy (LoRA) or a frozen copy (full fine-tuning)."""
+    logps = lambda m, b: token_logps(m, b, temperature, chunk_size)  # noqa: E731
+    return AdapterOffReference(logps=logps) if lora else FrozenCopyReference(model, logps=logps)
 
 
 @torch.no_grad()

@@ -15,12 +15,12 @@ import copy
 import hashlib
 import io
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
 from posttrain.engine.checkpoint import atomic_write_bytes
-from posttrain.losses import PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps, PreferenceParams
+from posttrain.losses import PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps, PreferenceParams, target_logps
 from posttrain.methods.sft import _plain_head, unwrap
 
 Batch = dict[str, torch.Tensor]
@@ -66,12 +66,7 @@ def sequence_logps(model: torch.nn.Module, batch: Batch, chunk_size: int = 1024)
         logits = pair_hidden(model, batch, decoder_only=False)[src]
         logp = torch.log_softmax(logits.to(up), -1).gather(1, tgt[:, None])[:, 0]
     else:  # the LM head only on scored positions, a chunk at a time
-        hidden = pair_hidden(model, batch, decoder_only=True)[src]
-        parts = []
-        for s in range(0, hidden.shape[0], chunk_size):
-            logits = (hidden[s:s + chunk_size] @ head.weight.t()).to(up)
-            parts.append(logits.gather(1, tgt[s:s + chunk_size, None])[:, 0] - torch.logsumexp(logits, -1))
-        logp = torch.cat(parts) if parts else hidden.new_zeros(0, dtype=up)
+        logp = target_logps(pair_hidden(model, batch, decoder_only=True)[src], head.weight, tgt, chunk_size, up)
     n_seq = 2 * int(batch["pair_index"].numel())
     sums = torch.zeros(n_seq, dtype=logp.dtype, device=device).index_add(0, seq, logp)
     counts = torch.zeros(n_seq, dtype=torch.long, device=device).index_add(0, seq, torch.ones_like(seq))
@@ -82,28 +77,32 @@ class Reference(Protocol):
     def __call__(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor: ...
 
 
-class AdapterOffReference:
-    """The policy with its LoRA adapters disabled: the base weights it started from, no second copy."""
+LogpsFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
-    def __init__(self, chunk_size: int = 1024):
-        self.chunk_size = chunk_size
+
+class AdapterOffReference:
+    """The policy with its LoRA adapters disabled: the base weights it started from, no second copy. ``logps``
+    says what to compute (default: per-sequence response log-probs; GRPO passes per-token ones)."""
+
+    def __init__(self, chunk_size: int = 1024, logps: LogpsFn | None = None):
+        self.logps = logps or (lambda m, b: sequence_logps(m, b, chunk_size)[0])
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         with model.disable_adapter():
-            return sequence_logps(model, batch, self.chunk_size)[0]
+            return self.logps(model, batch)
 
 
 class FrozenCopyReference:
     """A frozen copy of the model taken before training (full fine-tuning changes the weights themselves)."""
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: torch.nn.Module, chunk_size: int = 1024, logps: LogpsFn | None = None):
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
-        self.chunk_size = chunk_size
+        self.logps = logps or (lambda m, b: sequence_logps(m, b, chunk_size)[0])
 
     @torch.no_grad()
     def __call__(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        return sequence_logps(self.model, batch, self.chunk_size)[0]
+        return self.logps(self.model, batch)
 
 
 class PrecomputedReference:
