@@ -180,6 +180,8 @@ class GRPOSection(_Section):
     group_size: int = Field(4, ge=2, description="completions per prompt (G)")
     prompts_per_step: int = Field(4, gt=0)
     max_new_tokens: int = Field(128, gt=0)
+    min_new_tokens: int = Field(0, ge=0, description="end of turn is not sampled before this many tokens "
+                                "(benchmarks set it to max_new_tokens so every framework generates the same)")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1.0)
     clip_eps: float = Field(0.2, gt=0, lt=1)

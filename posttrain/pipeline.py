@@ -472,7 +472,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: bool = False) -> dict[str, Any]:
     model, report = prepare_model(cfg, loaded)
     disable_dropout(model, "GRPO")
     params = GRPOParams(group_size=g.group_size, clip_eps=g.clip_eps, kl_coef=g.kl_coef, temperature=g.temperature,
-                        max_new_tokens=g.max_new_tokens, aggregation=g.aggregation)
+                        max_new_tokens=g.max_new_tokens, aggregation=g.aggregation, min_new_tokens=g.min_new_tokens)
     reference = token_reference(model, cfg.finetune == "lora", g.temperature, t.loss_chunk_size) \
         if g.kl_coef > 0 else None
     plan = RolloutPlan(model, tok, prompts, rows, chats, reward, params, prompts_per_step=g.prompts_per_step,

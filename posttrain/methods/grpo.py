@@ -77,6 +77,7 @@ class GRPOParams:
     temperature: float = 1.0
     max_new_tokens: int = 128
     aggregation: str = "grpo"
+    min_new_tokens: int = 0
 
 
 class GRPO:
@@ -161,7 +162,7 @@ class RolloutPlan:
         torch.manual_seed(self.seed * 1_000_003 + rollout)
         ro = sample_completions(self.model, self.tok, [self.prompts[i] for i in idx], n=g,
                                 max_new_tokens=self.p.max_new_tokens, temperature=self.p.temperature,
-                                top_p=self.top_p, batch_size=max(self.micro, g))
+                                top_p=self.top_p, min_new_tokens=self.p.min_new_tokens, batch_size=max(self.micro, g))
         torch.set_rng_state(rng_state)
         columns = {k: [self.rows[i].get(k) for i in idx for _ in range(g)] for k in self.rows[idx[0]]}
         scores = self.reward([self.chats[i] for i in idx for _ in range(g)], ro.texts, **columns)

@@ -47,7 +47,7 @@ class Rollout:
 @torch.no_grad()
 def sample_completions(model: torch.nn.Module, tokenizer, prompt_ids: list[list[int]], *, n: int,
                        max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                       batch_size: int = 16) -> Rollout:
+                       batch_size: int = 16, min_new_tokens: int = 0) -> Rollout:
     """Sample ``n`` completions per prompt with a KV cache (transformers' generate), stopping at end of turn."""
     was_training = model.training
     model.eval()
@@ -69,7 +69,7 @@ def sample_completions(model: torch.nn.Module, tokenizer, prompt_ids: list[list[
                 ids[i, width - len(p):] = torch.tensor(p)
                 mask[i, width - len(p):] = 1
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad_id, **sampling)
+                                 max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=stops, pad_token_id=pad_id, **sampling)
             for row in out[:, width:].tolist():
                 end = next((i for i, t in enumerate(row) if t in stops), None)
                 completions.append(row[:end + 1] if end is not None else row)
