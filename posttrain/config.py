@@ -174,6 +174,8 @@ class PromptDataConfig(_Section):
     chat_template: str | None = None
     max_prompt_len: int = Field(512, gt=1)
     overlong: Literal["error", "drop"] = "error"
+    share_prompt: bool = Field(
+        True, description="in training forwards a prompt goes through the model once for all its completions")
 
 
 class GRPOSection(_Section):
@@ -205,6 +207,8 @@ class GRPOConfig(_Job):
     grpo: GRPOSection = GRPOSection()
     rewards: list[RewardTerm] = Field(..., min_length=1)
     reward_reduce: Literal["sum", "min"] = "sum"
+
+    _share = model_validator(mode="after")(_check_share_prompt)
 
     @model_validator(mode="after")
     def _check(self) -> "GRPOConfig":

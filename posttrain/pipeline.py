@@ -477,7 +477,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: bool = False) -> dict[str, Any]:
         if g.kl_coef > 0 else None
     plan = RolloutPlan(model, tok, prompts, rows, chats, reward, params, prompts_per_step=g.prompts_per_step,
                        mu=g.mu, micro_batch_size=t.micro_batch_size, seed=t.seed, reference=reference, top_p=g.top_p,
-                       chunk_size=t.loss_chunk_size)
+                       chunk_size=t.loss_chunk_size, share_prompt=d.share_prompt)
     total = t.max_steps or plan.steps_for(t.epochs)
     console.print(f"training {total} steps: {g.prompts_per_step} prompts x {g.group_size} completions per rollout, "
                   f"{g.mu} step(s) per rollout; reference: " + ("none (kl_coef 0)" if reference is None else

@@ -7,7 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from posttrain.config import ConfigError, load_config
-from posttrain.methods.grpo import GRPO, GRPOParams, RolloutPlan, token_logps
+from posttrain.methods.grpo import GRPO, GRPOParams, RolloutPlan
+from posttrain.rollout.batch import rollout_logps
 from posttrain.models import apply_lora
 from posttrain.pipeline import run_grpo
 from posttrain.rollout.sample import merged_for_generation, sample_completions
@@ -71,14 +72,16 @@ def test_rollout_plan_batches_and_policy_gradient_direction(tiny_dir, tokenizer)
                        micro_batch_size=3, seed=0, reference=None)
     batches = plan.step(0)
     assert plan.step(1) is batches  # mu=2: the same rollouts serve two optimizer steps
-    assert [b["input_ids"].shape[0] for b in batches] == [3, 3, 2]
+    # micro-batches of 3 completions; a row per prompt in each (its completions share one copy of it)
+    assert [b["completion_mask"].shape[0] for b in batches] == [3, 3, 2]
+    assert [b["input_ids"].shape[0] for b in batches] == [1, 2, 1]
     adv = torch.cat([b["advantages"] for b in batches])
     assert float(adv.reshape(2, 4).sum(1).abs().max()) < 1e-5  # group-relative: each group sums to zero
     assert "old_logp" in batches[0] and float(batches[0]["m/reward"]) >= 0
     # One step of the GRPO loss raises the log-prob of completions with positive advantage relative to the rest.
     method = GRPO(params)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    seq_logp = lambda: torch.cat([(token_logps(model, b) * (b["labels"][:, 1:] != -100)).sum(1) for b in batches])
+    seq_logp = lambda: torch.cat([rollout_logps(model, b).sum(1) for b in batches])
     with torch.no_grad():
         start = seq_logp()
     for b in batches:

@@ -14,34 +14,12 @@ from typing import Any, Callable
 
 import torch
 
-from posttrain.data.packing import IGNORE, collate
-from posttrain.data.render import Example
-from posttrain.losses import target_logps
 from posttrain.losses.rl import clipped_surrogate, group_advantages, kl_k3
 from posttrain.methods.preference import AdapterOffReference, FrozenCopyReference
-from posttrain.methods.sft import _plain_head, model_inputs
+from posttrain.rollout.batch import collate_rollouts, rollout_logps
 from posttrain.rollout.sample import sample_completions
 
 Batch = dict[str, torch.Tensor]
-
-
-def token_logps(model: torch.nn.Module, batch: Batch, temperature: float = 1.0,
-                chunk_size: int = 1024) -> torch.Tensor:
-    """(B, T-1) log-probs of every trained next token (0 elsewhere), from logits / temperature: the distribution
-    completions were sampled from. The LM head runs only on trained positions, a chunk at a time."""
-    inner, ids, pos, targets, keep = model_inputs(model, batch)
-    head = _plain_head(inner)
-    up = torch.promote_types(next(inner.parameters()).dtype, torch.float32)
-    tgt = targets[keep]
-    if head is None:
-        logits = inner(input_ids=ids, position_ids=pos, use_cache=False).logits[:, :-1][keep]
-        logp = torch.log_softmax(logits.to(up) / temperature, -1).gather(1, tgt[:, None])[:, 0]
-    else:
-        hidden = inner.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[:, :-1][keep]
-        logp = target_logps(hidden, head.weight, tgt, chunk_size, up, temperature)
-    out = torch.zeros(keep.shape, dtype=up, device=ids.device)
-    out[keep] = logp
-    return out
 
 
 def _seq_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -91,12 +69,12 @@ class GRPO:
         self.p, self.chunk_size, self.agg = params, chunk_size, AGGREGATIONS[params.aggregation]
 
     def count(self, batch: Batch) -> int:
-        mask = (batch["labels"][:, 1:] != IGNORE).float()
+        mask = batch["completion_mask"].float()
         return self.agg(torch.zeros_like(mask), mask, self.p.max_new_tokens)[1]
 
     def loss_sum(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        logp = token_logps(model, batch, self.p.temperature, self.chunk_size)
-        mask = (batch["labels"][:, 1:] != IGNORE).to(logp.device, logp.dtype)
+        logp = rollout_logps(model, batch, self.p.temperature, self.chunk_size)
+        mask = batch["completion_mask"].to(logp.device, logp.dtype)
         old = batch["old_logp"].to(logp.device, logp.dtype) if "old_logp" in batch else logp.detach()
         adv = batch["advantages"].to(logp.device, logp.dtype)
         per_token, clipped = clipped_surrogate(logp, old, adv, self.p.clip_eps)
@@ -124,11 +102,12 @@ class RolloutPlan:
     def __init__(self, model: torch.nn.Module, tokenizer, prompts: list[list[int]], rows: list[dict[str, Any]],
                  chats: list[Any], reward: RewardFn, params: GRPOParams, *, prompts_per_step: int, mu: int,
                  micro_batch_size: int, seed: int, reference: Callable[[torch.nn.Module, Batch], torch.Tensor] | None,
-                 top_p: float = 1.0, chunk_size: int = 1024):
+                 top_p: float = 1.0, chunk_size: int = 1024, share_prompt: bool = True):
         self.model, self.tok, self.prompts, self.rows, self.chats = model, tokenizer, prompts, rows, chats
         self.reward, self.p, self.per_step, self.mu = reward, params, prompts_per_step, mu
         self.micro, self.seed, self.reference, self.top_p, self.chunk_size = micro_batch_size, seed, reference, \
             top_p, chunk_size
+        self.share_prompt = share_prompt
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self._cached: tuple[int, list[Batch]] | None = None
         self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its prompt permutation)
@@ -178,15 +157,14 @@ class RolloutPlan:
         self.last_rollout = {"rollout": rollout, "prompts": idx, "texts": ro.texts, "rewards": scores}
         batches = []
         for k in range(0, len(ro.texts), self.micro):
-            exs = [Example(p + c, [False] * len(p) + [True] * len(c))
-                   for p, c in zip(ro.prompt_ids[k:k + self.micro], ro.completion_ids[k:k + self.micro])]
-            b = collate([[e] for e in exs], self.pad_id)
+            b = collate_rollouts(ro.prompt_ids[k:k + self.micro], ro.completion_ids[k:k + self.micro], self.pad_id,
+                                 self.share_prompt)
             b["advantages"] = adv[k:k + self.micro].float()
             with torch.no_grad():
                 if self.reference is not None:
                     b["ref_logp"] = self.reference(self.model, b)
                 if self.mu > 1:
-                    b["old_logp"] = token_logps(self.model, b, self.p.temperature, self.chunk_size)
+                    b["old_logp"] = rollout_logps(self.model, b, self.p.temperature, self.chunk_size)
             b.update({k2: v.float() for k2, v in metrics.items()})
             batches.append(b)
         return batches
@@ -194,7 +172,7 @@ class RolloutPlan:
 
 def token_reference(model: torch.nn.Module, lora: bool, temperature: float, chunk_size: int = 1024):
     """Per-token reference log-probs: the adapter-off policy (LoRA) or a frozen copy (full fine-tuning)."""
-    logps = lambda m, b: token_logps(m, b, temperature, chunk_size)  # noqa: E731
+    logps = lambda m, b: rollout_logps(m, b, temperature, chunk_size)  # noqa: E731
     return AdapterOffReference(logps=logps) if lora else FrozenCopyReference(model, logps=logps)
 
 

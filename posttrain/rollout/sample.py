@@ -44,36 +44,57 @@ class Rollout:
     finished: list[bool]  # False: cut at max_new_tokens
 
 
+def _prefilled_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, n: int):
+    """The KV cache of each left-padded prompt but its last token, run once and repeated for its ``n`` samples;
+    generate then feeds only the last prompt token (it needs one uncached token to produce the first logits)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], past_key_values=cache,
+          use_cache=True)
+    cache.batch_repeat_interleave(n)
+    return cache
+
+
 @torch.no_grad()
 def sample_completions(model: torch.nn.Module, tokenizer, prompt_ids: list[list[int]], *, n: int,
                        max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                        batch_size: int = 16, min_new_tokens: int = 0) -> Rollout:
-    """Sample ``n`` completions per prompt with a KV cache (transformers' generate), stopping at end of turn."""
+    """Sample ``n`` completions per prompt with a KV cache (transformers' generate), stopping at end of turn.
+
+    A prompt goes through the model once for all its ``n`` samples (its cache is copied ``n`` times): with G = 8
+    completions of ~100-token GSM8K prompts that removes most of the prefill. ``batch_size`` counts completions;
+    a batch holds whole groups.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(tokenizer, model)
-    flat = [p for p in prompt_ids for _ in range(n)]
     completions: list[list[int]] = []
     finished: list[bool] = []
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None} if temperature > 0 \
         else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    per_batch = max(1, batch_size // n)
     with merged_for_generation(model):
-        for k in range(0, len(flat), batch_size):
-            chunk = flat[k:k + batch_size]
+        for k in range(0, len(prompt_ids), per_batch):
+            chunk = prompt_ids[k:k + per_batch]
             width = max(len(p) for p in chunk)
             ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             for i, p in enumerate(chunk):  # left padding: every prompt ends where decoding starts
                 ids[i, width - len(p):] = torch.tensor(p)
                 mask[i, width - len(p):] = 1
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=stops, pad_token_id=pad_id, **sampling)
+            ids, mask = ids.to(device), mask.to(device)
+            cache = _prefilled_cache(model, ids, mask, n) if width > 1 else None
+            out = model.generate(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
+                                 past_key_values=cache, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                 eos_token_id=stops, pad_token_id=pad_id, **sampling)
             for row in out[:, width:].tolist():
                 end = next((i for i, t in enumerate(row) if t in stops), None)
                 completions.append(row[:end + 1] if end is not None else row)
                 finished.append(end is not None)
     model.train(was_training)
     texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
-    return Rollout(flat, completions, texts, finished)
+    return Rollout([p for p in prompt_ids for _ in range(n)], completions, texts, finished)

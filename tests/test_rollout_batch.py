@@ -1,0 +1,64 @@
+"""Rollout batches: a prompt shared by its completions gives the log-probs (and gradients) of each completion run
+alone; sampling with one prefill per prompt gives what sampling each copy separately gives."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from posttrain.rollout.batch import collate_rollouts, rollout_logps
+from posttrain.rollout.generate import stop_token_ids
+from posttrain.rollout.sample import sample_completions
+
+
+def alone(model, prompt, completion, temperature=1.0):
+    ids = torch.tensor([prompt + completion])
+    logits = model(input_ids=ids).logits[0, len(prompt) - 1:-1].double() / temperature
+    return torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def case():
+    g = torch.Generator().manual_seed(1)
+    p1 = torch.randint(5, 500, (7,), generator=g).tolist()
+    p2 = torch.randint(5, 500, (4,), generator=g).tolist()
+    comps = [torch.randint(5, 500, (n,), generator=g).tolist() for n in (3, 5, 1, 4, 2)]
+    return [p1, p1, p1, p2, p2], comps
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_logps_equal_each_completion_alone(tiny_dir, attn):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64, attn_implementation=attn)
+    prompts, comps = case()
+    shared = collate_rollouts(prompts, comps, pad_id=0)
+    assert shared["input_ids"].shape[0] == 2  # one row per prompt
+    assert int(shared["num_tokens"]) == 7 + 3 + 5 + 1 + 4 + 2 + 4
+    with torch.no_grad():
+        out = rollout_logps(model, shared, temperature=0.7)
+        plain = rollout_logps(model, collate_rollouts(prompts, comps, pad_id=0, share_prompt=False), temperature=0.7)
+    for i, (p, c) in enumerate(zip(prompts, comps)):
+        assert torch.allclose(out[i, :len(c)], alone(model, p, c, 0.7), atol=1e-9)
+        assert float(out[i, len(c):].abs().sum()) == 0.0 and int(shared["completion_mask"][i].sum()) == len(c)
+    assert torch.allclose(out, plain, atol=1e-9)
+
+
+def test_shared_prompt_gradients_equal_unshared(tiny_dir):
+    prompts, comps = case()
+    weights = torch.randn(5, 5, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for share in (True, False):
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+        batch = collate_rollouts(prompts, comps, pad_id=0, share_prompt=share)
+        (rollout_logps(model, batch) * weights * batch["completion_mask"]).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_one_prefill_per_prompt_samples_what_separate_copies_sample(tiny_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    prompts, _ = case()
+    unique = [prompts[0], prompts[3]]
+    greedy = sample_completions(model, tokenizer, unique, n=2, max_new_tokens=6, temperature=0.0, min_new_tokens=6)
+    for p, c in zip(greedy.prompt_ids, greedy.completion_ids):
+        ref = model.generate(input_ids=torch.tensor([p]), max_new_tokens=6, do_sample=False, pad_token_id=0,
+                             min_new_tokens=6, eos_token_id=stop_token_ids(tokenizer, model))
+        assert c == ref[0, len(p):].tolist()
+    assert greedy.prompt_ids == [unique[0], unique[0], unique[1], unique[1]]
