@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_text in (("sft", "supervised fine-tuning (LoRA or full) from a YAML config"),
                             ("dpo", "preference optimisation (DPO, IPO, SimPO, RPO) from a YAML config"),
                             ("reward", "a Bradley-Terry reward model (backbone + scalar head) from a YAML config"),
-                            ("grpo", "GRPO with verifiable rewards (online RL) from a YAML config")):
+                            ("grpo", "GRPO with verifiable rewards (online RL) from a YAML config"),
+                            ("ppo", "PPO against a trained reward model; actor, critic, reward and reference share "
+                                    "one base")):
         s = sub.add_parser(name, help=help_text)
         s.add_argument("config")
         s.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lr=1e-4 lora.r=8")

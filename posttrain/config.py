@@ -199,6 +199,16 @@ class RewardTerm(_Section):
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the function")
 
 
+def _check_mu(cfg: Any, mu: int) -> None:
+    if mu > 1 and ((cfg.train.save_every or mu) % mu or (cfg.train.max_steps or mu) % mu):
+        raise ValueError(f"with mu={mu} optimizer steps per rollout, train.save_every and train.max_steps must be "
+                         "multiples of it (a checkpoint inside a rollout batch could not be resumed exactly)")
+
+
+WATCH_HELP = ("rewards scored on every rollout and eval but never trained on (a held-out verifier or a second "
+              "reward model), logged as watch/* and plotted next to the trained reward: the over-optimisation watch")
+
+
 class GRPOConfig(_Job):
     method: Literal["grpo"] = "grpo"
     output_dir: str = "runs/grpo"
@@ -207,20 +217,60 @@ class GRPOConfig(_Job):
     grpo: GRPOSection = GRPOSection()
     rewards: list[RewardTerm] = Field(..., min_length=1)
     reward_reduce: Literal["sum", "min"] = "sum"
+    watch: list[RewardTerm] = Field(default_factory=list, description=WATCH_HELP)
 
     _share = model_validator(mode="after")(_check_share_prompt)
 
     @model_validator(mode="after")
     def _check(self) -> "GRPOConfig":
-        mu = self.grpo.mu
-        if mu > 1 and ((self.train.save_every or mu) % mu or (self.train.max_steps or mu) % mu):
-            raise ValueError(f"with grpo.mu={mu}, train.save_every and train.max_steps must be multiples of it "
-                             "(a checkpoint inside a rollout batch could not be resumed exactly)")
+        _check_mu(self, self.grpo.mu)
+        return self
+
+
+class PPOSection(_Section):
+    reward_model: str = Field(..., description="a `posttrain reward` run folder trained from the same base "
+                              "(model.name and model.init_adapter): its adapter joins the policy's base")
+    samples_per_prompt: int = Field(1, ge=1)
+    prompts_per_step: int = Field(8, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    min_new_tokens: int = Field(0, ge=0)
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    kl_coef: float = Field(0.05, ge=0.0, description="per-token KL penalty folded into the reward")
+    gamma: float = Field(1.0, gt=0, le=1.0)
+    lam: float = Field(0.95, ge=0, le=1.0, description="GAE lambda")
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    value_clip: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0.0, description="weight of the critic's value loss in the summed loss")
+    whiten_advantages: bool = True
+    missing_eos_penalty: float = Field(0.0, ge=0.0, description="subtracted from the score of a completion cut "
+                                       "at max_new_tokens (a reward model reads a truncated answer poorly)")
+    critic_init: Literal["reward", "fresh"] = Field(
+        "reward", description="start the critic from the reward model's adapter and head, or a fresh adapter")
+    mu: int = Field(1, gt=0, description="optimizer steps per batch of rollouts (PPO epochs)")
+
+
+class PPOConfig(_Job):
+    method: Literal["ppo"] = "ppo"
+    output_dir: str = "runs/ppo"
+    data: PromptDataConfig
+    train: TrainConfig = TrainConfig(lr=1e-5, micro_batch_size=8)
+    ppo: PPOSection
+    watch: list[RewardTerm] = Field(default_factory=list, description=WATCH_HELP)
+
+    _share = model_validator(mode="after")(_check_share_prompt)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PPOConfig":
+        if self.finetune != "lora":
+            raise ValueError("ppo needs finetune: lora: actor, critic, reward model and reference share one frozen "
+                             "base as adapters (full fine-tuning would hold four copies of the model)")
+        _check_mu(self, self.ppo.mu)
         return self
 
 
 CONFIGS: dict[str, type[BaseModel]] = {"sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig,
-                                       "grpo": GRPOConfig}
+                                       "grpo": GRPOConfig, "ppo": PPOConfig}
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from posttrain.config import (DataConfig, DPOConfig, DPOSection, GRPOConfig, ModelConfig, PromptDataConfig, RewardConfig,
-                              SFTConfig, TrainConfig, dump_config)
+from posttrain.config import (DataConfig, DPOConfig, DPOSection, GRPOConfig, ModelConfig, PPOConfig, PromptDataConfig,
+                              RewardConfig, SFTConfig, TrainConfig, dump_config)
+from posttrain.config import ConfigError
 from posttrain.data import BatchPlan, build_examples, eval_batches, holdout_split
 from posttrain.data.render import Example
 from posttrain.engine import LoopOptions, atomic_dir, atomic_write_text, console, read_metrics, train_loop
@@ -446,29 +447,57 @@ def load_prompts(path: str, dcfg: PromptDataConfig, tokenizer,
     return ids, kept, chats, [line]
 
 
-def run_grpo(cfg: GRPOConfig, *, resume: bool = False) -> dict[str, Any]:
-    """GRPO with verifiable rewards from a base model or an SFT adapter (``model.init_adapter``)."""
-    from posttrain.methods.grpo import GRPO, GRPOParams, RolloutPlan, grpo_eval, token_reference
-    from posttrain.rewards import Combined
-
-    out, t0, loaded = begin_run(cfg)
-    tok = loaded.tokenizer
-    d, g, t = cfg.data, cfg.grpo, cfg.train
+def load_prompt_splits(d: PromptDataConfig, tok) -> tuple[tuple[list, list, list], tuple[list, list, list], list[str]]:
+    """(train prompts, rows, chats), the same for held-out prompts (data.eval or a split of train), report lines."""
     prompts, rows, chats, lines = load_prompts(d.train, d, tok, d.limit)
     if d.eval:
         held = load_prompts(d.eval, d, tok, d.eval_limit)
         lines += held[3]
-        held_prompts, held_rows, held_chats = held[:3]
-    else:
-        keep, hold = holdout_split(len(prompts), d.eval_fraction, d.split_seed)
-        hold = hold[:d.eval_limit] if d.eval_limit else hold
-        held_prompts, held_rows, held_chats = ([x[i] for i in hold] for x in (prompts, rows, chats))
-        prompts, rows, chats = ([x[i] for i in keep] for x in (prompts, rows, chats))
-        if hold:
-            lines.append(f"held out {len(hold)} prompts (eval_fraction={d.eval_fraction}, split_seed={d.split_seed})")
+        return (prompts, rows, chats), held[:3], lines
+    keep, hold = holdout_split(len(prompts), d.eval_fraction, d.split_seed)
+    hold = hold[:d.eval_limit] if d.eval_limit else hold
+    held = tuple([x[i] for i in hold] for x in (prompts, rows, chats))
+    train = tuple([x[i] for i in keep] for x in (prompts, rows, chats))
+    if hold:
+        lines.append(f"held out {len(hold)} prompts (eval_fraction={d.eval_fraction}, split_seed={d.split_seed})")
+    return train, held, lines
+
+
+def combined(terms: list, reduce: str = "sum"):
+    from posttrain.rewards import Combined
+
+    return Combined([(r.name, r.weight, r.options) for r in terms], reduce) if terms else None
+
+
+def write_watch_plot(out: Path, title: str) -> Path | None:
+    """rewards.svg: the trained reward per step and held-out, next to the watch terms when configured."""
+    from posttrain.engine.plot import panels_svg
+
+    recs = read_metrics(out / "metrics.jsonl")
+    curve = lambda key: [(r["step"], r[key]) for r in recs if key in r]  # noqa: E731
+    watch_keys = sorted({k for r in recs for k in r if k.startswith("watch/")})
+    panels = {"reward (trained on), rollouts": {"mean": curve("reward")},
+              "watch (never trained on), rollouts": {"watch": curve("watch"), **{k: curve(k) for k in watch_keys}},
+              "held-out, greedy": {"reward": curve("eval/reward"), "watch": curve("eval/watch")}}
+    try:
+        svg = panels_svg(title, panels)
+    except ValueError:
+        return None
+    atomic_write_text(out / "rewards.svg", svg)
+    return out / "rewards.svg"
+
+
+def run_grpo(cfg: GRPOConfig, *, resume: bool = False) -> dict[str, Any]:
+    """GRPO with verifiable rewards from a base model or an SFT adapter (``model.init_adapter``)."""
+    from posttrain.methods.grpo import GRPO, GRPOParams, RolloutPlan, grpo_eval, token_reference
+
+    out, t0, loaded = begin_run(cfg)
+    tok = loaded.tokenizer
+    d, g, t = cfg.data, cfg.grpo, cfg.train
+    (prompts, rows, chats), (held_prompts, held_rows, held_chats), lines = load_prompt_splits(d, tok)
     for line in lines:
         console.print(f"data: {line}")
-    reward = Combined([(r.name, r.weight, r.options) for r in cfg.rewards], cfg.reward_reduce)
+    reward, watch = combined(cfg.rewards, cfg.reward_reduce), combined(cfg.watch)
     model, report = prepare_model(cfg, loaded)
     disable_dropout(model, "GRPO")
     params = GRPOParams(group_size=g.group_size, clip_eps=g.clip_eps, kl_coef=g.kl_coef, temperature=g.temperature,
@@ -477,13 +506,13 @@ def run_grpo(cfg: GRPOConfig, *, resume: bool = False) -> dict[str, Any]:
         if g.kl_coef > 0 else None
     plan = RolloutPlan(model, tok, prompts, rows, chats, reward, params, prompts_per_step=g.prompts_per_step,
                        mu=g.mu, micro_batch_size=t.micro_batch_size, seed=t.seed, reference=reference, top_p=g.top_p,
-                       chunk_size=t.loss_chunk_size, share_prompt=d.share_prompt)
+                       chunk_size=t.loss_chunk_size, share_prompt=d.share_prompt, watch=watch)
     total = t.max_steps or plan.steps_for(t.epochs)
     console.print(f"training {total} steps: {g.prompts_per_step} prompts x {g.group_size} completions per rollout, "
                   f"{g.mu} step(s) per rollout; reference: " + ("none (kl_coef 0)" if reference is None else
                   "adapters disabled" if cfg.finetune == "lora" else "a frozen copy"))
     evaluate = (lambda m: grpo_eval(m, tok, held_prompts, held_rows, held_chats, reward, g.max_new_tokens,
-                                    t.micro_batch_size)) if held_prompts else None
+                                    t.micro_batch_size, watch)) if held_prompts else None
     export = (lambda path: model.save_pretrained(path)) if cfg.finetune == "lora" else None
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     records = train_loop(model, GRPO(params, t.loss_chunk_size), plan, loop_options(t, total), out,
@@ -492,5 +521,155 @@ def run_grpo(cfg: GRPOConfig, *, resume: bool = False) -> dict[str, Any]:
     summary, evals = write_summary(out, t0, total, report, lines, records, final_dir, "eval/reward")
     if evals:
         console.print(f"held-out reward (greedy) {evals[0]['eval/reward']:.3f} -> {evals[-1]['eval/reward']:.3f}")
-    console.print(f"saved {final_dir}")
+    plot = write_watch_plot(out, f"GRPO rewards: {out.name}")
+    console.print(f"saved {final_dir}" + (f"; curves in {plot}" if plot else ""))
+    return summary
+
+
+def _check_reward_base(cfg: PPOConfig, rm_cfg: dict) -> None:
+    """The reward adapter only means what it was trained to mean on the base it was trained on."""
+    from posttrain.models.loading import resolve_model_path
+
+    mine = (resolve_model_path(cfg.model.name), cfg.model.init_adapter or None)
+    rm_model = rm_cfg.get("model") or {}
+    theirs = (resolve_model_path(rm_model.get("name")), rm_model.get("init_adapter") or None)
+    if mine != theirs or rm_cfg.get("finetune", "lora") != "lora":
+        raise ConfigError(f"ppo.reward_model {cfg.ppo.reward_model} was trained from {theirs[0]} + adapter "
+                         f"{theirs[1]} ({rm_cfg.get('finetune')}); this run's base is {mine[0]} + adapter {mine[1]}. "
+                         "The four PPO roles share one base, so train the reward model with finetune: lora from the "
+                         "same model.name and model.init_adapter")
+
+
+def _rss_mb() -> tuple[float, float]:
+    """(current, peak) resident memory of this process in MB."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        current = int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+    except OSError:
+        current = float("nan")
+    return current, peak
+
+
+def build_roles(cfg: PPOConfig, loaded: Loaded):
+    """Actor LoRA (``default``), the reward run's adapter as ``reward`` (frozen) and as the critic's start
+    (``critic``, trainable) on the one base; value head from the score head (or zeros)."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from posttrain.methods.ppo import ACTOR, CRITIC, REWARD, SharedRoles
+    from posttrain.rewards.model import HEAD_FILE
+
+    rm = Path(cfg.ppo.reward_model)
+    if not (rm / HEAD_FILE).exists() or not (rm / "config.yaml").exists():
+        raise FileNotFoundError(f"ppo.reward_model: {rm} is not a `posttrain reward` run folder (needs config.yaml, "
+                                f"adapter/ and {HEAD_FILE})")
+    _check_reward_base(cfg, yaml.safe_load((rm / "config.yaml").read_text()) or {})
+    policy, report = prepare_model(cfg, loaded)
+    policy.load_adapter(str(rm / "adapter"), adapter_name=REWARD, is_trainable=False)
+    if cfg.ppo.critic_init == "reward":
+        policy.load_adapter(str(rm / "adapter"), adapter_name=CRITIC, is_trainable=True)
+    else:
+        policy.add_adapter(CRITIC, policy.peft_config[ACTOR])
+    policy.set_adapter(ACTOR)
+    for name, p in policy.named_parameters():  # actor and critic adapters train; the base and the reward do not
+        p.requires_grad_("lora_" in name and (f".{ACTOR}." in name or f".{CRITIC}." in name))
+    param = next(policy.parameters())
+    state = load_file(str(rm / HEAD_FILE))
+    score_head = torch.nn.Linear(state["weight"].shape[1], 1, dtype=param.dtype, device=param.device)
+    score_head.load_state_dict({k: v.to(param.dtype) for k, v in state.items()})
+    value_head = torch.nn.Linear(state["weight"].shape[1], 1, dtype=param.dtype, device=param.device)
+    if cfg.ppo.critic_init == "reward":
+        value_head.load_state_dict(score_head.state_dict())
+    else:
+        torch.nn.init.zeros_(value_head.weight)
+        torch.nn.init.zeros_(value_head.bias)
+    roles = SharedRoles(policy, value_head, score_head)
+    report = trainable_report(roles)
+    return roles, report
+
+
+def role_memory(roles) -> dict[str, float]:
+    """Bytes of the shared base, of each adapter and head, and the weights four separate copies would hold."""
+    base = sum(p.numel() * p.element_size() for n, p in roles.policy.named_parameters() if "lora_" not in n)
+    adapters = {}
+    for n, p in roles.policy.named_parameters():
+        if "lora_" in n:
+            role = n.split(".")[-2]
+            adapters[role] = adapters.get(role, 0) + p.numel() * p.element_size()
+    heads = sum(p.numel() * p.element_size() for m in (roles.value_head, roles.score_head) for p in m.parameters())
+    mb = 2 ** 20
+    return {"base_weights_mb": round(base / mb, 1), **{f"adapter_{k}_mb": round(v / mb, 1) for k, v in adapters.items()},
+            "heads_mb": round(heads / mb, 3), "shared_weights_mb": round((base + sum(adapters.values()) + heads) / mb, 1),
+            "four_copies_weights_mb": round((4 * base + adapters.get("default", 0) + adapters.get("critic", 0)
+                                             + heads) / mb, 1)}
+
+
+def run_ppo(cfg: PPOConfig, *, resume: bool = False) -> dict[str, Any]:
+    """PPO against a trained reward model with actor, critic, reward and reference on one frozen base."""
+    from posttrain.methods.ppo import ACTOR, CRITIC, PPO, PPOParams, PPOPlan, ppo_eval
+
+    out, t0, loaded = begin_run(cfg)
+    rss_loaded = _rss_mb()[0]
+    tok = loaded.tokenizer
+    d, p, t = cfg.data, cfg.ppo, cfg.train
+    (prompts, rows, chats), (held_prompts, held_rows, held_chats), lines = load_prompt_splits(d, tok)
+    for line in lines:
+        console.print(f"data: {line}")
+    watch = combined(cfg.watch)
+    roles, report = build_roles(cfg, loaded)
+    console.print(format_trainable(report))
+    disable_dropout(roles, "PPO")
+    memory = role_memory(roles)
+    console.print(f"memory: one base {memory['base_weights_mb']} MB shared by actor, critic, reward and reference "
+                  f"({memory['shared_weights_mb']} MB of weights in all; four copies: "
+                  f"{memory['four_copies_weights_mb']} MB)")
+    params = PPOParams(samples_per_prompt=p.samples_per_prompt, max_new_tokens=p.max_new_tokens,
+                       min_new_tokens=p.min_new_tokens, temperature=p.temperature, top_p=p.top_p, kl_coef=p.kl_coef,
+                       gamma=p.gamma, lam=p.lam, clip_eps=p.clip_eps, value_clip=p.value_clip, vf_coef=p.vf_coef,
+                       whiten_advantages=p.whiten_advantages, missing_eos_penalty=p.missing_eos_penalty)
+    plan = PPOPlan(roles, tok, prompts, rows, chats, params, prompts_per_step=p.prompts_per_step, mu=p.mu,
+                   micro_batch_size=t.micro_batch_size, seed=t.seed, chunk_size=t.loss_chunk_size,
+                   share_prompt=d.share_prompt, watch=watch)
+    total = t.max_steps or plan.steps_for(t.epochs)
+    console.print(f"training {total} steps: {p.prompts_per_step} prompts x {p.samples_per_prompt} per rollout, "
+                  f"{p.mu} step(s) per rollout; reward model {p.reward_model}")
+    pad = plan.pad_id
+    evaluate = (lambda m: ppo_eval(m, tok, held_prompts, held_rows, held_chats, p.max_new_tokens,
+                                   t.micro_batch_size, pad, watch, d.share_prompt)) if held_prompts else None
+
+    def save_critic(path: Path) -> None:  # a PEFT adapter folder plus the value head
+        from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
+
+        path.mkdir(parents=True, exist_ok=True)
+        roles.policy.peft_config[CRITIC].save_pretrained(str(path))
+        save_file(get_peft_model_state_dict(roles.policy, adapter_name=CRITIC), str(path / "adapter_model.safetensors"))
+        save_file({k: v.contiguous() for k, v in roles.value_head.state_dict().items()},
+                  str(path / "value_head.safetensors"))
+
+    def export(path: Path) -> None:  # a checkpoint: the actor as a plain PEFT adapter, the critic beside it
+        roles.policy.save_pretrained(path, selected_adapters=[ACTOR])
+        save_critic(path.parent / "critic")
+
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
+    records = train_loop(roles, PPO(params, t.loss_chunk_size), plan, loop_options(t, total), out,
+                         evaluate=evaluate, export=export, resume=resume)
+    final = atomic_dir(out / "adapter", lambda tmp: (roles.policy.save_pretrained(tmp, selected_adapters=[ACTOR]),
+                                                     tok.save_pretrained(tmp)))
+    atomic_dir(out / "critic", save_critic)
+    current, peak = _rss_mb()
+    memory.update(peak_rss_mb=round(peak, 1), rss_after_model_load_mb=round(rss_loaded, 1))
+    summary, evals = write_summary(out, t0, total, report, lines, records, final, "eval/reward")
+    summary["memory"] = memory
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if evals:
+        console.print(f"held-out reward-model score (greedy) {evals[0]['eval/reward']:.3f} -> "
+                      f"{evals[-1]['eval/reward']:.3f}")
+    console.print(f"peak memory {peak:.0f} MB (after loading the model: {rss_loaded:.0f} MB); four separate copies "
+                  f"would hold {memory['four_copies_weights_mb']} MB of weights alone")
+    plot = write_watch_plot(out, f"PPO rewards: {out.name}")
+    console.print(f"saved {final} (actor) and {out / 'critic'} (critic)"
+                  + (f"; curves in {plot}" if plot else ""))
     return summary

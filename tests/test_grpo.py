@@ -109,7 +109,8 @@ def grpo_cfg(tiny_dir, tmp_path, out, *extra):
 
 def test_run_grpo_end_to_end_and_resume_equals_uninterrupted(tiny_dir, tmp_path):
     full = tmp_path / "full"
-    summary = run_grpo(grpo_cfg(tiny_dir, tmp_path, full))
+    # A constant lr, so the partial run (max_steps=2) has the schedule of the full one.
+    summary = run_grpo(grpo_cfg(tiny_dir, tmp_path, full, "train.min_lr_ratio=1.0"))
     metrics = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     step = next(m for m in metrics if "loss" in m)
     assert {"reward", "reward_std", "kl", "clip_fraction", "completion_len", "reward/regex",
@@ -118,14 +119,15 @@ def test_run_grpo_end_to_end_and_resume_equals_uninterrupted(tiny_dir, tmp_path)
     assert (full / "adapter" / "adapter_model.safetensors").exists()
 
     part = tmp_path / "part"
-    run_grpo(grpo_cfg(tiny_dir, tmp_path, part, "train.max_steps=2"))
-    run_grpo(grpo_cfg(tiny_dir, tmp_path, part, "train.max_steps=4"), resume=True)
-    a = [(m["step"], m["loss"], m["reward"]) for m in metrics if "loss" in m]
-    b = [(m["step"], m["loss"], m["reward"]) for m in map(json.loads, (part / "metrics.jsonl").read_text().splitlines())
+    run_grpo(grpo_cfg(tiny_dir, tmp_path, part, "train.max_steps=2", "train.min_lr_ratio=1.0"))
+    run_grpo(grpo_cfg(tiny_dir, tmp_path, part, "train.max_steps=4", "train.min_lr_ratio=1.0"), resume=True)
+    keys = ("step", "loss", "reward", "grad_norm")
+    a = [tuple(m[k] for k in keys) for m in metrics if "loss" in m]
+    b = [tuple(m[k] for k in keys) for m in map(json.loads, (part / "metrics.jsonl").read_text().splitlines())
          if "loss" in m]
     assert [s for s, *_ in a] == [s for s, *_ in b]
-    for (_, la, ra), (_, lb, rb) in zip(a, b):
-        assert la == pytest.approx(lb, abs=1e-5) and ra == rb
+    for (_, la, ra, ga), (_, lb, rb, gb) in zip(a, b):
+        assert la == pytest.approx(lb, abs=1e-5) and ra == rb and ga == pytest.approx(gb, rel=1e-4)
 
 
 def test_grpo_config_checks(tiny_dir, tmp_path):

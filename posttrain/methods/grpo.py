@@ -8,7 +8,6 @@ training loop (checkpoints, logging, evaluation) runs GRPO as it runs SFT and DP
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -16,7 +15,8 @@ import torch
 
 from posttrain.losses.rl import clipped_surrogate, group_advantages, kl_k3
 from posttrain.methods.preference import AdapterOffReference, FrozenCopyReference
-from posttrain.rollout.batch import collate_rollouts, rollout_logps
+from posttrain.rollout.batch import rollout_logps
+from posttrain.rollout.plan import RewardFn, RolloutSchedule, mean_scores, part_metrics
 from posttrain.rollout.sample import sample_completions
 
 Batch = dict[str, torch.Tensor]
@@ -88,85 +88,40 @@ class GRPO:
         return loss, metrics
 
 
-RewardFn = Callable[..., list[float]]
-
-
-class RolloutPlan:
+class RolloutPlan(RolloutSchedule):
     """Per optimizer step: ``prompts_per_step`` prompts, ``group_size`` completions each, rewards, advantages,
-    reference (and, with mu > 1, old) log-probs, as micro-batches of ``micro_batch_size`` completions.
-
-    Prompts are visited in a seeded permutation per epoch and sampling is seeded by the rollout number, so a run
-    resumed at a rollout boundary samples what the uninterrupted run sampled.
-    """
+    reference (and, with mu > 1, old) log-probs, as micro-batches of ``micro_batch_size`` completions."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, prompts: list[list[int]], rows: list[dict[str, Any]],
                  chats: list[Any], reward: RewardFn, params: GRPOParams, *, prompts_per_step: int, mu: int,
                  micro_batch_size: int, seed: int, reference: Callable[[torch.nn.Module, Batch], torch.Tensor] | None,
-                 top_p: float = 1.0, chunk_size: int = 1024, share_prompt: bool = True):
-        self.model, self.tok, self.prompts, self.rows, self.chats = model, tokenizer, prompts, rows, chats
-        self.reward, self.p, self.per_step, self.mu = reward, params, prompts_per_step, mu
-        self.micro, self.seed, self.reference, self.top_p, self.chunk_size = micro_batch_size, seed, reference, \
-            top_p, chunk_size
-        self.share_prompt = share_prompt
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self._cached: tuple[int, list[Batch]] | None = None
-        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its prompt permutation)
-        self.last_rollout: dict[str, Any] = {}
-
-    def steps_for(self, epochs: float) -> int:
-        rollouts = max(1, round(epochs * len(self.prompts) / self.per_step))
-        return rollouts * self.mu
-
-    def _prompt_indices(self, rollout: int) -> list[int]:
-        out = []
-        for k in range(rollout * self.per_step, (rollout + 1) * self.per_step):
-            epoch, i = divmod(k, len(self.prompts))
-            if self._order[0] != epoch:
-                order = list(range(len(self.prompts)))
-                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-                self._order = (epoch, order)
-            out.append(self._order[1][i])
-        return out
-
-    def step(self, step: int) -> list[Batch]:
-        rollout = step // self.mu
-        if self._cached is None or self._cached[0] != rollout:
-            self._cached = (rollout, self._rollout(rollout))
-        return self._cached[1]
+                 top_p: float = 1.0, chunk_size: int = 1024, share_prompt: bool = True, watch: RewardFn | None = None):
+        super().__init__(model, tokenizer, prompts, rows, chats, prompts_per_step=prompts_per_step, mu=mu,
+                         micro_batch_size=micro_batch_size, seed=seed, share_prompt=share_prompt, watch=watch)
+        self.reward, self.p, self.reference, self.top_p, self.chunk_size = reward, params, reference, top_p, chunk_size
 
     def _rollout(self, rollout: int) -> list[Batch]:
         g = self.p.group_size
-        idx = self._prompt_indices(rollout)
-        rng_state = torch.get_rng_state()
-        torch.manual_seed(self.seed * 1_000_003 + rollout)
-        ro = sample_completions(self.model, self.tok, [self.prompts[i] for i in idx], n=g,
-                                max_new_tokens=self.p.max_new_tokens, temperature=self.p.temperature,
-                                top_p=self.top_p, min_new_tokens=self.p.min_new_tokens, batch_size=max(self.micro, g))
-        torch.set_rng_state(rng_state)
-        columns = {k: [self.rows[i].get(k) for i in idx for _ in range(g)] for k in self.rows[idx[0]]}
-        scores = self.reward([self.chats[i] for i in idx for _ in range(g)], ro.texts, **columns)
+        idx, ro = self.sample(rollout, g, max_new_tokens=self.p.max_new_tokens, temperature=self.p.temperature,
+                              top_p=self.top_p, min_new_tokens=self.p.min_new_tokens)
+        scores = self.score(self.reward, idx, g, ro.texts)
         rewards = torch.tensor(scores, dtype=torch.float64)
         adv = group_advantages(rewards, g)
-        lengths = torch.tensor([len(c) for c in ro.completion_ids], dtype=torch.float64)
         metrics = {"m/reward": rewards.mean(), "m/reward_std": rewards.reshape(-1, g).std(1, correction=0).mean(),
-                   "m/completion_len": lengths.mean(),
-                   "m/truncated": 1.0 - torch.tensor(ro.finished, dtype=torch.float64).mean()}
-        for name, part in getattr(self.reward, "parts", {}).items():
-            if not name.endswith("@w"):
-                metrics[f"m/reward/{name}"] = torch.tensor(part, dtype=torch.float64).mean()
+                   **part_metrics(self.reward, "m/reward"), **self.rollout_metrics(idx, g, ro)}
         self.last_rollout = {"rollout": rollout, "prompts": idx, "texts": ro.texts, "rewards": scores}
-        batches = []
-        for k in range(0, len(ro.texts), self.micro):
-            b = collate_rollouts(ro.prompt_ids[k:k + self.micro], ro.completion_ids[k:k + self.micro], self.pad_id,
-                                 self.share_prompt)
-            b["advantages"] = adv[k:k + self.micro].float()
+        batches = self.micro_batches(ro)
+        at = 0
+        for b in batches:
+            n = b["completion_mask"].shape[0]
+            b["advantages"] = adv[at:at + n].float()
+            at += n
             with torch.no_grad():
                 if self.reference is not None:
                     b["ref_logp"] = self.reference(self.model, b)
                 if self.mu > 1:
                     b["old_logp"] = rollout_logps(self.model, b, self.p.temperature, self.chunk_size)
-            b.update({k2: v.float() for k2, v in metrics.items()})
-            batches.append(b)
+            b.update({k: v.float() for k, v in metrics.items()})
         return batches
 
 
@@ -178,15 +133,13 @@ def token_reference(model: torch.nn.Module, lora: bool, temperature: float, chun
 
 @torch.no_grad()
 def grpo_eval(model: torch.nn.Module, tokenizer, prompts: list[list[int]], rows: list[dict[str, Any]],
-              chats: list[Any], reward: RewardFn, max_new_tokens: int, batch_size: int = 16) -> dict[str, float]:
-    """Greedy completions of held-out prompts: mean reward and each reward term's mean."""
+              chats: list[Any], reward: RewardFn, max_new_tokens: int, batch_size: int = 16,
+              watch: RewardFn | None = None) -> dict[str, float]:
+    """Greedy completions of held-out prompts: mean reward and each reward (and watch) term's mean."""
     ro = sample_completions(model, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0,
                             batch_size=batch_size)
-    columns = {k: [r.get(k) for r in rows] for k in rows[0]} if rows else {}
-    scores = reward(chats, ro.texts, **columns)
-    out = {"eval/reward": sum(scores) / max(len(scores), 1),
-           "eval/completion_len": sum(len(c) for c in ro.completion_ids) / max(len(scores), 1)}
-    for name, part in getattr(reward, "parts", {}).items():
-        if not name.endswith("@w"):
-            out[f"eval/reward/{name}"] = sum(part) / max(len(part), 1)
+    out = {"eval/completion_len": sum(len(c) for c in ro.completion_ids) / max(len(prompts), 1),
+           **mean_scores(reward, "eval/reward", chats, ro.texts, rows)}
+    if watch is not None:
+        out.update(mean_scores(watch, "eval/watch", chats, ro.texts, rows))
     return out

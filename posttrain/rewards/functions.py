@@ -8,6 +8,7 @@ by dotted path (``mypkg.rewards:score`` or ``mypkg.rewards.score``) in the same 
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import re
@@ -109,11 +110,28 @@ def length_penalty(prompts: Sequence[Any], completions: Sequence[str], max_chars
     return [-per_char * max(0, len(c) - max_chars) for c in completions]
 
 
+@functools.lru_cache(maxsize=4)
+def _load_reward_model(path: str, device: str, dtype: str):
+    from posttrain.rewards.model import RewardModel
+
+    return RewardModel(path, device=device, dtype=dtype)
+
+
+def reward_model(prompts: Sequence[Any], completions: Sequence[str], path: str | None = None, batch_size: int = 8,
+                 device: str = "auto", dtype: str = "auto", **row: Any) -> list[float]:
+    """The score of a reward model trained by ``posttrain reward`` (its run folder): a learned proxy, so worth
+    watching next to a verifier (see ``watch``). Loaded once per process."""
+    if not path:
+        raise ValueError("the reward_model reward needs options: {path: <a `posttrain reward` run folder>}")
+    return _load_reward_model(str(path), device, dtype).score(prompts, completions, batch_size)
+
+
 REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "gsm8k_answer": gsm8k_answer,
     "regex": regex_match,
     "json_schema": json_schema,
     "length_penalty": length_penalty,
+    "reward_model": reward_model,
 }
 
 
@@ -153,7 +171,10 @@ class Combined:
     def __init__(self, terms: list[tuple[str, float, dict[str, Any]]], reduce: str = "sum"):
         if reduce not in ("sum", "min"):
             raise ValueError(f"reduce must be 'sum' or 'min', got {reduce!r}")
-        self.terms = [(name, weight, resolve_reward(name), opts) for name, weight, opts in terms]
+        self.terms = []
+        for k, (name, weight, opts) in enumerate(terms):
+            label = name if name not in [t[0] for t in self.terms] else f"{name}#{k}"  # parts need distinct keys
+            self.terms.append((label, weight, resolve_reward(name), opts))
         self.reduce = reduce
         self.parts: dict[str, list[float]] = {}
 

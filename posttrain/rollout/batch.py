@@ -9,7 +9,8 @@ mask, so flash attention works).
 
 Per-token outputs are (N, L) tensors, N completions by L = the longest completion, zero past each completion's
 end; ``completion_mask`` says which entries are real. ``score_index`` is the flat (row * T + t) position whose
-hidden state predicts completion token ``score_pos`` of completion ``score_seq``.
+hidden state predicts completion token ``score_pos`` of completion ``score_seq``; ``last_index`` is the flat
+position of each completion's last token (where a reward model reads its score).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def collate_rollouts(prompt_ids: list[list[int]], completion_ids: list[list[int]
     rows = []
     src, tgt, seq, tok = [], [], [], []
     src_row: list[int] = []
+    last: list[tuple[int, int]] = [(0, 0)] * len(completion_ids)  # (row, column) of each completion's last token
     block = 0
     for r, members in enumerate(groups):
         ids, pos, branch, blocks = [], [], [], []
@@ -59,6 +61,7 @@ def collate_rollouts(prompt_ids: list[list[int]], completion_ids: list[list[int]
                 seq.append(i)
                 tok.append(j)
             ids += c
+            last[i] = (r, len(ids) - 1)
             pos += list(range(len(p), len(p) + len(c)))
             branch += [k + 1] * len(c)
             blocks += [block] * len(c)
@@ -87,6 +90,7 @@ def collate_rollouts(prompt_ids: list[list[int]], completion_ids: list[list[int]
         mask[i, :len(c)] = True
     out.update(score_index=torch.tensor(src) + width * torch.tensor(src_row), score_target=torch.tensor(tgt),
                score_seq=torch.tensor(seq), score_pos=torch.tensor(tok), completion_mask=mask,
+               last_index=torch.tensor([r * width + t for r, t in last]),
                num_tokens=torch.tensor(sum(len(r[0]) for r in rows)))
     return out
 

@@ -1,0 +1,202 @@
+"""PPO for language models with four roles on one frozen base.
+
+Actor (LoRA adapter ``default``), critic (adapter ``critic`` + value head), reward model (adapter ``reward`` +
+score head, from a ``posttrain reward`` run) and reference (all adapters off) are one set of base weights in
+memory; a role is a switch of the active adapter. Per rollout (derivations §7; Ouyang et al. 2022):
+
+  r_t = -kl_coef * (log pi_old(a_t|s_t) - log pi_ref(a_t|s_t)),  plus the reward model's score on the last token
+  A_t = GAE(gamma, lambda) over r_t and the critic's V(s_t);  returns R_t = A_t + V(s_t);  A whitened per rollout
+  loss = clipped surrogate(A) + vf_coef * clipped value loss(V, R)
+
+V(s_t) is read where token t is predicted (the hidden state of the token before it), the score at the
+completion's own last token (as the reward model was trained to read it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from posttrain.losses.rl import clipped_surrogate, clipped_value_loss, gae, kl_shaped_rewards, masked_mean, whiten
+from posttrain.methods.preference import pair_hidden
+from posttrain.rollout.batch import rollout_logps, scatter_tokens
+from posttrain.rollout.plan import RewardFn, RolloutSchedule, mean_scores
+from posttrain.rollout.sample import sample_completions
+
+Batch = dict[str, torch.Tensor]
+ACTOR, CRITIC, REWARD = "default", "critic", "reward"
+
+
+class SharedRoles(torch.nn.Module):
+    """A PEFT model holding the actor, critic and reward adapters, plus the value and score heads."""
+
+    def __init__(self, policy: torch.nn.Module, value_head: torch.nn.Linear, score_head: torch.nn.Linear):
+        super().__init__()
+        self.policy, self.value_head, self.score_head = policy, value_head, score_head
+        self.score_head.requires_grad_(False)
+
+    @contextlib.contextmanager
+    def _trainable_kept(self) -> Iterator[None]:
+        """PEFT's set_adapter and disable_adapter flip requires_grad (only the active adapter trainable); the
+        trainable set is restored afterwards so actor and critic both stay in the optimizer."""
+        flags = [(p, p.requires_grad) for p in self.policy.parameters()]
+        try:
+            yield
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    @contextlib.contextmanager
+    def role(self, name: str) -> Iterator[torch.nn.Module]:
+        """Adapter ``name`` active for the duration; the actor afterwards."""
+        with self._trainable_kept():
+            self.policy.set_adapter(name)
+            try:
+                yield self.policy
+            finally:
+                self.policy.set_adapter(ACTOR)
+
+    def logps(self, batch: Batch, temperature: float, chunk_size: int = 1024) -> torch.Tensor:
+        """(N, L) actor log-probs of the sampled tokens."""
+        return rollout_logps(self.policy, batch, temperature, chunk_size)
+
+    def ref_logps(self, batch: Batch, temperature: float, chunk_size: int = 1024) -> torch.Tensor:
+        with self._trainable_kept(), self.policy.disable_adapter():
+            return rollout_logps(self.policy, batch, temperature, chunk_size)
+
+    def values(self, batch: Batch) -> torch.Tensor:
+        """(N, L) critic values V(s_t), read at the position that predicts token t."""
+        with self.role(CRITIC) as m:
+            hidden = pair_hidden(m, batch, decoder_only=True)
+        src = batch["score_index"].to(hidden.device)
+        return scatter_tokens(self.value_head(hidden[src]).squeeze(-1).float(), batch)
+
+    def scores(self, batch: Batch) -> torch.Tensor:
+        """(N,) reward-model scores, read at each completion's last token."""
+        with self.role(REWARD) as m:
+            hidden = pair_hidden(m, batch, decoder_only=True)
+        return self.score_head(hidden[batch["last_index"].to(hidden.device)]).squeeze(-1).float()
+
+
+@dataclass
+class PPOParams:
+    samples_per_prompt: int = 1
+    max_new_tokens: int = 64
+    min_new_tokens: int = 0
+    temperature: float = 0.7
+    top_p: float = 1.0
+    kl_coef: float = 0.05
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    vf_coef: float = 0.1
+    whiten_advantages: bool = True
+    missing_eos_penalty: float = 0.0
+
+
+class PPO:
+    """The loss of one micro-batch of scored rollouts: clipped policy loss plus the weighted clipped value loss,
+    summed over completion tokens (the loop divides by the step's token count)."""
+
+    name = "ppo"
+
+    def __init__(self, params: PPOParams, chunk_size: int = 1024):
+        self.p, self.chunk_size = params, chunk_size
+
+    def count(self, batch: Batch) -> int:
+        return int(batch["completion_mask"].sum())
+
+    def loss_sum(self, model: SharedRoles, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        logp = model.logps(batch, self.p.temperature, self.chunk_size)
+        mask = batch["completion_mask"].to(logp.device, logp.dtype)
+        old = batch["old_logp"].to(logp.device, logp.dtype)
+        pg, clipped = clipped_surrogate(logp, old, batch["advantages"].to(logp.device, logp.dtype), self.p.clip_eps)
+        values = model.values(batch)
+        vf = clipped_value_loss(values, batch["old_values"].to(values.device), batch["returns"].to(values.device),
+                                self.p.value_clip)
+        loss = ((pg + self.p.vf_coef * vf.to(pg.dtype)) * mask).sum()
+        metrics = {"policy_loss": float(masked_mean(pg.detach(), mask)), "value_loss": float(masked_mean(vf.detach(), mask)),
+                   "clip_fraction": float(masked_mean(clipped, mask)),
+                   "approx_kl_old": float(masked_mean((old - logp).detach(), mask))}
+        metrics.update({k.removeprefix("m/"): float(v) for k, v in batch.items() if k.startswith("m/")})
+        return loss, metrics
+
+
+class PPOPlan(RolloutSchedule):
+    """Per rollout: sample, score with the reward adapter, old/reference log-probs and values, KL-shaped rewards,
+    GAE, whitened advantages over the whole rollout, then micro-batches."""
+
+    def __init__(self, model: SharedRoles, tokenizer, prompts: list[list[int]], rows: list[dict[str, Any]],
+                 chats: list[Any], params: PPOParams, *, prompts_per_step: int, mu: int, micro_batch_size: int,
+                 seed: int, chunk_size: int = 1024, share_prompt: bool = True, watch: RewardFn | None = None):
+        super().__init__(model.policy, tokenizer, prompts, rows, chats, prompts_per_step=prompts_per_step, mu=mu,
+                         micro_batch_size=micro_batch_size, seed=seed, share_prompt=share_prompt, watch=watch)
+        self.roles, self.p, self.chunk_size = model, params, chunk_size
+
+    @torch.no_grad()
+    def _rollout(self, rollout: int) -> list[Batch]:
+        p, n = self.p, self.p.samples_per_prompt
+        idx, ro = self.sample(rollout, n, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                              top_p=p.top_p, min_new_tokens=p.min_new_tokens)
+        batches = self.micro_batches(ro)
+        was_training = self.roles.training
+        self.roles.eval()
+        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("scores", "old", "ref", "values")}
+        for b in batches:
+            parts["scores"].append(self.roles.scores(b))
+            parts["old"].append(self.roles.logps(b, p.temperature, self.chunk_size))
+            parts["ref"].append(self.roles.ref_logps(b, p.temperature, self.chunk_size))
+            parts["values"].append(self.roles.values(b))
+        self.roles.train(was_training)
+        width = max(b["completion_mask"].shape[1] for b in batches)
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+        mask = torch.cat([pad(b["completion_mask"]) for b in batches]).float()
+        old, ref, values = (torch.cat([pad(t.float()) for t in parts[k]]) for k in ("old", "ref", "values"))
+        raw = torch.cat(parts["scores"])
+        finished = torch.tensor(ro.finished)
+        scores = raw - p.missing_eos_penalty * (~finished).float()
+        rewards = kl_shaped_rewards(scores, old, ref, mask, p.kl_coef)
+        adv, returns = gae(rewards, values, mask, p.gamma, p.lam)
+        if p.whiten_advantages:
+            adv = whiten(adv, mask)
+        kl = masked_mean(old - ref, mask, dim=1)
+        metrics = {"m/reward": raw.mean().double(), "m/reward_std": raw.std(correction=0).double(),
+                   "m/score_shaped": scores.mean().double(), "m/kl": kl.mean().double(),
+                   "m/non_score_reward": (-p.kl_coef * kl).mean().double(),
+                   "m/value_mean": masked_mean(values, mask).double(),
+                   "m/return_mean": masked_mean(returns, mask).double(), **self.rollout_metrics(idx, n, ro)}
+        self.last_rollout = {"rollout": rollout, "prompts": idx, "texts": ro.texts, "rewards": raw.tolist()}
+        at = 0
+        for b in batches:
+            k, w = b["completion_mask"].shape
+            for key, full in (("old_logp", old), ("old_values", values), ("advantages", adv), ("returns", returns)):
+                b[key] = full[at:at + k, :w].contiguous()
+            b.update({name: v.float() for name, v in metrics.items()})
+            at += k
+        return batches
+
+
+@torch.no_grad()
+def ppo_eval(model: SharedRoles, tokenizer, prompts: list[list[int]], rows: list[dict[str, Any]], chats: list[Any],
+             max_new_tokens: int, batch_size: int = 8, pad_id: int = 0, watch: RewardFn | None = None,
+             share_prompt: bool = True) -> dict[str, float]:
+    """Greedy answers to held-out prompts scored by the reward adapter (the proxy) and by the watch terms."""
+    from posttrain.rollout.batch import collate_rollouts
+
+    ro = sample_completions(model.policy, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0,
+                            batch_size=batch_size)
+    was_training = model.training
+    model.eval()
+    scores = torch.cat([model.scores(collate_rollouts(ro.prompt_ids[k:k + batch_size],
+                                                      ro.completion_ids[k:k + batch_size], pad_id, share_prompt))
+                        for k in range(0, len(prompts), batch_size)])
+    model.train(was_training)
+    out = {"eval/reward": float(scores.mean()),
+           "eval/completion_len": sum(len(c) for c in ro.completion_ids) / max(len(prompts), 1)}
+    if watch is not None:
+        out.update(mean_scores(watch, "eval/watch", chats, ro.texts, rows))
+    return out

@@ -1,0 +1,104 @@
+"""The batch plan of online RL: which prompts each rollout samples, seeded sampling, and micro-batches.
+
+The engine asks a plan for the micro-batches of an optimizer step; an RL plan answers with rollouts sampled from
+the current policy. Rollout ``k`` serves optimizer steps ``k * mu`` .. ``k * mu + mu - 1``. Prompts are visited
+in a seeded permutation per epoch and sampling is seeded by the rollout number, so a run resumed at a rollout
+boundary samples what the uninterrupted run sampled. GRPO and PPO differ only in ``_rollout``: how completions
+become advantages.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+import torch
+
+from posttrain.rollout.batch import collate_rollouts
+from posttrain.rollout.sample import Rollout, sample_completions
+
+Batch = dict[str, torch.Tensor]
+RewardFn = Callable[..., list[float]]
+
+
+class RolloutSchedule:
+    def __init__(self, model: torch.nn.Module, tokenizer, prompts: list[list[int]], rows: list[dict[str, Any]],
+                 chats: list[Any], *, prompts_per_step: int, mu: int, micro_batch_size: int, seed: int,
+                 share_prompt: bool = True, watch: RewardFn | None = None):
+        self.model, self.tok, self.prompts, self.rows, self.chats = model, tokenizer, prompts, rows, chats
+        self.per_step, self.mu, self.micro, self.seed = prompts_per_step, mu, micro_batch_size, seed
+        self.share_prompt, self.watch = share_prompt, watch
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self._cached: tuple[int, list[Batch]] | None = None
+        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its prompt permutation)
+        self.last_rollout: dict[str, Any] = {}
+
+    def steps_for(self, epochs: float) -> int:
+        rollouts = max(1, round(epochs * len(self.prompts) / self.per_step))
+        return rollouts * self.mu
+
+    def step(self, step: int) -> list[Batch]:
+        rollout = step // self.mu
+        if self._cached is None or self._cached[0] != rollout:
+            self._cached = (rollout, self._rollout(rollout))
+        return self._cached[1]
+
+    def _rollout(self, rollout: int) -> list[Batch]:
+        raise NotImplementedError
+
+    def _prompt_indices(self, rollout: int) -> list[int]:
+        out = []
+        for k in range(rollout * self.per_step, (rollout + 1) * self.per_step):
+            epoch, i = divmod(k, len(self.prompts))
+            if self._order[0] != epoch:
+                order = list(range(len(self.prompts)))
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+                self._order = (epoch, order)
+            out.append(self._order[1][i])
+        return out
+
+    def sample(self, rollout: int, n: int, **sampling: Any) -> tuple[list[int], Rollout]:
+        """This rollout's prompt indices and ``n`` completions of each, sampled from a generator seeded by the
+        rollout number (the global RNG is left as it was)."""
+        idx = self._prompt_indices(rollout)
+        rng_state = torch.get_rng_state()
+        torch.manual_seed(self.seed * 1_000_003 + rollout)
+        try:
+            ro = sample_completions(self.model, self.tok, [self.prompts[i] for i in idx], n=n,
+                                    batch_size=max(self.micro, n), **sampling)
+        finally:
+            torch.set_rng_state(rng_state)
+        return idx, ro
+
+    def score(self, fn: RewardFn, idx: list[int], n: int, texts: list[str]) -> list[float]:
+        """A reward function on the completions, with each prompt's chat and row columns repeated n times."""
+        columns = {k: [self.rows[i].get(k) for i in idx for _ in range(n)] for k in self.rows[idx[0]]}
+        return fn([self.chats[i] for i in idx for _ in range(n)], texts, **columns)
+
+    def rollout_metrics(self, idx: list[int], n: int, ro: Rollout) -> dict[str, torch.Tensor]:
+        """Completion length, truncation, and the watch terms (scored, logged, never trained on)."""
+        lengths = torch.tensor([len(c) for c in ro.completion_ids], dtype=torch.float64)
+        out = {"m/completion_len": lengths.mean(),
+               "m/truncated": 1.0 - torch.tensor(ro.finished, dtype=torch.float64).mean()}
+        if self.watch is not None:
+            out["m/watch"] = torch.tensor(self.score(self.watch, idx, n, ro.texts), dtype=torch.float64).mean()
+            out.update(part_metrics(self.watch, "m/watch"))
+        return out
+
+    def micro_batches(self, ro: Rollout) -> list[Batch]:
+        return [collate_rollouts(ro.prompt_ids[k:k + self.micro], ro.completion_ids[k:k + self.micro], self.pad_id,
+                                 self.share_prompt) for k in range(0, len(ro.texts), self.micro)]
+
+
+def part_metrics(fn: RewardFn, prefix: str) -> dict[str, torch.Tensor]:
+    """The mean of each term of a combined reward's last call (weights, ``name@w``, left out)."""
+    return {f"{prefix}/{name}": torch.tensor(part, dtype=torch.float64).mean()
+            for name, part in getattr(fn, "parts", {}).items() if not name.endswith("@w")}
+
+
+def mean_scores(fn: RewardFn, prefix: str, chats: list[Any], texts: list[str],
+                rows: list[dict[str, Any]]) -> dict[str, float]:
+    """A reward's mean over completions of the given prompts (one each), and its terms' means."""
+    columns = {k: [r.get(k) for r in rows] for k in rows[0]} if rows else {}
+    scores = fn(chats, texts, **columns)
+    return {prefix: sum(scores) / max(len(scores), 1), **{k: float(v) for k, v in part_metrics(fn, prefix).items()}}
