@@ -1,4 +1,6 @@
-"""Write the HH-RLHF preference split used in RESULTS.md: 2000 train / 312 held-out pairs (fixed-seed shuffle).
+"""Write the HH-RLHF preference split used in RESULTS.md: 2000 train / 312 held-out pairs (fixed-seed shuffle),
+and hh-train-b.jsonl: train rows 500-999, which a reward model with data.limit: 500 never reads (the second,
+watched reward model of examples/ppo-hh.yaml trains on them).
 
     python benchmarks/prepare_hh.py [--src ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz]
 
@@ -27,7 +29,8 @@ def main() -> None:
         rows = [json.loads(line) for line in f if line.strip()]
     random.Random(args.seed).shuffle(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, part in (("hh-train.jsonl", rows[:args.train]), ("hh-heldout.jsonl", rows[args.train:])):
+    for name, part in (("hh-train.jsonl", rows[:args.train]), ("hh-heldout.jsonl", rows[args.train:]),
+                       ("hh-train-b.jsonl", rows[500:1000])):
         (args.out / name).write_text("".join(json.dumps(r) + "\n" for r in part))
         print(f"{args.out / name}: {len(part)} pairs")
 

@@ -407,6 +407,13 @@ def eval_preference_run(cfg: DPOConfig | RewardConfig, run_dir: Path) -> dict[st
     return {"run": str(run_dir), "pairs": len(held), **preference_eval(model, method, batches)}
 
 
+def _dialogue_before_answer(row: dict[str, Any], path: str, num: int) -> list[dict[str, str]]:
+    from posttrain.data.preference import _conversation
+
+    conv = _conversation(row["chosen"], path, num, "chosen")
+    return conv[:-1] if conv and conv[-1].get("role") == "assistant" else []
+
+
 def load_prompts(path: str, dcfg: PromptDataConfig, tokenizer,
                  limit: int | None = None) -> tuple[list[list[int]], list[dict[str, Any]], list[Any], list[str]]:
     """Prompt token ids, the rows (their other columns feed the rewards), the prompts as chats, report lines."""
@@ -425,9 +432,13 @@ def load_prompts(path: str, dcfg: PromptDataConfig, tokenizer,
         elif isinstance(value, list) and value:
             chat = list(value)
             validate_messages(chat + [{"role": "assistant", "content": "x"}], path, num, dcfg.prompt_field)
+        elif value is None and isinstance(row.get("chosen"), (str, list)) and \
+                (dialogue := _dialogue_before_answer(row, path, num)):
+            chat = dialogue  # a preference file: the dialogue its answers reply to
         else:
             raise DataError(path, num, dcfg.prompt_field, "missing or empty prompt (data.prompt_field names the "
-                            f"column; this row has {', '.join(map(repr, row)) or 'no columns'})")
+                            "column; a preference row's chosen conversation also gives one; this row has "
+                            f"{', '.join(map(repr, row)) or 'no columns'})")
         if dcfg.system_prompt and chat[0].get("role") != "system":
             chat = [{"role": "system", "content": dcfg.system_prompt}, *chat]
         tokens = tokenizer(render_prompt(tokenizer, chat, template), add_special_tokens=add_special)["input_ids"]
@@ -490,6 +501,7 @@ def write_watch_plot(out: Path, title: str) -> Path | None:
 def run_grpo(cfg: GRPOConfig, *, resume: bool = False) -> dict[str, Any]:
     """GRPO with verifiable rewards from a base model or an SFT adapter (``model.init_adapter``)."""
     from posttrain.methods.grpo import GRPO, GRPOParams, RolloutPlan, grpo_eval, token_reference
+    from posttrain.rollout.plan import generation_batch
 
     out, t0, loaded = begin_run(cfg)
     tok = loaded.tokenizer
@@ -512,7 +524,8 @@ def run_grpo(cfg: GRPOConfig, *, resume: bool = False) -> dict[str, Any]:
                   f"{g.mu} step(s) per rollout; reference: " + ("none (kl_coef 0)" if reference is None else
                   "adapters disabled" if cfg.finetune == "lora" else "a frozen copy"))
     evaluate = (lambda m: grpo_eval(m, tok, held_prompts, held_rows, held_chats, reward, g.max_new_tokens,
-                                    t.micro_batch_size, watch)) if held_prompts else None
+                                    generation_batch(len(held_prompts), t.micro_batch_size), watch)) \
+        if held_prompts else None
     export = (lambda path: model.save_pretrained(path)) if cfg.finetune == "lora" else None
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     records = train_loop(model, GRPO(params, t.loss_chunk_size), plan, loop_options(t, total), out,
@@ -609,6 +622,7 @@ def role_memory(roles) -> dict[str, float]:
 def run_ppo(cfg: PPOConfig, *, resume: bool = False) -> dict[str, Any]:
     """PPO against a trained reward model with actor, critic, reward and reference on one frozen base."""
     from posttrain.methods.ppo import ACTOR, CRITIC, PPO, PPOParams, PPOPlan, ppo_eval
+    from posttrain.rollout.plan import generation_batch
 
     out, t0, loaded = begin_run(cfg)
     rss_loaded = _rss_mb()[0]
@@ -637,7 +651,8 @@ def run_ppo(cfg: PPOConfig, *, resume: bool = False) -> dict[str, Any]:
                   f"{p.mu} step(s) per rollout; reward model {p.reward_model}")
     pad = plan.pad_id
     evaluate = (lambda m: ppo_eval(m, tok, held_prompts, held_rows, held_chats, p.max_new_tokens,
-                                   t.micro_batch_size, pad, watch, d.share_prompt)) if held_prompts else None
+                                   generation_batch(len(held_prompts), t.micro_batch_size), pad, watch,
+                                   d.share_prompt)) if held_prompts else None
 
     def save_critic(path: Path) -> None:  # a PEFT adapter folder plus the value head
         from peft import get_peft_model_state_dict

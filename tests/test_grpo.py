@@ -104,7 +104,8 @@ def grpo_cfg(tiny_dir, tmp_path, out, *extra):
                               "train.micro_batch_size=3", "train.max_steps=4", *extra],
                        method="grpo", base={"rewards": [{"name": "regex", "weight": 1.0, "options": {"pattern": "1"}},
                                                         {"name": "gsm8k_answer", "weight": 0.5,
-                                                         "options": {"strict": False}}]})
+                                                         "options": {"strict": False}}],
+                                            "watch": [{"name": "regex", "options": {"pattern": "[0-9]"}}]})
 
 
 def test_run_grpo_end_to_end_and_resume_equals_uninterrupted(tiny_dir, tmp_path):
@@ -117,6 +118,8 @@ def test_run_grpo_end_to_end_and_resume_equals_uninterrupted(tiny_dir, tmp_path)
             "reward/gsm8k_answer"} <= set(step)
     assert metrics[0]["step"] == 0 and "eval/reward" in metrics[0] and summary["eval_after"]["step"] == 4
     assert (full / "adapter" / "adapter_model.safetensors").exists()
+    assert "watch" in step and "eval/watch" in metrics[0]  # scored and logged, not trained on
+    assert (full / "rewards.svg").read_text().count("<polyline") >= 3
 
     part = tmp_path / "part"
     run_grpo(grpo_cfg(tiny_dir, tmp_path, part, "train.max_steps=2", "train.min_lr_ratio=1.0"))

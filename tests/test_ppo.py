@@ -127,3 +127,17 @@ def test_ppo_config_checks(tiny_dir, tmp_path, tokenizer, reward_run):
     _, _, loaded = begin_run(cfg)
     with pytest.raises(ConfigError, match="share one base"):
         build_roles(cfg, loaded)
+
+
+def test_prompts_from_a_preference_file_are_the_dialogue_before_the_answers(tmp_path, tokenizer):
+    from posttrain.config import PromptDataConfig
+    from posttrain.pipeline import load_prompts
+
+    rows = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant: Blue.",
+             "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant: No."},
+            {"prompt": "Plain prompt.", "chosen": "a", "rejected": "b"}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    _, _, chats, _ = load_prompts(path, PromptDataConfig(train=path), tokenizer)
+    assert chats[0] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                        {"role": "user", "content": "Name a colour."}]
+    assert chats[1] == [{"role": "user", "content": "Plain prompt."}]

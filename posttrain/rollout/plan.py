@@ -21,6 +21,12 @@ Batch = dict[str, torch.Tensor]
 RewardFn = Callable[..., list[float]]
 
 
+def generation_batch(completions: int, micro_batch_size: int, cap: int = 64) -> int:
+    """Rows decoded together. A decode step reads every weight once whatever the batch, so on a CPU (and a GPU at
+    small batch) one batch of all the rollout's completions costs about what one micro-batch costs."""
+    return max(micro_batch_size, min(completions, cap))
+
+
 class RolloutSchedule:
     def __init__(self, model: torch.nn.Module, tokenizer, prompts: list[list[int]], rows: list[dict[str, Any]],
                  chats: list[Any], *, prompts_per_step: int, mu: int, micro_batch_size: int, seed: int,
@@ -65,7 +71,7 @@ class RolloutSchedule:
         torch.manual_seed(self.seed * 1_000_003 + rollout)
         try:
             ro = sample_completions(self.model, self.tok, [self.prompts[i] for i in idx], n=n,
-                                    batch_size=max(self.micro, n), **sampling)
+                                    batch_size=generation_batch(len(idx) * n, self.micro), **sampling)
         finally:
             torch.set_rng_state(rng_state)
         return idx, ro
