@@ -105,11 +105,15 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
             loss_total = torch.zeros((), dtype=torch.float64, device=device)
             metrics: dict[str, float] = {}
             for batch in micro:
-                loss_sum, m = method.loss_sum(model, batch)
-                (loss_sum / max(units, 1.0)).backward()
-                loss_total += loss_sum.detach()
-                for k, v in m.items():
-                    metrics[k] = metrics.get(k, 0.0) + v / len(micro)
+                # A method with several networks (PPO's actor and critic) yields its loss in parts, each
+                # backpropagated before the next is built, so only one part's activations are alive at a time.
+                parts = method.loss_parts(model, batch) if hasattr(method, "loss_parts") else \
+                    [method.loss_sum(model, batch)]
+                for loss_sum, m in parts:
+                    (loss_sum / max(units, 1.0)).backward()
+                    loss_total += loss_sum.detach()
+                    for k, v in m.items():
+                        metrics[k] = metrics.get(k, 0.0) + v / len(micro)
                 window_tokens += int(batch.get("num_tokens", 0))
             grad_norm = None
             if opts.max_grad_norm is not None:

@@ -110,20 +110,31 @@ class PPO:
     def count(self, batch: Batch) -> int:
         return int(batch["completion_mask"].sum())
 
-    def loss_sum(self, model: SharedRoles, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_parts(self, model: SharedRoles, batch: Batch) -> Iterator[tuple[torch.Tensor, dict[str, float]]]:
+        """The policy part, then the value part: the loop backpropagates each before the next is built."""
         logp = model.logps(batch, self.p.temperature, self.chunk_size)
         mask = batch["completion_mask"].to(logp.device, logp.dtype)
         old = batch["old_logp"].to(logp.device, logp.dtype)
         pg, clipped = clipped_surrogate(logp, old, batch["advantages"].to(logp.device, logp.dtype), self.p.clip_eps)
-        values = model.values(batch)
-        vf = clipped_value_loss(values, batch["old_values"].to(values.device), batch["returns"].to(values.device),
-                                self.p.value_clip)
-        loss = ((pg + self.p.vf_coef * vf.to(pg.dtype)) * mask).sum()
-        metrics = {"policy_loss": float(masked_mean(pg.detach(), mask)), "value_loss": float(masked_mean(vf.detach(), mask)),
+        metrics = {"policy_loss": float(masked_mean(pg.detach(), mask)),
                    "clip_fraction": float(masked_mean(clipped, mask)),
                    "approx_kl_old": float(masked_mean((old - logp).detach(), mask))}
         metrics.update({k.removeprefix("m/"): float(v) for k, v in batch.items() if k.startswith("m/")})
-        return loss, metrics
+        yield (pg * mask).sum(), metrics
+        del logp, pg
+        values = model.values(batch)
+        vmask = batch["completion_mask"].to(values.device, values.dtype)
+        vf = clipped_value_loss(values, batch["old_values"].to(values.device), batch["returns"].to(values.device),
+                                self.p.value_clip)
+        yield self.p.vf_coef * (vf * vmask).sum(), {"value_loss": float(masked_mean(vf.detach(), vmask))}
+
+    def loss_sum(self, model: SharedRoles, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Both parts at once (for callers that want one number)."""
+        total, metrics = torch.zeros(()), {}
+        for loss, m in self.loss_parts(model, batch):
+            total = total + loss.to(total.dtype)
+            metrics.update(m)
+        return total, metrics
 
 
 class PPOPlan(RolloutSchedule):
