@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench bench-dpo clean
+.PHONY: demo test test-fast bench bench-dpo bench-grpo clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,9 @@ bench: $(BENCH_VENV)/.installed
 
 bench-dpo: $(BENCH_VENV)/.installed
 	$(BENCH_VENV)/bin/python benchmarks/bench_dpo.py $(BENCH_ARGS)
+
+bench-grpo: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python benchmarks/bench_grpo.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) demo-run .pytest_cache

@@ -52,7 +52,7 @@ class RolloutSchedule:
     def _rollout(self, rollout: int) -> list[Batch]:
         raise NotImplementedError
 
-    def _prompt_indices(self, rollout: int) -> list[int]:
+    def prompt_indices(self, rollout: int) -> list[int]:
         out = []
         for k in range(rollout * self.per_step, (rollout + 1) * self.per_step):
             epoch, i = divmod(k, len(self.prompts))
@@ -66,7 +66,7 @@ class RolloutSchedule:
     def sample(self, rollout: int, n: int, **sampling: Any) -> tuple[list[int], Rollout]:
         """This rollout's prompt indices and ``n`` completions of each, sampled from a generator seeded by the
         rollout number (the global RNG is left as it was)."""
-        idx = self._prompt_indices(rollout)
+        idx = self.prompt_indices(rollout)
         rng_state = torch.get_rng_state()
         torch.manual_seed(self.seed * 1_000_003 + rollout)
         try:

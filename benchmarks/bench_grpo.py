@@ -1,0 +1,446 @@
+"""LoRA GRPO step time: posttrain vs TRL's GRPOTrainer, side by side, same model, prompts, reward and settings.
+
+Each framework runs in its own subprocess (so peak RSS is per framework), alternately, for ``--rounds`` rounds;
+the table reports the median per configuration. The primary figure is seconds per optimizer step, one step being
+one complete GRPO iteration: sample ``--per-step`` prompts x ``--group`` completions with the current policy,
+score them, compute group advantages and the reference log-probs, then forward/backward every completion in
+micro-batches and take one optimizer step. Only steps after ``--warmup`` steps are timed (model loading,
+tokenisation and trainer construction are excluded), and both sides are timed the same way: wall-clock from the end
+of the previous optimizer step to the end of this one (generation included). The ratio column is posttrain s/step
+divided by TRL s/step (the project's target is <= 0.5).
+
+Configurations:
+  posttrain  posttrain's engine, built in the worker as ``run_grpo`` builds it: LoRA (``apply_lora``),
+             ``disable_dropout``, ``token_reference`` (adapters disabled), ``RolloutPlan`` + ``GRPO`` +
+             ``train_loop``; timed from train_loop's own per-step records (its throughput window runs from the
+             end of the previous step's log to this step's, so s = fed tokens / tokens_per_s, as in bench_dpo)
+  trl        TRL GRPOTrainer with ``peft_config`` (its reference is the policy with the adapter disabled);
+             timed by a TrainerCallback between ``on_step_end`` calls
+
+Shared settings: the embedded SmolLM2-135M-Instruct in fp32 with SDPA attention, 2 torch threads, LoRA r=16
+alpha=32 dropout 0 on q,k,v,o,gate,up,down, dropout disabled, G = ``--group`` completions per prompt,
+``--per-step`` prompts per optimizer step (one generation of per-step x G completions per step on both sides),
+``--max-new`` new tokens, temperature 0.8, top_p 1, no top-k, KL coefficient (beta) 0.04 against the adapter-off
+reference (k3 estimator, no importance-ratio factor: TRL ``use_bias_correction_kl=False``), mu = 1 (TRL
+``num_iterations=1``, so neither side computes old log-probs), clip eps 0.2, per-completion token mean then mean
+over completions (posttrain aggregation "grpo", TRL ``loss_type="grpo"``), group advantages scaled by the group std
+(TRL ``scale_rewards="group"``), lr 1e-4 constant, AdamW, grad clip 1.0, micro-batch min(``--micro-batch`` = 8,
+per-step x G) completions with gradient accumulation over the rest of the step, no gradient checkpointing. TRL gets
+``bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False`` (GRPOConfig defaults to bf16 and
+checkpointing), ``per_device_train_batch_size`` = the micro-batch, ``gradient_accumulation_steps`` = per-step x G /
+micro-batch, and leaves ``steps_per_generation`` at its default (= gradient_accumulation_steps), which makes
+``generation_batch_size`` = per-step x G: exactly one generation per optimizer step (the worker checks this).
+
+Equal work: every completion is exactly ``--max-new`` tokens on both sides, since end of turn cannot be sampled
+before then (posttrain ``GRPOParams(min_new_tokens=max_new)``; TRL ``generation_kwargs={"min_new_tokens": ...}``,
+merged into its GenerationConfig). Each worker reports the mean completion length it actually generated (table
+column 'completion len') and the prompt + completion tokens per step it trained on, which match when both sides
+saw the same prompts. How each framework batches generation and lays out its training forwards is its own
+(posttrain's RolloutPlan picks its generate batch and may run a prompt once per group; TRL decodes the whole
+generation batch in one generate call and feeds prompt + completion per row), so 'fed' work may differ while the
+trained completions are the same.
+
+Data: the first ``--prompts`` questions of ``../shared/data/gsm8k/train.jsonl``, with examples/grpo-gsm8k.yaml's
+system prompt (and its max_prompt_len / overlong rule), read by posttrain's ``load_prompts`` and rendered with the
+embedded model's chat template. Step s uses the prompts posttrain's RolloutPlan visits at step s (its seeded
+per-epoch permutation); TRL gets a dataset of exactly those prompts in that order (as conversational ``prompt``
+messages plus the ``answer`` column) with ``shuffle_dataset=False``, so its RepeatSampler reads it sequentially.
+Both workers check the order they actually used, and the TRL worker checks that TRL's chat-template tokenisation of
+every prompt equals posttrain's. Reward: examples/grpo-gsm8k.yaml's reward terms (``gsm8k_answer`` weight 1 plus the
+``####`` format regex weight 0.5) as posttrain's ``Combined``, the same object on both sides; TRL's conversational
+completions are unwrapped to their text (stripped, as posttrain's are) before scoring.
+
+FLOP ceiling (a rough guide): a GRPO step costs about 8 * N FLOPs per token of each completion's prompt +
+completion (sampling 2N, reference forward 2N, policy forward 2N and activation gradients 2N; frozen weights need no
+weight gradients), N = the base model's parameter count including the tied embedding/head. Attention is left out,
+and a framework that runs a shared prompt once per group does less, so the fraction is an effective one. Sampling
+one token at a time is memory-bound, so this fraction stays far below the SFT/DPO ones. The denominator is the fp32
+2048x2048 matmul rate measured by this script (before every run and at the end; the best reading counts).
+
+Set-up and run (TRL lives only in the git-ignored .bench-venv; see benchmarks/README.md):
+  make bench-grpo BENCH_ARGS="--rounds 2"
+  .bench-venv/bin/python benchmarks/bench_grpo.py [--configs posttrain,trl] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the SFT benchmark's helpers, shared not copied
+from bench_sft import base_param_count, matmul_gflops, peak_rss_mb, start, versions  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/train.jsonl"
+EXAMPLE = REPO / "examples" / "grpo-gsm8k.yaml"
+CONFIGS = ("posttrain", "trl")
+DEFAULT_CONFIGS = ("posttrain", "trl")
+LORA = dict(r=16, alpha=32, dropout=0.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"])
+TEMPERATURE = 0.8
+TOP_P = 1.0
+BETA = 0.04
+CLIP_EPS = 0.2
+MU = 1
+SEED = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shared by both workers: the same prompts, reward and visiting order.
+
+def example_config() -> dict[str, Any]:
+    import yaml
+
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+def load_data(n: int, tokenizer) -> tuple[list[list[int]], list[dict[str, Any]], list[Any], str]:
+    """(prompt ids, rows, chats, description) of the first ``n`` GSM8K questions, as a posttrain run reads them."""
+    from posttrain.config import PromptDataConfig
+    from posttrain.pipeline import load_prompts
+
+    d = example_config()["data"]
+    keys = ("prompt_field", "system_prompt", "chat_template", "max_prompt_len", "overlong")
+    dcfg = PromptDataConfig(train=str(DATA), **{k: d[k] for k in keys if k in d})
+    prompts, rows, chats, lines = load_prompts(str(DATA), dcfg, tokenizer, n)
+    return prompts, rows, chats, f"{DATA.name}: " + lines[0].split(": ", 1)[-1]
+
+
+def make_reward():
+    """examples/grpo-gsm8k.yaml's reward terms as posttrain's ``Combined``."""
+    from posttrain.rewards import Combined
+
+    cfg = example_config()
+    terms = [(r["name"], float(r.get("weight", 1.0)), dict(r.get("options") or {})) for r in cfg["rewards"]]
+    return Combined(terms, cfg.get("reward_reduce", "sum"))
+
+
+def visit_order(tokenizer, n_prompts: int, per_step: int, total: int) -> list[int]:
+    """The prompt index of each of the ``total * per_step`` prompts posttrain's RolloutPlan samples from, in order
+    (its seeded permutation per epoch); TRL is fed exactly this sequence."""
+    from posttrain.methods.grpo import GRPOParams, RolloutPlan
+
+    plan = RolloutPlan(None, tokenizer, [[0]] * n_prompts, [{}] * n_prompts, [None] * n_prompts, None, GRPOParams(),
+                       prompts_per_step=per_step, mu=MU, micro_batch_size=1, seed=SEED, reference=None)
+    return [i for r in range(total) for i in plan.prompt_indices(r)]
+
+
+def micro_batch(args: argparse.Namespace) -> tuple[int, int]:
+    """(completions per micro-batch, micro-batches per optimizer step)."""
+    n = args.per_step * args.group
+    micro = min(args.micro_batch, n)
+    if n % micro:
+        raise SystemExit(f"--per-step x --group = {n} completions per step must be a multiple of the micro-batch "
+                         f"{micro}")
+    return micro, n // micro
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Workers (run in subprocesses).
+
+def worker_posttrain(args: argparse.Namespace) -> dict[str, Any]:
+    from posttrain.engine import LoopOptions, read_metrics, train_loop
+    from posttrain.methods.grpo import GRPO, GRPOParams, RolloutPlan, token_reference
+    from posttrain.models import apply_lora, load_model
+    from posttrain.pipeline import disable_dropout, seed_everything
+
+    seed_everything(SEED)
+    loaded = load_model(args.model, dtype="float32", device="cpu", attn_implementation="sdpa")
+    tok = loaded.tokenizer
+    prompts, rows, chats, data = load_data(args.prompts, tok)
+    n_params = base_param_count(loaded.model)
+    seed_everything(SEED)
+    model = apply_lora(loaded.model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
+                       target_modules=LORA["targets"])
+    disable_dropout(model, "GRPO")
+    micro, _ = micro_batch(args)
+    params = GRPOParams(group_size=args.group, clip_eps=CLIP_EPS, kl_coef=BETA, temperature=TEMPERATURE,
+                        max_new_tokens=args.max_new, aggregation="grpo", min_new_tokens=args.max_new)
+    reference = token_reference(model, True, TEMPERATURE)
+    plan = RolloutPlan(model, tok, prompts, rows, chats, make_reward(), params, prompts_per_step=args.per_step,
+                       mu=MU, micro_batch_size=micro, seed=SEED, reference=reference, top_p=TOP_P)
+    total = args.warmup + args.steps
+    expected = visit_order(tok, len(prompts), args.per_step, total)
+
+    fed: dict[int, int] = {}
+    visited: list[int] = []
+
+    class Counted:  # what each optimizer step feeds (for train_loop's throughput window) and which prompts it used
+        def step(self, step: int):
+            micro_batches = plan.step(step)
+            fed[step + 1] = sum(int(b["num_tokens"]) for b in micro_batches)
+            visited.extend(plan.last_rollout["prompts"])
+            return micro_batches
+
+    # min_lr_ratio=1 turns posttrain's warmup-cosine schedule into a constant lr, as TRL's "constant".
+    opts = LoopOptions(total_steps=total, lr=args.lr, warmup_steps=0, min_lr_ratio=1.0, max_grad_norm=1.0,
+                       log_every=1)
+    with tempfile.TemporaryDirectory(prefix="bench-posttrain-") as out:
+        train_loop(model, GRPO(params), Counted(), opts, Path(out))
+        records = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "tokens_per_s" in r]
+    steps = []
+    for r in records:
+        s = r["step"]
+        if not fed[s] or not r["tokens_per_s"]:
+            raise RuntimeError("posttrain's micro-batches carry no num_tokens; the step time cannot be recovered "
+                               "from train_loop's tokens_per_s (update worker_posttrain)")
+        idx = visited[(s - 1) * args.per_step:s * args.per_step]
+        completion_len = r.get("completion_len")
+        n = args.per_step * args.group
+        tokens = args.group * sum(len(prompts[i]) for i in idx) + (completion_len or 0) * n
+        # tokens_per_s = fed tokens / (time from the end of the previous step's log to this one's): generation,
+        # rewards, reference, forward/backward of every micro-batch, clipping and the optimizer step.
+        steps.append({"step": s, "seconds": fed[s] / r["tokens_per_s"], "completions": n,
+                      "completion_len": completion_len, "tokens": tokens, "fed_tokens": fed[s], "loss": r["loss"],
+                      "reward": r.get("reward"), "kl": r.get("kl")})
+    return {"steps": steps, "n_params": n_params, "data": data, "prompts": len(prompts), "micro_batch": micro,
+            "order_matches": visited == expected, "order": visited}
+
+
+def worker_trl(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import transformers
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from posttrain.models import load_tokenizer
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.set_seed(SEED)
+    tok = load_tokenizer(args.model)  # posttrain's loader (AutoTokenizer + EOS as pad if none): the same prompts
+    prompts, rows, chats, data = load_data(args.prompts, tok)
+    total = args.warmup + args.steps
+    order = visit_order(tok, len(prompts), args.per_step, total)
+    ds = Dataset.from_list([{"prompt": chats[i], "answer": rows[i]["answer"], "idx": i} for i in order])
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+    n_params = base_param_count(model)
+    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
+                             target_modules=LORA["targets"], bias="none", task_type="CAUSAL_LM")
+    micro, accum = micro_batch(args)
+    combined = make_reward()
+
+    def gsm8k_reward(prompts, completions, answer, **kw):  # noqa: ARG001 - TRL passes its own extras in kw
+        texts = [(c[-1]["content"] if isinstance(c, list) else c).strip() for c in completions]
+        return combined(prompts, texts, answer=answer)
+
+    out = tempfile.mkdtemp(prefix="bench-trl-")
+    cfg = GRPOConfig(
+        output_dir=out, max_steps=total, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
+        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
+        seed=SEED, data_seed=SEED, bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False,
+        num_generations=args.group, max_completion_length=args.max_new, temperature=TEMPERATURE, top_p=TOP_P,
+        top_k=0, generation_kwargs={"min_new_tokens": args.max_new}, shuffle_dataset=False,
+        beta=BETA, num_iterations=MU, epsilon=CLIP_EPS, loss_type="grpo", scale_rewards="group",
+        use_bias_correction_kl=False, disable_dropout=True, remove_unused_columns=False,
+        logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
+        dataloader_num_workers=0, log_completions=False,
+    )
+    n_step = args.per_step * args.group
+    if cfg.generation_batch_size != n_step or cfg.steps_per_generation != accum:
+        raise RuntimeError(f"TRL would generate {cfg.generation_batch_size} completions every "
+                           f"{cfg.steps_per_generation} micro-steps; expected {n_step} every {accum}")
+
+    visited: list[int] = []
+    pending = [0, 0, 0]  # completions, completion tokens, prompt tokens of the current optimizer step
+    step_counts: list[tuple[int, int, int]] = []
+
+    class Counting(GRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            visited.extend(x["idx"] for x in inputs[::args.group])  # each prompt arrives G times in a row
+            return super()._generate_and_score_completions(inputs)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # inputs here are one micro-batch of scored rollouts (after _prepare_inputs)
+            pending[0] += int(inputs["completion_mask"].shape[0])
+            pending[1] += int(inputs["completion_mask"].sum())
+            pending[2] += int(inputs["prompt_mask"].sum())
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    ends: list[float] = []
+    logs_at: dict[int, dict[str, float]] = {}
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, a, state, control, **kw):
+            ends.clear()
+            ends.append(time.perf_counter())  # step 1's start (warm-up, not measured)
+
+        def on_step_end(self, a, state, control, **kw):
+            ends.append(time.perf_counter())
+            step_counts.append(tuple(pending))
+            pending[:] = [0, 0, 0]
+
+        def on_log(self, a, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                logs_at[state.global_step] = dict(logs)
+
+    trainer = Counting(model=model, reward_funcs=[gsm8k_reward], args=cfg, train_dataset=ds, processing_class=tok,
+                       peft_config=peft_config, callbacks=[Timer()])
+    # Same prompt tokens? TRL renders conversational prompts with apply_chat_template(add_generation_prompt=True).
+    differ = 0
+    for i in sorted(set(order)):
+        enc = tok.apply_chat_template(chats[i], add_generation_prompt=True, tokenize=True, return_dict=True)
+        differ += list(enc["input_ids"]) != list(prompts[i])
+    trainer.train()
+    shutil.rmtree(out, ignore_errors=True)  # save_strategy="no": nothing in it worth keeping
+    steps = []
+    for i, (n, completion_tokens, prompt_tokens) in enumerate(step_counts):
+        logs = logs_at.get(i + 1, {})
+        # ends[i + 1] - ends[i]: from the previous step's end (after its optimizer step) to this one's: generation,
+        # rewards, reference, forward/backward of every micro-batch, clipping and the optimizer step.
+        steps.append({"step": i + 1, "seconds": ends[i + 1] - ends[i], "completions": n,
+                      "completion_len": completion_tokens / max(n, 1), "tokens": prompt_tokens + completion_tokens,
+                      "loss": logs.get("loss"), "reward": logs.get("reward"), "kl": logs.get("kl")})
+    return {"steps": steps, "n_params": n_params, "data": data, "prompts": len(prompts), "micro_batch": micro,
+            "order_matches": visited == order, "order": visited, "prompts_differing_from_posttrain": differ,
+            "prompts_compared": len(set(order)), "generation_batch_size": cfg.generation_batch_size,
+            "steps_per_generation": cfg.steps_per_generation, "gradient_accumulation_steps": accum,
+            "gradient_checkpointing": bool(cfg.gradient_checkpointing),
+            "optim": str(getattr(cfg.optim, "value", cfg.optim))}
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    name = args.worker
+    result = worker_trl(args) if name == "trl" else worker_posttrain(args)
+    measured = [s for s in result["steps"] if s["step"] > args.warmup]
+    if not measured:
+        raise RuntimeError("no timed step: --steps must be at least 1")
+    seconds = sum(s["seconds"] for s in measured)
+    n = len(measured)
+    lens = [s["completion_len"] for s in result["steps"] if s["completion_len"] is not None]
+    result.update(config=name, threads=torch.get_num_threads(), peak_rss_mb=peak_rss_mb(), measured_steps=n,
+                  seconds=seconds, s_per_step=seconds / n,
+                  completions_per_step=sum(s["completions"] for s in measured) / n,
+                  tokens_per_step=sum(s["tokens"] for s in measured) / n,
+                  completion_len=sum(lens) / len(lens) if lens else None)
+    Path(args.result).write_text(json.dumps(result, indent=1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Driver.
+
+def table(results: dict[str, list[dict]], ceiling: float, args: argparse.Namespace) -> str:
+    """Markdown table of the per-config medians, with the s/step ratio to TRL and the FLOP-ceiling share."""
+    keys = ("s_per_step", "peak_rss_mb", "completions_per_step", "tokens_per_step", "completion_len")
+    med = {c: {k: statistics.median(r[k] for r in rs) for k in keys} for c, rs in results.items() if rs}
+    n_params = next(iter(results.values()))[0]["n_params"]
+    lines = ["| config | s/step | vs TRL (s/step) | peak RSS MB | completions/step | completion len | tokens/step | "
+             "runs (s/step) | FLOP ceiling fraction |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c, m in med.items():
+        ratio = f"{m['s_per_step'] / med['trl']['s_per_step']:.2f}" if "trl" in med else "-"
+        frac = m["tokens_per_step"] * 8 * n_params / m["s_per_step"] / (ceiling * 1e9)
+        runs = ", ".join(f"{r['s_per_step']:.2f}" for r in results[c])
+        lines.append(f"| {c} | {m['s_per_step']:.2f} | {ratio} | {m['peak_rss_mb']:.0f} | "
+                     f"{m['completions_per_step']:.0f} | {m['completion_len']:.1f} | {m['tokens_per_step']:.0f} | "
+                     f"{runs} | {100 * frac:.1f}% |")
+    notes = [f"Medians over runs (the 'runs' column lists each run's s/step); {args.steps} timed optimizer steps "
+             f"after {args.warmup} warm-up steps per run; a step = {args.per_step} prompts x {args.group} "
+             f"completions of {args.max_new} new tokens, micro-batch {min(args.micro_batch, args.per_step * args.group)}. 'vs TRL' = posttrain s/step / TRL s/step (target <= 0.5). "
+             f"completion len = mean generated tokens per completion over all steps (forced to --max-new); "
+             f"tokens/step = prompt + completion tokens of every completion trained.",
+             f"FLOP ceiling: fp32 2048x2048 matmul at {ceiling:.1f} GFLOP/s; 8 x N = 8 x {n_params / 1e6:.1f} M "
+             f"FLOPs per token (sample, reference, policy forward and backward), attention left out."]
+    for c, rs in results.items():
+        bad = [i + 1 for i, r in enumerate(rs) if not r["order_matches"]]
+        if bad:
+            notes.append(f"WARNING: {c} visited prompts in an order other than posttrain's plan in run(s) {bad}.")
+    if results.get("trl"):
+        r = results["trl"][0]
+        notes.append(f"TRL prompt tokenisation vs posttrain's: {r['prompts_differing_from_posttrain']} of "
+                     f"{r['prompts_compared']} prompts differ; TRL generation_batch_size {r['generation_batch_size']}, "
+                     f"steps_per_generation {r['steps_per_generation']}, gradient_accumulation_steps "
+                     f"{r['gradient_accumulation_steps']} (micro-batch {r['micro_batch']}), optim {r['optim']}, "
+                     f"gradient checkpointing {r['gradient_checkpointing']}.")
+    return "\n".join(lines) + "\n\n" + "\n".join(notes)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; the median per config is reported")
+    p.add_argument("--prompts", type=int, default=16, help="GSM8K questions in the fixed training subset")
+    p.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
+    p.add_argument("--per-step", type=int, default=2, help="prompts per optimizer step")
+    p.add_argument("--max-new", type=int, default=96, help="new tokens per completion (forced: min = max)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--steps", type=int, default=4, help="timed optimizer steps")
+    p.add_argument("--micro-batch", type=int, default=8,
+                   help="completions per forward/backward; the rest of the step is gradient accumulation")
+    p.add_argument("--lr", type=float, default=1e-4)
+    args, configs = start(p, CONFIGS, run_worker, __file__)
+    if configs is None:
+        return
+    if not DATA.exists():
+        sys.exit(f"missing {DATA} (GSM8K in ../shared/data/gsm8k/)")
+    if args.group < 2:
+        sys.exit("--group must be at least 2 (group advantages)")
+    micro_batch(args)  # fail early on a step that does not split into micro-batches
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    ceilings = [matmul_gflops()]
+    print(f"fp32 matmul: {ceilings[0]:.1f} GFLOP/s ({args.threads} threads)", flush=True)
+    results: dict[str, list[dict]] = {c: [] for c in configs}
+    common = ["--model", args.model, "--prompts", str(args.prompts), "--group", str(args.group), "--per-step",
+              str(args.per_step), "--max-new", str(args.max_new), "--warmup", str(args.warmup), "--steps",
+              str(args.steps), "--micro-batch", str(args.micro_batch), "--lr", str(args.lr), "--threads",
+              str(args.threads)]
+    with tempfile.TemporaryDirectory(prefix="bench-grpo-") as tmp:
+        for rnd in range(args.rounds):
+            for c in configs:
+                res = Path(tmp) / f"{c}-{rnd}.json"
+                ceilings.append(matmul_gflops())  # between runs too: the best reading is the machine's ceiling
+                t0 = time.perf_counter()
+                proc = subprocess.run([sys.executable, __file__, "--worker", c, "--result", str(res), *common],
+                                      env=env, cwd=REPO, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+                    sys.exit(f"{c} (round {rnd + 1}) failed with exit code {proc.returncode}")
+                r = json.loads(res.read_text())
+                results[c].append(r)
+                s1 = r["steps"][0]
+                per_step = ", ".join(f"{s['seconds']:.2f}" for s in r["steps"])
+                loss1 = "-" if s1["loss"] is None else f"{s1['loss']:.4f}"
+                reward1 = "-" if s1["reward"] is None else f"{s1['reward']:.3f}"
+                print(f"round {rnd + 1}/{args.rounds} {c:10s} {r['s_per_step']:7.2f} s/step ({per_step} per step, "
+                      f"warm-up included) completion len {r['completion_len']:.1f} {r['tokens_per_step']:6.0f} "
+                      f"tokens/step {r['peak_rss_mb']:6.0f} MB loss@1 {loss1} reward@1 {reward1} "
+                      f"order {'ok' if r['order_matches'] else 'DIFFERS'} "
+                      f"({time.perf_counter() - t0:.0f} s wall; matmul before it {ceilings[-1]:.0f} GFLOP/s)",
+                      flush=True)
+    ceilings.append(matmul_gflops())
+    ceiling = max(ceilings)
+    print(f"fp32 matmul readings: {', '.join(f'{g:.0f}' for g in ceilings)} GFLOP/s; ceiling = best = {ceiling:.1f}",
+          flush=True)
+    first = next(iter(results.values()))[0]
+    print(f"data: {first['data']}; system prompt and rewards from {EXAMPLE.relative_to(REPO)}")
+    print()
+    print(table(results, ceiling, args))
+    v = versions()
+    print("\nversions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + f"; python {sys.version.split()[0]}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"ceiling_gflops": ceilings, "versions": v, "args": vars(args),
+                                               "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
