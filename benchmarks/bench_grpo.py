@@ -350,7 +350,9 @@ def table(results: dict[str, list[dict]], ceiling: float, args: argparse.Namespa
                      f"{runs} | {100 * frac:.1f}% |")
     notes = [f"Medians over runs (the 'runs' column lists each run's s/step); {args.steps} timed optimizer steps "
              f"after {args.warmup} warm-up steps per run; a step = {args.per_step} prompts x {args.group} "
-             f"completions of {args.max_new} new tokens, micro-batch {min(args.micro_batch, args.per_step * args.group)}. 'vs TRL' = posttrain s/step / TRL s/step (target <= 0.5). "
+             f"completions of {args.max_new} new tokens, micro-batch "
+             f"{min(args.micro_batch, args.per_step * args.group)}. "
+             "'vs TRL' = posttrain s/step / TRL s/step (target <= 0.5). "
              f"completion len = mean generated tokens per completion over all steps (forced to --max-new); "
              f"tokens/step = prompt + completion tokens of every completion trained.",
              f"FLOP ceiling: fp32 2048x2048 matmul at {ceiling:.1f} GFLOP/s; 8 x N = 8 x {n_params / 1e6:.1f} M "

@@ -10,9 +10,8 @@ from typing import Any
 
 import torch
 
-from posttrain.config import (DataConfig, DPOConfig, DPOSection, GRPOConfig, ModelConfig, PPOConfig, PromptDataConfig,
-                              RewardConfig, SFTConfig, TrainConfig, dump_config)
-from posttrain.config import ConfigError
+from posttrain.config import (ConfigError, DataConfig, DPOConfig, DPOSection, GRPOConfig, ModelConfig, PPOConfig,
+                              PromptDataConfig, RewardConfig, SFTConfig, TrainConfig, dump_config)
 from posttrain.data import BatchPlan, build_examples, eval_batches, holdout_split
 from posttrain.data.render import Example
 from posttrain.engine import LoopOptions, atomic_dir, atomic_write_text, console, read_metrics, train_loop
@@ -579,7 +578,7 @@ def build_roles(cfg: PPOConfig, loaded: Loaded):
         raise FileNotFoundError(f"ppo.reward_model: {rm} is not a `posttrain reward` run folder (needs config.yaml, "
                                 f"adapter/ and {HEAD_FILE})")
     _check_reward_base(cfg, yaml.safe_load((rm / "config.yaml").read_text()) or {})
-    policy, report = prepare_model(cfg, loaded)
+    policy, _ = prepare_model(cfg, loaded)
     policy.load_adapter(str(rm / "adapter"), adapter_name=REWARD, is_trainable=False)
     if cfg.ppo.critic_init == "reward":
         policy.load_adapter(str(rm / "adapter"), adapter_name=CRITIC, is_trainable=True)
@@ -599,8 +598,7 @@ def build_roles(cfg: PPOConfig, loaded: Loaded):
         torch.nn.init.zeros_(value_head.weight)
         torch.nn.init.zeros_(value_head.bias)
     roles = SharedRoles(policy, value_head, score_head)
-    report = trainable_report(roles)
-    return roles, report
+    return roles, trainable_report(roles)
 
 
 def role_memory(roles) -> dict[str, float]:
@@ -613,10 +611,12 @@ def role_memory(roles) -> dict[str, float]:
             adapters[role] = adapters.get(role, 0) + p.numel() * p.element_size()
     heads = sum(p.numel() * p.element_size() for m in (roles.value_head, roles.score_head) for p in m.parameters())
     mb = 2 ** 20
-    return {"base_weights_mb": round(base / mb, 1), **{f"adapter_{k}_mb": round(v / mb, 1) for k, v in adapters.items()},
-            "heads_mb": round(heads / mb, 3), "shared_weights_mb": round((base + sum(adapters.values()) + heads) / mb, 1),
-            "four_copies_weights_mb": round((4 * base + adapters.get("default", 0) + adapters.get("critic", 0)
-                                             + heads) / mb, 1)}
+    shared = base + sum(adapters.values()) + heads
+    four = 4 * base + adapters.get("default", 0) + adapters.get("critic", 0) + heads
+    return {"base_weights_mb": round(base / mb, 1),
+            **{f"adapter_{k}_mb": round(v / mb, 1) for k, v in adapters.items()},
+            "heads_mb": round(heads / mb, 3), "shared_weights_mb": round(shared / mb, 1),
+            "four_copies_weights_mb": round(four / mb, 1)}
 
 
 def run_ppo(cfg: PPOConfig, *, resume: bool = False) -> dict[str, Any]:

@@ -101,7 +101,8 @@ def test_run_ppo_end_to_end_and_resume_equals_uninterrupted(tiny_dir, tmp_path, 
     assert "eval/reward" in metrics[0] and "eval/watch" in metrics[0]
     mem = summary["memory"]
     assert mem["four_copies_weights_mb"] > 3.5 * mem["base_weights_mb"] and mem["peak_rss_mb"] > 0
-    assert (full / "adapter" / "adapter_model.safetensors").exists() and (full / "critic" / "value_head.safetensors").exists()
+    assert (full / "adapter" / "adapter_model.safetensors").exists()
+    assert (full / "critic" / "value_head.safetensors").exists()
     assert (full / "rewards.svg").read_text().count("<polyline") >= 3
     from peft import PeftConfig
 
@@ -116,7 +117,8 @@ def test_run_ppo_end_to_end_and_resume_equals_uninterrupted(tiny_dir, tmp_path, 
          if "loss" in m]
     assert [s for s, *_ in a] == [s for s, *_ in b]
     for (_, la, ra, ga), (_, lb, rb, gb) in zip(a, b):
-        assert la == pytest.approx(lb, abs=1e-6) and ra == pytest.approx(rb, abs=1e-6) and ga == pytest.approx(gb, rel=1e-4)
+        assert la == pytest.approx(lb, abs=1e-6) and ra == pytest.approx(rb, abs=1e-6)
+        assert ga == pytest.approx(gb, rel=1e-4)
 
 
 def test_ppo_config_checks(tiny_dir, tmp_path, tokenizer, reward_run):

@@ -22,7 +22,7 @@ import torch
 
 from posttrain.data.dataset import BatchPlan
 from posttrain.data.formats import Messages, validate_messages
-from posttrain.data.packing import best_fit, collate
+from posttrain.data.packing import best_fit
 from posttrain.data.readers import DataError, read_rows
 from posttrain.data.render import Example, TemplateError, render_example
 
