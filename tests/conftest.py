@@ -55,3 +55,9 @@ def chat_rows(n: int, seed: int = 0):
         rows.append({"messages": [{"role": "user", "content": f"Combine {a} and {b} (#{i})."},
                                   {"role": "assistant", "content": f"{a}-{b}" + " ok" * rnd.randint(0, 6)}]})
     return rows
+
+
+def step_records(run_dir: Path, keys=("step", "loss", "reward", "grad_norm")) -> list[tuple]:
+    """The given fields of every optimizer-step record of a run's metrics.jsonl (resume-equals-uninterrupted)."""
+    rows = map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+    return [tuple(m[k] for k in keys) for m in rows if "loss" in m]

@@ -12,7 +12,7 @@ from posttrain.rollout.batch import rollout_logps
 from posttrain.models import apply_lora
 from posttrain.pipeline import run_grpo
 from posttrain.rollout.sample import merged_for_generation, sample_completions
-from tests.conftest import write_jsonl
+from tests.conftest import step_records, write_jsonl
 
 
 def lora_model(tiny_dir):
@@ -124,10 +124,7 @@ def test_run_grpo_end_to_end_and_resume_equals_uninterrupted(tiny_dir, tmp_path)
     part = tmp_path / "part"
     run_grpo(grpo_cfg(tiny_dir, tmp_path, part, "train.max_steps=2", "train.min_lr_ratio=1.0"))
     run_grpo(grpo_cfg(tiny_dir, tmp_path, part, "train.max_steps=4", "train.min_lr_ratio=1.0"), resume=True)
-    keys = ("step", "loss", "reward", "grad_norm")
-    a = [tuple(m[k] for k in keys) for m in metrics if "loss" in m]
-    b = [tuple(m[k] for k in keys) for m in map(json.loads, (part / "metrics.jsonl").read_text().splitlines())
-         if "loss" in m]
+    a, b = step_records(full), step_records(part)
     assert [s for s, *_ in a] == [s for s, *_ in b]
     for (_, la, ra, ga), (_, lb, rb, gb) in zip(a, b):
         assert la == pytest.approx(lb, abs=1e-5) and ra == rb and ga == pytest.approx(gb, rel=1e-4)

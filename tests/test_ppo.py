@@ -10,7 +10,7 @@ from posttrain.config import ConfigError, load_config
 from posttrain.methods.ppo import ACTOR, CRITIC, REWARD, PPOParams, PPOPlan
 from posttrain.pipeline import begin_run, build_roles, load_prompt_splits, run_ppo, run_reward
 from posttrain.rewards import load_reward
-from tests.conftest import make_tiny, write_jsonl
+from tests.conftest import make_tiny, step_records, write_jsonl
 from tests.test_preference import pair_rows
 
 
@@ -111,10 +111,7 @@ def test_run_ppo_end_to_end_and_resume_equals_uninterrupted(tiny_dir, tmp_path, 
     part = tmp_path / "part"
     run_ppo(ppo_cfg(tiny_dir, tmp_path, reward_run, part, "train.max_steps=2", "train.min_lr_ratio=1.0"))
     run_ppo(ppo_cfg(tiny_dir, tmp_path, reward_run, part, "train.max_steps=4", "train.min_lr_ratio=1.0"), resume=True)
-    keys = ("step", "loss", "reward", "grad_norm")
-    a = [tuple(m[k] for k in keys) for m in metrics if "loss" in m]
-    b = [tuple(m[k] for k in keys) for m in map(json.loads, (part / "metrics.jsonl").read_text().splitlines())
-         if "loss" in m]
+    a, b = step_records(full), step_records(part)
     assert [s for s, *_ in a] == [s for s, *_ in b]
     for (_, la, ra, ga), (_, lb, rb, gb) in zip(a, b):
         assert la == pytest.approx(lb, abs=1e-6) and ra == pytest.approx(rb, abs=1e-6)

@@ -221,6 +221,26 @@ def shared_prefix(c: Example, r: Example) -> int:
     return n
 
 
+def pad_branch_rows(rows: list[tuple[list[int], list[int], list[int], list[int]]], pad_id: int, *, pad_branch: int,
+                    next_block: int) -> dict[str, torch.Tensor]:
+    """(B, T) ``input_ids``, ``position_ids``, ``branch``, ``block`` from rows of (ids, positions, branch, block);
+    each row's padding is a segment of its own (positions from 0, branch ``pad_branch``, a fresh block id)."""
+    width = max(len(r[0]) for r in rows)
+    out = {"input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
+           "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
+           "branch": torch.full((len(rows), width), pad_branch, dtype=torch.long),
+           "block": torch.zeros((len(rows), width), dtype=torch.long)}
+    for b, (ids, pos, branch, blocks) in enumerate(rows):
+        n = len(ids)
+        out["input_ids"][b, :n] = torch.tensor(ids)
+        out["position_ids"][b, :n] = torch.tensor(pos)
+        out["position_ids"][b, n:] = torch.arange(width - n)
+        out["branch"][b, :n] = torch.tensor(branch)
+        out["block"][b, :n] = torch.tensor(blocks)
+        out["block"][b, n:] = next_block + b
+    return out
+
+
 def collate_pairs(units: list[list[Pair]], pad_id: int, share_prompt: bool = True) -> dict[str, torch.Tensor]:
     """One row per unit; pair k of the batch (``pair_index[k]``) owns sequences 2k (chosen) and 2k+1 (rejected).
 
@@ -278,23 +298,8 @@ def collate_pairs(units: list[list[Pair]], pad_id: int, share_prompt: bool = Tru
         rows.append((ids, pos, branch, blocks))
         src_row += [len(rows) - 1] * (len(src) - len(src_row))
         last_row += [len(rows) - 1] * (len(last) - len(last_row))
-    width = max(len(r[0]) for r in rows)
-    out = {
-        "input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
-        "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
-        "branch": torch.zeros((len(rows), width), dtype=torch.long),
-        "block": torch.zeros((len(rows), width), dtype=torch.long),
-    }
-    for b, (ids, pos, branch, blocks) in enumerate(rows):
-        n = len(ids)
-        out["input_ids"][b, :n] = torch.tensor(ids)
-        out["position_ids"][b, :n] = torch.tensor(pos)
-        out["position_ids"][b, n:] = torch.arange(width - n)  # padding: its own segment
-        out["branch"][b, :n] = torch.tensor(branch)
-        out["block"][b, :n] = torch.tensor(blocks)
-        out["branch"][b, n:] = 3  # padding: a branch of its own
-        out["block"][b, n:] = block
-        block += 1
+    out = pad_branch_rows(rows, pad_id, pad_branch=3, next_block=block)
+    width = out["input_ids"].shape[1]
     out.update(score_index=torch.tensor(src) + width * torch.tensor(src_row), score_target=torch.tensor(tgt),
                score_seq=torch.tensor(seq), last_index=torch.tensor(last) + width * torch.tensor(last_row))
     out["num_tokens"] = torch.tensor(sum(len(r[0]) for r in rows))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from posttrain.data.preference import pad_branch_rows
 from posttrain.losses import target_logps
 from posttrain.methods.preference import pair_hidden
 from posttrain.methods.sft import _plain_head, unwrap
@@ -70,20 +71,8 @@ def collate_rollouts(prompt_ids: list[list[int]], completion_ids: list[list[int]
         block += 1 if share_prompt else 0
         rows.append((ids, pos, branch, blocks))
         src_row += [r] * (len(src) - len(src_row))
-    width = max(len(r[0]) for r in rows)
-    out = {"input_ids": torch.full((len(rows), width), pad_id, dtype=torch.long),
-           "position_ids": torch.zeros((len(rows), width), dtype=torch.long),
-           "branch": torch.full((len(rows), width), PAD_BRANCH, dtype=torch.long),
-           "block": torch.zeros((len(rows), width), dtype=torch.long)}
-    for b, (ids, pos, branch, blocks) in enumerate(rows):
-        n = len(ids)
-        out["input_ids"][b, :n] = torch.tensor(ids)
-        out["position_ids"][b, :n] = torch.tensor(pos)
-        out["position_ids"][b, n:] = torch.arange(width - n)  # padding: its own segment
-        out["branch"][b, :n] = torch.tensor(branch)
-        out["block"][b, :n] = torch.tensor(blocks)
-        out["block"][b, n:] = block
-        block += 1
+    out = pad_branch_rows(rows, pad_id, pad_branch=PAD_BRANCH, next_block=block)
+    width = out["input_ids"].shape[1]
     longest = max(len(c) for c in completion_ids)
     mask = torch.zeros((len(completion_ids), longest), dtype=torch.bool)
     for i, c in enumerate(completion_ids):

@@ -9,6 +9,7 @@ become advantages.
 
 from __future__ import annotations
 
+import abc
 import random
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ def generation_batch(completions: int, micro_batch_size: int, cap: int = 64) -> 
     return max(micro_batch_size, min(completions, cap))
 
 
-class RolloutSchedule:
+class RolloutSchedule(abc.ABC):
     def __init__(self, model: torch.nn.Module, tokenizer, prompts: list[list[int]], rows: list[dict[str, Any]],
                  chats: list[Any], *, prompts_per_step: int, mu: int, micro_batch_size: int, seed: int,
                  share_prompt: bool = True, watch: RewardFn | None = None):
@@ -49,8 +50,9 @@ class RolloutSchedule:
             self._cached = (rollout, self._rollout(rollout))
         return self._cached[1]
 
+    @abc.abstractmethod
     def _rollout(self, rollout: int) -> list[Batch]:
-        raise NotImplementedError
+        """The micro-batches of one rollout: sampled, scored, with everything the method's loss reads."""
 
     def prompt_indices(self, rollout: int) -> list[int]:
         out = []
