@@ -47,10 +47,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -58,7 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the SFT benchmark's helpers, shared not copied
-from bench_sft import base_param_count, matmul_gflops, peak_rss_mb, start, versions  # noqa: E402
+from bench_sft import base_param_count, finish, peak_rss_mb, run_rounds, start  # noqa: E402
 
 if TYPE_CHECKING:  # posttrain imports torch: only workers pay for it
     from posttrain.data import Pair, PairPlan
@@ -352,53 +350,22 @@ def main() -> None:
     if not DATA.exists():
         sys.exit(f"missing {DATA}; see benchmarks/prepare_hh.py")
 
-    import torch
-
-    torch.set_num_threads(args.threads)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    ceilings = [matmul_gflops()]
-    print(f"fp32 matmul: {ceilings[0]:.1f} GFLOP/s ({args.threads} threads)", flush=True)
-    results: dict[str, list[dict]] = {c: [] for c in configs}
     common = ["--model", args.model, "--pairs", str(args.pairs), "--max-len", str(args.max_len), "--batch",
               str(args.batch), "--pack-rows", str(args.pack_rows), "--warmup", str(args.warmup), "--steps",
               str(args.steps), "--lr", str(args.lr), "--threads", str(args.threads)]
-    with tempfile.TemporaryDirectory(prefix="bench-dpo-") as tmp:
-        for rnd in range(args.rounds):
-            for c in configs:
-                res = Path(tmp) / f"{c}-{rnd}.json"
-                ceilings.append(matmul_gflops())  # between runs too: the best reading is the machine's ceiling
-                t0 = time.perf_counter()
-                proc = subprocess.run([sys.executable, __file__, "--worker", c, "--result", str(res), *common],
-                                      env=env, cwd=REPO, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-                    sys.exit(f"{c} (round {rnd + 1}) failed with exit code {proc.returncode}")
-                r = json.loads(res.read_text())
-                results[c].append(r)
-                loss1 = r["steps"][0]["loss"]  # policy == reference at step 1 (LoRA B = 0): log 2 = 0.6931 on both
-                print(f"round {rnd + 1}/{args.rounds} {c:15s} {r['pairs_per_s']:6.2f} pairs/s "
-                      f"{r['tokens_per_s']:7.1f} tokens/s {r['s_per_step']:6.2f} s/step "
-                      f"{r['tokens_per_step']:6.0f} tokens/step {r['peak_rss_mb']:6.0f} MB "
-                      f"loss@1 {'-' if loss1 is None else f'{loss1:.4f}'} "
-                      f"(data: {r['pairs']} pairs, {r['dataset_tokens']} tokens, {r['rows']} rows; "
-                      f"{time.perf_counter() - t0:.0f} s wall; matmul before it {ceilings[-1]:.0f} GFLOP/s)",
-                      flush=True)
-    ceilings.append(matmul_gflops())
-    ceiling = max(ceilings)
-    print(f"fp32 matmul readings: {', '.join(f'{g:.0f}' for g in ceilings)} GFLOP/s; ceiling = best = {ceiling:.1f}",
-          flush=True)
+
+    def describe(r: dict[str, Any]) -> str:
+        loss1 = r["steps"][0]["loss"]  # policy == reference at step 1 (LoRA B = 0): log 2 = 0.6931 on both
+        return (f"{r['pairs_per_s']:6.2f} pairs/s {r['tokens_per_s']:7.1f} tokens/s {r['s_per_step']:6.2f} s/step "
+                f"{r['tokens_per_step']:6.0f} tokens/step {r['peak_rss_mb']:6.0f} MB "
+                f"loss@1 {'-' if loss1 is None else f'{loss1:.4f}'} "
+                f"(data: {r['pairs']} pairs, {r['dataset_tokens']} tokens, {r['rows']} rows)")
+
+    results, ceilings = run_rounds(args, configs, common, __file__, describe)
     first = next(iter(results.values()))[0]
     print(f"data: {first['data']} ({first['overlong_in_prefix']} over-long and {first['bad_in_prefix']} bad pairs "
           f"skipped before the last kept one)")
-    print()
-    print(table(results, ceiling, args.warmup, args.steps))
-    v = versions()
-    print("\nversions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + f"; python {sys.version.split()[0]}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"ceiling_gflops": ceilings, "versions": v, "args": vars(args),
-                                               "results": results}, indent=1))
+    finish(args, results, ceilings, table(results, max(ceilings), args.warmup, args.steps))
 
 
 if __name__ == "__main__":

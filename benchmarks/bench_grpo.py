@@ -66,10 +66,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -77,7 +75,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the SFT benchmark's helpers, shared not copied
-from bench_sft import base_param_count, matmul_gflops, peak_rss_mb, start, versions  # noqa: E402
+from bench_sft import base_param_count, finish, peak_rss_mb, run_rounds, start  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/train.jsonl"
@@ -393,55 +391,24 @@ def main() -> None:
         sys.exit("--group must be at least 2 (group advantages)")
     micro_batch(args)  # fail early on a step that does not split into micro-batches
 
-    import torch
-
-    torch.set_num_threads(args.threads)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    ceilings = [matmul_gflops()]
-    print(f"fp32 matmul: {ceilings[0]:.1f} GFLOP/s ({args.threads} threads)", flush=True)
-    results: dict[str, list[dict]] = {c: [] for c in configs}
     common = ["--model", args.model, "--prompts", str(args.prompts), "--group", str(args.group), "--per-step",
               str(args.per_step), "--max-new", str(args.max_new), "--warmup", str(args.warmup), "--steps",
               str(args.steps), "--micro-batch", str(args.micro_batch), "--lr", str(args.lr), "--threads",
               str(args.threads)]
-    with tempfile.TemporaryDirectory(prefix="bench-grpo-") as tmp:
-        for rnd in range(args.rounds):
-            for c in configs:
-                res = Path(tmp) / f"{c}-{rnd}.json"
-                ceilings.append(matmul_gflops())  # between runs too: the best reading is the machine's ceiling
-                t0 = time.perf_counter()
-                proc = subprocess.run([sys.executable, __file__, "--worker", c, "--result", str(res), *common],
-                                      env=env, cwd=REPO, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-                    sys.exit(f"{c} (round {rnd + 1}) failed with exit code {proc.returncode}")
-                r = json.loads(res.read_text())
-                results[c].append(r)
-                s1 = r["steps"][0]
-                per_step = ", ".join(f"{s['seconds']:.2f}" for s in r["steps"])
-                loss1 = "-" if s1["loss"] is None else f"{s1['loss']:.4f}"
-                reward1 = "-" if s1["reward"] is None else f"{s1['reward']:.3f}"
-                print(f"round {rnd + 1}/{args.rounds} {c:10s} {r['s_per_step']:7.2f} s/step ({per_step} per step, "
-                      f"warm-up included) completion len {r['completion_len']:.1f} {r['tokens_per_step']:6.0f} "
-                      f"tokens/step {r['peak_rss_mb']:6.0f} MB loss@1 {loss1} reward@1 {reward1} "
-                      f"order {'ok' if r['order_matches'] else 'DIFFERS'} "
-                      f"({time.perf_counter() - t0:.0f} s wall; matmul before it {ceilings[-1]:.0f} GFLOP/s)",
-                      flush=True)
-    ceilings.append(matmul_gflops())
-    ceiling = max(ceilings)
-    print(f"fp32 matmul readings: {', '.join(f'{g:.0f}' for g in ceilings)} GFLOP/s; ceiling = best = {ceiling:.1f}",
-          flush=True)
+
+    def describe(r: dict[str, Any]) -> str:
+        s1 = r["steps"][0]
+        per_step = ", ".join(f"{s['seconds']:.2f}" for s in r["steps"])
+        loss1 = "-" if s1["loss"] is None else f"{s1['loss']:.4f}"
+        reward1 = "-" if s1["reward"] is None else f"{s1['reward']:.3f}"
+        return (f"{r['s_per_step']:7.2f} s/step ({per_step} per step, warm-up included) completion len "
+                f"{r['completion_len']:.1f} {r['tokens_per_step']:6.0f} tokens/step {r['peak_rss_mb']:6.0f} MB "
+                f"loss@1 {loss1} reward@1 {reward1} order {'ok' if r['order_matches'] else 'DIFFERS'}")
+
+    results, ceilings = run_rounds(args, configs, common, __file__, describe)
     first = next(iter(results.values()))[0]
     print(f"data: {first['data']}; system prompt and rewards from {EXAMPLE.relative_to(REPO)}")
-    print()
-    print(table(results, ceiling, args))
-    v = versions()
-    print("\nversions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + f"; python {sys.version.split()[0]}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"ceiling_gflops": ceilings, "versions": v, "args": vars(args),
-                                               "results": results}, indent=1))
+    finish(args, results, ceilings, table(results, max(ceilings), args))
 
 
 if __name__ == "__main__":

@@ -334,6 +334,53 @@ def start(p: argparse.ArgumentParser, known: tuple[str, ...], run_worker,
     return args, configs
 
 
+def run_rounds(args: argparse.Namespace, configs: list[str], common: list[str], script: str,
+               describe) -> tuple[dict[str, list[dict]], list[float]]:
+    """Each configuration's worker in its own subprocess (so peak RSS is its own), alternately for ``args.rounds``
+    rounds, a printed line per run (``describe(result)``); the fp32 matmul rate is read before, between and after
+    the runs. Returns the results per configuration and the matmul readings."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+           "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    ceilings = [matmul_gflops()]
+    print(f"fp32 matmul: {ceilings[0]:.1f} GFLOP/s ({args.threads} threads)", flush=True)
+    results: dict[str, list[dict]] = {c: [] for c in configs}
+    width = max(len(c) for c in configs)
+    with tempfile.TemporaryDirectory(prefix=f"{Path(script).stem}-") as tmp:
+        for rnd in range(args.rounds):
+            for c in configs:
+                res = Path(tmp) / f"{c}-{rnd}.json"
+                ceilings.append(matmul_gflops())  # between runs too: the best reading is the machine's ceiling
+                t0 = time.perf_counter()
+                proc = subprocess.run([sys.executable, script, "--worker", c, "--result", str(res), *common],
+                                      env=env, cwd=REPO, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+                    sys.exit(f"{c} (round {rnd + 1}) failed with exit code {proc.returncode}")
+                r = json.loads(res.read_text())
+                results[c].append(r)
+                print(f"round {rnd + 1}/{args.rounds} {c:{width}s} {describe(r)} ({time.perf_counter() - t0:.0f} s "
+                      f"wall; matmul before it {ceilings[-1]:.0f} GFLOP/s)", flush=True)
+    ceilings.append(matmul_gflops())
+    print(f"fp32 matmul readings: {', '.join(f'{g:.0f}' for g in ceilings)} GFLOP/s; ceiling = best = "
+          f"{max(ceilings):.1f}", flush=True)
+    return results, ceilings
+
+
+def finish(args: argparse.Namespace, results: dict[str, list[dict]], ceilings: list[float], table_text: str) -> None:
+    """The table, the package versions, and the raw results as JSON when asked."""
+    print()
+    print(table_text)
+    v = versions()
+    print("\nversions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + f"; python {sys.version.split()[0]}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"ceiling_gflops": ceilings, "versions": v, "args": vars(args),
+                                               "results": results}, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
@@ -350,48 +397,14 @@ def main() -> None:
     if configs is None:
         return
 
-    import torch
-
-    torch.set_num_threads(args.threads)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    ceilings = [matmul_gflops()]
-    print(f"fp32 matmul: {ceilings[0]:.1f} GFLOP/s ({args.threads} threads)", flush=True)
-    results: dict[str, list[dict]] = {c: [] for c in configs}
     common = ["--model", args.model, "--examples", str(args.examples), "--max-len", str(args.max_len), "--batch",
               str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps), "--lr", str(args.lr),
               "--lora-dropout", str(args.lora_dropout), "--threads", str(args.threads)]
-    with tempfile.TemporaryDirectory(prefix="bench-sft-") as tmp:
-        for rnd in range(args.rounds):
-            for c in configs:
-                res = Path(tmp) / f"{c}-{rnd}.json"
-                ceilings.append(matmul_gflops())  # between runs too: the best reading is the machine's ceiling
-                t0 = time.perf_counter()
-                proc = subprocess.run([sys.executable, __file__, "--worker", c, "--result", str(res), *common],
-                                      env=env, cwd=REPO, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-                    sys.exit(f"{c} (round {rnd + 1}) failed with exit code {proc.returncode}")
-                r = json.loads(res.read_text())
-                results[c].append(r)
-                print(f"round {rnd + 1}/{args.rounds} {c:17s} {r['tokens_per_s']:7.1f} tokens/s "
-                      f"{r['trained_per_s']:7.1f} trained/s {r['s_per_step']:6.2f} s/step "
-                      f"{r['tokens_per_step']:6.0f} tokens/step {r['peak_rss_mb']:6.0f} MB "
-                      f"(data: {r['examples']} chats, {r['dataset_tokens']} tokens, {r['rows']} rows; "
-                      f"{time.perf_counter() - t0:.0f} s wall; matmul before it {ceilings[-1]:.0f} GFLOP/s)",
-                      flush=True)
-    ceilings.append(matmul_gflops())
-    ceiling = max(ceilings)
-    print(f"fp32 matmul readings: {', '.join(f'{g:.0f}' for g in ceilings)} GFLOP/s; ceiling = best = {ceiling:.1f}",
-          flush=True)
-    print()
-    print(table(results, ceiling, args.warmup, args.steps))
-    v = versions()
-    print("\nversions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + f"; python {sys.version.split()[0]}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"ceiling_gflops": ceilings, "versions": v, "args": vars(args),
-                                               "results": results}, indent=1))
+    results, ceilings = run_rounds(args, configs, common, __file__, lambda r: (
+        f"{r['tokens_per_s']:7.1f} tokens/s {r['trained_per_s']:7.1f} trained/s {r['s_per_step']:6.2f} s/step "
+        f"{r['tokens_per_step']:6.0f} tokens/step {r['peak_rss_mb']:6.0f} MB "
+        f"(data: {r['examples']} chats, {r['dataset_tokens']} tokens, {r['rows']} rows)"))
+    finish(args, results, ceilings, table(results, max(ceilings), args.warmup, args.steps))
 
 
 if __name__ == "__main__":
