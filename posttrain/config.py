@@ -32,6 +32,9 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = False
     init_adapter: str | None = Field(
         None, description="LoRA adapter (or run folder) merged into the base first, e.g. an SFT run before DPO")
+    quantization: Literal["none", "nf4"] = Field(
+        "none", description="nf4: the base's linear layers in 4-bit NormalFloat (QLoRA); dtype is the compute dtype")
+    double_quant: bool = Field(True, description="nf4: quantize the per-block scales too (~0.37 -> ~0.13 bits/weight)")
 
 
 class LoraConfig(_Section):
@@ -77,6 +80,8 @@ class TrainConfig(_Section):
     save_every: int | None = Field(None, gt=0, description="steps between checkpoints; null = at the end only")
     save_total_limit: int = Field(2, gt=0)
     loss_chunk_size: int = Field(1024, gt=0, description="trained positions per LM-head chunk")
+    optimizer: Literal["auto", "adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "auto", description="auto: paged 8-bit AdamW for a 4-bit base on a GPU, else AdamW (fp32 moments)")
 
 
 class _Job(_Section):
@@ -86,6 +91,19 @@ class _Job(_Section):
     finetune: Literal["lora", "full"] = "lora"
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
+
+    @model_validator(mode="after")
+    def _check_quantization(self) -> "_Job":
+        if self.model.quantization == "none":
+            return self
+        if self.finetune != "lora":
+            raise ValueError(f"model.quantization: {self.model.quantization} needs finetune: lora (4-bit weights "
+                             "are frozen; QLoRA trains adapters on top of them)")
+        if self.model.init_adapter:
+            raise ValueError("model.init_adapter with model.quantization: merging an adapter into a 4-bit base "
+                             "re-quantizes it and loses most of the update; run `posttrain merge ADAPTER --out DIR` "
+                             "and set model.name: DIR instead")
+        return self
 
 
 class SFTConfig(_Job):

@@ -17,8 +17,9 @@ from posttrain.data.render import Example
 from posttrain.engine import LoopOptions, atomic_dir, atomic_write_text, console, read_metrics, train_loop
 from posttrain.eval import heldout_loss, sample_generations
 from posttrain.methods import SFT
-from posttrain.models import (Loaded, apply_lora, format_trainable, load_adapter, load_model, prepare_full,
-                              trainable_report)
+from posttrain.models import (Loaded, Quantization, apply_lora, choose_device, dequantize_, format_trainable,
+                              format_weight_bytes, load_adapter, load_model, prepare_full, trainable_report,
+                              weight_bytes)
 
 
 def seed_everything(seed: int) -> None:
@@ -35,8 +36,13 @@ def resolve_template(template: str | None) -> str | None:
     return template
 
 
+def quantization_of(mcfg: ModelConfig) -> Quantization | None:
+    return None if mcfg.quantization == "none" else Quantization(mcfg.quantization, mcfg.double_quant)
+
+
 def load_base(mcfg: ModelConfig) -> Loaded:
-    return load_model(mcfg.name, dtype=mcfg.dtype, device=mcfg.device, attn_implementation=mcfg.attn_implementation)
+    return load_model(mcfg.name, dtype=mcfg.dtype, device=mcfg.device, attn_implementation=mcfg.attn_implementation,
+                      quantization=quantization_of(mcfg))
 
 
 def prepare_model(cfg: SFTConfig | DPOConfig | RewardConfig, loaded: Loaded) -> tuple[torch.nn.Module, dict[str, int]]:
@@ -55,14 +61,25 @@ def prepare_model(cfg: SFTConfig | DPOConfig | RewardConfig, loaded: Loaded) -> 
         model = prepare_full(model)
     report = trainable_report(model)
     console.print(format_trainable(report))
+    if cfg.model.quantization != "none":
+        report["base_weight_bytes"] = weight_bytes(loaded.model)
+        console.print(format_weight_bytes(report["base_weight_bytes"], loaded.dtype))
     return model, report
 
 
-def loop_options(t: TrainConfig, total: int) -> LoopOptions:
+def choose_optimizer(t: TrainConfig, mcfg: ModelConfig) -> str:
+    if t.optimizer != "auto":
+        return t.optimizer
+    on_gpu = choose_device(mcfg.device).type == "cuda"
+    return "paged_adamw_8bit" if mcfg.quantization != "none" and on_gpu else "adamw"
+
+
+def loop_options(t: TrainConfig, total: int, mcfg: ModelConfig) -> LoopOptions:
     return LoopOptions(total_steps=total, lr=t.lr, warmup_steps=round(t.warmup_ratio * total),
                        min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, adam_betas=t.adam_betas,
                        max_grad_norm=t.max_grad_norm, log_every=t.log_every, eval_every=t.eval_every,
-                       save_every=t.save_every, save_total_limit=t.save_total_limit)
+                       save_every=t.save_every, save_total_limit=t.save_total_limit,
+                       optimizer=choose_optimizer(t, mcfg))
 
 
 def prepare_data(dcfg: DataConfig, tokenizer) -> tuple[list[Example], list[Example], list[list[dict]], list[str]]:
@@ -101,7 +118,8 @@ def write_summary(out: Path, t0: float, total: int, report: dict, lines: list[st
     """summary.json: where the result is, how long it took, and the first and last held-out evals."""
     evals = [r for r in read_metrics(out / "metrics.jsonl") if eval_key in r]
     summary = {"output": str(final_dir), "steps": total, "seconds": round(time.perf_counter() - t0, 1),
-               "trainable": report["trainable"], "total_params": report["total"], "data": lines,
+               "trainable": report["trainable"], "total_params": report["total"],
+               "base_weight_bytes": report.get("base_weight_bytes"), "data": lines,
                "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None,
                "final_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None)}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
@@ -122,7 +140,7 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False) -> dict[str, Any]:
     plan = BatchPlan(train, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, seed=t.seed,
                      pad_id=tok.pad_token_id, packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len)
     total = t.max_steps or plan.steps_for(t.epochs)
-    opts = loop_options(t, total)
+    opts = loop_options(t, total, cfg.model)
     console.print(f"training {total} steps: {len(plan.units)} {'packed rows' if cfg.data.packing else 'examples'} "
                   f"x {t.epochs} epochs, {plan.per_step} per step ({t.micro_batch_size} x {t.grad_accum} accumulation)")
     held_batches = eval_batches(held, t.micro_batch_size, tok.pad_token_id) if held else []
@@ -169,11 +187,14 @@ def load_for_inference(model_name: str | None, adapter: str | None, *, dtype: st
         adapter_dir = resolve_adapter(adapter)
         if model_name is None:
             model_name = base_of(adapter)
-    loaded = load_model(model_name, dtype=dtype, device=device)
+    quant = run_quantization(adapter) if adapter else None
+    loaded = load_model(model_name, dtype=dtype, device=device, quantization=quant)
     if adapter_dir is not None:
         init = init_adapter_of(adapter)
         if init:  # the run trained on top of another adapter (e.g. DPO after SFT): that one is part of its base
             loaded.model = load_adapter(loaded.model, str(resolve_adapter(init))).merge_and_unload()
+        if quant and merge:  # a QLoRA adapter merges into the de-quantized base it was trained against
+            dequantize_(loaded.model)
         model = load_adapter(loaded.model, str(adapter_dir))
         loaded.model = model.merge_and_unload() if merge else model
     loaded.model.eval()
@@ -189,7 +210,7 @@ def resolve_adapter(path: str) -> Path:
     raise FileNotFoundError(f"{path} is neither a PEFT adapter folder nor a run folder with adapter/ in it")
 
 
-def _run_config(adapter: str) -> dict:
+def run_config_of(adapter: str) -> dict:
     p = Path(adapter)
     for cfg in (p / "config.yaml", p.parent / "config.yaml"):
         if cfg.exists():
@@ -199,13 +220,19 @@ def _run_config(adapter: str) -> dict:
     return {}
 
 
+def run_quantization(adapter: str) -> Quantization | None:
+    """The 4-bit setting a run's base was trained in (None for an adapter folder without a run config)."""
+    model = run_config_of(adapter).get("model") or {}
+    return quantization_of(ModelConfig(**{k: v for k, v in model.items() if k in ModelConfig.model_fields}))
+
+
 def init_adapter_of(adapter: str) -> str | None:
-    return (_run_config(adapter).get("model") or {}).get("init_adapter")
+    return (run_config_of(adapter).get("model") or {}).get("init_adapter")
 
 
 def base_of(adapter: str) -> str | None:
     """The base model a run or adapter was trained from."""
-    run = _run_config(adapter)
+    run = run_config_of(adapter)
     if run:
         return (run.get("model") or {}).get("name")
     meta = json.loads((resolve_adapter(adapter) / "adapter_config.json").read_text())
@@ -321,7 +348,7 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False) -> dict[str, Any]:
     evaluate = (lambda m: preference_eval(m, eval_method, held_batches)) if held_batches else None
     export = (lambda path: model.save_pretrained(path)) if cfg.finetune == "lora" else None
     atomic_write_text(out / "config.yaml", dump_config(cfg))
-    records = train_loop(model, method, plan, loop_options(t, total), out, evaluate=evaluate, export=export,
+    records = train_loop(model, method, plan, loop_options(t, total, cfg.model), out, evaluate=evaluate, export=export,
                          resume=resume)
     final_dir = save_trained(model, tok, out, cfg.finetune)
     summary, evals = write_summary(out, t0, total, report, lines, records, final_dir, "eval/accuracy")
@@ -362,7 +389,7 @@ def run_reward(cfg: RewardConfig, *, resume: bool = False) -> dict[str, Any]:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(path / HEAD_FILE))
 
     atomic_write_text(out / "config.yaml", dump_config(cfg))
-    records = train_loop(model, method, plan, loop_options(t, total), out, evaluate=evaluate, export=export,
+    records = train_loop(model, method, plan, loop_options(t, total, cfg.model), out, evaluate=evaluate, export=export,
                          resume=resume)
     final_dir = save_trained(lm, tok, out, cfg.finetune)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE))
@@ -527,7 +554,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: bool = False) -> dict[str, Any]:
         if held_prompts else None
     export = (lambda path: model.save_pretrained(path)) if cfg.finetune == "lora" else None
     atomic_write_text(out / "config.yaml", dump_config(cfg))
-    records = train_loop(model, GRPO(params, t.loss_chunk_size), plan, loop_options(t, total), out,
+    records = train_loop(model, GRPO(params, t.loss_chunk_size), plan, loop_options(t, total, cfg.model), out,
                          evaluate=evaluate, export=export, resume=resume)
     final_dir = save_trained(model, tok, out, cfg.finetune)
     summary, evals = write_summary(out, t0, total, report, lines, records, final_dir, "eval/reward")
@@ -669,7 +696,7 @@ def run_ppo(cfg: PPOConfig, *, resume: bool = False) -> dict[str, Any]:
         save_critic(path.parent / "critic")
 
     atomic_write_text(out / "config.yaml", dump_config(cfg))
-    records = train_loop(roles, PPO(params, t.loss_chunk_size), plan, loop_options(t, total), out,
+    records = train_loop(roles, PPO(params, t.loss_chunk_size), plan, loop_options(t, total, cfg.model), out,
                          evaluate=evaluate, export=export, resume=resume)
     final = atomic_dir(out / "adapter", lambda tmp: (roles.policy.save_pretrained(tmp, selected_adapters=[ACTOR]),
                                                      tok.save_pretrained(tmp)))

@@ -48,6 +48,23 @@ class LoopOptions:
     eval_every: int | None = None
     save_every: int | None = None
     save_total_limit: int = 2
+    optimizer: str = "adamw"
+
+
+def _bnb_optimizer(name: str) -> Callable[..., torch.optim.Optimizer]:
+    def build(params, **kw) -> torch.optim.Optimizer:
+        import bitsandbytes as bnb
+
+        return getattr(bnb.optim, name)(params, **kw)
+    return build
+
+
+# 8-bit moments take 2 bytes per trainable parameter instead of 8; paged state moves to CPU under GPU memory pressure.
+OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "adamw": torch.optim.AdamW,
+    "adamw_8bit": _bnb_optimizer("AdamW8bit"),
+    "paged_adamw_8bit": _bnb_optimizer("PagedAdamW8bit"),
+}
 
 
 def _all_reduce_sum(value: float, device: torch.device) -> float:
@@ -66,7 +83,7 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
     if not params:
         raise ValueError("the model has no trainable parameters")
     device = params[0].device
-    optimizer = torch.optim.AdamW(params, lr=opts.lr, betas=opts.adam_betas, weight_decay=opts.weight_decay)
+    optimizer = OPTIMIZERS[opts.optimizer](params, lr=opts.lr, betas=opts.adam_betas, weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
         s, total_steps=opts.total_steps, warmup_steps=opts.warmup_steps, min_ratio=opts.min_lr_ratio))
     ckpt_root = output_dir / "checkpoints"

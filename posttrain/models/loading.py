@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from posttrain.models.quant import Quantization, bnb_config
+
 log = logging.getLogger("posttrain")
 
 
@@ -133,13 +135,19 @@ def load_tokenizer(name: str | None):
 
 
 def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "auto",
-               attn_implementation: str = "sdpa") -> Loaded:
+               attn_implementation: str = "sdpa", quantization: Quantization | None = None) -> Loaded:
+    """``quantization`` stores the linear layers in 4 bits; ``dtype`` is then their compute dtype."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
     path = resolve_model_path(name)
     dev = choose_device(device)
     torch_dtype = choose_dtype(dtype, dev)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
-    model.to(dev)
+    if quantization is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
+        model.to(dev)
+    else:  # bitsandbytes quantizes while loading, on the target device; a quantized model cannot be moved after
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation,
+                                                     quantization_config=bnb_config(quantization, torch_dtype),
+                                                     device_map={"": dev})
     return Loaded(model=model, tokenizer=load_tokenizer(name), path=path, device=dev, dtype=torch_dtype)

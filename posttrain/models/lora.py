@@ -37,9 +37,11 @@ def trainable_report(model: torch.nn.Module) -> dict:
         if id(p) in seen:  # tied weights count once
             continue
         seen.add(id(p))
-        total += p.numel()
+        # A 4-bit weight is stored packed two per byte; count the weights it stands for.
+        n = p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
+        total += n
         if p.requires_grad:
-            trainable += p.numel()
+            trainable += n
             parts = [s for s in name.split(".") if not s.isdigit() and s not in {"weight", "bias", "default"}]
             by_module[".".join(parts[-2:])] += p.numel()
     return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1),

@@ -13,13 +13,17 @@ from typing import Iterator
 
 import torch
 
+from posttrain.models.quant import is_quantized
 from posttrain.rollout.generate import stop_token_ids
 
 
 @contextlib.contextmanager
 def merged_for_generation(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Merge LoRA adapters in place for generation, then restore the exact base weights and unmerged state."""
-    if not hasattr(model, "merge_adapter"):
+    """Merge LoRA adapters in place for generation, then restore the exact base weights and unmerged state.
+
+    A 4-bit base decodes with the adapters unmerged: merging would re-quantize W + BA.
+    """
+    if not hasattr(model, "merge_adapter") or is_quantized(model):
         yield model
         return
     saved = {name: m.base_layer.weight.detach().clone() for name, m in model.named_modules()

@@ -1,0 +1,8 @@
+"""OpenAI-compatible serving of one base model with many LoRA adapters, batched together in each forward."""
+
+from posttrain.serve.api import Sampling, ServeError
+from posttrain.serve.engine import BASE, Engine
+from posttrain.serve.scheduler import Request, Scheduler
+from posttrain.serve.server import Server, serve
+
+__all__ = ["BASE", "Engine", "Request", "Sampling", "Scheduler", "ServeError", "Server", "serve"]

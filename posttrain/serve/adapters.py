@@ -1,0 +1,43 @@
+"""Which adapter folders a client may load: only what lies inside the configured adapter directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from posttrain.serve.api import ServeError
+
+
+def _inside(root: Path, path: Path) -> bool:
+    return path == root or root in path.parents
+
+
+def resolve_in_dir(root: Path, lora_path: str) -> Path:
+    """The adapter folder ``lora_path`` names (relative to ``root``, or absolute but inside it), every symlink
+    resolved: 403 for anything that leads outside ``root``, 404 when absent, 400 when it holds no adapter.
+
+    Containment is checked before existence, so a client learns nothing about paths outside the directory.
+    """
+    root = root.resolve()
+    try:
+        target = (root / lora_path).resolve()  # joining an absolute path keeps it as it is
+    except (OSError, ValueError, RuntimeError) as exc:  # NUL bytes, symlink loops
+        raise ServeError(400, f"bad lora_path {lora_path!r}: {exc}", param="lora_path") from exc
+    if not _inside(root, target):
+        raise ServeError(403, f"lora_path {lora_path!r} is outside the adapter directory", param="lora_path")
+    if not target.exists():
+        raise ServeError(404, f"no adapter at {lora_path!r} in the adapter directory", param="lora_path")
+    folder = target if (target / "adapter_config.json").exists() else target / "adapter"
+    if not (folder / "adapter_config.json").exists():
+        raise ServeError(400, f"{lora_path!r} is neither a PEFT adapter folder nor a run folder with adapter/ in "
+                              "it", param="lora_path")
+    folder = folder.resolve()
+    # A run's adapter/ or a weights file may itself be a link out of the directory.
+    if not _inside(root, folder) or any(not _inside(root, f.resolve()) for f in folder.iterdir()):
+        raise ServeError(403, f"lora_path {lora_path!r} links outside the adapter directory", param="lora_path")
+    return folder
+
+
+def discover(root: Path) -> list[str]:
+    """Names of the subfolders of ``root`` that hold an adapter (directly, or a run folder's adapter/)."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and
+                  ((p / "adapter_config.json").exists() or (p / "adapter" / "adapter_config.json").exists()))

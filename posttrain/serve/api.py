@@ -1,0 +1,193 @@
+"""The OpenAI wire format: request validation (every refusal names its field) and response/chunk shapes."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_MAX_TOKENS = 512  # when a request names none; the context limit still applies
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
+                411: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
+                503: "server_error", 504: "timeout_error"}
+
+
+class ServeError(Exception):
+    """A refusal with its HTTP status; rendered as OpenAI's ``{"error": {...}}`` body."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": _ERROR_TYPES.get(self.status, "invalid_request_error"),
+                          "param": self.param, "code": self.code}}
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0  # OpenAI's default; 0 is greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class GenerationRequest:
+    kind: str  # "chat" or "completion"
+    model: str
+    prompts: list  # chat: one list of messages; completion: one or more strings (one choice each)
+    max_tokens: int | None
+    sampling: dict = field(default_factory=dict)  # Sampling's fields but max_tokens, known once prompts are tokens
+    stream: bool = False
+    include_usage: bool = False
+
+
+# Fields this server does not implement; accepting them silently would return something other than was asked.
+# Each maps to a test of "the client left it at its default".
+_UNSUPPORTED = {
+    "logprobs": lambda v: not v, "top_logprobs": lambda v: not v, "echo": lambda v: not v,
+    "suffix": lambda v: not v, "logit_bias": lambda v: not v, "tools": lambda v: not v,
+    "functions": lambda v: not v, "best_of": lambda v: v in (None, 1),
+    "presence_penalty": lambda v: not v, "frequency_penalty": lambda v: not v,
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type", "text") == "text"),
+}
+
+
+def _number(body: dict, name: str, default, *, lo: float, hi: float, integer: bool = False):
+    v = body.get(name)
+    if v is None:
+        return default
+    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+    if isinstance(v, bool) or not ok or not lo <= v <= hi:
+        kind = "an integer" if integer else "a number"
+        raise ServeError(400, f"'{name}' must be {kind} in [{lo}, {hi}], got {v!r}", param=name)
+    return v
+
+
+def _messages(body: dict) -> list[dict]:
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise ServeError(400, "'messages' is required: a non-empty list of {role, content} objects", param="messages")
+    out = []
+    for i, m in enumerate(msgs):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ServeError(400, f"{where} must be an object with a string 'role'", param=where)
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: only text can reach a text model
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ServeError(400, f"{where}.content: only text parts are supported", param=f"{where}.content")
+            content = "".join(p["text"] for p in content)
+        elif content is None and m["role"] == "assistant":
+            content = ""
+        elif not isinstance(content, str):
+            raise ServeError(400, f"{where}.content must be a string or a list of text parts",
+                             param=f"{where}.content")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _prompts(body: dict) -> list[str]:
+    p = body.get("prompt")
+    if isinstance(p, str):
+        return [p]
+    if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
+        return p
+    raise ServeError(400, "'prompt' is required: a string or a non-empty list of strings (token ids are not "
+                          "supported)", param="prompt")
+
+
+def parse_generation(body: Any, kind: str) -> GenerationRequest:
+    if not isinstance(body, dict):
+        raise ServeError(400, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ServeError(400, "'model' is required: the base's served name or an adapter's name", param="model")
+    for name, is_default in _UNSUPPORTED.items():
+        if name in body and not is_default(body[name]):
+            raise ServeError(400, f"'{name}' is not supported by this server", param=name)
+    if body.get("n") not in (None, 1):
+        raise ServeError(400, f"only n=1 is supported, got n={body['n']!r}", param="n")
+    prompts = [_messages(body)] if kind == "chat" else _prompts(body)
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _number(body, name, None, lo=1, hi=10 ** 9, integer=True)
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 16:
+        raise ServeError(400, "'stop' must be a non-empty string or a list of at most 16 of them", param="stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ServeError(400, "'stream' must be true or false", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ServeError(400, "'stream_options' must be an object", param="stream_options")
+    top_p = _number(body, "top_p", 1.0, lo=0.0, hi=1.0)
+    if top_p == 0:
+        raise ServeError(400, "'top_p' must be greater than 0", param="top_p")
+    sampling = {"temperature": float(_number(body, "temperature", 1.0, lo=0.0, hi=2.0)), "top_p": float(top_p),
+                "seed": _number(body, "seed", None, lo=-2 ** 63, hi=2 ** 64 - 1, integer=True), "stop": tuple(stop)}
+    return GenerationRequest(kind=kind, model=model, prompts=prompts, max_tokens=max_tokens, sampling=sampling,
+                             stream=stream, include_usage=bool(stream and options.get("include_usage")))
+
+
+def sampling_for(req: GenerationRequest, prompt_len: int, max_len: int | None) -> Sampling:
+    """The request's sampling with max_tokens checked against the model's context (a refusal, never a silent cut)."""
+    param = "messages" if req.kind == "chat" else "prompt"
+    if prompt_len == 0:
+        raise ServeError(400, "the prompt is empty", param=param)
+    room = (max_len - prompt_len) if max_len else None
+    if room is not None and room < 1:
+        raise ServeError(400, f"the prompt is {prompt_len} tokens; the model's context is {max_len}", param=param)
+    if req.max_tokens is None:
+        max_tokens = DEFAULT_MAX_TOKENS if room is None else min(DEFAULT_MAX_TOKENS, room)
+    elif room is not None and req.max_tokens > room:
+        raise ServeError(400, f"prompt ({prompt_len} tokens) + max_tokens ({req.max_tokens}) exceeds the model's "
+                              f"context of {max_len} tokens", param="max_tokens")
+    else:
+        max_tokens = req.max_tokens
+    seed = req.sampling["seed"]
+    return Sampling(max_tokens=max_tokens, **{**req.sampling, "seed": None if seed is None else seed % 2 ** 63})
+
+
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def response(kind: str, rid: str, model: str, texts: list[str], reasons: list[str], use: dict) -> dict:
+    if kind == "chat":
+        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": None}
+                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        obj = "chat.completion"
+    else:
+        choices = [{"index": i, "text": t, "finish_reason": r, "logprobs": None}
+                   for i, (t, r) in enumerate(zip(texts, reasons))]
+        obj = "text_completion"
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": choices, "usage": use}
+
+
+def chunk(kind: str, rid: str, model: str, index: int | None, *, text: str | None = None,
+          finish_reason: str | None = None, first: bool = False, use: dict | None = None) -> dict:
+    """One SSE chunk: a text piece, the opening role delta (chat), a finish, or (index None) the usage-only tail."""
+    if index is None:
+        choices = []
+    elif kind == "chat":
+        delta = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
+        choices = [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+    else:
+        choices = [{"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}]
+    out = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+           "created": int(time.time()), "model": model, "choices": choices}
+    if use is not None:
+        out["usage"] = use
+    return out

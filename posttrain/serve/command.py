@@ -1,0 +1,35 @@
+"""The ``posttrain serve`` subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from posttrain.serve.server import serve
+
+    return serve(model=args.model, adapter_dir=args.adapter_dir, host=args.host, port=args.port,
+                 api_key=args.api_key or os.environ.get("POSTTRAIN_API_KEY"), served_name=args.served_name,
+                 max_batch=args.max_batch, dtype=args.dtype, timeout_s=args.timeout)
+
+
+def add_commands(sub) -> None:
+    """Add ``serve`` to the main parser's subcommands."""
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server: one base model, many LoRA adapters batched "
+                                     "together")
+    s.add_argument("--model", default=None, help="base model folder, GGUF file or hub id (default: the embedded "
+                                                 "SmolLM2-135M-Instruct)")
+    s.add_argument("--adapter-dir", required=True,
+                   help="adapters are loaded from here only: each subfolder with adapter_config.json (or a run "
+                        "folder with adapter/) is served under its folder name")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: "
+                                                   "$POSTTRAIN_API_KEY; none: no key needed)")
+    s.add_argument("--served-name", default="base", help="the base model's name in requests and /v1/models")
+    s.add_argument("--max-batch", type=int, default=16, help="most sequences decoded together")
+    s.add_argument("--dtype", default="auto", help="auto: fp32 on CPU, bf16 on GPUs that support it")
+    s.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds a request may wait for its next token before it is abandoned (504)")
+    s.set_defaults(func=_cmd_serve)

@@ -1,0 +1,383 @@
+"""An OpenAI-compatible HTTP server (stdlib ``http.server``) in front of the scheduler.
+
+Routes: GET /v1/models[/ID], POST /v1/chat/completions, POST /v1/completions (both with SSE streaming),
+POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's names), and GET /health (no key needed).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import queue
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from posttrain.serve import api
+from posttrain.serve.adapters import discover, resolve_in_dir
+from posttrain.serve.api import ServeError
+from posttrain.serve.engine import Engine
+from posttrain.serve.scheduler import Request, Scheduler
+
+log = logging.getLogger("posttrain.serve")
+
+
+class Server:
+    """Owns the HTTP listener, the scheduler thread and the engine. ``port=0`` picks a free port (tests)."""
+
+    def __init__(self, engine: Engine, adapter_dir: str | Path, *, served_name: str = "base",
+                 host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 16,
+                 batch_wait_s: float = 0.005, timeout_s: float = 600.0, max_body_bytes: int = 8 << 20):
+        self.engine, self.served_name = engine, served_name
+        self.adapter_dir = Path(adapter_dir).resolve()
+        if not self.adapter_dir.is_dir():
+            raise FileNotFoundError(f"adapter directory {adapter_dir} does not exist")
+        self.api_key = api_key or None
+        self.timeout_s, self.max_body_bytes = timeout_s, max_body_bytes
+        self.created = int(time.time())
+        self.scheduler = Scheduler(engine, served_name=served_name, max_batch=max_batch, batch_wait_s=batch_wait_s)
+        self.encode_lock = threading.Lock()  # fast tokenizers refuse concurrent use from several threads
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.app = self
+        self._http_thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self.httpd.server_address[1]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.httpd.server_address[0]}:{self.port}/v1"
+
+    def load_adapter_dir(self) -> tuple[list[str], dict[str, str]]:
+        """Load every adapter folder in the adapter directory under its folder name: (loaded, {skipped: why})."""
+        loaded, skipped = [], {}
+        for name in discover(self.adapter_dir):
+            try:
+                self.load_adapter(name, name)
+                loaded.append(name)
+            except ServeError as exc:
+                skipped[name] = exc.message
+                log.warning("adapter %s not loaded: %s", name, exc.message)
+        return loaded, skipped
+
+    def load_adapter(self, name: str, lora_path: str):
+        if name == self.served_name:
+            raise ServeError(409, f"{name!r} is the base model's served name", param="lora_name")
+        folder = resolve_in_dir(self.adapter_dir, lora_path)
+        return self.scheduler.call(lambda: self.engine.load_adapter(name, folder), self.timeout_s)
+
+    def unload_adapter(self, name: str) -> None:
+        self.scheduler.call(lambda: self.engine.unload_adapter(name), self.timeout_s)
+
+    def start(self) -> "Server":
+        """Serve from background threads (tests, notebooks); ``stop()`` ends them."""
+        self.scheduler.start()
+        self._http_thread = threading.Thread(target=self.httpd.serve_forever, name="posttrain-serve-http",
+                                             daemon=True)
+        self._http_thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        self.scheduler.start()
+        self.httpd.serve_forever()
+
+    def stop(self) -> None:
+        if self._http_thread is not None:
+            self.httpd.shutdown()
+            self._http_thread.join(10)
+        self.httpd.server_close()
+        self.scheduler.stop()
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def authorised(self, header: str | None) -> bool:
+        if self.api_key is None:
+            return True
+        given = (header or "").removeprefix("Bearer ").strip()
+        return hmac.compare_digest(given.encode(), self.api_key.encode())
+
+    def model_cards(self) -> list[dict]:
+        base = {"id": self.served_name, "object": "model", "created": self.created, "owned_by": "posttrain",
+                "root": self.engine.base_path or self.served_name, "parent": None}
+        return [base] + [{"id": a.name, "object": "model", "created": self.created, "owned_by": "posttrain",
+                          "root": a.path, "parent": self.served_name} for a in self.engine.adapters.values()]
+
+    def encode(self, gen: api.GenerationRequest) -> list[list[int]]:
+        tok = self.engine.tokenizer
+        with self.encode_lock:
+            if gen.kind == "completion":
+                return [tok(p, add_special_tokens=True)["input_ids"] for p in gen.prompts]
+            if not getattr(tok, "chat_template", None):
+                raise ServeError(400, "this model's tokenizer has no chat template; use /v1/completions",
+                                 param="messages")
+            try:
+                text = tok.apply_chat_template(gen.prompts[0], tokenize=False, add_generation_prompt=True)
+            except Exception as exc:  # the template's own checks (role order, ...) raise here
+                raise ServeError(400, f"the chat template refused these messages: {exc}", param="messages") from exc
+            # The rendered template carries its own special tokens.
+            return [tok(text, add_special_tokens=False)["input_ids"]]
+
+
+_ROUTES = {  # path -> {method: Handler method name}
+    "/v1/models": {"GET": "models"},
+    "/v1/chat/completions": {"POST": "chat"},
+    "/v1/completions": {"POST": "completions"},
+    "/v1/load_lora_adapter": {"POST": "load_lora"},
+    "/v1/unload_lora_adapter": {"POST": "unload_lora"},
+    "/health": {"GET": "health"},
+}
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse one connection per thread
+    server_version = "posttrain-serve"
+
+    @property
+    def app(self) -> Server:
+        return self.server.app
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    def do_PUT(self):
+        self._dispatch("PUT")
+
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
+    def do_PATCH(self):
+        self._dispatch("PATCH")
+
+    def log_message(self, fmt, *args):
+        log.debug("%s %s", self.address_string(), fmt % args)
+
+    # ---- plumbing ----
+
+    def _dispatch(self, method: str) -> None:
+        route = None
+        try:
+            # The body is read (or refused) first, so the connection stays in step whatever is answered.
+            raw = self._read_body()
+            path = unquote(urlsplit(self.path).path).rstrip("/") or "/"
+            if path != "/health" and not self.app.authorised(self.headers.get("Authorization")):
+                raise ServeError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                 code="invalid_api_key")
+            route = _ROUTES.get("/v1/models" if path.startswith("/v1/models/") else path)
+            if route is None:
+                raise ServeError(404, f"no route {path}", code="unknown_route")
+            if method not in route:
+                raise ServeError(405, f"{path} accepts {', '.join(route)}, not {method}")
+            body = None
+            if method == "POST":
+                try:
+                    body = json.loads(raw or b"null")
+                except ValueError as exc:
+                    raise ServeError(400, f"the request body is not valid JSON: {exc}") from exc
+            getattr(self, route[method])(path, body)
+        except ServeError as exc:
+            self._send_json(exc.status, exc.body(), allow=exc.status == 405 and route)
+        except _ClientGone:
+            self.close_connection = True
+        except Exception as exc:
+            log.exception("request failed")
+            self._send_json(500, ServeError(500, f"internal error: {type(exc).__name__}: {exc}").body())
+
+    def _read_body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self.close_connection = True
+            raise ServeError(411, "chunked request bodies are not supported; send Content-Length")
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            self.close_connection = True
+            raise ServeError(400, "bad Content-Length header") from None
+        if length > self.app.max_body_bytes:
+            self.close_connection = True  # the unread body would be taken for the next request
+            raise ServeError(413, f"the request body is {length} bytes; the limit is {self.app.max_body_bytes}")
+        return self.rfile.read(length) if length > 0 else b""
+
+    def _send_json(self, status: int, obj: dict, allow=None) -> None:
+        data = json.dumps(obj).encode()
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            if allow:
+                self.send_header("Allow", ", ".join(allow))
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(data)
+        except OSError:
+            self.close_connection = True
+
+    def _write_chunk(self, data: bytes) -> None:
+        try:
+            self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+        except OSError as exc:
+            raise _ClientGone() from exc
+
+    def _send_event(self, obj: dict | str) -> None:
+        self._write_chunk(f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode())
+
+    def _events(self, requests: list[Request], events: queue.Queue):
+        """(index, kind, data) until every request is done; raises ServeError on an error or a stall."""
+        pending = {r.index for r in requests}
+        try:
+            while pending:
+                try:
+                    index, kind, data = events.get(timeout=self.app.timeout_s)
+                except queue.Empty:
+                    raise ServeError(504, f"no token for {self.app.timeout_s:.0f} s; request abandoned") from None
+                if kind == "error":
+                    raise ServeError(data["status"], data["message"])
+                if kind == "done":
+                    pending.discard(index)
+                yield index, kind, data
+        finally:  # normal end, error, timeout, or client gone: free the rows still decoding
+            for r in requests:
+                r.cancelled = True
+
+    # ---- routes ----
+
+    def health(self, path, body):
+        self._send_json(200, {"status": "ok", "adapters": sorted(self.app.engine.adapters),
+                              "stats": dict(self.app.engine.stats)})
+
+    def models(self, path, body):
+        cards = self.app.model_cards()
+        if path == "/v1/models":
+            return self._send_json(200, {"object": "list", "data": cards})
+        wanted = path.removeprefix("/v1/models/")
+        card = next((c for c in cards if c["id"] == wanted), None)
+        if card is None:
+            raise ServeError(404, f"model {wanted!r} is not served here", param="model", code="model_not_found")
+        self._send_json(200, card)
+
+    def load_lora(self, path, body):
+        name, lora_path = self._field(body, "lora_name"), self._field(body, "lora_path")
+        adapter = self.app.load_adapter(name, lora_path)
+        self._send_json(200, {"object": "lora_adapter", "id": name, "path": adapter.path,
+                              "message": f"Success: LoRA adapter '{name}' added successfully."})
+
+    def unload_lora(self, path, body):
+        name = self._field(body, "lora_name")
+        self.app.unload_adapter(name)
+        self._send_json(200, {"object": "lora_adapter", "id": name, "deleted": True,
+                              "message": f"Success: LoRA adapter '{name}' removed successfully."})
+
+    @staticmethod
+    def _field(body, name: str) -> str:
+        value = body.get(name) if isinstance(body, dict) else None
+        if not isinstance(value, str) or not value:
+            raise ServeError(400, f"'{name}' is required: a non-empty string", param=name)
+        return value
+
+    def chat(self, path, body):
+        self._generate(api.parse_generation(body, "chat"))
+
+    def completions(self, path, body):
+        self._generate(api.parse_generation(body, "completion"))
+
+    def _generate(self, gen: api.GenerationRequest) -> None:
+        app = self.app
+        if app.engine.key_of(gen.model, app.served_name) is None:
+            raise ServeError(404, f"model {gen.model!r} is not served here; GET /v1/models lists the base "
+                                  f"({app.served_name!r}) and the loaded adapters", param="model",
+                             code="model_not_found")
+        prompt_ids = app.encode(gen)
+        events: queue.Queue = queue.Queue()
+        requests = [Request(prompt_ids=ids, model=gen.model, events=events, index=i,
+                            sampling=api.sampling_for(gen, len(ids), app.engine.max_len))
+                    for i, ids in enumerate(prompt_ids)]
+        for r in requests:
+            app.scheduler.submit(r)
+        rid = api.new_id(gen.kind)
+        (self._stream if gen.stream else self._complete)(gen, rid, requests, events)
+
+    def _complete(self, gen, rid, requests, events) -> None:
+        texts = [""] * len(requests)
+        reasons = ["stop"] * len(requests)
+        completion_tokens = 0
+        for index, kind, data in self._events(requests, events):
+            if kind == "text":
+                texts[index] += data["text"]
+            else:
+                reasons[index] = data["finish_reason"]
+                completion_tokens += data["completion_tokens"]
+        use = api.usage(sum(len(r.prompt_ids) for r in requests), completion_tokens)
+        self._send_json(200, api.response(gen.kind, rid, gen.model, texts, reasons, use))
+
+    def _stream(self, gen, rid, requests, events) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        kind, model = gen.kind, gen.model
+        completion_tokens = 0
+        try:
+            if kind == "chat":
+                self._send_event(api.chunk(kind, rid, model, 0, first=True))
+            for index, event, data in self._events(requests, events):
+                if event == "text":
+                    self._send_event(api.chunk(kind, rid, model, index, text=data["text"]))
+                else:
+                    completion_tokens += data["completion_tokens"]
+                    self._send_event(api.chunk(kind, rid, model, index, finish_reason=data["finish_reason"]))
+            if gen.include_usage:
+                use = api.usage(sum(len(r.prompt_ids) for r in requests), completion_tokens)
+                self._send_event(api.chunk(kind, rid, model, None, use=use))
+        except ServeError as exc:  # the status line is gone: report in-band, as OpenAI-compatible servers do
+            self._send_event(exc.body())
+        self._send_event("[DONE]")
+        self._write_chunk(b"")
+
+
+def serve(*, model: str | None, adapter_dir: str, host: str = "127.0.0.1", port: int = 8000,
+          api_key: str | None = None, served_name: str = "base", max_batch: int = 16, dtype: str = "auto",
+          timeout_s: float = 600.0) -> int:
+    """Load the base, the adapters in ``adapter_dir``, and serve until interrupted."""
+    from posttrain.models import load_model
+
+    adapter_root = Path(adapter_dir)
+    if not adapter_root.is_dir():
+        raise FileNotFoundError(f"adapter directory {adapter_dir} does not exist (create it, even empty)")
+    loaded = load_model(model, dtype=dtype)
+    engine = Engine(loaded.model, loaded.tokenizer, base_path=loaded.path)
+    try:
+        server = Server(engine, adapter_root, served_name=served_name, host=host, port=port, api_key=api_key,
+                        max_batch=max_batch, timeout_s=timeout_s)
+    except OSError as exc:  # port taken, address not available
+        log.error("error: cannot listen on %s:%s: %s", host, port, exc)
+        return 2
+    names, skipped = server.load_adapter_dir()
+    log.info("base %s served as %r on %s (%s, %s)", loaded.path, served_name, loaded.device, loaded.dtype,
+             "API key required" if server.api_key else "no API key")
+    log.info("adapters from %s: %s%s", server.adapter_dir, ", ".join(names) or "none",
+             f"; {len(skipped)} skipped: {', '.join(skipped)}" if skipped else "")
+    log.info("listening on %s (OpenAI base_url)", server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        log.info("stopping")
+    finally:
+        server.stop()
+    return 0
