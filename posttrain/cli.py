@@ -255,8 +255,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     from posttrain.plan import add_commands as add_plan_commands
+    from posttrain.serve.command import add_commands as add_serve_commands
 
     add_plan_commands(sub)
+    add_serve_commands(sub)
     return p
 
 

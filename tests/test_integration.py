@@ -43,3 +43,25 @@ def test_demo_quick_shows_before_and_after(tmp_path):
     assert res["after_loss"] < res["before_loss"]  # two steps at lr 1e-3 already move the held-out loss
     assert len(res["before"]) == len(res["after"]) == len(res["dpo"]) == 4
     assert res["dpo_margin"] > 0  # two DPO steps already separate chosen from rejected on held-out pairs
+
+
+def test_qlora_sft_and_merge_on_embedded(tmp_path):
+    """examples/sft-qlora.yaml for 3 steps: the base's linear weights drop ~4x against bf16, and the adapter merged
+    into the de-quantized base answers the 8 check prompts exactly as the 4-bit base + adapter does."""
+    from pathlib import Path
+
+    from posttrain.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    run = tmp_path / "qlora"
+    assert main(["sft", str(root / "examples" / "sft-qlora.yaml"), f"output_dir={run}", "train.max_steps=3",
+                 f"data.train={root / 'examples' / 'data' / 'contact-cards.jsonl'}", "eval_samples=0",
+                 "train.save_every=null"]) == 0
+    b = json.loads((run / "summary.json").read_text())["base_weight_bytes"]
+    assert b["quantized_params"] == 30 * (576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536)
+    assert 3.8 < b["quantized_as_dense"] / b["quantized"] < 4.0
+    assert main(["merge", str(run), "--out", str(tmp_path / "merged"), "--max-new-tokens", "12"]) == 0
+    report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
+    check = report["reloaded_vs_base_plus_adapter"]
+    assert check["greedy_identical"] == check["prompts"] == 8
+    assert check["max_abs_logit_diff"] < 1e-2

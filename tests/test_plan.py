@@ -377,3 +377,19 @@ def test_cli_plan_errors(capsys):
     with pytest.raises(SystemExit):
         _run(["plan", "--help"], capsys)
     assert "advise" in capsys.readouterr().out
+
+
+def test_planner_counts_what_peft_and_torch_count(tiny_dir):
+    """The planner reads only config.json; the tiny model built from it must hold exactly those numbers."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models import apply_lora, trainable_report
+
+    arch = load_arch(tiny_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert count_params(arch).total == sum(p.numel() for p in model.parameters())  # tied embeddings count once
+    for targets in (["q_proj", "v_proj"], "all-linear"):
+        planned = trainable_params(arch, "lora", r=8, targets=targets)
+        peft = trainable_report(apply_lora(AutoModelForCausalLM.from_pretrained(tiny_dir), r=8, alpha=16,
+                                           dropout=0.0, target_modules=targets))
+        assert planned.total == peft["trainable"]

@@ -1,6 +1,5 @@
 """Preference data (formats, validation, response-only masks) and the DPO method (one forward, references)."""
 
-import copy
 import json
 
 import pytest

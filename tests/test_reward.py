@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from posttrain.config import load_config
 from posttrain.data import build_pairs, collate_pairs
-from posttrain.methods.reward import RewardBT, ScoreModel, pearson
+from posttrain.methods.reward import ScoreModel, pearson
 from posttrain.pipeline import run_reward
 from posttrain.rewards import Ensemble, load_reward
 from tests.conftest import write_jsonl

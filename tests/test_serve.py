@@ -6,7 +6,6 @@ changes the outputs. The server runs in a thread on port 0 and is driven through
 
 import http.client
 import json
-import os
 import queue
 import threading
 from pathlib import Path
@@ -281,8 +280,8 @@ def test_adapter_paths_outside_the_directory_are_refused(server, adapters):
         link.unlink()
     status, body = raw(server, "POST", "/v1/load_lora_adapter", json.dumps({"lora_name": "x"}).encode())
     assert status == 400 and body["error"]["param"] == "lora_path"
-    status, _ = raw(server, "POST", "/v1/load_lora_adapter", json.dumps({"lora_name": "x", "lora_path": "nope"}).encode())
-    assert status == 404
+    missing = json.dumps({"lora_name": "x", "lora_path": "nope"}).encode()
+    assert raw(server, "POST", "/v1/load_lora_adapter", missing)[0] == 404
     assert "evil" not in [m.id for m in openai.OpenAI(base_url=server.url, api_key=KEY).models.list()]
 
 
@@ -303,6 +302,11 @@ def test_adapters_load_and_unload_at_run_time(server, client, adapters):
         status, body = raw(server, "POST", "/v1/load_lora_adapter",
                            json.dumps({"lora_name": "narrow", "lora_path": "narrow"}).encode())
         assert status == 400 and "size mismatch" in body["error"]["message"]  # another base's shapes
+        shutil.copytree(adapters / "outside", adapters / "adapters" / "dpo-run" / "adapter")
+        (adapters / "adapters" / "dpo-run" / "config.yaml").write_text("model:\n  init_adapter: runs/sft\n")
+        status, body = raw(server, "POST", "/v1/load_lora_adapter",
+                           json.dumps({"lora_name": "dpo", "lora_path": "dpo-run"}).encode())
+        assert status == 400 and "runs/sft" in body["error"]["message"]  # would silently lack the SFT adapter
         status, _ = raw(server, "POST", "/v1/unload_lora_adapter", json.dumps({"lora_name": "gamma"}).encode())
         assert status == 200
         assert [m.id for m in client.models.list()] == ["base", "alpha", "run-beta"]
@@ -313,6 +317,7 @@ def test_adapters_load_and_unload_at_run_time(server, client, adapters):
     finally:
         shutil.rmtree(adapters / "adapters" / "gamma")
         shutil.rmtree(adapters / "adapters" / "narrow")
+        shutil.rmtree(adapters / "adapters" / "dpo-run", ignore_errors=True)
 
 
 def test_unloading_an_adapter_in_use_is_refused_and_the_last_unload_restores_the_base(adapters, tiny_dir):

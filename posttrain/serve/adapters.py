@@ -41,3 +41,19 @@ def discover(root: Path) -> list[str]:
     """Names of the subfolders of ``root`` that hold an adapter (directly, or a run folder's adapter/)."""
     return sorted(p.name for p in root.iterdir() if p.is_dir() and
                   ((p / "adapter_config.json").exists() or (p / "adapter" / "adapter_config.json").exists()))
+
+
+def trained_on_adapter(folder: Path) -> str | None:
+    """The adapter a run trained on top of (``model.init_adapter`` in the run's config.yaml, beside or above the
+    adapter folder; pipeline.py writes it), or None."""
+    for cfg in (folder / "config.yaml", folder.parent / "config.yaml"):
+        if cfg.is_file():
+            import yaml
+
+            try:
+                run = yaml.safe_load(cfg.read_text()) or {}
+            except (OSError, yaml.YAMLError):
+                return None
+            model = run.get("model") if isinstance(run, dict) else None
+            return model.get("init_adapter") if isinstance(model, dict) else None
+    return None

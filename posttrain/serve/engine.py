@@ -110,8 +110,9 @@ class Engine:
         except Exception as exc:
             self._discard(key, fresh)
             msg = next((line.strip() for line in str(exc).splitlines() if "size mismatch" in line), str(exc))
-            raise ServeError(400, f"adapter {name!r} ({folder}) does not fit the base model "
-                                  f"{self.base_path or ''}: {msg.replace(f'.{key}.', '.')}", param="lora_path") from exc
+            base = f" {self.base_path}" if self.base_path else ""
+            raise ServeError(400, f"adapter {name!r} ({folder}) does not fit the base model{base}: "
+                                  f"{msg.replace(f'.{key}.', '.')}", param="lora_path") from exc
         self.peft.eval()  # new LoRA modules start in training mode (dropout on; PEFT refuses adapter_names)
         adapter = Adapter(name=name, key=key, path=str(folder))
         self.adapters = {**self.adapters, name: adapter}

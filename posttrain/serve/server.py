@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from posttrain.serve import api
-from posttrain.serve.adapters import discover, resolve_in_dir
+from posttrain.serve.adapters import discover, resolve_in_dir, trained_on_adapter
 from posttrain.serve.api import ServeError
 from posttrain.serve.engine import Engine
 from posttrain.serve.scheduler import Request, Scheduler
@@ -69,6 +69,11 @@ class Server:
         if name == self.served_name:
             raise ServeError(409, f"{name!r} is the base model's served name", param="lora_name")
         folder = resolve_in_dir(self.adapter_dir, lora_path)
+        init = trained_on_adapter(folder)
+        if init:  # e.g. DPO after SFT: alone, this adapter would silently lack the SFT changes
+            raise ServeError(400, f"{lora_path!r} was trained on top of adapter {init}, and a row takes one "
+                                  "adapter: merge the run (posttrain merge) and serve the result with --model",
+                             param="lora_path")
         return self.scheduler.call(lambda: self.engine.load_adapter(name, folder), self.timeout_s)
 
     def unload_adapter(self, name: str) -> None:
@@ -347,6 +352,11 @@ class Handler(BaseHTTPRequestHandler):
                 self._send_event(api.chunk(kind, rid, model, None, use=use))
         except ServeError as exc:  # the status line is gone: report in-band, as OpenAI-compatible servers do
             self._send_event(exc.body())
+        except _ClientGone:
+            raise
+        except Exception as exc:
+            log.exception("stream failed")
+            self._send_event(ServeError(500, f"internal error: {type(exc).__name__}: {exc}").body())
         self._send_event("[DONE]")
         self._write_chunk(b"")
 
