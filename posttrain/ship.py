@@ -176,7 +176,9 @@ def export_run(adapter: str, out: str, *, model_name: str | None = None, dtype: 
     if quant:
         notes.append("trained against a 4-bit base: load the base in nf4, or serve the de-quantized base "
                      "(`posttrain merge` of this adapter writes it merged), to get the outputs seen in training")
+    # posttrain serve reads quantization and init_adapter from here to refuse a base the adapter was not trained on.
     report = {"adapter": str(src), "base": config["base_model_name_or_path"], "tensors": len(saved),
+              "quantization": quant.kind if quant else None, "init_adapter": init,
               "max_abs_diff_after_reload": worst, "rank": config.get("r"), "alpha": config.get("lora_alpha"),
               "target_modules": config.get("target_modules"), "notes": notes}
     atomic_write_text(dest / REPORTS[1], json.dumps(report, indent=2))

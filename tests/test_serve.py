@@ -307,6 +307,11 @@ def test_adapters_load_and_unload_at_run_time(server, client, adapters):
         status, body = raw(server, "POST", "/v1/load_lora_adapter",
                            json.dumps({"lora_name": "dpo", "lora_path": "dpo-run"}).encode())
         assert status == 400 and "runs/sft" in body["error"]["message"]  # would silently lack the SFT adapter
+        shutil.copytree(adapters / "outside", adapters / "adapters" / "qlora-export")
+        (adapters / "adapters" / "qlora-export" / "export_report.json").write_text('{"quantization": "nf4"}')
+        status, body = raw(server, "POST", "/v1/load_lora_adapter",
+                           json.dumps({"lora_name": "q", "lora_path": "qlora-export"}).encode())
+        assert status == 400 and "--quantization nf4" in body["error"]["message"]  # trained on a 4-bit base
         status, _ = raw(server, "POST", "/v1/unload_lora_adapter", json.dumps({"lora_name": "gamma"}).encode())
         assert status == 200
         assert [m.id for m in client.models.list()] == ["base", "alpha", "run-beta"]
@@ -318,6 +323,7 @@ def test_adapters_load_and_unload_at_run_time(server, client, adapters):
         shutil.rmtree(adapters / "adapters" / "gamma")
         shutil.rmtree(adapters / "adapters" / "narrow")
         shutil.rmtree(adapters / "adapters" / "dpo-run", ignore_errors=True)
+        shutil.rmtree(adapters / "adapters" / "qlora-export", ignore_errors=True)
 
 
 def test_unloading_an_adapter_in_use_is_refused_and_the_last_unload_restores_the_base(adapters, tiny_dir):

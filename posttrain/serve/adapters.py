@@ -43,17 +43,25 @@ def discover(root: Path) -> list[str]:
                   ((p / "adapter_config.json").exists() or (p / "adapter" / "adapter_config.json").exists()))
 
 
-def trained_on_adapter(folder: Path) -> str | None:
-    """The adapter a run trained on top of (``model.init_adapter`` in the run's config.yaml, beside or above the
-    adapter folder; pipeline.py writes it), or None."""
-    for cfg in (folder / "config.yaml", folder.parent / "config.yaml"):
-        if cfg.is_file():
-            import yaml
+def training_base(folder: Path) -> dict:
+    """What the adapter's base was in training: ``init_adapter`` (trained on top of another adapter) and
+    ``quantization`` (a 4-bit base), from the run's config.yaml beside or above the folder, or the
+    export_report.json that ``posttrain export`` writes. Empty when neither is there."""
+    import yaml
 
+    for name in ("config.yaml", "export_report.json"):
+        for path in (folder / name, folder.parent / name):
+            if not path.is_file():
+                continue
             try:
-                run = yaml.safe_load(cfg.read_text()) or {}
+                run = yaml.safe_load(path.read_text()) or {}  # JSON is YAML
             except (OSError, yaml.YAMLError):
-                return None
-            model = run.get("model") if isinstance(run, dict) else None
-            return model.get("init_adapter") if isinstance(model, dict) else None
-    return None
+                return {}
+            if not isinstance(run, dict):
+                return {}
+            model = run.get("model") if name == "config.yaml" else run
+            if not isinstance(model, dict):
+                return {}
+            quant = model.get("quantization")
+            return {"init_adapter": model.get("init_adapter"), "quantization": None if quant == "none" else quant}
+    return {}

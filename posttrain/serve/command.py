@@ -11,7 +11,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     return serve(model=args.model, adapter_dir=args.adapter_dir, host=args.host, port=args.port,
                  api_key=args.api_key or os.environ.get("POSTTRAIN_API_KEY"), served_name=args.served_name,
-                 max_batch=args.max_batch, dtype=args.dtype, timeout_s=args.timeout)
+                 max_batch=args.max_batch, dtype=args.dtype, timeout_s=args.timeout,
+                 quantization=args.quantization)
 
 
 def add_commands(sub) -> None:
@@ -30,6 +31,8 @@ def add_commands(sub) -> None:
     s.add_argument("--served-name", default="base", help="the base model's name in requests and /v1/models")
     s.add_argument("--max-batch", type=int, default=16, help="most sequences decoded together")
     s.add_argument("--dtype", default="auto", help="auto: fp32 on CPU, bf16 on GPUs that support it")
+    s.add_argument("--quantization", choices=["none", "nf4"], default="none",
+                   help="nf4: hold the base in 4 bits, as QLoRA adapters were trained (they are refused otherwise)")
     s.add_argument("--timeout", type=float, default=600.0,
                    help="seconds a request may wait for its next token before it is abandoned (504)")
     s.set_defaults(func=_cmd_serve)

@@ -17,7 +17,8 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from posttrain.serve import api
-from posttrain.serve.adapters import discover, resolve_in_dir, trained_on_adapter
+from posttrain.models.quant import is_quantized
+from posttrain.serve.adapters import discover, resolve_in_dir, training_base
 from posttrain.serve.api import ServeError
 from posttrain.serve.engine import Engine
 from posttrain.serve.scheduler import Request, Scheduler
@@ -32,6 +33,7 @@ class Server:
                  host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 16,
                  batch_wait_s: float = 0.005, timeout_s: float = 600.0, max_body_bytes: int = 8 << 20):
         self.engine, self.served_name = engine, served_name
+        self.quantization = "nf4" if is_quantized(engine.base) else None
         self.adapter_dir = Path(adapter_dir).resolve()
         if not self.adapter_dir.is_dir():
             raise FileNotFoundError(f"adapter directory {adapter_dir} does not exist")
@@ -69,10 +71,17 @@ class Server:
         if name == self.served_name:
             raise ServeError(409, f"{name!r} is the base model's served name", param="lora_name")
         folder = resolve_in_dir(self.adapter_dir, lora_path)
-        init = trained_on_adapter(folder)
-        if init:  # e.g. DPO after SFT: alone, this adapter would silently lack the SFT changes
-            raise ServeError(400, f"{lora_path!r} was trained on top of adapter {init}, and a row takes one "
-                                  "adapter: merge the run (posttrain merge) and serve the result with --model",
+        trained = training_base(folder)
+        if trained.get("init_adapter"):  # e.g. DPO after SFT: alone, it would silently lack the SFT changes
+            raise ServeError(400, f"{lora_path!r} was trained on top of adapter {trained['init_adapter']}, and a "
+                                  "row takes one adapter: merge the run (posttrain merge) and serve the result with "
+                                  "--model", param="lora_path")
+        if trained.get("quantization") and trained["quantization"] != self.quantization:
+            # A QLoRA adapter learned to correct the 4-bit base's rounding; on the full-precision base its outputs
+            # differ (in tests, greedy answers changed on most prompts).
+            raise ServeError(400, f"{lora_path!r} was trained against a {trained['quantization']} base: start the "
+                                  f"server with --quantization {trained['quantization']}, or serve the output of "
+                                  "`posttrain merge` (merged into the de-quantized base) with --model",
                              param="lora_path")
         return self.scheduler.call(lambda: self.engine.load_adapter(name, folder), self.timeout_s)
 
@@ -363,14 +372,14 @@ class Handler(BaseHTTPRequestHandler):
 
 def serve(*, model: str | None, adapter_dir: str, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, served_name: str = "base", max_batch: int = 16, dtype: str = "auto",
-          timeout_s: float = 600.0) -> int:
+          timeout_s: float = 600.0, quantization: str = "none") -> int:
     """Load the base, the adapters in ``adapter_dir``, and serve until interrupted."""
-    from posttrain.models import load_model
+    from posttrain.models import Quantization, load_model
 
     adapter_root = Path(adapter_dir)
     if not adapter_root.is_dir():
         raise FileNotFoundError(f"adapter directory {adapter_dir} does not exist (create it, even empty)")
-    loaded = load_model(model, dtype=dtype)
+    loaded = load_model(model, dtype=dtype, quantization=None if quantization == "none" else Quantization(quantization))
     engine = Engine(loaded.model, loaded.tokenizer, base_path=loaded.path)
     try:
         server = Server(engine, adapter_root, served_name=served_name, host=host, port=port, api_key=api_key,
