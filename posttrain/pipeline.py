@@ -372,9 +372,9 @@ def run_reward(cfg: RewardConfig, *, resume: bool = False) -> dict[str, Any]:
     train, held, lines = prepare_pairs(cfg.data, tok)
     for line in lines:
         console.print(f"data: {line}")
-    lm, _ = prepare_model(cfg, loaded)
+    lm, lm_report = prepare_model(cfg, loaded)
     model = ScoreModel(lm)
-    report = trainable_report(model)
+    report = {**trainable_report(model), "base_weight_bytes": lm_report.get("base_weight_bytes")}
     t, rc = cfg.train, cfg.reward
     method = RewardBT(rc.margin, rc.length_coef)
     held_batches = fixed_pair_batches(cfg, held, tok.pad_token_id) if held else []

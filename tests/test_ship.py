@@ -146,3 +146,22 @@ def test_eight_bit_adamw_steps_on_cpu():
     opt.step()
     # Adam's first step moves every weight by lr against the gradient's sign, whatever the moments' precision.
     assert torch.allclose(p.detach(), torch.full((4096,), 0.9), atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["dpo", "reward", "grpo"])
+def test_every_training_command_takes_a_4bit_base(method, tiny_dir, tmp_path):
+    from posttrain import pipeline
+    from tests.test_grpo import grpo_cfg
+    from tests.test_preference import pair_rows
+
+    quant = ["model.quantization=nf4", "train.max_steps=2"]
+    if method == "grpo":
+        cfg = grpo_cfg(tiny_dir, tmp_path, tmp_path / "run", *quant)
+    else:
+        path = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(12))
+        cfg = load_config(None, [f"model.name={tiny_dir}", f"data.train={path}", f"output_dir={tmp_path / 'run'}",
+                                 "data.eval_fraction=0.25", "train.lr=1e-3", *quant], method=method)
+    summary = getattr(pipeline, f"run_{method}")(cfg)
+    assert summary["steps"] == 2 and summary["base_weight_bytes"]["quantized_params"] == 73_728
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["loss"] == r["loss"] for r in records if "loss" in r)  # finite, not NaN
