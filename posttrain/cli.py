@@ -16,16 +16,29 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 
+# Methods whose batches split across torchrun processes (online RL samples per process and is not split yet).
+DATA_PARALLEL = ("sft", "dpo", "reward")
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from posttrain import pipeline
-    from posttrain.config import load_config
+
+    from posttrain.config import ConfigError, load_config
+    from posttrain.engine import console
+    from posttrain.engine.distributed import setup, shutdown, world
 
     cfg = load_config(args.config, args.overrides, method=args.command)
     if cfg.method != args.command:
-        from posttrain.config import ConfigError
-
         raise ConfigError(f"{args.config} is a {cfg.method!r} config; run it with `posttrain {cfg.method}`")
-    getattr(pipeline, f"run_{args.command}")(cfg, resume=args.resume)
+    if world().size > 1 and cfg.method not in DATA_PARALLEL:
+        raise ConfigError(f"{cfg.method} runs in one process; torchrun with several processes is for "
+                          f"{', '.join(DATA_PARALLEL)}")
+    w = setup()
+    console.quiet = not w.main  # one log, from rank 0
+    try:
+        getattr(pipeline, f"run_{args.command}")(cfg, resume=args.resume)
+    finally:
+        shutdown()
     return 0
 
 

@@ -15,6 +15,7 @@ from posttrain.config import (ConfigError, DataConfig, DPOConfig, DPOSection, GR
 from posttrain.data import BatchPlan, build_examples, eval_batches, holdout_split
 from posttrain.data.render import Example
 from posttrain.engine import LoopOptions, atomic_dir, atomic_write_text, console, read_metrics, train_loop
+from posttrain.engine.distributed import device_for, world
 from posttrain.eval import heldout_loss, sample_generations
 from posttrain.methods import SFT
 from posttrain.models import (Loaded, Quantization, apply_lora, choose_device, dequantize_, format_trainable,
@@ -41,13 +42,14 @@ def quantization_of(mcfg: ModelConfig) -> Quantization | None:
 
 
 def load_base(mcfg: ModelConfig) -> Loaded:
-    return load_model(mcfg.name, dtype=mcfg.dtype, device=mcfg.device, attn_implementation=mcfg.attn_implementation,
-                      quantization=quantization_of(mcfg))
+    return load_model(mcfg.name, dtype=mcfg.dtype, device=device_for(mcfg.device, world()),
+                      attn_implementation=mcfg.attn_implementation, quantization=quantization_of(mcfg))
 
 
 def prepare_model(cfg: SFTConfig | DPOConfig | RewardConfig, loaded: Loaded) -> tuple[torch.nn.Module, dict[str, int]]:
     """Merge ``model.init_adapter`` (if any), switch on checkpointing, and add LoRA or unfreeze everything."""
     model = loaded.model
+    base_bytes = weight_bytes(model) if cfg.model.quantization != "none" else None  # the base alone, no adapters
     if cfg.model.init_adapter:
         model = load_adapter(model, str(resolve_adapter(cfg.model.init_adapter))).merge_and_unload()
         console.print(f"merged {cfg.model.init_adapter} into the base")
@@ -61,9 +63,9 @@ def prepare_model(cfg: SFTConfig | DPOConfig | RewardConfig, loaded: Loaded) -> 
         model = prepare_full(model)
     report = trainable_report(model)
     console.print(format_trainable(report))
-    if cfg.model.quantization != "none":
-        report["base_weight_bytes"] = weight_bytes(loaded.model)
-        console.print(format_weight_bytes(report["base_weight_bytes"], loaded.dtype))
+    if base_bytes:
+        report["base_weight_bytes"] = base_bytes
+        console.print(format_weight_bytes(base_bytes, loaded.dtype))
     return model, report
 
 
@@ -137,8 +139,10 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False) -> dict[str, Any]:
     model, report = prepare_model(cfg, loaded)
 
     t = cfg.train
+    w = world()
     plan = BatchPlan(train, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, seed=t.seed,
-                     pad_id=tok.pad_token_id, packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len)
+                     pad_id=tok.pad_token_id, packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len,
+                     world_size=w.size, rank=w.rank)
     total = t.max_steps or plan.steps_for(t.epochs)
     opts = loop_options(t, total, cfg.model)
     console.print(f"training {total} steps: {len(plan.units)} {'packed rows' if cfg.data.packing else 'examples'} "
@@ -149,6 +153,8 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False) -> dict[str, Any]:
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     records = train_loop(model, SFT(t.loss_chunk_size), plan, opts, out, evaluate=evaluate, export=export,
                          resume=resume)
+    if not w.main:  # rank 0 writes the results; the others hold the same weights
+        return {}
 
     final_dir = save_trained(model, tok, out, cfg.finetune)
     samples = []
@@ -277,9 +283,10 @@ def pair_plan(cfg: DPOConfig | RewardConfig, train: list, pad_id: int):
     from posttrain.data import PairPlan
 
     t = cfg.train
+    w = world()
     plan = PairPlan(train, micro_batch_size=t.micro_batch_size, grad_accum=t.grad_accum, seed=t.seed,
                     pad_id=pad_id, packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len,
-                    share_prompt=cfg.data.share_prompt)
+                    share_prompt=cfg.data.share_prompt, world_size=w.size, rank=w.rank)
     return plan, t.max_steps or plan.steps_for(t.epochs)
 
 
@@ -350,6 +357,8 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False) -> dict[str, Any]:
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     records = train_loop(model, method, plan, loop_options(t, total, cfg.model), out, evaluate=evaluate, export=export,
                          resume=resume)
+    if not world().main:
+        return {}
     final_dir = save_trained(model, tok, out, cfg.finetune)
     summary, evals = write_summary(out, t0, total, report, lines, records, final_dir, "eval/accuracy")
     if evals:
@@ -391,6 +400,8 @@ def run_reward(cfg: RewardConfig, *, resume: bool = False) -> dict[str, Any]:
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     records = train_loop(model, method, plan, loop_options(t, total, cfg.model), out, evaluate=evaluate, export=export,
                          resume=resume)
+    if not world().main:
+        return {}
     final_dir = save_trained(lm, tok, out, cfg.finetune)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE))
     summary, evals = write_summary(out, t0, total, report, lines, records, out, "eval/accuracy")

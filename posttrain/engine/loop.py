@@ -17,6 +17,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from posttrain.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from posttrain.engine.distributed import all_reduce_grads, barrier, world
 from posttrain.engine.logging import MetricsLog, console, format_line
 from posttrain.engine.schedule import warmup_cosine
 
@@ -68,11 +69,15 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 
 
 def _all_reduce_sum(value: float, device: torch.device) -> float:
+    return float(_all_reduce_sums([value], device)[0])
+
+
+def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([value], dtype=torch.float64, device=device)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
         torch.distributed.all_reduce(t)
-        return float(t.item())
-    return value
+        return t.tolist()
+    return values
 
 
 def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opts: LoopOptions, output_dir: Path, *,
@@ -94,12 +99,15 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
             raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_root}")
         start = load_checkpoint(found[-1], model, optimizer, scheduler)["step"]
         console.print(f"resumed from {found[-1]} at step {start}")
-    log = MetricsLog(output_dir / "metrics.jsonl", resume_step=start)
+    w = world()
+    log = MetricsLog(output_dir / "metrics.jsonl", resume_step=start) if w.main else None
     records: list[dict[str, Any]] = []
 
     def save(step: int) -> None:
-        save_checkpoint(ckpt_root, step, model, optimizer, scheduler, {"total_steps": opts.total_steps},
-                        keep=opts.save_total_limit, export=export)
+        if w.main:  # every rank holds the same weights and optimizer state; one writes them
+            save_checkpoint(ckpt_root, step, model, optimizer, scheduler, {"total_steps": opts.total_steps},
+                            keep=opts.save_total_limit, export=export)
+        barrier()
 
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("{task.fields[status]}"), TimeRemainingColumn(), console=console, transient=True,
@@ -107,9 +115,10 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
     task = bar.add_task(method.name, total=opts.total_steps, completed=start, status="")
 
     def emit(rec: dict[str, Any]) -> None:
-        log.write(rec)
-        records.append(rec)
-        console.print(format_line(rec, opts.total_steps))
+        if log is not None:
+            log.write(rec)
+            records.append(rec)
+            console.print(format_line(rec, opts.total_steps))
 
     with bar:
         if evaluate is not None and start == 0:
@@ -132,6 +141,8 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
                     for k, v in m.items():
                         metrics[k] = metrics.get(k, 0.0) + v / len(micro)
                 window_tokens += int(batch.get("num_tokens", 0))
+            if w.size > 1:
+                all_reduce_grads(params)
             grad_norm = None
             if opts.max_grad_norm is not None:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm))
@@ -142,7 +153,13 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
             done = step + 1
             if done % opts.log_every == 0 or done == opts.total_steps:
                 elapsed = time.perf_counter() - window_start
-                loss = _all_reduce_sum(float(loss_total), device) / max(units, 1.0)
+                # Every rank's share: the loss sums to the global one, token counts to the global throughput,
+                # and per-micro-batch means average over ranks.
+                keys = sorted(metrics)
+                global_loss, window_tokens, *vals = _all_reduce_sums(
+                    [float(loss_total), float(window_tokens), *(metrics[k] for k in keys)], device)
+                metrics = {k: v / w.size for k, v in zip(keys, vals)}
+                loss = global_loss / max(units, 1.0)
                 # loss_units: what the loss averages over this step (trained tokens for SFT, pairs for DPO)
                 rec = {"step": done, "loss": loss, "lr": lr, "loss_units": units,
                        "tokens_per_s": window_tokens / max(elapsed, 1e-9), **metrics}
@@ -161,5 +178,6 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
                 window_start = time.perf_counter()
     if start < opts.total_steps or not list_checkpoints(ckpt_root):
         save(opts.total_steps)
-    log.close()
+    if log is not None:
+        log.close()
     return records

@@ -1,0 +1,76 @@
+"""torchrun with 2 CPU processes (gloo) gives the loss curve of one process with the same global batch."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import chat_rows, write_jsonl
+from tests.test_preference import pair_rows
+
+
+def _records(run) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _launch(nproc: int, method: str, cfg, out, *overrides: str) -> None:
+    runner = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] \
+        if nproc > 1 else [sys.executable]
+    cmd = [*runner, "-m", "posttrain", method, str(cfg), f"output_dir={out}", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _same_curve(one, two, keys, train_only: bool = False) -> None:
+    a, b = _records(one), _records(two)
+    if train_only:  # a shortened run also evaluates at its own last step
+        a, b = ([r for r in recs if "loss" in r] for recs in (a, b))
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for k in keys:
+            if k in ra:
+                assert rb[k] == pytest.approx(ra[k], abs=1e-4), (ra["step"], k, ra[k], rb[k])
+
+
+@pytest.mark.parametrize("method", ["sft", "dpo"])
+def test_two_processes_equal_one_with_the_same_global_batch(method, tiny_dir, tmp_path):
+    if method == "sft":
+        data = write_jsonl(tmp_path / "train.jsonl", chat_rows(40))
+        extra, keys = "eval_samples: 0\n", ["loss", "grad_norm", "loss_units", "eval/loss"]
+    else:
+        data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(24))
+        extra, keys = "", ["loss", "grad_norm", "loss_units", "accuracy", "rewards/margin", "eval/loss",
+                           "eval/accuracy"]
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"method: {method}\nmodel: {{name: {tiny_dir}}}\ndata: {{train: {data}, eval_fraction: 0.2}}\n"
+                   "train: {max_steps: 3, micro_batch_size: 2, lr: 0.01, eval_every: 3, save_every: 2, "
+                   f"min_lr_ratio: 1.0}}\nlora: {{r: 4}}\n{extra}")
+    # One process accumulating 2 micro-batches == 2 processes with 1 each: the same 4 rows per step.
+    _launch(1, method, cfg, tmp_path / "one", "train.grad_accum=2")
+    _launch(2, method, cfg, tmp_path / "two", "train.grad_accum=1")
+    _same_curve(tmp_path / "one", tmp_path / "two", keys)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    if method == "dpo":
+        return
+    # Resume a 2-process run from its step-2 checkpoint: the same last step as uninterrupted.
+    _launch(2, method, cfg, tmp_path / "part", "train.grad_accum=1", "train.max_steps=2")
+    _launch(2, method, cfg, tmp_path / "part", "train.grad_accum=1", "--resume")
+    _same_curve(tmp_path / "one", tmp_path / "part", keys, train_only=True)
+
+
+def test_online_rl_refuses_several_processes(tmp_path, tiny_dir, monkeypatch, capsys):
+    from posttrain.cli import main
+
+    data = write_jsonl(tmp_path / "q.jsonl", [{"prompt": f"Say {i}."} for i in range(4)])
+    cfg = tmp_path / "grpo.yaml"
+    cfg.write_text(f"method: grpo\nmodel: {{name: {tiny_dir}}}\ndata: {{train: {data}}}\n"
+                   "rewards: [{name: regex, options: {pattern: '1'}}]\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; refused before any process group is joined
+    assert main(["grpo", str(cfg)]) == 2
+    assert "torchrun with several processes is for sft, dpo, reward" in capsys.readouterr().err
