@@ -80,6 +80,9 @@ class TrainConfig(_Section):
     save_every: int | None = Field(None, gt=0, description="steps between checkpoints; null = at the end only")
     save_total_limit: int = Field(2, gt=0)
     loss_chunk_size: int = Field(1024, gt=0, description="trained positions per LM-head chunk")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp keeps a whole model per process (gradients all-reduced), fsdp "
+        "shards the decoder layers' weights, gradients and optimizer state with FSDP2")
     optimizer: Literal["auto", "adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "auto", description="auto: paged 8-bit AdamW for a 4-bit base on a GPU, else AdamW (fp32 moments)")
 

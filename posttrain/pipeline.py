@@ -15,7 +15,7 @@ from posttrain.config import (ConfigError, DataConfig, DPOConfig, DPOSection, GR
 from posttrain.data import BatchPlan, build_examples, eval_batches, holdout_split
 from posttrain.data.render import Example
 from posttrain.engine import LoopOptions, atomic_dir, atomic_write_text, console, read_metrics, train_loop
-from posttrain.engine.distributed import device_for, world
+from posttrain.engine.distributed import device_for, gather_for_inference, shard, world
 from posttrain.eval import heldout_loss, sample_generations
 from posttrain.methods import SFT
 from posttrain.models import (Loaded, Quantization, apply_lora, choose_device, dequantize_, format_trainable,
@@ -74,6 +74,22 @@ def choose_optimizer(t: TrainConfig, mcfg: ModelConfig) -> str:
         return t.optimizer
     on_gpu = choose_device(mcfg.device).type == "cuda"
     return "paged_adamw_8bit" if mcfg.quantization != "none" and on_gpu else "adamw"
+
+
+def shard_if_asked(cfg: SFTConfig | DPOConfig | RewardConfig, model: torch.nn.Module) -> bool:
+    """FSDP2 on the decoder layers when torchrun started several processes and train.distributed is fsdp."""
+    w = world()
+    if w.size > 1 and cfg.train.distributed == "fsdp":
+        console.print(f"FSDP2: {shard(model)} decoder layers sharded over {w.size} processes")
+        return True
+    return False
+
+
+def after_training(model: torch.nn.Module, sharded: bool) -> bool:
+    """Whether this process writes the results (rank 0); sharded layers are gathered first, on every rank."""
+    if sharded:
+        gather_for_inference(model)
+    return world().main
 
 
 def loop_options(t: TrainConfig, total: int, mcfg: ModelConfig) -> LoopOptions:
@@ -149,11 +165,12 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False) -> dict[str, Any]:
                   f"x {t.epochs} epochs, {plan.per_step} per step ({t.micro_batch_size} x {t.grad_accum} accumulation)")
     held_batches = eval_batches(held, t.micro_batch_size, tok.pad_token_id) if held else []
     evaluate = (lambda m: heldout_loss(m, held_batches, t.loss_chunk_size)) if held_batches else None
-    export = (lambda path: model.save_pretrained(path)) if cfg.finetune == "lora" else None
+    export = (lambda path: save_weights(model, path)) if cfg.finetune == "lora" else None
     atomic_write_text(out / "config.yaml", dump_config(cfg))
+    sharded = shard_if_asked(cfg, model)
     records = train_loop(model, SFT(t.loss_chunk_size), plan, opts, out, evaluate=evaluate, export=export,
                          resume=resume)
-    if not w.main:  # rank 0 writes the results; the others hold the same weights
+    if not after_training(model, sharded):  # rank 0 writes the results; the others hold the same weights
         return {}
 
     final_dir = save_trained(model, tok, out, cfg.finetune)
@@ -170,12 +187,25 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False) -> dict[str, Any]:
     return {**summary, "samples": samples}
 
 
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """``save_pretrained`` (a PEFT adapter, or a whole HF model) from the parameters as the module holds them now.
+
+    FSDP2's state-dict hooks report sharded tensors even while a layer is gathered; the live parameters are whole.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        model.save_pretrained(path, state_dict={n: p.detach() for n, p in model.named_parameters()})
+    else:
+        model.save_pretrained(path)
+
+
 def save_trained(model: torch.nn.Module, tokenizer, out: Path, finetune: str) -> Path:
     """The PEFT adapter folder (LoRA) or a standalone HF model folder (full), written atomically."""
     dest = out / ("adapter" if finetune == "lora" else "model")
 
     def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        save_weights(model, tmp)
         tokenizer.save_pretrained(tmp)
 
     return atomic_dir(dest, write)
@@ -353,11 +383,12 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False) -> dict[str, Any]:
     console.print(f"training {total} steps: {len(train)} pairs in {len(plan.units)} rows x {t.epochs} epochs, "
                   f"{plan.per_step} rows per step ({t.micro_batch_size} x {t.grad_accum} accumulation)")
     evaluate = (lambda m: preference_eval(m, eval_method, held_batches)) if held_batches else None
-    export = (lambda path: model.save_pretrained(path)) if cfg.finetune == "lora" else None
+    export = (lambda path: save_weights(model, path)) if cfg.finetune == "lora" else None
     atomic_write_text(out / "config.yaml", dump_config(cfg))
+    sharded = shard_if_asked(cfg, model)
     records = train_loop(model, method, plan, loop_options(t, total, cfg.model), out, evaluate=evaluate, export=export,
                          resume=resume)
-    if not world().main:
+    if not after_training(model, sharded):
         return {}
     final_dir = save_trained(model, tok, out, cfg.finetune)
     summary, evals = write_summary(out, t0, total, report, lines, records, final_dir, "eval/accuracy")
@@ -394,13 +425,14 @@ def run_reward(cfg: RewardConfig, *, resume: bool = False) -> dict[str, Any]:
     def export(path: Path) -> None:  # a checkpoint's adapter/ folder: the adapter and the score head beside it
         path.mkdir(parents=True, exist_ok=True)
         if cfg.finetune == "lora":
-            lm.save_pretrained(path)
+            save_weights(lm, path)
         save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(path / HEAD_FILE))
 
     atomic_write_text(out / "config.yaml", dump_config(cfg))
+    sharded = shard_if_asked(cfg, model)
     records = train_loop(model, method, plan, loop_options(t, total, cfg.model), out, evaluate=evaluate, export=export,
                          resume=resume)
-    if not world().main:
+    if not after_training(model, sharded):
         return {}
     final_dir = save_trained(lm, tok, out, cfg.finetune)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE))
@@ -563,7 +595,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: bool = False) -> dict[str, Any]:
     evaluate = (lambda m: grpo_eval(m, tok, held_prompts, held_rows, held_chats, reward, g.max_new_tokens,
                                     generation_batch(len(held_prompts), t.micro_batch_size), watch)) \
         if held_prompts else None
-    export = (lambda path: model.save_pretrained(path)) if cfg.finetune == "lora" else None
+    export = (lambda path: save_weights(model, path)) if cfg.finetune == "lora" else None
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     records = train_loop(model, GRPO(params, t.loss_chunk_size), plan, loop_options(t, total, cfg.model), out,
                          evaluate=evaluate, export=export, resume=resume)

@@ -34,19 +34,19 @@ def _same_curve(one, two, keys, train_only: bool = False) -> None:
                 assert rb[k] == pytest.approx(ra[k], abs=1e-4), (ra["step"], k, ra[k], rb[k])
 
 
-@pytest.mark.parametrize("method", ["sft", "dpo"])
-def test_two_processes_equal_one_with_the_same_global_batch(method, tiny_dir, tmp_path):
+@pytest.mark.parametrize("method,parallel", [("sft", "ddp"), ("dpo", "ddp"), ("sft", "fsdp"), ("reward", "fsdp")])
+def test_two_processes_equal_one_with_the_same_global_batch(method, parallel, tiny_dir, tmp_path):
     if method == "sft":
         data = write_jsonl(tmp_path / "train.jsonl", chat_rows(40))
         extra, keys = "eval_samples: 0\n", ["loss", "grad_norm", "loss_units", "eval/loss"]
-    else:
+    else:  # dpo and reward read the same pairs
         data = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(24))
         extra, keys = "", ["loss", "grad_norm", "loss_units", "accuracy", "rewards/margin", "eval/loss",
                            "eval/accuracy"]
     cfg = tmp_path / "job.yaml"
     cfg.write_text(f"method: {method}\nmodel: {{name: {tiny_dir}}}\ndata: {{train: {data}, eval_fraction: 0.2}}\n"
                    "train: {max_steps: 3, micro_batch_size: 2, lr: 0.01, eval_every: 3, save_every: 2, "
-                   f"min_lr_ratio: 1.0}}\nlora: {{r: 4}}\n{extra}")
+                   f"min_lr_ratio: 1.0, distributed: {parallel}}}\nlora: {{r: 4}}\n{extra}")
     # One process accumulating 2 micro-batches == 2 processes with 1 each: the same 4 rows per step.
     _launch(1, method, cfg, tmp_path / "one", "train.grad_accum=2")
     _launch(2, method, cfg, tmp_path / "two", "train.grad_accum=1")
@@ -56,9 +56,9 @@ def test_two_processes_equal_one_with_the_same_global_batch(method, tiny_dir, tm
     a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    if method == "dpo":
+    if (method, parallel) != ("sft", "fsdp"):
         return
-    # Resume a 2-process run from its step-2 checkpoint: the same last step as uninterrupted.
+    # Resume a sharded 2-process run from its step-2 checkpoint: the same last step as uninterrupted.
     _launch(2, method, cfg, tmp_path / "part", "train.grad_accum=1", "train.max_steps=2")
     _launch(2, method, cfg, tmp_path / "part", "train.grad_accum=1", "--resume")
     _same_curve(tmp_path / "one", tmp_path / "part", keys, train_only=True)

@@ -17,6 +17,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from posttrain.engine.distributed import full_tree, shard_like
+
 MARKER = "COMPLETE"
 
 
@@ -76,10 +78,18 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, extra: dict[str, Any], keep: int,
-                    export: Callable[[Path], None] | None = None) -> Path:
+                    export: Callable[[Path], None] | None = None, write_files: bool = True) -> Path | None:
+    """Every rank calls it (sharded optimizer state is gathered into full tensors); ``write_files`` on one.
+
+    Weights and optimizer state are stored whole, so a checkpoint resumes under any number of processes.
+    """
+    optimizer_state = full_tree(optimizer.state_dict())
+    if not write_files:
+        return None
+
     def write(tmp: Path) -> None:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+        torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state()},
                    tmp / "state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
         if export is not None:
@@ -108,9 +118,14 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                          f"unexpected {unexpected[:3]} (was it made with another model or LoRA config?)")
     with torch.no_grad():
         for n, t in weights.items():
-            params[n].copy_(t)
+            params[n].copy_(shard_like(t, params[n]))
     state = torch.load(path / "state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:  # moments of FSDP2-sharded parameters: back to this rank's shard
+        for p in group["params"]:
+            for k, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.shape == p.shape:
+                    optimizer.state[p][k] = shard_like(v, p)
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     return json.loads((path / "trainer_state.json").read_text())

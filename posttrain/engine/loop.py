@@ -17,7 +17,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from posttrain.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
-from posttrain.engine.distributed import all_reduce_grads, barrier, world
+from posttrain.engine.distributed import all_reduce_grads, barrier, clip_grad_norm, unsharded, world
 from posttrain.engine.logging import MetricsLog, console, format_line
 from posttrain.engine.schedule import warmup_cosine
 
@@ -104,9 +104,9 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
     records: list[dict[str, Any]] = []
 
     def save(step: int) -> None:
-        if w.main:  # every rank holds the same weights and optimizer state; one writes them
+        with unsharded(model):  # whole weights for the files (a no-op unless the layers are FSDP2-sharded)
             save_checkpoint(ckpt_root, step, model, optimizer, scheduler, {"total_steps": opts.total_steps},
-                            keep=opts.save_total_limit, export=export)
+                            keep=opts.save_total_limit, export=export, write_files=w.main)
         barrier()
 
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -145,7 +145,8 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
                 all_reduce_grads(params)
             grad_norm = None
             if opts.max_grad_norm is not None:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm))
+                grad_norm = clip_grad_norm(params, opts.max_grad_norm) if w.size > 1 else \
+                    float(torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
