@@ -267,9 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a smaller run, for smoke tests")
     d.set_defaults(func=_cmd_demo)
 
+    from posttrain.data.curate_command import add_commands as add_data_commands
     from posttrain.plan import add_commands as add_plan_commands
     from posttrain.serve.command import add_commands as add_serve_commands
 
+    add_data_commands(sub)
     add_plan_commands(sub)
     add_serve_commands(sub)
     return p

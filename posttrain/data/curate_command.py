@@ -1,0 +1,210 @@
+"""``posttrain data ...``: dedup, contamination (with a gate), stratification audit, rater agreement, length bias."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from posttrain.data import curate
+
+
+def _console() -> Console:
+    # Made per call so it writes to the sys.stdout of the moment (a pipe, pytest's capture); the engine's console
+    # writes training logs to stderr, but these tables are the command's output.
+    return Console(highlight=False, soft_wrap=True)
+
+
+def _json(data: dict[str, Any]) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False, default=str))
+
+
+def _warn(out: Console, text: str) -> None:
+    out.print(f"[yellow]warning:[/] {escape(text)}")
+
+
+def _cmd_dedup(args: argparse.Namespace) -> int:
+    report_path = args.report or Path(args.out).with_suffix(".report.json")
+    report = curate.dedup_file(args.file, args.out, threshold=args.threshold, shingle=args.shingle,
+                               report_path=report_path)
+    if args.json:
+        _json(report.to_dict())
+        return 0
+    out = _console()
+    out.print(f"{escape(report.file)}: {report.rows} rows, [bold]{report.kept} kept[/], {report.exact} exact and "
+              f"{report.near} near duplicates removed (Jaccard of word {report.shingle}-grams >= {report.threshold})")
+    if report.removed:
+        table = Table(title="removed rows")
+        for col in ("row", "duplicate of", "kind", "Jaccard", "MinHash estimate"):
+            table.add_column(col, justify="left" if col == "kind" else "right")
+        for r in report.removed[:args.show]:
+            table.add_row(str(r.row), str(r.duplicate_of), r.kind, f"{r.similarity:.3f}", f"{r.estimate:.3f}")
+        out.print(table)
+        if len(report.removed) > args.show:
+            out.print(f"... {len(report.removed) - args.show} more in the report")
+    out.print(f"kept rows: {escape(str(args.out))}; report: {escape(str(report_path))}")
+    return 0
+
+
+def _cmd_contamination(args: argparse.Namespace) -> int:
+    report = curate.contamination(args.train, args.eval, n=args.n, threshold=args.threshold)
+    leaks = report.contaminated
+    failed = bool(leaks) and args.fail_on_leak
+    if args.json:
+        _json({**report.to_dict(), "failed": failed})
+        return 1 if failed else 0
+    out = _console()
+    shown = leaks or sorted(report.rows, key=lambda r: -r.fraction)[:5]  # no leak: the closest rows
+    table = Table(title="contaminated eval rows" if leaks else "eval rows closest to the training data")
+    for col in ("eval row", "shared n-grams", "longest run (words)", "train rows (shared)", "shared text"):
+        table.add_column(col, justify="left" if col in ("shared text", "train rows (shared)") else "right")
+    for r in shown:
+        table.add_row(str(r.row), f"{r.fraction:.1%} ({r.shared}/{r.ngrams})", str(r.longest_run),
+                      ", ".join(f"{t} ({c})" for t, c in r.train_rows) or "-", escape(r.snippet) or "-")
+    out.print(table)
+    verdict = (f"{len(leaks)} of {len(report.rows)} eval rows in {escape(report.eval)} share >= "
+               f"{report.threshold:.0%} of their word {report.n}-grams with {escape(report.train)} "
+               f"({report.train_rows} rows)")
+    if failed:
+        out.print(f"[bold red]FAILED[/]: {verdict}; remove them from one side before training or evaluating")
+    elif leaks:
+        out.print(f"[yellow]warning:[/] {verdict} (--fail-on-leak makes this an error)")
+    else:
+        out.print(f"[green]no leak[/]: {verdict}")
+    return 1 if failed else 0
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    report = curate.audit(args.file, args.field, min_share=args.min_share, max_share=args.max_share)
+    if args.json:
+        _json(report.to_dict())
+        return 0
+    out = _console()
+    table = Table(title=f"{escape(report.file)}: {report.rows} rows by {escape(report.field)}")
+    table.add_column("value")
+    table.add_column("rows", justify="right")
+    table.add_column("share", justify="right")
+    for b in report.bins:
+        flag = b.value != curate.MISSING and not report.min_share <= b.share <= report.max_share
+        share = f"{b.share:.1%}"
+        table.add_row(escape(str(b.value)), str(b.count), f"[yellow]{share}[/]" if flag else share)
+    out.print(table)
+    for w in report.warnings:
+        _warn(out, w)
+    return 0
+
+
+def _cmd_agreement(args: argparse.Namespace) -> int:
+    raters = [r.strip() for r in args.raters.split(",") if r.strip()]
+    report = curate.agreement(args.file, raters)
+    if args.json:
+        _json(report.to_dict())
+        return 0
+    out = _console()
+    table = Table(title="Cohen's kappa per pair of raters")
+    for col in ("raters", "items", "skipped", "p_o", "p_e", "kappa", "Landis & Koch"):
+        table.add_column(col, justify="left" if col in ("raters", "Landis & Koch") else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    for p in report.pairs:
+        table.add_row(escape(" / ".join(p.raters)), str(p.n), str(p.skipped), fmt(p.p_o), fmt(p.p_e),
+                      fmt(p.kappa), p.interpretation)
+    out.print(table)
+    if len(raters) > 2:
+        matrix = Table(title="kappa matrix")
+        matrix.add_column("")
+        for r in raters:
+            matrix.add_column(escape(r), justify="right")
+        for r, values in zip(raters, report.matrix):
+            matrix.add_row(escape(r), *(fmt(v) for v in values))
+        out.print(matrix)
+    for p in report.pairs:
+        if p.note:
+            out.print(f"note ({escape(' / '.join(p.raters))}): {escape(p.note)}")
+    out.print(f"mean kappa over {len(report.pairs)} pair(s): [bold]{fmt(report.mean_kappa)}[/] "
+              f"({report.interpretation})")
+    return 0
+
+
+def _cmd_length_bias(args: argparse.Namespace) -> int:
+    report = curate.length_bias(args.file, unit=args.unit)
+    if args.json:
+        _json(report.to_dict())
+        return 0
+    out = _console()
+    table = Table(title=f"{escape(report.file)}: {report.pairs} pairs, response length in {report.unit}")
+    for col in ("", "mean", "median"):
+        table.add_column(col, justify="right" if col else "left")
+    table.add_row("chosen", f"{report.chosen_mean:.1f}", f"{report.chosen_median:g}")
+    table.add_row("rejected", f"{report.rejected_mean:.1f}", f"{report.rejected_median:g}")
+    out.print(table)
+    out.print(f"chosen is longer in {report.chosen_longer:.1%} of pairs, shorter in {report.chosen_shorter:.1%}, "
+              f"equal in {report.equal:.1%}; \"longer answer wins\" is right on {report.longer_wins_accuracy:.1%} "
+              "(ties count half)")
+    out.print(f"[bold]{report.verdict}[/]")
+    if report.skipped:
+        shown = "; ".join(f"row {n}: {why}" for n, why in report.skipped[:3])
+        _warn(out, f"{len(report.skipped)} bad pairs left out (no preference to learn): {shown}"
+                   + (" ..." if len(report.skipped) > 3 else ""))
+    return 0
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text}")
+    return value
+
+
+def add_commands(sub) -> None:
+    """Add ``data`` and its subcommands to the main parser's subcommands."""
+    data = sub.add_parser("data", help="data curation: dedup, contamination gate, stratification audit, rater "
+                                       "agreement, length bias")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+
+    d = dsub.add_parser("dedup", help="drop exact and near duplicates (MinHash over word n-grams), keep the first")
+    d.add_argument("file")
+    d.add_argument("--out", required=True, help="JSONL of the kept rows, unchanged and in order (written atomically)")
+    d.add_argument("--threshold", type=_fraction, default=0.8,
+                   help="Jaccard of the word-shingle sets at or above which a row is a near duplicate")
+    d.add_argument("--shingle", type=int, default=5, help="words per shingle")
+    d.add_argument("--report", default=None, help="JSON report of the removed rows (default: OUT with .report.json)")
+    d.add_argument("--show", type=int, default=20, help="removed rows shown in the table")
+    d.add_argument("--json", action="store_true", help="print the report as JSON")
+    d.set_defaults(func=_cmd_dedup)
+
+    c = dsub.add_parser("contamination", help="eval rows whose word n-grams appear in the training data; "
+                                              "with --fail-on-leak a gate")
+    c.add_argument("--train", required=True)
+    c.add_argument("--eval", required=True)
+    c.add_argument("--n", type=int, default=8, help="words per n-gram")
+    c.add_argument("--threshold", type=_fraction, default=0.5,
+                   help="share of an eval row's n-grams found in training at which it counts as contaminated")
+    c.add_argument("--fail-on-leak", action="store_true", help="exit 1 when any eval row is contaminated")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_cmd_contamination)
+
+    a = dsub.add_parser("audit", help="rows per value of a field; warns on bins that are too small or too large")
+    a.add_argument("file")
+    a.add_argument("--field", required=True, help="field name; dots reach into nested objects (meta.source)")
+    a.add_argument("--min-share", type=_fraction, default=0.05)
+    a.add_argument("--max-share", type=_fraction, default=0.4)
+    a.add_argument("--json", action="store_true")
+    a.set_defaults(func=_cmd_audit)
+
+    g = dsub.add_parser("agreement", help="Cohen's kappa between raters' labels (pairwise for more than two)")
+    g.add_argument("file")
+    g.add_argument("--raters", required=True, help="comma-separated fields holding each rater's label, e.g. a,b,c")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=_cmd_agreement)
+
+    b = dsub.add_parser("length-bias", help="how well response length alone predicts chosen vs rejected")
+    b.add_argument("file")
+    b.add_argument("--unit", choices=sorted(curate.UNITS), default="words")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=_cmd_length_bias)
+
