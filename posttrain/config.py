@@ -28,9 +28,7 @@ class ModelConfig(_Section):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
-    attn_implementation: str = Field(
-        "sdpa_packed", description="sdpa_packed: SDPA, a packed row's examples attended one by one (causal, no mask); "
-        "sdpa, eager, flash_attention_2: transformers' own")
+    attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     init_adapter: str | None = Field(
         None, description="LoRA adapter (or run folder) merged into the base first, e.g. an SFT run before DPO")

@@ -6,7 +6,6 @@ import torch
 
 from posttrain.data.packing import IGNORE, num_targets
 from posttrain.losses import linear_cross_entropy_sum, token_cross_entropy_sum
-from posttrain.models.attention import NAME as SEGMENT_ATTENTION, segment_bounds
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -33,22 +32,14 @@ def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     return inner, batch["input_ids"].to(device), batch["position_ids"].to(device), targets, targets != IGNORE
 
 
-def segment_kwargs(model: torch.nn.Module, position_ids: torch.Tensor) -> dict:
-    """Where each packed example lies, for the per-example attention (only that attention reads it)."""
-    if getattr(model.config, "_attn_implementation", None) != SEGMENT_ATTENTION:
-        return {}
-    return {"packed_segments": segment_bounds(position_ids)}
-
-
 def completion_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> torch.Tensor:
     """Sum of cross-entropy over trained tokens of a (B, T) batch (see data.packing.collate)."""
     inner, ids, pos, targets, keep = model_inputs(model, batch)
     head = _plain_head(inner)
     if head is None:  # generic path: full logits, then select
-        logits = inner(input_ids=ids, position_ids=pos, use_cache=False, **segment_kwargs(inner, pos)).logits[:, :-1]
+        logits = inner(input_ids=ids, position_ids=pos, use_cache=False).logits[:, :-1]
         return token_cross_entropy_sum(logits[keep], targets[keep])
-    hidden = inner.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False,
-                                 **segment_kwargs(inner, pos)).last_hidden_state
+    hidden = inner.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
     return linear_cross_entropy_sum(hidden[:, :-1][keep], head.weight, targets[keep], chunk_size)
 
 

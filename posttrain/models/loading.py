@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 
-from posttrain.models.attention import NAME as ATTENTION_NAME, register as register_attention
 from posttrain.models.quant import Quantization, bnb_config
 
 log = logging.getLogger("posttrain")
@@ -136,13 +135,11 @@ def load_tokenizer(name: str | None):
 
 
 def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "auto",
-               attn_implementation: str = ATTENTION_NAME, quantization: Quantization | None = None) -> Loaded:
+               attn_implementation: str = "sdpa", quantization: Quantization | None = None) -> Loaded:
     """``quantization`` stores the linear layers in 4 bits; ``dtype`` is then their compute dtype."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
-    if attn_implementation == ATTENTION_NAME:
-        register_attention()
     path = resolve_model_path(name)
     dev = choose_device(device)
     torch_dtype = choose_dtype(dtype, dev)
