@@ -335,8 +335,6 @@ def table(results: dict[str, list[dict]], ceiling: float, warmup: int, steps: in
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; the median per config is reported")
     p.add_argument("--pairs", type=int, default=64, help="preference pairs in the fixed training subset")
     p.add_argument("--max-len", type=int, default=256, help="token cap for prompt + response (chosen and rejected)")
     p.add_argument("--batch", type=int, default=2, help="micro-batch in pairs (TRL, posttrain, posttrain-precomp)")
@@ -344,7 +342,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
     p.add_argument("--lr", type=float, default=5e-6)
-    args, configs = start(p, CONFIGS, run_worker, __file__)
+    args, configs = start(p, CONFIGS, DEFAULT_CONFIGS, run_worker, __file__)
     if configs is None:
         return
     if not DATA.exists():

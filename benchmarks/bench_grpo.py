@@ -371,8 +371,6 @@ def table(results: dict[str, list[dict]], ceiling: float, args: argparse.Namespa
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; the median per config is reported")
     p.add_argument("--prompts", type=int, default=16, help="GSM8K questions in the fixed training subset")
     p.add_argument("--group", type=int, default=8, help="completions per prompt (G)")
     p.add_argument("--per-step", type=int, default=2, help="prompts per optimizer step")
@@ -382,7 +380,7 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=8,
                    help="completions per forward/backward; the rest of the step is gradient accumulation")
     p.add_argument("--lr", type=float, default=1e-4)
-    args, configs = start(p, CONFIGS, run_worker, __file__)
+    args, configs = start(p, CONFIGS, DEFAULT_CONFIGS, run_worker, __file__)
     if configs is None:
         return
     if not DATA.exists():

@@ -305,10 +305,12 @@ def table(results: dict[str, list[dict]], ceiling: float, warmup: int, steps: in
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
 
 
-def start(p: argparse.ArgumentParser, known: tuple[str, ...], run_worker,
+def start(p: argparse.ArgumentParser, known: tuple[str, ...], defaults: tuple[str, ...], run_worker,
           script: str) -> tuple[argparse.Namespace, list[str] | None]:
     """The arguments every benchmark shares; parse them, run this process's worker if it is one (configs None),
     else return the chosen configurations after checking them and that TRL is importable when one needs it."""
+    p.add_argument("--configs", default=",".join(defaults), help=f"comma list of {', '.join(known)}")
+    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; the median per config is reported")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default=None, help="HF model folder; default: the embedded SmolLM2-135M-Instruct")
     p.add_argument("--json", default=None, help="write all raw results here")
@@ -383,8 +385,6 @@ def finish(args: argparse.Namespace, results: dict[str, list[dict]], ceilings: l
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; the median per config is reported")
     p.add_argument("--examples", type=int, default=128, help="chats in the fixed training subset")
     p.add_argument("--max-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=4, help="micro-batch (sequences or packed rows)")
@@ -393,7 +393,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lora-dropout", type=float, default=0.0,
                    help="LoRA dropout for both frameworks; 0 is posttrain's default")
-    args, configs = start(p, CONFIGS, run_worker, __file__)
+    args, configs = start(p, CONFIGS, DEFAULT_CONFIGS, run_worker, __file__)
     if configs is None:
         return
 

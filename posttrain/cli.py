@@ -22,7 +22,6 @@ DATA_PARALLEL = ("sft", "dpo", "reward")
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from posttrain import pipeline
-
     from posttrain.config import ConfigError, load_config
     from posttrain.engine import console
     from posttrain.engine.distributed import setup, shutdown, world

@@ -211,6 +211,16 @@ def save_trained(model: torch.nn.Module, tokenizer, out: Path, finetune: str) ->
     return atomic_dir(dest, write)
 
 
+def load_run_base(model_name: str | None, adapter: str, *, dtype: str = "auto", device: str = "auto") -> Loaded:
+    """The base an adapter was trained on: in 4 bits if the run was QLoRA, with the run's ``init_adapter`` (e.g.
+    the SFT adapter under a DPO run) merged in."""
+    loaded = load_model(model_name, dtype=dtype, device=device, quantization=run_quantization(adapter))
+    init = init_adapter_of(adapter)
+    if init:
+        loaded.model = load_adapter(loaded.model, str(resolve_adapter(init))).merge_and_unload()
+    return loaded
+
+
 def load_for_inference(model_name: str | None, adapter: str | None, *, dtype: str = "auto", device: str = "auto",
                        merge: bool = True) -> Loaded:
     """Base model, optionally with a LoRA adapter (merged for speed unless ``merge=False``).
@@ -218,21 +228,16 @@ def load_for_inference(model_name: str | None, adapter: str | None, *, dtype: st
     ``adapter`` may be an adapter folder or a run folder holding ``adapter/``; with no model name, the base
     recorded in the run's config.yaml (or the adapter's own config) is used.
     """
-    adapter_dir = None
-    if adapter:
-        adapter_dir = resolve_adapter(adapter)
-        if model_name is None:
-            model_name = base_of(adapter)
-    quant = run_quantization(adapter) if adapter else None
-    loaded = load_model(model_name, dtype=dtype, device=device, quantization=quant)
-    if adapter_dir is not None:
-        init = init_adapter_of(adapter)
-        if init:  # the run trained on top of another adapter (e.g. DPO after SFT): that one is part of its base
-            loaded.model = load_adapter(loaded.model, str(resolve_adapter(init))).merge_and_unload()
-        if quant and merge:  # a QLoRA adapter merges into the de-quantized base it was trained against
-            dequantize_(loaded.model)
-        model = load_adapter(loaded.model, str(adapter_dir))
-        loaded.model = model.merge_and_unload() if merge else model
+    if not adapter:
+        loaded = load_model(model_name, dtype=dtype, device=device)
+        loaded.model.eval()
+        return loaded
+    adapter_dir = resolve_adapter(adapter)
+    loaded = load_run_base(model_name or base_of(adapter), adapter, dtype=dtype, device=device)
+    if merge:  # a QLoRA adapter merges into the de-quantized base it was trained against
+        dequantize_(loaded.model)
+    model = load_adapter(loaded.model, str(adapter_dir))
+    loaded.model = model.merge_and_unload() if merge else model
     loaded.model.eval()
     return loaded
 

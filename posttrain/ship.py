@@ -13,10 +13,11 @@ from typing import Any
 
 from posttrain.config import ConfigError
 from posttrain.data.render import has_chat_template, render_prompt
-from posttrain.engine import atomic_dir, atomic_write_text, console
-from posttrain.models import Quantization, dequantize_, load_adapter, load_model
+from posttrain.engine import atomic_dir, atomic_write_text
+from posttrain.models import load_adapter, load_model
 from posttrain.models.merge import compare, lora_tensors, reference_outputs
-from posttrain.pipeline import base_of, init_adapter_of, resolve_adapter, run_config_of, run_quantization
+from posttrain.pipeline import (base_of, init_adapter_of, load_for_inference, load_run_base, resolve_adapter,
+                                run_config_of, run_quantization)
 from posttrain.rollout.generate import stop_token_ids
 
 REPORTS = ("merge_report.json", "export_report.json")
@@ -57,14 +58,6 @@ def _prompt_ids(tokenizer, prompts: list[str]) -> list[list[int]]:
                       add_special_tokens=add_special)["input_ids"] for p in prompts]
 
 
-def _base_with_init(name: str | None, adapter: str, dtype: str, device: str, quant: Quantization | None):
-    loaded = load_model(name, dtype=dtype, device=device, quantization=quant)
-    init = init_adapter_of(adapter)
-    if init:  # trained on top of another adapter (DPO after SFT): that one is part of its base
-        loaded.model = load_adapter(loaded.model, str(resolve_adapter(init))).merge_and_unload()
-    return loaded
-
-
 def merge_run(adapter: str, out: str, *, model_name: str | None = None, dtype: str = "auto", device: str = "auto",
               prompts: list[str] | None = None, max_new_tokens: int = 32) -> dict[str, Any]:
     """W' = W + (alpha / r) B A into a standalone HF safetensors folder, checked against base + adapter.
@@ -77,21 +70,16 @@ def merge_run(adapter: str, out: str, *, model_name: str | None = None, dtype: s
     adapter_dir = resolve_adapter(adapter)
     name = model_name or base_of(adapter)
     quant = run_quantization(adapter)
-    loaded = _base_with_init(name, adapter, dtype, device, quant)
-    tok = loaded.tokenizer
-    stop = stop_token_ids(tok, loaded.model)
+    reference = load_for_inference(name, adapter, dtype=dtype, device=device, merge=False)
+    tok = reference.tokenizer
+    stop = stop_token_ids(tok, reference.model)
     ids = _prompt_ids(tok, prompts or CHECK_PROMPTS)
-
-    reference = load_adapter(loaded.model, str(adapter_dir))
-    ref = reference_outputs(reference, ids, max_new_tokens=max_new_tokens, stop_ids=stop)
+    ref = reference_outputs(reference.model, ids, max_new_tokens=max_new_tokens, stop_ids=stop)
     if quant is None:
-        merged = reference.merge_and_unload()
-    else:
-        del reference, loaded
-        base = load_model(name, dtype=dtype, device=device, quantization=quant)
-        console.print(f"de-quantized {dequantize_(base.model)} 4-bit linear layers before merging")
-        merged = load_adapter(base.model, str(adapter_dir)).merge_and_unload()
-    merged.eval()
+        merged = reference.model.merge_and_unload()
+    else:  # a fresh 4-bit base, de-quantized, then merged (load_for_inference's merge path)
+        del reference
+        merged = load_for_inference(name, adapter, dtype=dtype, device=device).model
     in_memory = compare(merged, ref, max_new_tokens=max_new_tokens, stop_ids=stop)
     naive = None
     if quant is not None:  # what merging into the original full-precision base would have given instead
@@ -160,7 +148,7 @@ def export_run(adapter: str, out: str, *, model_name: str | None = None, dtype: 
 
     dest = atomic_dir(dest, write)
     # Load back through PEFT alone, as a server would, and check every saved factor arrived in the model.
-    loaded = _base_with_init(name, adapter, dtype, device, quant)
+    loaded = load_run_base(name, adapter, dtype=dtype, device=device)
     from safetensors.torch import load_file
 
     saved = load_file(str(dest / weights.name))

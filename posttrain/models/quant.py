@@ -51,7 +51,7 @@ def weight_bytes(model: torch.nn.Module, unquantized_dtype: torch.dtype = torch.
     LM head, LoRA factors). Tied weights count once.
     """
     out = {"quantized": 0, "quantized_as_dense": 0, "dense": 0, "quantized_params": 0}
-    size = torch.tensor([], dtype=unquantized_dtype).element_size()
+    size = unquantized_dtype.itemsize
     seen: set[int] = set()
     for module in model.modules():
         if _is_4bit(module) and id(module.weight) not in seen:  # PEFT's wrapper exposes its base layer's weight
@@ -72,7 +72,7 @@ def format_weight_bytes(b: dict[str, int], dense_dtype: torch.dtype) -> str:
     """One line: base bytes before and after, and the 4-bit layers' ratio to bf16 and to the compute dtype."""
     if not b["quantized_params"]:
         return f"base weights {b['dense'] / 1e6:.1f} MB (not quantized)"
-    as_compute = b["quantized_params"] * torch.tensor([], dtype=dense_dtype).element_size()
+    as_compute = b["quantized_params"] * dense_dtype.itemsize
     before, after = b["dense"] + as_compute, b["dense"] + b["quantized"]
     return (f"base weights {before / 1e6:.1f} MB -> {after / 1e6:.1f} MB; the {b['quantized_params'] / 1e6:.1f}M "
             f"quantized weights take {b['quantized'] / 1e6:.1f} MB: {b['quantized_as_dense'] / b['quantized']:.2f}x "

@@ -18,9 +18,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-7b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
                  "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
                  "tie_word_embeddings": False},
-    "llama-2-7b": {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                   "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000,
-                   "tie_word_embeddings": False},
     "llama-2-13b": {"model_type": "llama", "hidden_size": 5120, "intermediate_size": 13824, "num_hidden_layers": 40,
                     "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32000,
                     "tie_word_embeddings": False},
@@ -37,6 +34,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                      "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
                      "tie_word_embeddings": True},
 }
+PRESETS["llama-2-7b"] = PRESETS["llama-7b"]  # the same shapes as LLaMA-1 7B
 
 # Model types whose decoder block is the Llama block (q/k/v/o, gate/up/down, two RMSNorms, no biases).
 LLAMA_LIKE = ("llama", "mistral")
