@@ -1,0 +1,102 @@
+"""Pairwise AI judging with both orders, so a judge's taste for one slot cancels out.
+
+A judge is any callable ``(prompt, first, second, criterion) -> P(first is better)``. Language-model judges
+prefer whichever answer is shown first (or second) by a margin that has nothing to do with the answers; asking
+twice with the slots swapped and keeping only verdicts that agree removes that bias: a pure position preference
+flips with the slots and shows up as an inconsistent pair, which is dropped and counted, never guessed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import torch
+
+from posttrain.data.render import has_chat_template, render_prompt
+
+Verdict = Literal["a", "b", "tie", "inconsistent"]
+
+JUDGE_TEMPLATE = (
+    "You compare two answers to the same request.\n"
+    "Criterion: {criterion}\n\n"
+    "Request:\n{prompt}\n\n"
+    "Answer A:\n{first}\n\n"
+    "Answer B:\n{second}\n\n"
+    "Which answer better meets the criterion? Reply with one letter, A or B."
+)
+
+
+class Judge(Protocol):
+    def __call__(self, prompt: str, first: str, second: str, criterion: str) -> float: ...
+
+
+@dataclass(frozen=True)
+class PairVerdict:
+    """The combined verdict on answers a and b, and the two one-order probabilities it came from."""
+    verdict: Verdict
+    p_a_first: float   # P(a better) with a in slot A
+    p_a_second: float  # P(a better) with a in slot B (1 - the judge's P(slot A better))
+
+    @property
+    def p_a(self) -> float:
+        """The position-debiased probability that a is better: the mean of both orders."""
+        return (self.p_a_first + self.p_a_second) / 2
+
+
+def both_orders(judge: Judge, prompt: str, a: str, b: str, criterion: str, *, margin: float = 0.0) -> PairVerdict:
+    """Judge (a, b) and (b, a). A winner must win in both orders by more than ``margin`` (in probability above
+    one half); a pair where each order favours its first (or second) slot is inconsistent; the rest are ties."""
+    p1 = float(judge(prompt, a, b, criterion))
+    p2 = 1.0 - float(judge(prompt, b, a, criterion))
+    if p1 > 0.5 + margin and p2 > 0.5 + margin:
+        verdict: Verdict = "a"
+    elif p1 < 0.5 - margin and p2 < 0.5 - margin:
+        verdict = "b"
+    elif (p1 - 0.5) * (p2 - 0.5) < 0 and abs(p1 - 0.5) > margin and abs(p2 - 0.5) > margin:
+        verdict = "inconsistent"
+    else:
+        verdict = "tie"
+    return PairVerdict(verdict, p1, p2)
+
+
+def win_rate(verdicts: list[PairVerdict]) -> dict[str, float]:
+    """Share of a's wins, b's wins, ties and inconsistent pairs; ``win_rate`` counts a tie as half a win and leaves
+    inconsistent pairs out (they say nothing about the answers)."""
+    n = len(verdicts)
+    counts = {v: sum(p.verdict == v for p in verdicts) for v in ("a", "b", "tie", "inconsistent")}
+    decided = counts["a"] + counts["b"] + counts["tie"]
+    return {"win_rate": (counts["a"] + 0.5 * counts["tie"]) / decided if decided else float("nan"),
+            "wins": counts["a"] / max(n, 1), "losses": counts["b"] / max(n, 1), "ties": counts["tie"] / max(n, 1),
+            "inconsistent": counts["inconsistent"] / max(n, 1), "pairs": float(n)}
+
+
+class ModelJudge:
+    """A causal LM as a judge: P(first better) = softmax over the next-token logits of "A" and "B" after the
+    judging prompt (read from the logits, not parsed from sampled text, so there is no unparseable verdict)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, template: str = JUDGE_TEMPLATE,
+                 chat_template: str | None = None, name: str = "model") -> None:
+        self.model, self.tokenizer, self.template, self.chat_template, self.name = \
+            model, tokenizer, template, chat_template, name
+        self.choice_ids = [self._single_token(letter) for letter in ("A", "B")]
+
+    def _single_token(self, letter: str) -> int:
+        ids = self.tokenizer(letter, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise ValueError(f"judge: {letter!r} is {len(ids)} tokens for this tokenizer; a judge needs one")
+        return ids[0]
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, first: str, second: str, criterion: str) -> float:
+        text = self.template.format(prompt=prompt, first=first, second=second, criterion=criterion)
+        rendered = render_prompt(self.tokenizer, [{"role": "user", "content": text}], self.chat_template)
+        add_special = not has_chat_template(self.tokenizer, self.chat_template)
+        ids = self.tokenizer(rendered, add_special_tokens=add_special, return_tensors="pt")["input_ids"]
+        was_training = self.model.training
+        self.model.eval()
+        logits = self.model(input_ids=ids.to(next(self.model.parameters()).device)).logits[0, -1].float()
+        self.model.train(was_training)
+        pair = torch.log_softmax(logits[self.choice_ids], dim=-1)
+        return float(pair[0].exp())
+
