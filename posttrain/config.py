@@ -47,6 +47,21 @@ class LoraConfig(_Section):
     )
 
 
+class MixConfig(_Section):
+    """A general-instruction file mixed into SFT so the model keeps what it could do (against forgetting)."""
+    path: str = Field(..., description="any SFT-format file (messages, alpaca, prompt/completion)")
+    ratio: float = Field(0.1, gt=0.0, lt=1.0, description="share of the training examples taken from this file")
+    seed: int = 0
+
+
+class ReplayConfig(_Section):
+    """A replay buffer: the base model's own answers to general prompts, generated before training, trained on."""
+    prompts: str = Field(..., description="a file of prompts: any SFT-format file (its answers are ignored)")
+    ratio: float = Field(0.1, gt=0.0, lt=1.0, description="share of the training examples that are replayed")
+    max_new_tokens: int = Field(128, gt=0)
+    seed: int = 0
+
+
 class DataConfig(_Section):
     train: str = Field(..., description="JSONL, JSON, Parquet or CSV file")
     eval: str | None = Field(None, description="held-out file; when null, eval_fraction of train is held out")
@@ -61,6 +76,8 @@ class DataConfig(_Section):
         "error", description="what to do with an example longer than max_seq_len"
     )
     packing: bool = True
+    mix: MixConfig | None = None
+    replay: ReplayConfig | None = None
 
 
 class TrainConfig(_Section):
@@ -115,9 +132,16 @@ class SFTConfig(_Job):
     data: DataConfig
     train: TrainConfig = TrainConfig()
     eval_samples: int = Field(3, ge=0, description="held-out prompts to generate from at eval time")
+    kl_to_base: float = Field(0.0, ge=0.0, description="weight of KL(model || adapter-off base) per trained token, "
+                              "against forgetting (LoRA only: the base is the same weights with adapters off)")
 
     @model_validator(mode="after")
     def _check(self) -> "SFTConfig":
+        if self.kl_to_base and self.finetune != "lora":
+            raise ValueError("kl_to_base needs finetune: lora (the base is the model with its adapters switched off; "
+                             "full fine-tuning would need a second copy of the weights)")
+        if self.data.mix and self.data.replay and self.data.mix.ratio + self.data.replay.ratio >= 1.0:
+            raise ValueError("data.mix.ratio + data.replay.ratio must stay below 1 (they are shares of the training set)")
         if self.data.eval is None and self.data.eval_fraction == 0.0 and self.train.eval_every:
             raise ValueError("train.eval_every is set but there is no held-out data (data.eval / data.eval_fraction)")
         return self

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -120,6 +121,67 @@ def prepare_data(dcfg: DataConfig, tokenizer) -> tuple[list[Example], list[Examp
     return train, held, [m for _, m in held_rows], lines
 
 
+def _replay_rows(cfg: SFTConfig, model: torch.nn.Module, tokenizer, count: int) -> tuple[list[dict[str, Any]], int]:
+    """The starting model's greedy answers to ``count`` replay prompts (before any update), as chat rows, and how
+    many answers were empty (nothing to train on; skipped and counted)."""
+    from posttrain.data import load_prompt_chats
+    from posttrain.data.mixing import draw
+    from posttrain.rollout import generate
+
+    r = cfg.data.replay
+    chats = [chat for _, chat in load_prompt_chats(r.prompts, system_prompt=cfg.data.system_prompt)]
+    chats = draw(chats, count, r.seed)
+    with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+        answers = generate(model, tokenizer, chats, max_new_tokens=r.max_new_tokens,
+                           chat_template=resolve_template(cfg.data.chat_template))
+    rows = [{"messages": [*c, {"role": "assistant", "content": a}]} for c, a in zip(chats, answers) if a.strip()]
+    return rows, len(chats) - len(rows)
+
+
+def mix_in(cfg: SFTConfig, train: list[Example], model: torch.nn.Module, tokenizer,
+           out: Path) -> tuple[list[Example], list[str]]:
+    """The training examples with ``data.mix`` and ``data.replay`` added at their shares; report lines.
+
+    Replayed answers are generated once and kept in the run folder (replay.jsonl), so a resumed run trains on the
+    same rows."""
+    from posttrain.data.mixing import draw, mix_counts
+
+    d = cfg.data
+    sources = [s for s in (d.mix, d.replay) if s is not None]
+    if not sources:
+        return train, []
+    counts = dict(zip(map(id, sources), mix_counts(len(train), [s.ratio for s in sources])))
+    kw = dict(fmt="auto", system_prompt=d.system_prompt, max_seq_len=d.max_seq_len, overlong=d.overlong,
+              chat_template=resolve_template(d.chat_template))
+    mixed, lines = list(train), []
+    if d.mix:
+        extra = draw(build_examples(d.mix.path, tokenizer, **kw)[0], counts[id(d.mix)], d.mix.seed)
+        mixed += extra
+        lines.append(f"mixed in {len(extra)} examples of {d.mix.path} (asked {counts[id(d.mix)]}, "
+                     f"ratio {d.mix.ratio})")
+    if d.replay:
+        path = out / "replay.jsonl"
+        key = json.dumps({"prompts": d.replay.prompts, "count": counts[id(d.replay)], "seed": d.replay.seed,
+                          "max_new_tokens": d.replay.max_new_tokens, "model": cfg.model.name,
+                          "init_adapter": cfg.model.init_adapter}, sort_keys=True)
+        if not (path.exists() and (out / "replay.key").exists() and (out / "replay.key").read_text() == key):
+            rows, empty = _replay_rows(cfg, model, tokenizer, counts[id(d.replay)])
+            if empty:
+                lines.append(f"replay: {empty} empty base answers skipped")
+            if not rows:
+                raise ConfigError(f"data.replay: the base model gave no non-empty answer to {d.replay.prompts}")
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+            atomic_write_text(out / "replay.key", key)
+        extra = build_examples(str(path), tokenizer, **kw)[0]
+        mixed += extra
+        lines.append(f"replayed {len(extra)} base-model answers to prompts of {d.replay.prompts} "
+                     f"(asked {counts[id(d.replay)]}, ratio {d.replay.ratio}; in {path})")
+    share = 1 - len(train) / len(mixed)
+    lines.append(f"training set: {len(train)} task + {len(mixed) - len(train)} mixed = {len(mixed)} examples "
+                 f"({share:.1%} mixed)")
+    return mixed, lines
+
+
 def begin_run(cfg: SFTConfig | DPOConfig | RewardConfig) -> tuple[Path, float, Loaded]:
     """The run folder, the start time and the loaded base model (seeded, announced)."""
     out = Path(cfg.output_dir)
@@ -153,6 +215,10 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False) -> dict[str, Any]:
         console.print(f"data: {line}")
 
     model, report = prepare_model(cfg, loaded)
+    train, mix_lines = mix_in(cfg, train, model, tok, out)
+    lines += mix_lines
+    for line in mix_lines:
+        console.print(f"data: {line}")
 
     t = cfg.train
     w = world()
@@ -168,7 +234,7 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False) -> dict[str, Any]:
     export = (lambda path: save_weights(model, path)) if cfg.finetune == "lora" else None
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     sharded = shard_if_asked(cfg, model)
-    records = train_loop(model, SFT(t.loss_chunk_size), plan, opts, out, evaluate=evaluate, export=export,
+    records = train_loop(model, SFT(t.loss_chunk_size, cfg.kl_to_base), plan, opts, out, evaluate=evaluate, export=export,
                          resume=resume)
     if not after_training(model, sharded):  # rank 0 writes the results; the others hold the same weights
         return {}

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from posttrain.data.formats import Messages, row_to_messages
+from posttrain.data.formats import Messages, row_to_messages, row_to_prompt
 from posttrain.data.packing import best_fit, collate
 from posttrain.data.readers import DataError, read_rows
 from posttrain.data.render import Example, TemplateError, render_example
@@ -42,6 +42,19 @@ def _rows(nums: list[int], limit: int = 10) -> str:
 
 def load_messages(path: str, fmt: str = "auto", system_prompt: str | None = None) -> list[tuple[int, Messages]]:
     return [(num, row_to_messages(row, fmt, path, num, system_prompt)) for num, row in read_rows(path)]
+
+
+def load_prompt_chats(path: str, field: str = "prompt", system_prompt: str | None = None) -> list[tuple[int, Messages]]:
+    """(row number, chat to answer) for every row of a prompts file (see formats.row_to_prompt for what a row may
+    be); a .txt file is one prompt per non-empty line."""
+    if str(path).endswith(".txt"):
+        from pathlib import Path
+
+        lines = [(i, line.strip()) for i, line in enumerate(Path(path).read_text().splitlines(), 1) if line.strip()]
+        rows = [(i, {field: text}) for i, text in lines]
+    else:
+        rows = read_rows(path)
+    return [(num, row_to_prompt(row, path, num, field, system_prompt)) for num, row in rows]
 
 
 def build_examples(path: str, tokenizer, *, fmt: str = "auto", system_prompt: str | None = None,

@@ -90,3 +90,28 @@ def row_to_messages(row: dict[str, Any], fmt: str, file: str, num: int, system_p
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
     return messages
+
+
+def row_to_prompt(row: dict[str, Any], file: str, num: int, field: str = "prompt",
+                  system_prompt: str | None = None) -> Messages:
+    """The chat a row asks a model to answer: its ``field`` (text or messages), else an SFT row without its last
+    assistant turn, else a preference row's dialogue before the answers."""
+    value = row.get(field)
+    if isinstance(value, str) and value.strip():
+        chat = [{"role": "user", "content": value}]
+    elif isinstance(value, list) and value:
+        chat = validate_messages([*value, {"role": "assistant", "content": "x"}], file, num, field)[:-1]
+    elif detect_format(row):
+        chat = row_to_messages(row, "auto", file, num)[:-1]
+    elif isinstance(row.get("chosen"), (str, list)):
+        from posttrain.data.preference import _conversation
+
+        chat = _conversation(row["chosen"], file, num, "chosen")[:-1]
+    else:
+        chat = []
+    if not chat or chat[-1]["role"] != "user":
+        raise DataError(file, num, field, f"no prompt: expected a {field!r} text or chat, an SFT row or a preference "
+                        f"row; got fields {sorted(row)}")
+    if system_prompt and chat[0]["role"] != "system":
+        chat = [{"role": "system", "content": system_prompt}, *chat]
+    return chat

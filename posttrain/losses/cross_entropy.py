@@ -74,3 +74,29 @@ def target_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
         logits = (hidden[s:s + chunk_size] @ weight.t()).to(dtype) / temperature
         parts.append(logits.gather(1, targets[s:s + chunk_size, None])[:, 0] - torch.logsumexp(logits, -1))
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=dtype)
+
+
+def token_kl_sum(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
+    """sum_n KL(p_n || q_n) with p = softmax(logits[n]) the trained model and q = softmax(ref_logits[n]) the
+    reference, over the full vocabulary (exact, not a sampled estimate). (N, V), (N, V) -> scalar fp32.
+
+    The direction is the one RL and DPO penalise, KL(policy || reference), so "KL" means one thing in every log."""
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    logp = torch.log_softmax(logits.to(acc), dim=-1)
+    logq = torch.log_softmax(ref_logits.to(acc), dim=-1)
+    return (logp.exp() * (logp - logq)).sum()
+
+
+def linear_kl_sum(hidden: torch.Tensor, ref_hidden: torch.Tensor, weight: torch.Tensor,
+                  chunk_size: int = 1024) -> torch.Tensor:
+    """``token_kl_sum(hidden @ W.T, ref_hidden @ W.T)`` a chunk of rows at a time. Each chunk is recomputed in
+    backward (activation checkpointing), so only one chunk's (rows x vocab) logits exist at once.
+    hidden, ref_hidden: (N, H) (ref_hidden carries no gradient), weight: (V, H) -> scalar fp32."""
+    from torch.utils.checkpoint import checkpoint
+
+    total = hidden.sum().float() * 0.0
+    for s in range(0, hidden.shape[0], chunk_size):
+        h, r = hidden[s:s + chunk_size], ref_hidden[s:s + chunk_size]
+        total = total + checkpoint(lambda a, b: token_kl_sum(a @ weight.t(), b @ weight.t()), h, r,
+                                   use_reentrant=False)
+    return total

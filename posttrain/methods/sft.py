@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from posttrain.data.packing import IGNORE, num_targets
-from posttrain.losses import linear_cross_entropy_sum, token_cross_entropy_sum
+from posttrain.losses import linear_cross_entropy_sum, linear_kl_sum, token_cross_entropy_sum, token_kl_sum
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -43,16 +43,45 @@ def completion_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], 
     return linear_cross_entropy_sum(hidden[:, :-1][keep], head.weight, targets[keep], chunk_size)
 
 
+def kl_regularised_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], kl_coef: float,
+                            chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum CE + kl_coef * sum KL(model || base), sum KL) over trained tokens, where the base is the same PEFT
+    model with its adapters switched off: the regulariser against forgetting costs one no-grad forward and no
+    second copy of the weights."""
+    inner, ids, pos, targets, keep = model_inputs(model, batch)
+    head = _plain_head(inner)
+
+    def outputs(m: torch.nn.Module) -> torch.Tensor:  # trained positions' hidden states, or logits without a plain head
+        if head is None:
+            return m(input_ids=ids, position_ids=pos, use_cache=False).logits[:, :-1][keep]
+        return m.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[:, :-1][keep]
+
+    with torch.no_grad(), model.disable_adapter():
+        ref = outputs(inner)
+    out = outputs(inner)
+    if head is None:
+        ce, kl = token_cross_entropy_sum(out, targets[keep]), token_kl_sum(out, ref)
+    else:
+        ce = linear_cross_entropy_sum(out, head.weight, targets[keep], chunk_size)
+        kl = linear_kl_sum(out, ref, head.weight, chunk_size)
+    return ce + kl_coef * kl, kl.detach()
+
+
 class SFT:
-    """A method is how to count a batch's loss units and how to compute its summed loss."""
+    """A method is how to count a batch's loss units and how to compute its summed loss.
+
+    ``kl_to_base`` > 0 adds that multiple of KL(model || adapter-off base) per trained token (LoRA only)."""
 
     name = "sft"
 
-    def __init__(self, chunk_size: int = 1024):
-        self.chunk_size = chunk_size
+    def __init__(self, chunk_size: int = 1024, kl_to_base: float = 0.0):
+        self.chunk_size, self.kl_to_base = chunk_size, kl_to_base
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return num_targets(batch)
 
     def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        return completion_loss_sum(model, batch, self.chunk_size), {}
+        if not self.kl_to_base:
+            return completion_loss_sum(model, batch, self.chunk_size), {}
+        loss, kl = kl_regularised_loss_sum(model, batch, self.kl_to_base, self.chunk_size)
+        return loss, {"kl_to_base": float(kl) / max(num_targets(batch), 1)}
