@@ -1,8 +1,10 @@
-"""``make demo``: teach the embedded model to answer in a fixed JSON shape, and show before/after.
+"""``make demo``: the eval-first workflow on the embedded model, end to end, in a few minutes on 2 CPU cores.
 
 The task is generated here (no download): a sentence about a person goes in, a one-line JSON contact card
-with the keys name, age, city, job comes out. The base model answers in prose or in a different shape;
-after a few minutes of LoRA SFT on 2 CPU cores it answers with the exact card.
+with the keys name, age, city, job comes out. The demo writes its data and a workflow file, then runs
+``posttrain run``: a held-out set fixed and hashed first; the prompt-only baseline (the base model told the format
+in a system prompt); LoRA SFT; a gate (cards must beat the baseline, general knowledge must not fall much);
+DPO to a house style SFT never showed (sorted keys); a second gate; export; report.html with before/after.
 """
 
 from __future__ import annotations
@@ -55,144 +57,133 @@ def make_pairs(n: int, seed: int) -> list[dict]:
     return out
 
 
-def write_demo_pairs(folder: Path, n_train: int, n_eval: int) -> tuple[Path, Path]:
-    train, held = folder / "pairs-train.jsonl", folder / "pairs-eval.jsonl"
-    for path, rows in ((train, make_pairs(n_train, seed=3)), (held, make_pairs(n_eval, seed=4))):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return train, held
+# Out-of-domain checks the task never trains on: they show forgetting (or its absence) next to the in-domain lift.
+GENERAL_QA = [
+    ("What is the capital of France?", "Paris"), ("What is the capital of Japan?", "Tokyo"),
+    ("What is the capital of Italy?", "Rome"), ("What is the capital of Germany?", "Berlin"),
+    ("What is the capital of Spain?", "Madrid"), ("What is the largest planet in the solar system?", "Jupiter"),
+    ("Which planet is known as the Red Planet?", "Mars"), ("What gas do plants absorb from the air?", "carbon dioxide"),
+    ("What is the chemical symbol for water?", "H2O"), ("How many days are in a week?", "seven"),
+    ("What is the freezing point of water in degrees Celsius?", "0"), ("Who wrote Romeo and Juliet?", "Shakespeare"),
+    ("What is the opposite of hot?", "cold"), ("What colour is the sky on a clear day?", "blue"),
+    ("Which ocean is the largest?", "Pacific"), ("What is 2 plus 2?", "4"),
+    ("What do bees make?", "honey"), ("Which animal is known as the king of the jungle?", "lion"),
+    ("What is the boiling point of water in degrees Celsius?", "100"), ("How many legs does a spider have?", "eight"),
+]
+MULTIPLE_CHOICE = [
+    ("What is the capital of France?", ["Berlin", "Paris", "Madrid", "Rome"], 1),
+    ("Which planet is closest to the Sun?", ["Venus", "Earth", "Mercury", "Mars"], 2),
+    ("How many continents are there?", ["Five", "Six", "Seven", "Eight"], 2),
+    ("What is H2O commonly called?", ["Salt", "Water", "Oxygen", "Sugar"], 1),
+    ("Which animal is a mammal?", ["Shark", "Eagle", "Dolphin", "Frog"], 2),
+    ("What is 10 times 10?", ["100", "20", "1000", "110"], 0),
+    ("Which colour do you get by mixing blue and yellow?", ["Purple", "Green", "Orange", "Red"], 1),
+    ("Which is the largest ocean?", ["Atlantic", "Indian", "Arctic", "Pacific"], 3),
+    ("Who painted the Mona Lisa?", ["Picasso", "Van Gogh", "Leonardo da Vinci", "Monet"], 2),
+    ("What is the freezing point of water in Celsius?", ["0", "32", "100", "-10"], 0),
+    ("Which gas do humans need to breathe?", ["Nitrogen", "Oxygen", "Helium", "Hydrogen"], 1),
+    ("How many hours are in a day?", ["12", "24", "36", "48"], 1),
+]
+UNANSWERABLE = [
+    "What did I have for breakfast this morning?", "What is the name of my best friend?",
+    "What number am I thinking of right now?", "What will the weather be in my town exactly one year from today?",
+    "What is written on the note in my pocket?", "How much money is in my bank account?",
+    "What colour is the car parked outside my house?", "What time did I wake up today?",
+]
+SYSTEM_PROMPT = "Extract the person's details and answer with one line of JSON with the keys name, age, city, job."
 
 
-def write_demo_data(folder: Path, n_train: int, n_eval: int) -> tuple[Path, Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    train, held = folder / "train.jsonl", folder / "eval.jsonl"
-    for path, rows in ((train, make_rows(n_train, seed=1)), (held, make_rows(n_eval, seed=2))):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return train, held
+def write_demo_files(root: Path, quick: bool) -> Path:
+    """The demo's data (all generated or listed here) and its workflow file; returns the workflow path."""
+    import yaml
 
+    data = root / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    n_cards, n_pairs, n_pairs_eval = (160, 32, 16) if quick else (200, 32, 24)
 
-def exact_cards(outputs: list[str], chats: list[list[dict]]) -> float:
-    """Fraction of outputs that parse as JSON and equal the reference card exactly."""
-    hits = 0
-    for out, chat in zip(outputs, chats):
-        try:
-            hits += json.loads(out) == json.loads(chat[-1]["content"])
-        except (json.JSONDecodeError, TypeError):
-            pass
-    return hits / max(len(outputs), 1)
+    def write(name: str, rows: list[dict]) -> str:
+        (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(data / name)
 
-
-def house_style(outputs: list[str]) -> float:
-    """Fraction of outputs that are JSON objects with their keys in alphabetical order."""
-    hits = 0
-    for out in outputs:
-        try:
-            card = json.loads(out)
-            hits += isinstance(card, dict) and len(card) > 1 and list(card) == sorted(card)
-        except json.JSONDecodeError:
-            pass
-    return hits / max(len(outputs), 1)
-
-
-def prefers_chosen(model, pairs, pad_id: int) -> float:
-    """Fraction of pairs whose chosen response the model gives a higher log-probability than the rejected one."""
-    import torch
-
-    from posttrain.data import pair_batches
-    from posttrain.methods import sequence_logps
-
-    wins = 0
-    with torch.no_grad():
-        for b in pair_batches(pairs, 8, pad_id):
-            logp = sequence_logps(model, b)[0]
-            wins += int((logp[0::2] > logp[1::2]).sum())
-    return wins / len(pairs)
+    cards = write("cards.jsonl", make_rows(n_cards, seed=1))
+    pairs, pairs_eval = (write(f"pairs-{k}.jsonl", make_pairs(n, seed)) for k, n, seed in
+                         (("train", n_pairs, 3), ("eval", n_pairs_eval, 4)))
+    general = write("general.jsonl", [{"prompt": q, "completion": a} for q, a in GENERAL_QA])
+    mc = write("multiple-choice.jsonl", [{"question": q, "choices": c, "answer": a} for q, c, a in MULTIPLE_CHOICE])
+    abstain = write("unanswerable.jsonl", [{"prompt": p, "answerable": False} for p in UNANSWERABLE])
+    limit = 8 if quick else 24
+    sft_steps = {"train": {"max_steps": 16}} if quick else {"train": {"epochs": 1}}
+    dpo_steps = {"train": {"max_steps": 8}} if quick else {"train": {"epochs": 1}}
+    workflow = {
+        "name": "posttrain demo: JSON contact cards",
+        "output_dir": str(root),
+        "eval_set": {"split": cards, "fraction": 0.2, "seed": 0},
+        "baseline": {"system_prompt": SYSTEM_PROMPT},
+        "evals": {
+            "cards": {"kind": "generation", "data": "${eval_set}", "limit": limit,
+                      "options": {"scorer": "json_exact", "max_new_tokens": 48}},
+            "cards_loss": {"kind": "loss", "data": "${eval_set}"},
+            "house_style": {"kind": "preference", "data": pairs_eval},
+            "general": {"kind": "generation", "data": general, "limit": limit,
+                        "options": {"scorer": "contains", "max_new_tokens": 32}},
+            "general_loss": {"kind": "loss", "data": general},
+            "calibration": {"kind": "multiple_choice", "data": mc},
+            "abstention": {"kind": "abstention", "data": abstain, "options": {"max_new_tokens": 32}},
+        },
+        "stages": [
+            {"name": "sft", "train": "sft", "config": {
+                "data": {"train": "${train_set}", "eval": "${eval_set}", "max_seq_len": 512},
+                "lora": {"r": 16, "alpha": 32}, "eval_samples": 0,
+                "train": {"lr": 1e-3, "micro_batch_size": 2, "warmup_ratio": 0.1, "log_every": 4,
+                          **sft_steps["train"]}}},
+            {"name": "gate_sft", "gate": {"candidate": "sft", "baseline": "baseline", "rules": [
+                {"metric": "cards/json_exact", "min_lift": 0.05},
+                {"metric": "cards_loss/loss", "min_relative_lift": 0.05},
+                {"metric": "general_loss/loss", "max_regression": 0.5}]}},
+            # Plain DPO at this setting flips the preference but lowers the likelihood of ending the card (both
+            # log-probs fall), and answers run on; RPO's NLL on the chosen card keeps it.
+            {"name": "dpo", "train": "dpo", "init_from": "sft", "config": {
+                "data": {"train": pairs, "eval": pairs_eval, "max_seq_len": 256,
+                         "packing": False},  # one pair per row: 16 steps, not the 4 that packing would leave
+                "dpo": {"beta": 0.1, "loss": "rpo", "rpo_alpha": 1.0, "precompute_ref": True},
+                "train": {"lr": 3e-4, "micro_batch_size": 2, "warmup_ratio": 0.1, "log_every": 4,
+                          **dpo_steps["train"]}}},
+            {"name": "gate_dpo", "gate": {"candidate": "dpo", "baseline": "sft", "rules": [
+                {"metric": "house_style/accuracy", "min_lift": 0.2},
+                {"metric": "cards/json_exact", "max_regression": 0.1}]}},
+            {"name": "export", "export": "dpo"},
+        ],
+    }
+    path = root / "workflow.yaml"
+    path.write_text("# written by `posttrain demo`; run it again with `posttrain run " + str(path) + "`\n"
+                    + yaml.safe_dump(workflow, sort_keys=False, width=110))
+    return path
 
 
 def main(output_dir: str = "demo-run", quick: bool = False) -> int:
     from rich.console import Console
-    from rich.table import Table
 
-    from posttrain.config import load_config
-    from posttrain.data import build_pairs, eval_batches
-    from posttrain.eval import heldout_loss
-    from posttrain.pipeline import load_for_inference, prepare_data, run_dpo, run_sft
-    from posttrain.rollout import generate
+    from posttrain.workflow import run_workflow
 
     out = Console(highlight=False)
     t0 = time.perf_counter()
     root = Path(output_dir)
-    n_train, n_eval, n_gen = (48, 8, 4) if quick else (160, 40, 24)
-    n_pairs, n_pairs_eval = (16, 8) if quick else (32, 24)
-    train, held = write_demo_data(root / "data", n_train, n_eval)
-    overrides = [f"data.train={train}", f"data.eval={held}", f"output_dir={root / 'run'}", "data.max_seq_len=512",
-                 "lora.r=16", "lora.alpha=32", "train.lr=1e-3", "train.micro_batch_size=2", "train.epochs=1",
-                 "train.warmup_ratio=0.1", "train.log_every=2", "eval_samples=0"]
-    if quick:
-        overrides += ["train.max_steps=2"]
-    cfg = load_config(None, overrides, method="sft")
-
-    out.rule("posttrain demo, stage 1: LoRA SFT of SmolLM2-135M-Instruct to answer with a JSON contact card")
-    base = load_for_inference(cfg.model.name, None)
-    _, held_ex, held_chats, _ = prepare_data(cfg.data, base.tokenizer)
-    chats = held_chats[:n_gen]
-    prompts = [c[:-1] for c in chats]
-    before_out = generate(base.model, base.tokenizer, prompts, max_new_tokens=48)
-    del base
-
-    result = run_sft(cfg)
-    tuned = load_for_inference(cfg.model.name, str(root / "run"))
-    sft_out = generate(tuned.model, tuned.tokenizer, prompts, max_new_tokens=48)
-    after_loss = heldout_loss(tuned.model, eval_batches(held_ex, 8, tuned.tokenizer.pad_token_id))["eval/loss"]
-    before_loss = result["eval_before"]["eval/loss"]
-
-    out.rule("stage 2: LoRA DPO on top of the SFT adapter, to a house style SFT never showed (sorted keys)")
-    ptrain, pheld = write_demo_pairs(root / "data", n_pairs, n_pairs_eval)
-    pad = tuned.tokenizer.pad_token_id
-    held_pairs = build_pairs(str(pheld), tuned.tokenizer, max_seq_len=256)[0]
-    sft_pref = prefers_chosen(tuned.model, held_pairs, pad)
-    del tuned
-    dpo_overrides = [f"model.init_adapter={root / 'run'}", f"data.train={ptrain}", f"data.eval={pheld}",
-                     f"output_dir={root / 'dpo'}", "data.max_seq_len=256", "train.lr=3e-4", "train.micro_batch_size=2",
-                     # Plain DPO at this setting flips the preference but lowers the likelihood of ending the
-                     # card (both log-probs fall), and answers run on; RPO's NLL on the chosen card keeps it.
-                     "train.epochs=1", "train.warmup_ratio=0.1", "train.log_every=2", "dpo.beta=0.1",
-                     "dpo.loss=rpo", "dpo.rpo_alpha=1.0", "dpo.precompute_ref=true",
-                     "data.packing=false"]  # one pair per row: 16 steps, not the 4 that packing would leave
-    if quick:
-        dpo_overrides += ["train.max_steps=2"]
-    dres = run_dpo(load_config(None, dpo_overrides, method="dpo"))
-    dpo = load_for_inference(None, str(root / "dpo"))
-    dpo_out = generate(dpo.model, dpo.tokenizer, prompts, max_new_tokens=48)
-    dpo_pref = prefers_chosen(dpo.model, held_pairs, pad)
-
-    table = Table(title="held-out (people and pairs the model never saw)")
-    for col, just in (("", "left"), ("base", "right"), ("+ SFT", "right"), ("+ SFT + DPO", "right")):
-        table.add_column(col, justify=just)
-    table.add_row("completion loss", f"{before_loss:.3f}", f"{after_loss:.3f}", "")
-    table.add_row(f"exact JSON card ({len(chats)} prompts)", f"{exact_cards(before_out, chats):.0%}",
-                  f"{exact_cards(sft_out, chats):.0%}", f"{exact_cards(dpo_out, chats):.0%}")
-    table.add_row("answers with sorted keys", f"{house_style(before_out):.0%}", f"{house_style(sft_out):.0%}",
-                  f"{house_style(dpo_out):.0%}")
-    table.add_row(f"prefers chosen ({len(held_pairs)} pairs, log-prob)", "", f"{sft_pref:.0%}", f"{dpo_pref:.0%}")
-    acc = dres["eval_after"]["eval/accuracy"] if dres["eval_after"] else float("nan")
-    table.add_row("DPO preference accuracy (reward margin > 0)", "", "", f"{acc:.0%}")
-    out.print(table)
-    out.print(f"[bold]prompt:[/] {prompts[0][-1]['content']}")
-    out.print(f"[bold]base:[/]  {before_out[0]}")
-    out.print(f"[bold]SFT:[/]   {sft_out[0]}")
-    out.print(f"[bold]DPO:[/]   {dpo_out[0]}")
-    drop = before_loss - after_loss
-    out.print(f"held-out loss dropped by {drop:.3f} ({drop / before_loss:.0%}); total {time.perf_counter() - t0:.0f} s; "
-              f"adapters in {root / 'run' / 'adapter'} (SFT) and {root / 'dpo' / 'adapter'} (DPO)", soft_wrap=True)
-    out.print("The DPO stage uses dpo.loss=rpo: DPO plus the chosen answers' NLL. Plain DPO (dpo.loss=dpo) flips "
-              "the preference too but lowers both log-probs, and answers run on past the card; logps/chosen in "
-              f"{root / 'dpo' / 'metrics.jsonl'} shows which happened.", soft_wrap=True)
-    out.print(f"try it: posttrain chat --adapter {root / 'dpo'}")
-    (root / "demo_result.json").write_text(json.dumps(
-        {"before_loss": before_loss, "after_loss": after_loss, "before_exact": exact_cards(before_out, chats),
-         "after_exact": exact_cards(sft_out, chats), "dpo_exact": exact_cards(dpo_out, chats),
-         "sft_sorted": house_style(sft_out), "dpo_sorted": house_style(dpo_out), "sft_prefers_chosen": sft_pref,
-         "dpo_prefers_chosen": dpo_pref, "dpo_accuracy": acc,
-         "dpo_margin": dres["eval_after"]["eval/rewards/margin"] if dres["eval_after"] else None, "before": before_out, "after": sft_out,
-         "dpo": dpo_out}, indent=2))
-    return 0
+    path = write_demo_files(root, quick)
+    out.rule("posttrain demo: eval set -> prompt-only baseline -> LoRA SFT -> gate -> DPO -> gate -> export")
+    code = run_workflow(str(path))
+    evals = {}
+    for label in ("baseline", "sft", "dpo"):
+        try:
+            evals[label] = json.loads((root / "evals" / f"{label}.json").read_text())["cards"]
+        except (OSError, KeyError):
+            pass
+    if "baseline" in evals:
+        first = evals["baseline"]["details"][0]
+        out.print(f"[bold]prompt:[/] {first.get('prompt', '')}", soft_wrap=True)
+        for label, res in evals.items():
+            out.print(f"[bold]{label}:[/] {res['details'][0].get('output', '')}", soft_wrap=True)
+    out.print(f"total {time.perf_counter() - t0:.0f} s; report: {root / 'report.html'} (open it in a browser); "
+              f"workflow file: {path}", soft_wrap=True)
+    if (root / "dpo" / "adapter").exists():
+        out.print(f"try it: posttrain chat --adapter {root / 'dpo'}")
+    return code

@@ -35,14 +35,53 @@ def test_lora_trainable_report_all_linear(embedded):
     assert rep["by_module"]["q_proj.lora_A"] == 30 * 16 * 576
 
 
-def test_demo_quick_shows_before_and_after(tmp_path):
+def test_demo_quick_runs_the_workflow_with_before_and_after(tmp_path):
     from posttrain.demo import main
 
-    assert main(str(tmp_path / "demo"), quick=True) == 0
-    res = json.loads((tmp_path / "demo" / "demo_result.json").read_text())
-    assert res["after_loss"] < res["before_loss"]  # two steps at lr 1e-3 already move the held-out loss
-    assert len(res["before"]) == len(res["after"]) == len(res["dpo"]) == 4
-    assert res["dpo_margin"] > 0  # two DPO steps already separate chosen from rejected on held-out pairs
+    code = main(str(tmp_path / "demo"), quick=True)
+    wf = json.loads((tmp_path / "demo" / "workflow.json").read_text())
+    rows, cols = wf["evals"]["rows"], wf["evals"]["columns"]
+    assert cols[:2] == ["baseline", "sft"]
+    # 16 SFT steps at lr 1e-3 already lower the held-out loss of the cards a lot
+    assert rows["cards_loss/loss"]["sft"] < 0.8 * rows["cards_loss/loss"]["baseline"]
+    assert {"calibration/ece", "abstention/abstention_rate", "general/contains"} <= set(rows)
+    assert (tmp_path / "demo" / "report.html").exists()
+    assert code == (0 if all(g["passed"] for g in wf["gates"]) else 1)
+
+
+def test_a_harmful_sft_is_blocked_by_its_gate(tmp_path, capsys):
+    """SFT on shuffled answers (each person's sentence paired with another person's card) learns the format but not
+    the task: the gate that asks for a lift over the prompt-only baseline blocks it, with a table and exit 1."""
+    import yaml
+
+    from posttrain.cli import main
+    from posttrain.demo import SYSTEM_PROMPT, make_rows
+
+    rows = make_rows(40, seed=1)
+    answers = [r["messages"][1] for r in rows]
+    shuffled = [{"messages": [r["messages"][0], answers[(i + 1) % len(rows)]]} for i, r in enumerate(rows)]
+    train = tmp_path / "shuffled.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in shuffled))
+    held = tmp_path / "eval.jsonl"
+    held.write_text("".join(json.dumps(r) + "\n" for r in make_rows(8, seed=2)))
+    wf = {"name": "harmful", "output_dir": str(tmp_path / "wf"), "eval_set": {"file": str(held)},
+          "baseline": {"system_prompt": SYSTEM_PROMPT},
+          "evals": {"cards": {"kind": "generation", "data": "${eval_set}",
+                              "options": {"scorer": "json_exact", "max_new_tokens": 40}}},
+          "stages": [{"name": "sft", "train": "sft", "config": {
+                          "data": {"train": str(train), "eval": "${eval_set}"}, "eval_samples": 0,
+                          "train": {"lr": 1e-3, "max_steps": 10, "micro_batch_size": 2}}},
+                     {"name": "gate_sft", "gate": {"candidate": "sft", "rules": [
+                         {"metric": "cards/json_exact", "min_lift": 0.05}]}},
+                     {"name": "export", "export": "sft"}]}
+    path = tmp_path / "workflow.yaml"
+    path.write_text(yaml.safe_dump(wf))
+    assert main(["run", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "BLOCKED" in err and "cards/json_exact" in err
+    result = json.loads((tmp_path / "wf" / "workflow.json").read_text())
+    assert result["gates"][0]["passed"] is False
+    assert not (tmp_path / "wf" / "export").exists()
 
 
 def test_qlora_sft_and_merge_on_embedded(tmp_path):

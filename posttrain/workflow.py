@@ -1,0 +1,349 @@
+"""``posttrain run WORKFLOW.yaml``: eval set -> baseline -> train stages and gates -> export, then report.html.
+
+Every stage's result is stored under the workflow folder with the hash of everything it was computed from (its
+resolved config, the content of its data files, the key of the stage it starts from). A re-run recomputes only
+the stages whose key changed and those after them that depend on them; a train stage that stopped half way
+resumes from its last complete checkpoint. A gate compares a candidate's eval results with the baseline's (or an
+earlier stage's) and stops the workflow with exit code 1 and a table when a rule fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import string
+import time
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import ConfigError, StageSpec, SuiteSpec, WorkflowConfig, dump_config, load_config
+from posttrain.engine import atomic_write_text, console
+
+GENERATING = ("sft", "dpo", "grpo", "ppo")  # methods whose result answers prompts (a reward model does not)
+
+
+class GateBlocked(RuntimeError):
+    """A gate's rule failed: the stages after it do not run."""
+
+
+def file_hash(path: str | Path) -> str:
+    """sha256 of a file's bytes (the first 16 hex digits are plenty to tell versions of one file apart)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def content_key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _substitute(value: Any, names: dict[str, str]) -> Any:
+    """${eval_set}, ${train_set} and ${workflow_dir} inside strings of a config tree."""
+    if isinstance(value, str):
+        return string.Template(value).safe_substitute(names)
+    if isinstance(value, list):
+        return [_substitute(v, names) for v in value]
+    if isinstance(value, dict):
+        return {k: _substitute(v, names) for k, v in value.items()}
+    return value
+
+
+def _job_files(job: Any) -> list[str]:
+    """The data files a job reads (their contents are part of its key)."""
+    d = getattr(job, "data", None)
+    paths = [getattr(d, "train", None), getattr(d, "eval", None)]
+    for extra, field in (("mix", "path"), ("replay", "prompts")):
+        paths.append(getattr(getattr(d, extra, None), field, None))
+    return [p for p in paths if p]
+
+
+def check_suites(cfg: WorkflowConfig) -> None:
+    """Unknown suite options are errors before anything runs, not after an hour of training."""
+    from posttrain.eval.suites import SUITE_OPTIONS
+
+    for name, spec in cfg.evals.items():
+        unknown = sorted(set(spec.options) - SUITE_OPTIONS[spec.kind])
+        if unknown:
+            raise ConfigError(f"evals.{name}: {spec.kind} suites have no option {', '.join(unknown)}; known: "
+                              f"{', '.join(sorted(SUITE_OPTIONS[spec.kind])) or 'none'}")
+
+
+class Workflow:
+    def __init__(self, cfg: WorkflowConfig, source: str = "") -> None:
+        check_suites(cfg)
+        self.cfg, self.source = cfg, source
+        self.root = Path(cfg.output_dir)
+        self.names: dict[str, str] = {"workflow_dir": str(self.root)}
+        self.keys: dict[str, str] = {}              # stage -> content key ("baseline" included)
+        self.evals: dict[str, dict[str, Any]] = {}  # model label -> suite -> cached result
+        self.stage_rows: list[dict[str, Any]] = []  # for the report: name, status, seconds, detail
+        self.gates: list[dict[str, Any]] = []
+        self.runs: dict[str, Path] = {}
+        self._judge = None
+
+    # -- the held-out set ------------------------------------------------------------------------------------
+    def eval_set(self) -> None:
+        from posttrain.data import holdout_split, read_rows
+
+        spec, t0 = self.cfg.eval_set, time.perf_counter()
+        if spec.file:
+            self.names["eval_set"] = spec.file
+            detail = f"{spec.file}, {len(read_rows(spec.file))} rows"
+        else:
+            data = self.root / "data"
+            train_path, eval_path = data / "train.jsonl", data / "eval.jsonl"
+            key = content_key(file_hash(spec.split), spec.fraction, spec.seed)
+            if (_read_json(data / "split.json") or {}).get("key") != key:
+                rows = read_rows(spec.split)
+                keep, hold = holdout_split(len(rows), spec.fraction, spec.seed)
+                data.mkdir(parents=True, exist_ok=True)
+                for path, idx in ((train_path, keep), (eval_path, hold)):
+                    atomic_write_text(path, "".join(json.dumps(rows[i][1]) + "\n" for i in idx))
+                atomic_write_text(data / "split.json", json.dumps({"key": key, "source": spec.split,
+                                                                   "train": len(keep), "eval": len(hold)}))
+            split = _read_json(data / "split.json")
+            self.names.update(train_set=str(train_path), eval_set=str(eval_path))
+            detail = f"{split['eval']} of {split['eval'] + split['train']} rows of {spec.split} held out"
+        digest = file_hash(self.names["eval_set"])
+        detail += f"; sha256 {digest}"
+        if spec.check_contamination and "train_set" in self.names:
+            from posttrain.data.curate import contamination
+
+            report = contamination(self.names["train_set"], self.names["eval_set"])
+            leaks = [r.row for r in report.rows if r.contaminated]
+            if leaks:
+                raise GateBlocked(f"eval set: held-out rows {leaks[:10]} share >= {report.threshold:.0%} of their "
+                                  f"{report.n}-grams with {self.names['train_set']} (run `posttrain data "
+                                  "contamination` for the table)")
+            detail += "; no train/eval contamination"
+        self.keys["eval_set"] = digest
+        self._row("eval_set", "ran", time.perf_counter() - t0, detail)
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    def _suite(self, name: str) -> SuiteSpec:
+        return SuiteSpec.model_validate(_substitute(self.cfg.evals[name].model_dump(), self.names))
+
+    def _judge_for(self, spec: SuiteSpec):
+        if self._judge is None:
+            from posttrain.judge import ModelJudge
+            from posttrain.pipeline import load_for_inference
+
+            name = spec.judge_model or self.cfg.model
+            loaded = load_for_inference(name, None)
+            self._judge = ModelJudge(loaded.model, loaded.tokenizer, name=name or "embedded")
+        return self._judge
+
+    def evaluate(self, label: str, model_key: str, load, system_prompt: str | None) -> None:
+        """Run every suite on one model (loaded only if some suite's cached result is stale)."""
+        from posttrain.eval.suites import run_suite
+
+        path = self.root / "evals" / f"{label}.json"
+        cache = _read_json(path) or {}
+        results, loaded = {}, None
+        for name in self.cfg.evals:
+            spec = self._suite(name)
+            reference = None if label == "baseline" or spec.kind != "judge" else \
+                self.evals["baseline"][name].get("outputs")
+            key = content_key(model_key, spec.model_dump(), file_hash(spec.data), system_prompt,
+                              self.keys.get("baseline") if spec.kind == "judge" else None)
+            if cache.get(name, {}).get("key") == key:
+                results[name] = cache[name]
+                continue
+            if loaded is None:
+                loaded = load()
+            judge = self._judge_for(spec) if spec.kind == "judge" else None
+            r = run_suite(spec.kind, loaded.model, loaded.tokenizer, spec.data, options=spec.options,
+                          limit=spec.limit, system_prompt=system_prompt, reference_outputs=reference, judge=judge)
+            results[name] = {"key": key, "metrics": r.metrics, "higher_is_better": r.higher_is_better,
+                             "outputs": r.outputs, "details": r.details[:50]}
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(path, json.dumps({**cache, **results}, indent=1))
+        self.evals[label] = results
+
+    def metrics_of(self, label: str) -> tuple[dict[str, float], dict[str, bool]]:
+        values, better = {}, {}
+        for suite, res in self.evals.get(label, {}).items():
+            for metric, v in res["metrics"].items():
+                values[f"{suite}/{metric}"] = v
+                better[f"{suite}/{metric}"] = res["higher_is_better"].get(metric, True)
+        return values, better
+
+    # -- stages ----------------------------------------------------------------------------------------------
+    def baseline(self) -> None:
+        from posttrain.pipeline import load_for_inference
+
+        t0 = time.perf_counter()
+        prompt = self.cfg.baseline.system_prompt
+        self.keys["baseline"] = content_key(self.cfg.model, prompt)
+        self.evaluate("baseline", self.keys["baseline"], lambda: load_for_inference(self.cfg.model, None), prompt)
+        self._row("baseline", "ran", time.perf_counter() - t0,
+                  f"{self.cfg.model or 'embedded SmolLM2-135M-Instruct'}"
+                  + (f" + system prompt {prompt!r}" if prompt else " (no system prompt)"))
+
+    def job_of(self, st: StageSpec) -> Any:
+        if isinstance(st.config, str):
+            import yaml
+
+            path = _substitute(st.config, self.names)
+            try:
+                tree = yaml.safe_load(Path(path).read_text()) or {}
+            except OSError as exc:
+                raise ConfigError(f"stage {st.name}: cannot read {path}: {exc.strerror}") from None
+        else:
+            tree = dict(st.config or {})
+        forced = [f"output_dir={self.root / st.name}"]
+        if self.cfg.model is not None:
+            forced.append(f"model.name={self.cfg.model}")
+        if st.init_from:
+            forced.append(f"model.init_adapter={self.root / st.init_from}")
+        return load_config(None, _substitute(st.overrides, self.names) + forced, method=st.train,
+                           base=_substitute(tree, self.names))
+
+    def train(self, st: StageSpec) -> str:
+        from posttrain import pipeline
+        from posttrain.engine.checkpoint import list_checkpoints
+
+        job = self.job_of(st)
+        settings = {k: v for k, v in job.model_dump(mode="json").items() if k != "output_dir"}
+        key = content_key(st.train, settings, [file_hash(p) for p in _job_files(job)],
+                          self.keys.get(st.init_from) if st.init_from else None)
+        folder = self.root / st.name
+        state = _read_json(folder / "stage.json") or {}
+        self.keys[st.name], self.runs[st.name] = key, folder
+        if state.get("key") == key and state.get("status") == "done":
+            return "cached"
+        resume = state.get("key") == key and bool(list_checkpoints(folder / "checkpoints"))
+        if state and state.get("key") != key and folder.exists():
+            shutil.rmtree(folder)  # a cache entry of other inputs: its checkpoints must not be resumed
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / "stage.json", json.dumps({"key": key, "status": "running"}))
+        getattr(pipeline, f"run_{st.train}")(job, resume=resume)
+        atomic_write_text(folder / "stage.json", json.dumps({"key": key, "status": "done"}))
+        return "resumed" if resume else "ran"
+
+    def evaluate_stage(self, st: StageSpec) -> None:
+        from posttrain.pipeline import load_for_inference
+
+        job, folder = self.job_of(st), self.root / st.name
+        if job.finetune == "full":
+            load = lambda: load_for_inference(str(folder / "model"), None)  # noqa: E731
+        else:
+            load = lambda: load_for_inference(None, str(folder))  # noqa: E731
+        self.evaluate(st.name, self.keys[st.name], load, None)
+
+    def gate(self, st: StageSpec) -> bool:
+        from posttrain.eval.gate import Rule, check_gate, gate_table
+
+        g = st.gate
+        base, better = self.metrics_of(g.baseline)
+        cand, cand_better = self.metrics_of(g.candidate)
+        rules = [Rule(**r.model_dump()) for r in g.rules]
+        verdict = check_gate(st.name, rules, base, cand, {**better, **cand_better}, baseline_name=g.baseline,
+                             candidate_name=g.candidate)
+        self.gates.append(verdict)
+        console.print(gate_table(verdict))
+        return bool(verdict["passed"])
+
+    def export(self, st: StageSpec) -> str:
+        from posttrain.ship import export_run
+
+        out = self.root / st.name
+        key = content_key("export", self.keys[st.export])
+        if (_read_json(out / "export_report.json") or {}).get("workflow_key") == key:
+            return "cached"
+        report = export_run(str(self.root / st.export), str(out))
+        atomic_write_text(out / "export_report.json", json.dumps({**report, "workflow_key": key}, indent=2))
+        return "ran"
+
+    # -- driving ---------------------------------------------------------------------------------------------
+    def _row(self, name: str, status: str, seconds: float | None, detail: str) -> None:
+        self.stage_rows.append({"name": name, "status": status, "seconds": seconds, "detail": detail})
+        took = f" in {seconds:.0f} s" if seconds is not None else ""
+        console.print(f"[bold]workflow[/] {name}: {status}{took} — {detail}", soft_wrap=True)
+
+    def run(self) -> int:
+        self.root.mkdir(parents=True, exist_ok=True)
+        blocked_by = None
+        try:
+            self.eval_set()
+            self.baseline()
+            for st in self.cfg.stages:
+                if blocked_by:
+                    self._row(st.name, "blocked", None, f"not run: {blocked_by} blocked")
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    if st.train:
+                        status = self.train(st)
+                        if st.evaluate and st.train in GENERATING:
+                            self.evaluate_stage(st)
+                        detail = f"{st.train} -> {self.root / st.name}"
+                    elif st.gate:
+                        status = "passed" if self.gate(st) else "blocked"
+                        detail = f"{st.gate.candidate} vs {st.gate.baseline}, {len(st.gate.rules)} rules"
+                        blocked_by = st.name if status == "blocked" else None
+                    else:
+                        status, detail = self.export(st), f"{st.export} -> {self.root / st.name}"
+                except Exception as exc:
+                    self._row(st.name, "failed", time.perf_counter() - t0, f"{type(exc).__name__}: {exc}")
+                    raise
+                self._row(st.name, status, time.perf_counter() - t0, detail)
+        except GateBlocked as exc:
+            blocked_by = "eval_set"
+            self._row("eval_set", "blocked", None, str(exc))
+        finally:
+            self.write_outputs()
+        if blocked_by:
+            console.print(f"[bold red]workflow blocked at {blocked_by}[/]; report: {self.root / 'report.html'}")
+            return 1
+        console.print(f"[bold green]workflow passed[/]; report: {self.root / 'report.html'}")
+        return 0
+
+    def eval_table(self) -> dict[str, Any]:
+        columns = [label for label in ["baseline", *(s.name for s in self.cfg.stages)] if label in self.evals]
+        rows: dict[str, dict[str, float]] = {}
+        better: dict[str, bool] = {}
+        for label in columns:
+            values, hib = self.metrics_of(label)
+            for metric, v in values.items():
+                rows.setdefault(metric, {})[label] = v
+            better.update(hib)
+        return {"columns": columns, "rows": rows, "higher_is_better": better}
+
+    def write_outputs(self) -> None:
+        from rich.table import Table
+
+        from posttrain.eval.report import write_workflow_report
+
+        table = self.eval_table()
+        summary = {"name": self.cfg.name, "eval_set_sha256": self.keys.get("eval_set"), "stages": self.stage_rows,
+                   "evals": table, "gates": self.gates, "keys": self.keys}
+        atomic_write_text(self.root / "workflow.json", json.dumps(summary, indent=2))
+        if table["columns"]:
+            t = Table(title=f"{self.cfg.name}: evals")
+            t.add_column("metric")
+            for c in table["columns"]:
+                t.add_column(c, justify="right")
+            for metric, cells in table["rows"].items():
+                t.add_row(metric, *(f"{cells[c]:.3f}" if c in cells else "—" for c in table["columns"]))
+            console.print(t)
+        write_workflow_report(self.root / "report.html", title=self.cfg.name, stages=self.stage_rows, evals=table,
+                              gates=self.gates, runs=self.runs, config_text=self.source or dump_config(self.cfg))
+
+
+def run_workflow(path: str, overrides: list[str] | None = None) -> int:
+    """Load, validate and run a workflow file; 0 when every gate passed, 1 when one blocked."""
+    from posttrain.config import load_workflow
+
+    cfg = load_workflow(path, overrides)
+    return Workflow(cfg, Path(path).read_text()).run()

@@ -1,0 +1,168 @@
+"""`posttrain run`: stages in order, cached by content hash, resumed after a failure, blocked by a gate."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain.cli import main
+from tests.conftest import chat_rows, write_jsonl
+
+
+def pair_rows(n: int):
+    return [{"prompt": f"Say a word (#{i}).", "chosen": "alpha", "rejected": "omega omega"} for i in range(n)]
+
+
+def write_workflow(tmp: Path, tiny_dir: str, **changes) -> Path:
+    data = write_jsonl(tmp / "cards.jsonl", chat_rows(30))
+    pairs = write_jsonl(tmp / "pairs.jsonl", pair_rows(8))
+    wf = {
+        "name": "tiny", "output_dir": str(tmp / "wf"), "model": tiny_dir,
+        "eval_set": {"split": data, "fraction": 0.2},
+        "baseline": {"system_prompt": "Answer briefly."},
+        "evals": {"heldout": {"kind": "loss", "data": "${eval_set}"},
+                  "prefs": {"kind": "preference", "data": pairs}},
+        "stages": [
+            {"name": "sft", "train": "sft", "config": {
+                "data": {"train": "${train_set}", "eval": "${eval_set}"}, "lora": {"r": 4}, "eval_samples": 0,
+                "train": {"max_steps": 3, "micro_batch_size": 2, "lr": 1e-2, "save_every": 1}}},
+            {"name": "gate_sft", "gate": {"candidate": "sft", "rules": [
+                {"metric": "heldout/loss", "max_regression": 100.0}]}},
+            {"name": "dpo", "train": "dpo", "init_from": "sft", "config": {
+                "data": {"train": pairs, "eval": pairs}, "lora": {"r": 4},
+                "train": {"max_steps": 2, "micro_batch_size": 2}}},
+            {"name": "gate_dpo", "gate": {"candidate": "dpo", "baseline": "sft", "rules": [
+                {"metric": "prefs/accuracy", "max_regression": 1.0}]}},
+            {"name": "export", "export": "dpo"},
+        ],
+    }
+    for key, value in changes.items():
+        wf[key] = value
+    path = tmp / "workflow.yaml"
+    path.write_text(yaml.safe_dump(wf, sort_keys=False))
+    return path
+
+
+def statuses(tmp: Path) -> dict[str, str]:
+    return {s["name"]: s["status"] for s in json.loads((tmp / "wf" / "workflow.json").read_text())["stages"]}
+
+
+@pytest.fixture(scope="module")
+def done(tiny_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("wf")
+    path = write_workflow(tmp, tiny_dir)
+    assert main(["run", str(path)]) == 0
+    return tmp, path
+
+
+def test_runs_every_stage_and_writes_the_report(done):
+    tmp, _ = done
+    assert statuses(tmp) == {"eval_set": "ran", "baseline": "ran", "sft": "ran", "gate_sft": "passed", "dpo": "ran",
+                             "gate_dpo": "passed", "export": "ran"}
+    summary = json.loads((tmp / "wf" / "workflow.json").read_text())
+    assert summary["evals"]["columns"] == ["baseline", "sft", "dpo"]
+    assert set(summary["evals"]["rows"]) >= {"heldout/loss", "heldout/ppl", "prefs/accuracy"}
+    assert [g["passed"] for g in summary["gates"]] == [True, True]
+    held = (tmp / "wf" / "data" / "eval.jsonl").read_text().splitlines()
+    assert len(held) == 6 and summary["eval_set_sha256"]  # 20% of 30, hashed
+    assert (tmp / "wf" / "report.html").exists() and (tmp / "wf" / "export" / "adapter_config.json").exists()
+    dpo_cfg = yaml.safe_load((tmp / "wf" / "dpo" / "config.yaml").read_text())
+    assert dpo_cfg["model"]["init_adapter"] == str(tmp / "wf" / "sft")  # DPO starts from the SFT stage
+
+
+def test_rerun_is_all_cached(done, monkeypatch):
+    import posttrain.eval.suites
+    import posttrain.pipeline
+
+    tmp, path = done
+
+    def boom(*a, **k):
+        raise AssertionError("a cached stage was recomputed")
+
+    monkeypatch.setattr(posttrain.pipeline, "run_sft", boom)
+    monkeypatch.setattr(posttrain.pipeline, "run_dpo", boom)
+    monkeypatch.setattr(posttrain.eval.suites, "run_suite", boom)
+    assert main(["run", str(path)]) == 0
+    st = statuses(tmp)
+    assert st["sft"] == st["dpo"] == st["export"] == "cached"
+
+
+def test_a_change_recomputes_only_what_depends_on_it(done, monkeypatch):
+    import posttrain.pipeline
+
+    tmp, path = done
+    wf = yaml.safe_load(path.read_text())
+    wf["stages"][2]["overrides"] = ["dpo.beta=0.2"]  # the DPO stage changes; SFT and the baseline do not
+    path.write_text(yaml.safe_dump(wf))
+
+    def no_sft(*a, **k):
+        raise AssertionError("SFT was recomputed")
+
+    monkeypatch.setattr(posttrain.pipeline, "run_sft", no_sft)
+    assert main(["run", str(path)]) == 0
+    st = statuses(tmp)
+    assert (st["sft"], st["dpo"], st["export"]) == ("cached", "ran", "ran")
+    assert yaml.safe_load((tmp / "wf" / "dpo" / "config.yaml").read_text())["dpo"]["beta"] == 0.2
+
+
+def test_a_failed_stage_resumes_from_its_checkpoint(tiny_dir, tmp_path, monkeypatch):
+    import posttrain.pipeline
+
+    path = write_workflow(tmp_path, tiny_dir)
+    real_save, real_loop = posttrain.pipeline.save_trained, posttrain.pipeline.train_loop
+
+    def crash(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(posttrain.pipeline, "save_trained", crash)  # after the loop wrote checkpoints 1..3
+    with pytest.raises(RuntimeError, match="disk full"):
+        main(["run", str(path)])
+    assert statuses(tmp_path)["sft"] == "failed"
+    assert json.loads((tmp_path / "wf" / "sft" / "stage.json").read_text())["status"] == "running"
+    resumed = []
+
+    def loop(*a, resume=False, **k):
+        resumed.append(resume)
+        return real_loop(*a, resume=resume, **k)
+
+    monkeypatch.setattr(posttrain.pipeline, "save_trained", real_save)
+    monkeypatch.setattr(posttrain.pipeline, "train_loop", loop)
+    assert main(["run", str(path)]) == 0
+    assert statuses(tmp_path)["sft"] == "resumed" and resumed[0] is True
+
+
+def test_a_gate_blocks_with_exit_1_and_the_next_stages_do_not_run(tiny_dir, tmp_path, capsys):
+    path = write_workflow(tmp_path, tiny_dir)
+    wf = yaml.safe_load(path.read_text())
+    wf["stages"][1]["gate"]["rules"] = [{"metric": "heldout/loss", "min_lift": 1000.0},
+                                       {"metric": "heldout/missing", "max_regression": 0.1}]
+    path.write_text(yaml.safe_dump(wf))
+    assert main(["run", str(path)]) == 1
+    st = statuses(tmp_path)
+    assert st["gate_sft"] == "blocked" and st["dpo"] == st["gate_dpo"] == st["export"] == "blocked"
+    assert not (tmp_path / "wf" / "dpo").exists()
+    gate = json.loads((tmp_path / "wf" / "workflow.json").read_text())["gates"][0]
+    assert gate["passed"] is False and [c["passed"] for c in gate["checks"]] == [False, False]
+    err = capsys.readouterr().err  # the log and the gate table go to stderr, like every run's log
+    assert "BLOCKED" in err and "heldout/loss" in err and "FAIL" in err
+
+
+def test_contaminated_eval_set_blocks_before_training(tiny_dir, tmp_path):
+    rows = chat_rows(20)
+    dup = write_jsonl(tmp_path / "dup.jsonl", rows + rows)  # every row twice: held-out rows have a copy in train
+    path = write_workflow(tmp_path, tiny_dir)
+    wf = yaml.safe_load(path.read_text())
+    wf["eval_set"]["split"] = dup
+    path.write_text(yaml.safe_dump(wf))
+    assert main(["run", str(path)]) == 1
+    assert statuses(tmp_path)["eval_set"] == "blocked" and not (tmp_path / "wf" / "sft").exists()
+
+
+def test_workflow_config_errors(tmp_path, tiny_dir, capsys):
+    path = write_workflow(tmp_path, tiny_dir)
+    wf = yaml.safe_load(path.read_text())
+    wf["stages"][2]["init_from"] = "nope"
+    path.write_text(yaml.safe_dump(wf))
+    assert main(["run", str(path)]) == 2
+    assert "refers to 'nope', which is not an earlier train stage" in capsys.readouterr().err
