@@ -267,10 +267,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_cmd_demo)
 
     from posttrain.data.curate_command import add_commands as add_data_commands
+    from posttrain.judge.command import add_commands as add_cai_commands
     from posttrain.plan import add_commands as add_plan_commands
     from posttrain.serve.command import add_commands as add_serve_commands
 
     add_data_commands(sub)
+    add_cai_commands(sub)
     add_plan_commands(sub)
     add_serve_commands(sub)
     return p
