@@ -186,6 +186,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from posttrain.workflow import run_workflow
+
+    return run_workflow(args.workflow, args.overrides)
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from posttrain.demo import main as demo_main
 
@@ -260,6 +266,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       "loaded back and checked")
     shipping_args(x)
     x.set_defaults(func=_cmd_export)
+
+    w = sub.add_parser("run", help="a workflow: eval set, baseline, train stages with gates, export, report.html "
+                                   "(stages cached by the hash of their inputs)")
+    w.add_argument("workflow", help="a workflow YAML file")
+    w.add_argument("overrides", nargs="*", help="dotted key=value of the workflow file, e.g. output_dir=wf2")
+    w.set_defaults(func=_cmd_run)
 
     d = sub.add_parser("demo", help="LoRA SFT of the embedded model on a generated JSON-extraction task")
     d.add_argument("--output-dir", default="demo-run")
