@@ -90,6 +90,24 @@ UNANSWERABLE = [
     "What is written on the note in my pocket?", "How much money is in my bank account?",
     "What colour is the car parked outside my house?", "What time did I wake up today?",
 ]
+# Replay prompts (general requests, none of them in the checks above): the base model's own answers to them are
+# mixed into SFT so that the card task does not overwrite how it answers everything else.
+REPLAY_PROMPTS = [
+    "Give me three tips for sleeping better.", "Explain what a rainbow is in two sentences.",
+    "Write a short thank-you note to a colleague.", "What are the benefits of drinking water?",
+    "Describe a cat to someone who has never seen one.", "How do I boil an egg?",
+    "Suggest a name for a small bakery.", "Why do leaves change colour in autumn?",
+    "List four fruits that are rich in vitamin C.", "What is the difference between weather and climate?",
+    "Write a haiku about the sea.", "How can I save money on groceries?",
+    "Explain what a computer virus is.", "Give an example of a renewable energy source and explain it.",
+    "What should I pack for a weekend hiking trip?", "Summarise the story of Cinderella in three sentences.",
+    "How does a bicycle work?", "What is photosynthesis?", "Recommend a good habit for learning a language.",
+    "Explain why exercise is good for the heart.", "What is the tallest mountain in the world?",
+    "Who was Albert Einstein?", "How many minutes are in an hour?", "What is the largest desert on Earth?",
+    "Translate 'good morning' into Spanish.", "What does a librarian do?", "How do airplanes stay in the air?",
+    "Name three famous painters.", "What is the main ingredient of guacamole?", "Why is the ocean salty?",
+    "What is the capital of Canada?", "Which continent is Egypt in?",
+]
 SYSTEM_PROMPT = "Extract the person's details and answer with one line of JSON with the keys name, age, city, job."
 
 
@@ -99,7 +117,7 @@ def write_demo_files(root: Path, quick: bool) -> Path:
 
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
-    n_cards, n_pairs, n_pairs_eval = (160, 32, 16) if quick else (200, 32, 24)
+    n_cards, n_pairs, n_pairs_eval = (100, 16, 16) if quick else (200, 32, 24)
 
     def write(name: str, rows: list[dict]) -> str:
         (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -111,9 +129,10 @@ def write_demo_files(root: Path, quick: bool) -> Path:
     general = write("general.jsonl", [{"prompt": q, "completion": a} for q, a in GENERAL_QA])
     mc = write("multiple-choice.jsonl", [{"question": q, "choices": c, "answer": a} for q, c, a in MULTIPLE_CHOICE])
     abstain = write("unanswerable.jsonl", [{"prompt": p, "answerable": False} for p in UNANSWERABLE])
+    replay = write("replay-prompts.jsonl", [{"prompt": p} for p in REPLAY_PROMPTS])
     limit = 8 if quick else 24
-    sft_steps = {"train": {"max_steps": 16}} if quick else {"train": {"epochs": 1}}
-    dpo_steps = {"train": {"max_steps": 8}} if quick else {"train": {"epochs": 1}}
+    sft_steps = {"max_steps": 8} if quick else {"epochs": 1}
+    dpo_steps = {"max_steps": 4} if quick else {"epochs": 1}
     workflow = {
         "name": "posttrain demo: JSON contact cards",
         "output_dir": str(root),
@@ -126,20 +145,22 @@ def write_demo_files(root: Path, quick: bool) -> Path:
             "house_style": {"kind": "preference", "data": pairs_eval},
             "general": {"kind": "generation", "data": general, "limit": limit,
                         "options": {"scorer": "contains", "max_new_tokens": 32}},
-            "general_loss": {"kind": "loss", "data": general},
             "calibration": {"kind": "multiple_choice", "data": mc},
             "abstention": {"kind": "abstention", "data": abstain, "options": {"max_new_tokens": 32}},
         },
         "stages": [
+            # Plain SFT on cards answers everything with a card: general questions 75% -> 30% right (measured), and
+            # the gate below blocks it. Replaying the base model's own answers to general prompts (20% of the set)
+            # keeps them at 75% while the cards still reach ~80-100% exact.
             {"name": "sft", "train": "sft", "config": {
-                "data": {"train": "${train_set}", "eval": "${eval_set}", "max_seq_len": 512},
+                "data": {"train": "${train_set}", "eval": "${eval_set}", "max_seq_len": 512,
+                         "replay": {"prompts": replay, "ratio": 0.2, "max_new_tokens": 48 if quick else 128}},
                 "lora": {"r": 16, "alpha": 32}, "eval_samples": 0,
-                "train": {"lr": 1e-3, "micro_batch_size": 2, "warmup_ratio": 0.1, "log_every": 4,
-                          **sft_steps["train"]}}},
+                "train": {"lr": 1e-3, "micro_batch_size": 2, "warmup_ratio": 0.1, "log_every": 4, **sft_steps}}},
             {"name": "gate_sft", "gate": {"candidate": "sft", "baseline": "baseline", "rules": [
                 {"metric": "cards/json_exact", "min_lift": 0.05},
                 {"metric": "cards_loss/loss", "min_relative_lift": 0.05},
-                {"metric": "general_loss/loss", "max_regression": 0.5}]}},
+                {"metric": "general/contains", "max_regression": 0.1}]}},
             # Plain DPO at this setting flips the preference but lowers the likelihood of ending the card (both
             # log-probs fall), and answers run on; RPO's NLL on the chosen card keeps it.
             {"name": "dpo", "train": "dpo", "init_from": "sft", "config": {
@@ -147,7 +168,7 @@ def write_demo_files(root: Path, quick: bool) -> Path:
                          "packing": False},  # one pair per row: 16 steps, not the 4 that packing would leave
                 "dpo": {"beta": 0.1, "loss": "rpo", "rpo_alpha": 1.0, "precompute_ref": True},
                 "train": {"lr": 3e-4, "micro_batch_size": 2, "warmup_ratio": 0.1, "log_every": 4,
-                          **dpo_steps["train"]}}},
+                          **dpo_steps}}},
             {"name": "gate_dpo", "gate": {"candidate": "dpo", "baseline": "sft", "rules": [
                 {"metric": "house_style/accuracy", "min_lift": 0.2},
                 {"metric": "cards/json_exact", "max_regression": 0.1}]}},

@@ -200,7 +200,7 @@ def test_read_prompts_from_text_and_rows(tmp_path):
 
 
 @pytest.mark.parametrize("row, where", [
-    ({"text": "x"}, "row 2: expected a 'prompt'"),
+    ({"text": "x"}, "row 2, field 'prompt': no prompt: expected a non-empty 'prompt'"),
     ({"prompt": ""}, "row 2, field 'prompt'"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, "row 2, field 'messages': no user turn"),
     ({"messages": [{"role": "user", "content": " "}]}, "row 2, field 'messages[0].content'"),
@@ -269,7 +269,7 @@ def test_rl_cai_on_a_tiny_model_loads_through_the_dpo_reader(tiny, tmp_path, tok
                          temperature=1.0, top_p=0.9, max_new_tokens=10, margin=0.05, policy_model="tiny")
     assert rows and stats["kept"] == len(rows)
     prov = rows[0]["provenance"]
-    assert set(prov) == {"method", "judge_model", "principle", "criterion", "p_first_order", "p_second_order",
+    assert set(prov) == {"method", "judge_model", "judge_calibrated", "principle", "criterion", "p_first_order", "p_second_order",
                          "margin", "sampling"}
     assert prov["method"] == "rl-cai" and prov["judge_model"] == "length" and prov["margin"] == 0.05
     assert prov["criterion"] == {p.name: p.criterion for p in PRINCIPLES}[prov["principle"]]
@@ -343,7 +343,7 @@ def embedded():
 
 @pytest.mark.integration
 def test_embedded_model_writes_sl_and_rl_cai_rows(embedded, tmp_path, tokenizer):
-    from posttrain.judge import ModelJudge
+    from posttrain.judge import CalibratedJudge, ModelJudge
 
     principles = load_constitution(None)
     prompts = ["What is the capital of France?", "Give me one tip for sleeping better."]
@@ -354,12 +354,24 @@ def test_embedded_model_writes_sl_and_rl_cai_rows(embedded, tmp_path, tokenizer)
     build_examples(write_jsonl(tmp_path / "sl.jsonl", rows), tokenizer, max_seq_len=1024)
 
     # The 135M model judging its own samples: its P(slot A) is ~0.8-0.9 whatever the answers (measured: about 2
-    # log-odds of position bias against ~0.1 of signal), so both-orders judging drops its pairs as inconsistent.
-    judge = ModelJudge(embedded.model, embedded.tokenizer, name="embedded")
-    rows, stats = rl_cai(embedded.model, embedded.tokenizer, prompts, principles, judge, judge_name="embedded",
+    # log-odds of position bias against ~0.1 of signal), so both-orders judging drops every pair as inconsistent.
+    # Calibrated on content-free pairs (each answer against itself), the slot preference is removed and some
+    # pairs get the same verdict in both orders: those become preference rows with their provenance.
+    prompts = [*prompts, "Explain what a rainbow is.", "Write a short thank-you note.", "Name three fruits.",
+               "How do I boil an egg?"]
+    raw = ModelJudge(embedded.model, embedded.tokenizer, name="embedded")
+    rows, stats = rl_cai(embedded.model, embedded.tokenizer, prompts, principles, raw, judge_name="embedded",
                          seed=0, max_new_tokens=24, policy_model="embedded")
-    assert stats["pairs"] == 2 == sum(stats[k] for k in ("kept", "ties", "inconsistent", "identical", "empty"))
-    assert stats["kept"] == len(rows)
+    assert stats["pairs"] == 6 == sum(stats[k] for k in ("kept", "ties", "inconsistent", "identical", "empty"))
+    assert stats["judge_p_slot_a"] > 0.65 and stats["kept"] == len(rows) <= 1
+    rows, stats = rl_cai(embedded.model, embedded.tokenizer, prompts, principles, CalibratedJudge(raw),
+                         judge_name="embedded", seed=0, max_new_tokens=24, policy_model="embedded")
+    assert abs(stats["judge_p_slot_a"] - 0.5) < 0.1 and stats["kept"] == len(rows) >= 1
+    for r in rows:
+        p = r["provenance"]
+        assert p["judge_model"] == "embedded" and p["judge_calibrated"] and p["principle"] and \
+            p["p_first_order"] > 0.5 and p["p_second_order"] > 0.5 and p["sampling"]["temperature"] == 1.0
+    build_pairs(write_jsonl(tmp_path / "rl-embedded.jsonl", rows), tokenizer, max_seq_len=1024)
 
     # Preference rows from the embedded policy's samples, judged by a judge with a signal (shorter answers win,
     # plus a planted slot-A bias it has to see through).
@@ -369,3 +381,31 @@ def test_embedded_model_writes_sl_and_rl_cai_rows(embedded, tmp_path, tokenizer)
     assert rows and all(len(r["chosen"]) < len(r["rejected"]) for r in rows)
     assert all(r["provenance"]["sampling"]["policy_model"] == "embedded" for r in rows)
     build_pairs(write_jsonl(tmp_path / "rl.jsonl", rows), tokenizer, max_seq_len=1024)
+
+
+def test_calibration_removes_a_constant_slot_preference_exactly():
+    """A judge with log-odds truth(first, second) + 2 (its slot-A bias): on an answer against itself the truth is 0, so
+    the content-free verdict is sigmoid(2), and calibration leaves sigmoid(truth) in both orders."""
+    import math
+
+    from posttrain.judge import CalibratedJudge
+
+    def truth(first, second):  # longer is better, 0.5 log-odds per character
+        return 0.5 * (len(first) - len(second))
+
+    calls = []
+
+    def biased(prompt, first, second, criterion):
+        calls.append((first, second))
+        return 1 / (1 + math.exp(-(truth(first, second) + 2.0)))
+
+    raw = both_orders(biased, "q", "abc", "ab", "c")
+    assert raw.verdict == "inconsistent"  # sigmoid(0.5 + 2) = 0.924 and 1 - sigmoid(-0.5 + 2) = 0.182
+    assert raw.p_a_first == pytest.approx(1 / (1 + math.exp(-2.5))) and raw.p_a_second == pytest.approx(
+        1 - 1 / (1 + math.exp(-1.5)))
+    calls.clear()
+    cal = both_orders(CalibratedJudge(biased), "q", "abc", "ab", "c")
+    assert cal.verdict == "a"
+    assert cal.p_a_first == pytest.approx(1 / (1 + math.exp(-0.5))) == pytest.approx(cal.p_a_second)
+    # two judged orders + one content-free verdict per answer, reused by the second order
+    assert sorted(calls) == sorted([("abc", "ab"), ("ab", "abc"), ("abc", "abc"), ("ab", "ab")])

@@ -94,15 +94,24 @@ def row_to_messages(row: dict[str, Any], fmt: str, file: str, num: int, system_p
 
 def row_to_prompt(row: dict[str, Any], file: str, num: int, field: str = "prompt",
                   system_prompt: str | None = None) -> Messages:
-    """The chat a row asks a model to answer: its ``field`` (text or messages), else an SFT row without its last
-    assistant turn, else a preference row's dialogue before the answers."""
-    value = row.get(field)
+    """The chat a row asks a model to answer: its ``field`` (text or messages), an Alpaca instruction (+ input), a
+    chat ending with a user turn, an SFT chat without its last assistant turn, or a preference row's dialogue
+    before the answers."""
+    value, messages = row.get(field), row.get("messages")
     if isinstance(value, str) and value.strip():
         chat = [{"role": "user", "content": value}]
     elif isinstance(value, list) and value:
         chat = validate_messages([*value, {"role": "assistant", "content": "x"}], file, num, field)[:-1]
-    elif detect_format(row):
-        chat = row_to_messages(row, "auto", file, num)[:-1]
+    elif isinstance(row.get("instruction"), str) and row["instruction"].strip():  # Alpaca, output optional
+        extra = row.get("input") if isinstance(row.get("input"), str) else ""
+        text = f"{row['instruction']}\n\n{extra}" if extra.strip() else row["instruction"]
+        chat = [{"role": "user", "content": text}]
+    elif isinstance(messages, list) and messages:
+        if isinstance(messages[-1], dict) and messages[-1].get("role") == "user":
+            messages = [*messages, {"role": "assistant", "content": "x"}]
+        if not any(isinstance(m, dict) and m.get("role") == "user" for m in messages):
+            raise DataError(file, num, "messages", "no user turn to answer")
+        chat = validate_messages(messages, file, num)[:-1]
     elif isinstance(row.get("chosen"), (str, list)):
         from posttrain.data.preference import _conversation
 
@@ -110,8 +119,12 @@ def row_to_prompt(row: dict[str, Any], file: str, num: int, field: str = "prompt
     else:
         chat = []
     if not chat or chat[-1]["role"] != "user":
-        raise DataError(file, num, field, f"no prompt: expected a {field!r} text or chat, an SFT row or a preference "
-                        f"row; got fields {sorted(row)}")
+        raise DataError(file, num, field,
+                        f"no prompt: expected a non-empty {field!r} (text or chat), an Alpaca 'instruction', chat "
+                        f"'messages' or a preference row; got fields {sorted(row)}")
+    if not chat[-1]["content"].strip():
+        where = f"messages[{len(chat) - 1}].content" if isinstance(messages, list) and value is None else field
+        raise DataError(file, num, where, "the prompt (last user turn) is empty")
     if system_prompt and chat[0]["role"] != "system":
         chat = [{"role": "system", "content": system_prompt}, *chat]
     return chat

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from posttrain.data import DataError, build_examples, build_pairs, eval_batches, pair_batches, read_rows
-from posttrain.data.formats import Messages, detect_format, row_to_messages, validate_messages
+from posttrain.data.formats import Messages, detect_format, row_to_messages, row_to_prompt
 from posttrain.data.render import has_chat_template, render_prompt
 from posttrain.eval.heldout import heldout_loss
 from posttrain.rewards.functions import final_number
@@ -113,20 +113,6 @@ _NO_REFERENCE = {"json_valid", "regex"}  # scorers that judge the output alone
 _REFERENCE_FIELDS = ("completion", "answer", "reference", "output")
 
 
-def _prompt_chat(row: dict[str, Any], path: str, num: int, fld: str) -> Messages:
-    value = row.get(fld)
-    if isinstance(value, str) and value.strip():
-        return [{"role": "user", "content": value}]
-    if isinstance(value, list) and value:
-        chat = [dict(m) if isinstance(m, dict) else m for m in value]
-        # A prompt chat ends with a user turn; validating it with a stand-in answer gives role-order errors
-        # the data layer's wording.
-        validate_messages(chat + [{"role": "assistant", "content": "x"}], path, num, fld)
-        return chat
-    raise DataError(path, num, fld, f"missing or empty prompt (expected text or a list of chat messages; this row "
-                    f"has {', '.join(map(repr, row)) or 'no columns'})")
-
-
 def read_prompts(path: str, *, limit: int | None = None, system_prompt: str | None = None,
                  prompt_field: str | None = None, reference_field: str | None = None,
                  need_reference: bool = False) -> list[tuple[int, Messages, str | None, dict[str, Any]]]:
@@ -144,12 +130,12 @@ def read_prompts(path: str, *, limit: int | None = None, system_prompt: str | No
         ends_with_user = isinstance(row.get("messages"), list) and row["messages"] and \
             isinstance(row["messages"][-1], dict) and row["messages"][-1].get("role") == "user"
         if fld is None and ends_with_user:  # a prompt-only chat (judge and abstention files)
-            chat, ref = _prompt_chat(row, path, num, "messages"), None
+            chat, ref = row_to_prompt(row, path, num, "messages"), None
         elif fld is None and detect_format(row) in ("messages", "alpaca"):
             messages = row_to_messages(row, "auto", path, num)
             chat, ref = messages[:-1], messages[-1]["content"]
         else:
-            chat = _prompt_chat(row, path, num, fld or "prompt")
+            chat = row_to_prompt(row, path, num, fld or "prompt")
             ref_fld = reference_field or next((f for f in _REFERENCE_FIELDS if f in row), None)
             ref = row.get(ref_fld) if ref_fld else None
             if ref is not None and not isinstance(ref, str):

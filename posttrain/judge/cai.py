@@ -16,51 +16,19 @@ from typing import Any
 import torch
 
 from posttrain.data.formats import Messages
-from posttrain.data.readers import DataError, read_rows
+from posttrain.data import DataError, load_prompt_chats
 from posttrain.judge.constitution import Principle
-from posttrain.judge.pairwise import Judge, both_orders
+from posttrain.judge.pairwise import CalibratedJudge, Judge, both_orders
 from posttrain.rollout import generate
 
 
 def read_prompts(path: str | Path) -> list[str]:
-    """Prompts from a .txt file (one per non-blank line) or a data file whose rows have ``prompt`` (text),
-    ``messages`` (the last user turn is taken) or Alpaca ``instruction`` (+ optional ``input``)."""
-    path = Path(path)
-    if path.suffix == ".txt":
-        if not path.is_file():
-            raise DataError(path, None, None, "file does not exist" if not path.exists() else "not a regular file")
-        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        if not prompts:
-            raise DataError(path, None, None, "file has no prompts")
-        return prompts
-    return [_row_prompt(row, path, num) for num, row in read_rows(path)]
-
-
-def _row_prompt(row: dict[str, Any], path: Path, num: int) -> str:
-    if "prompt" in row:
-        text = row["prompt"]
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(path, num, "prompt", f"expected non-empty text, got {text!r}")
-        return text.strip()
-    if "messages" in row:
-        msgs = row["messages"]
-        if not isinstance(msgs, list):
-            raise DataError(path, num, "messages", f"expected a list of messages, got {type(msgs).__name__}")
-        users = [(i, m) for i, m in enumerate(msgs) if isinstance(m, dict) and m.get("role") == "user"]
-        if not users:
-            raise DataError(path, num, "messages", "no user turn to take the prompt from")
-        i, last = users[-1]
-        if not isinstance(last.get("content"), str) or not last["content"].strip():
-            raise DataError(path, num, f"messages[{i}].content", "the last user turn is empty")
-        return last["content"].strip()
-    if "instruction" in row:
-        text, extra = row["instruction"], row.get("input") or ""
-        if not isinstance(text, str) or not text.strip():
-            raise DataError(path, num, "instruction", f"expected non-empty text, got {text!r}")
-        if not isinstance(extra, str):
-            raise DataError(path, num, "input", f"expected text, got {type(extra).__name__}")
-        return f"{text.strip()}\n\n{extra.strip()}" if extra.strip() else text.strip()
-    raise DataError(path, num, None, f"expected a 'prompt', 'messages' or 'instruction' field; got {sorted(row)}")
+    """The last user turn of every prompt in a file (see ``posttrain.data.load_prompt_chats`` for the row formats;
+    a .txt file is one prompt per line)."""
+    chats = load_prompt_chats(str(path))
+    if not chats:
+        raise DataError(path, None, None, "file has no prompts")
+    return [chat[-1]["content"].strip() for _, chat in chats]
 
 
 def _pick(principles: list[Principle], n: int, seed: int) -> list[Principle]:
@@ -154,7 +122,8 @@ def rl_cai(model: torch.nn.Module, tokenizer, prompts: list[str], principles: li
                 good, bad, p_first, p_second = (a, b, v.p_a_first, v.p_a_second) if v.verdict == "a" else \
                     (b, a, 1 - v.p_a_second, 1 - v.p_a_first)
                 rows.append({"prompt": prompt, "chosen": good, "rejected": bad,
-                             "provenance": {"method": "rl-cai", "judge_model": judge_name, "principle": pr.name,
+                             "provenance": {"method": "rl-cai", "judge_model": judge_name,
+                                            "judge_calibrated": isinstance(judge, CalibratedJudge), "principle": pr.name,
                                             "criterion": pr.criterion, "p_first_order": p_first,
                                             "p_second_order": p_second, "margin": margin, "sampling": sampling}})
     stats["kept"] = len(rows)

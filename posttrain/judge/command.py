@@ -71,7 +71,7 @@ def _cmd_sl(args: argparse.Namespace) -> int:
 
 def _cmd_rl(args: argparse.Namespace) -> int:
     from posttrain.judge.cai import rl_cai
-    from posttrain.judge.pairwise import ModelJudge
+    from posttrain.judge.pairwise import CalibratedJudge, ModelJudge
     from posttrain.pipeline import load_for_inference
 
     prompts, principles, loaded = _setup(args)
@@ -81,6 +81,8 @@ def _cmd_rl(args: argparse.Namespace) -> int:
     else:  # the policy judges its own samples: no second model in memory
         judged_by, judge_name = loaded, _name(args.model, args.adapter)
     judge = ModelJudge(judged_by.model, judged_by.tokenizer, name=judge_name)
+    if args.calibrate:
+        judge = CalibratedJudge(judge)
     start = time.perf_counter()
     rows, stats = rl_cai(loaded.model, loaded.tokenizer, prompts, principles, judge, judge_name=judge_name,
                          seed=args.seed, n_samples=args.samples, temperature=args.temperature, top_p=args.top_p,
@@ -153,4 +155,7 @@ def add_commands(sub) -> None:
     r.add_argument("--judge-adapter", default=None, help="LoRA adapter folder or run folder for the judge")
     r.add_argument("--margin", type=_margin, default=0.0,
                    help="a winner must beat one half by more than this in both orders")
+    r.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="judge without first removing the judge's slot preference measured on pairs of one answer "
+                        "shown twice (calibration costs two extra judge calls per answer)")
     r.set_defaults(func=_cmd_rl)

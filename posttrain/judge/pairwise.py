@@ -8,6 +8,7 @@ flips with the slots and shows up as an inconsistent pair, which is dropped and 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -100,3 +101,34 @@ class ModelJudge:
         pair = torch.log_softmax(logits[self.choice_ids], dim=-1)
         return float(pair[0].exp())
 
+
+
+def _logit(p: float, eps: float = 1e-6) -> float:
+    p = min(max(p, eps), 1 - eps)
+    return math.log(p / (1 - p))
+
+
+class CalibratedJudge:
+    """A judge corrected by its own verdict on content-free pairs ("contextual calibration", Zhao et al., 2021,
+    "Calibrate Before Use"): with the same answer in both slots every preference is position, so
+
+        P'(first better) = sigmoid(logit P(first, second) - (logit P(first, first) + logit P(second, second)) / 2).
+
+    A small judge whose slot preference outweighs what it reads in the answers makes every pair inconsistent under
+    ``both_orders``; removing the measured slot preference first lets its (weak) content signal decide, and
+    ``both_orders`` still drops pairs where the two orders disagree after correction."""
+
+    def __init__(self, judge: Judge) -> None:
+        self.judge = judge
+        self.name = f"calibrated {getattr(judge, 'name', 'judge')}"
+        self._null: dict[tuple[str, str, str], float] = {}
+
+    def null_logit(self, prompt: str, answer: str, criterion: str) -> float:
+        key = (prompt, answer, criterion)
+        if key not in self._null:  # both orders of a pair need the same two content-free verdicts
+            self._null[key] = _logit(self.judge(prompt, answer, answer, criterion))
+        return self._null[key]
+
+    def __call__(self, prompt: str, first: str, second: str, criterion: str) -> float:
+        bias = (self.null_logit(prompt, first, criterion) + self.null_logit(prompt, second, criterion)) / 2
+        return 1 / (1 + math.exp(-(_logit(self.judge(prompt, first, second, criterion)) - bias)))
