@@ -1,6 +1,6 @@
 """Forgetting and its mitigations, measured by out-of-domain suites, as one `posttrain run` workflow.
 
-    .venv/bin/python benchmarks/forgetting.py [--out runs/forgetting] [--epochs 2] [--kl 0.5] [--ratio 0.2]
+    .venv/bin/python benchmarks/forgetting.py [--out runs/forgetting] [--epochs 2] [--kl 0.1] [--ratio 0.2]
 
 In-domain task: the demo's JSON contact cards (LoRA SFT, lr 1e-3, all linear layers). Four SFT stages from the same
 base and data: plain, + KL-to-base (``kl_to_base``), + 20% general instructions mixed in (``data.mix``: the 175
@@ -31,7 +31,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("runs/forgetting"))
     ap.add_argument("--epochs", type=float, default=2.0)
-    ap.add_argument("--kl", type=float, default=0.5)
+    ap.add_argument("--kl", type=float, default=0.1)
     ap.add_argument("--ratio", type=float, default=0.2)
     ap.add_argument("--ood-rows", type=int, default=105)
     args = ap.parse_args()

@@ -166,3 +166,51 @@ def test_workflow_config_errors(tmp_path, tiny_dir, capsys):
     path.write_text(yaml.safe_dump(wf))
     assert main(["run", str(path)]) == 2
     assert "refers to 'nope', which is not an earlier train stage" in capsys.readouterr().err
+
+
+WORKFLOWS = sorted(Path(__file__).resolve().parent.parent.joinpath("examples", "workflows").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_every_example_workflow_and_its_stage_configs_validate(path):
+    check_workflow(path, path.parent.parent.parent)
+
+
+def test_the_demo_workflow_validates(tmp_path):
+    from posttrain.demo import write_demo_files
+
+    for quick in (False, True):
+        check_workflow(write_demo_files(tmp_path / str(quick), quick), Path("."))
+
+
+def check_workflow(path: Path, root: Path) -> None:
+    from posttrain.config import load_workflow
+    from posttrain.workflow import Workflow
+
+    cfg = load_workflow(path)
+    wf = Workflow(cfg)  # checks every suite's options against the suite kinds
+    wf.names.update(train_set="train.jsonl", eval_set="eval.jsonl")
+    for st in cfg.stages:
+        if st.train:
+            job = wf.job_of(st)
+            assert job.method == st.train and job.output_dir == str(wf.root / st.name)
+    for spec in cfg.evals.values():
+        data = spec.data.replace("${eval_set}", "")
+        assert not data or (root / data).is_file() or Path(data).is_file(), data
+    if cfg.eval_set.split:
+        assert (root / cfg.eval_set.split).is_file() or Path(cfg.eval_set.split).is_file()
+
+
+def test_unknown_suite_option_and_empty_rule_are_errors_before_anything_runs(tmp_path, tiny_dir, capsys):
+    path = write_workflow(tmp_path, tiny_dir)
+    wf = yaml.safe_load(path.read_text())
+    wf["evals"]["heldout"]["options"] = {"scorer": "exact"}  # a loss suite has no scorer
+    path.write_text(yaml.safe_dump(wf))
+    assert main(["run", str(path)]) == 2
+    assert "evals.heldout: loss suites have no option scorer" in capsys.readouterr().err
+    wf["evals"]["heldout"]["options"] = {}
+    wf["stages"][1]["gate"]["rules"] = [{"metric": "heldout/loss"}]
+    path.write_text(yaml.safe_dump(wf))
+    assert main(["run", str(path)]) == 2
+    assert "sets no threshold" in capsys.readouterr().err
+    assert not (tmp_path / "wf").exists()
