@@ -61,7 +61,8 @@ def main() -> int:
                 "train": {"lr": 1e-3, "epochs": args.epochs, "micro_batch_size": 2, "warmup_ratio": 0.1,
                           "log_every": 10}}
     variants = {"sft_plain": [], "sft_kl": [f"kl_to_base={args.kl}"],
-                "sft_mix": [f"data.mix.path={general_mix}", f"data.mix.ratio={args.ratio}"],
+                "sft_mix": [f"data.mix.path={general_mix}", f"data.mix.ratio={args.ratio}",
+                            "data.overlong=drop"],  # one seed task is longer than max_seq_len; counted, not trained
                 "sft_replay": [f"data.replay.prompts={general_mix}", f"data.replay.ratio={args.ratio}",
                                "data.replay.max_new_tokens=128"]}
     workflow = {

@@ -117,7 +117,7 @@ def write_demo_files(root: Path, quick: bool) -> Path:
 
     data = root / "data"
     data.mkdir(parents=True, exist_ok=True)
-    n_cards, n_pairs, n_pairs_eval = (100, 16, 16) if quick else (200, 32, 24)
+    n_cards, n_pairs, n_pairs_eval = (60, 8, 8) if quick else (200, 32, 24)
 
     def write(name: str, rows: list[dict]) -> str:
         (data / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -130,9 +130,12 @@ def write_demo_files(root: Path, quick: bool) -> Path:
     mc = write("multiple-choice.jsonl", [{"question": q, "choices": c, "answer": a} for q, c, a in MULTIPLE_CHOICE])
     abstain = write("unanswerable.jsonl", [{"prompt": p, "answerable": False} for p in UNANSWERABLE])
     replay = write("replay-prompts.jsonl", [{"prompt": p} for p in REPLAY_PROMPTS])
-    limit = 8 if quick else 24
-    sft_steps = {"max_steps": 8} if quick else {"epochs": 1}
-    dpo_steps = {"max_steps": 4} if quick else {"epochs": 1}
+    # --quick (the smoke test): every stage and suite runs, on a few rows and steps
+    limit = 4 if quick else 24
+    sft_steps = {"max_steps": 6} if quick else {"epochs": 1}
+    dpo_steps = {"max_steps": 2} if quick else {"epochs": 1}
+    replay_cfg = {"prompts": replay, "ratio": 0.1, "max_new_tokens": 24} if quick else \
+        {"prompts": replay, "ratio": 0.2, "max_new_tokens": 128}
     workflow = {
         "name": "posttrain demo: JSON contact cards",
         "output_dir": str(root),
@@ -146,7 +149,8 @@ def write_demo_files(root: Path, quick: bool) -> Path:
             "general": {"kind": "generation", "data": general, "limit": limit,
                         "options": {"scorer": "contains", "max_new_tokens": 32}},
             "calibration": {"kind": "multiple_choice", "data": mc},
-            "abstention": {"kind": "abstention", "data": abstain, "options": {"max_new_tokens": 32}},
+            "abstention": {"kind": "abstention", "data": abstain, "limit": limit,
+                           "options": {"max_new_tokens": 32}},
         },
         "stages": [
             # Plain SFT on cards answers everything with a card: general questions 75% -> 30% right (measured), and
@@ -154,7 +158,7 @@ def write_demo_files(root: Path, quick: bool) -> Path:
             # keeps them at 75% while the cards still reach ~80-100% exact.
             {"name": "sft", "train": "sft", "config": {
                 "data": {"train": "${train_set}", "eval": "${eval_set}", "max_seq_len": 512,
-                         "replay": {"prompts": replay, "ratio": 0.2, "max_new_tokens": 48 if quick else 128}},
+                         "replay": replay_cfg},
                 "lora": {"r": 16, "alpha": 32}, "eval_samples": 0,
                 "train": {"lr": 1e-3, "micro_batch_size": 2, "warmup_ratio": 0.1, "log_every": 4, **sft_steps}}},
             {"name": "gate_sft", "gate": {"candidate": "sft", "baseline": "baseline", "rules": [

@@ -143,8 +143,9 @@ class Workflow:
             self._judge = ModelJudge(loaded.model, loaded.tokenizer, name=name or "embedded")
         return self._judge
 
-    def evaluate(self, label: str, model_key: str, load, system_prompt: str | None) -> None:
-        """Run every suite on one model (loaded only if some suite's cached result is stale)."""
+    def evaluate(self, label: str, model_key: str, load, system_prompt: str | None) -> bool:
+        """Run every suite on one model (loaded only if some suite's cached result is stale); False when every
+        result came from the cache."""
         from posttrain.eval.suites import run_suite
 
         path = self.root / "evals" / f"{label}.json"
@@ -169,6 +170,7 @@ class Workflow:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(path, json.dumps({**cache, **results}, indent=1))
         self.evals[label] = results
+        return loaded is not None
 
     def metrics_of(self, label: str) -> tuple[dict[str, float], dict[str, bool]]:
         values, better = {}, {}
@@ -185,8 +187,8 @@ class Workflow:
         t0 = time.perf_counter()
         prompt = self.cfg.baseline.system_prompt
         self.keys["baseline"] = content_key(self.cfg.model, prompt)
-        self.evaluate("baseline", self.keys["baseline"], lambda: load_for_inference(self.cfg.model, None), prompt)
-        self._row("baseline", "ran", time.perf_counter() - t0,
+        ran = self.evaluate("baseline", self.keys["baseline"], lambda: load_for_inference(self.cfg.model, None), prompt)
+        self._row("baseline", "ran" if ran else "cached", time.perf_counter() - t0,
                   f"{self.cfg.model or 'embedded SmolLM2-135M-Instruct'}"
                   + (f" + system prompt {prompt!r}" if prompt else " (no system prompt)"))
 

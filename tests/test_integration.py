@@ -42,7 +42,7 @@ def test_demo_quick_runs_the_workflow_with_before_and_after(tmp_path):
     wf = json.loads((tmp_path / "demo" / "workflow.json").read_text())
     rows, cols = wf["evals"]["rows"], wf["evals"]["columns"]
     assert cols[:2] == ["baseline", "sft"]
-    # 16 SFT steps at lr 1e-3 already lower the held-out loss of the cards a lot
+    # 6 SFT steps at lr 1e-3 already lower the held-out loss of the cards a lot
     assert rows["cards_loss/loss"]["sft"] < 0.8 * rows["cards_loss/loss"]["baseline"]
     assert {"calibration/ece", "abstention/abstention_rate", "general/contains"} <= set(rows)
     assert (tmp_path / "demo" / "report.html").exists()
@@ -63,14 +63,14 @@ def test_a_harmful_sft_is_blocked_by_its_gate(tmp_path, capsys):
     train = tmp_path / "shuffled.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in shuffled))
     held = tmp_path / "eval.jsonl"
-    held.write_text("".join(json.dumps(r) + "\n" for r in make_rows(8, seed=2)))
+    held.write_text("".join(json.dumps(r) + "\n" for r in make_rows(6, seed=2)))
     wf = {"name": "harmful", "output_dir": str(tmp_path / "wf"), "eval_set": {"file": str(held)},
           "baseline": {"system_prompt": SYSTEM_PROMPT},
           "evals": {"cards": {"kind": "generation", "data": "${eval_set}",
                               "options": {"scorer": "json_exact", "max_new_tokens": 40}}},
           "stages": [{"name": "sft", "train": "sft", "config": {
                           "data": {"train": str(train), "eval": "${eval_set}"}, "eval_samples": 0,
-                          "train": {"lr": 1e-3, "max_steps": 10, "micro_batch_size": 2}}},
+                          "train": {"lr": 1e-3, "max_steps": 8, "micro_batch_size": 2}}},
                      {"name": "gate_sft", "gate": {"candidate": "sft", "rules": [
                          {"metric": "cards/json_exact", "min_lift": 0.05}]}},
                      {"name": "export", "export": "sft"}]}

@@ -85,7 +85,7 @@ def test_rerun_is_all_cached(done, monkeypatch):
     monkeypatch.setattr(posttrain.eval.suites, "run_suite", boom)
     assert main(["run", str(path)]) == 0
     st = statuses(tmp)
-    assert st["sft"] == st["dpo"] == st["export"] == "cached"
+    assert st["baseline"] == st["sft"] == st["dpo"] == st["export"] == "cached"
 
 
 def test_a_change_recomputes_only_what_depends_on_it(done, monkeypatch):
