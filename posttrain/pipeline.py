@@ -147,25 +147,25 @@ def mix_in(cfg: SFTConfig, train: list[Example], model: torch.nn.Module, tokeniz
     from posttrain.data.mixing import draw, mix_counts
 
     d = cfg.data
-    sources = [s for s in (d.mix, d.replay) if s is not None]
-    if not sources:
+    if d.mix is None and d.replay is None:
         return train, []
-    counts = dict(zip(map(id, sources), mix_counts(len(train), [s.ratio for s in sources])))
+    ratios = [d.mix.ratio if d.mix else 0.0, d.replay.ratio if d.replay else 0.0]
+    mix_n, replay_n = mix_counts(len(train), ratios)
     kw = dict(fmt="auto", system_prompt=d.system_prompt, max_seq_len=d.max_seq_len, overlong=d.overlong,
               chat_template=resolve_template(d.chat_template))
     mixed, lines = list(train), []
     if d.mix:
-        extra = draw(build_examples(d.mix.path, tokenizer, **kw)[0], counts[id(d.mix)], d.mix.seed)
+        extra = draw(build_examples(d.mix.path, tokenizer, **kw)[0], mix_n, d.mix.seed)
         mixed += extra
-        lines.append(f"mixed in {len(extra)} examples of {d.mix.path} (asked {counts[id(d.mix)]}, "
+        lines.append(f"mixed in {len(extra)} examples of {d.mix.path} (asked {mix_n}, "
                      f"ratio {d.mix.ratio})")
     if d.replay:
         path = out / "replay.jsonl"
-        key = json.dumps({"prompts": d.replay.prompts, "count": counts[id(d.replay)], "seed": d.replay.seed,
+        key = json.dumps({"prompts": d.replay.prompts, "count": replay_n, "seed": d.replay.seed,
                           "max_new_tokens": d.replay.max_new_tokens, "model": cfg.model.name,
                           "init_adapter": cfg.model.init_adapter}, sort_keys=True)
         if not (path.exists() and (out / "replay.key").exists() and (out / "replay.key").read_text() == key):
-            rows, empty = _replay_rows(cfg, model, tokenizer, counts[id(d.replay)])
+            rows, empty = _replay_rows(cfg, model, tokenizer, replay_n)
             if empty:
                 lines.append(f"replay: {empty} empty base answers skipped")
             if not rows:
@@ -175,7 +175,7 @@ def mix_in(cfg: SFTConfig, train: list[Example], model: torch.nn.Module, tokeniz
         extra = build_examples(str(path), tokenizer, **kw)[0]
         mixed += extra
         lines.append(f"replayed {len(extra)} base-model answers to prompts of {d.replay.prompts} "
-                     f"(asked {counts[id(d.replay)]}, ratio {d.replay.ratio}; in {path})")
+                     f"(asked {replay_n}, ratio {d.replay.ratio}; in {path})")
     share = 1 - len(train) / len(mixed)
     lines.append(f"training set: {len(train)} task + {len(mixed) - len(train)} mixed = {len(mixed)} examples "
                  f"({share:.1%} mixed)")

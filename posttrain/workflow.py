@@ -89,7 +89,8 @@ class Workflow:
         self.stage_rows: list[dict[str, Any]] = []  # for the report: name, status, seconds, detail
         self.gates: list[dict[str, Any]] = []
         self.runs: dict[str, Path] = {}
-        self._judge = None
+        self._judges: dict[str | None, Any] = {}      # judge model -> ModelJudge, loaded once each
+        self._jobs: dict[str, Any] = {}                 # train stage -> its resolved job config
 
     # -- the held-out set ------------------------------------------------------------------------------------
     def eval_set(self) -> None:
@@ -134,14 +135,14 @@ class Workflow:
         return SuiteSpec.model_validate(_substitute(self.cfg.evals[name].model_dump(), self.names))
 
     def _judge_for(self, spec: SuiteSpec):
-        if self._judge is None:
+        name = spec.judge_model or self.cfg.model
+        if name not in self._judges:
             from posttrain.judge import ModelJudge
             from posttrain.pipeline import load_for_inference
 
-            name = spec.judge_model or self.cfg.model
             loaded = load_for_inference(name, None)
-            self._judge = ModelJudge(loaded.model, loaded.tokenizer, name=name or "embedded")
-        return self._judge
+            self._judges[name] = ModelJudge(loaded.model, loaded.tokenizer, name=name or "embedded")
+        return self._judges[name]
 
     def evaluate(self, label: str, model_key: str, load, system_prompt: str | None) -> bool:
         """Run every suite on one model (loaded only if some suite's cached result is stale); False when every
@@ -215,7 +216,7 @@ class Workflow:
         from posttrain import pipeline
         from posttrain.engine.checkpoint import list_checkpoints
 
-        job = self.job_of(st)
+        job = self._jobs[st.name] = self.job_of(st)
         settings = {k: v for k, v in job.model_dump(mode="json").items() if k != "output_dir"}
         key = content_key(st.train, settings, [file_hash(p) for p in _job_files(job)],
                           self.keys.get(st.init_from) if st.init_from else None)
@@ -236,7 +237,7 @@ class Workflow:
     def evaluate_stage(self, st: StageSpec) -> None:
         from posttrain.pipeline import load_for_inference
 
-        job, folder = self.job_of(st), self.root / st.name
+        job, folder = self._jobs[st.name], self.root / st.name
         if job.finetune == "full":
             load = lambda: load_for_inference(str(folder / "model"), None)  # noqa: E731
         else:
