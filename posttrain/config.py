@@ -28,7 +28,9 @@ class ModelConfig(_Section):
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = Field(
+        "sdpa_packed", description="sdpa_packed: SDPA with a packed row's examples attended one by one (causal, no "
+        "mask), else SDPA; sdpa, eager, flash_attention_2: transformers' own")
     gradient_checkpointing: bool = False
     init_adapter: str | None = Field(
         None, description="LoRA adapter (or run folder) merged into the base first, e.g. an SFT run before DPO")

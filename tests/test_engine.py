@@ -109,3 +109,13 @@ def test_full_finetune_and_loss_goes_down(tiny_dir, tmp_path):
     assert res["eval_after"]["eval/loss"] < res["eval_before"]["eval/loss"]
     assert res["trainable"] == res["total_params"]
     assert not math.isnan(res["final_loss"])
+
+
+def test_cpu_training_keeps_freed_memory_on_glibc():
+    import platform
+
+    from posttrain.engine.loop import keep_freed_cpu_memory
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert keep_freed_cpu_memory() is True

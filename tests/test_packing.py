@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from posttrain.data import Example, best_fit, collate, num_targets
 from posttrain.methods import completion_loss_sum
+from posttrain.models.attention import register as register_packed_attention, segment_lengths
 
 
 def test_best_fit_places_everything_within_capacity():
@@ -37,9 +38,10 @@ def random_examples(n, vocab, seed=0):
     return out
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_equals_unpacked_loss_and_gradients(tiny_dir, attn):
+@pytest.mark.parametrize("attn", ["sdpa_packed", "sdpa", "eager"])
+def test_packed_equals_unpacked_loss_and_gradients(tiny_dir, attn, monkeypatch):
     # float64 so that the comparison tests the masking, not fp32 summation order.
+    register_packed_attention()
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64, attn_implementation=attn)
     exs = random_examples(7, model.config.vocab_size)
 
@@ -60,9 +62,25 @@ def test_packed_equals_unpacked_loss_and_gradients(tiny_dir, attn):
     for a, b in zip(grads_packed, grads_sep):
         assert torch.allclose(a, b, atol=1e-5)
 
+    if attn == "sdpa_packed":  # the per-example attention really ran: one causal SDPA call per segment and layer
+        calls = []
+        real = torch.nn.functional.scaled_dot_product_attention
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                            lambda *a, **k: calls.append(k) or real(*a, **k))
+        completion_loss_sum(model, packed)
+        monkeypatch.undo()
+        segments = sum(len(r) for r in segment_lengths(packed["position_ids"]))
+        assert segments > packed["input_ids"].shape[0]
+        assert len(calls) == segments * model.config.num_hidden_layers and all(c["is_causal"] for c in calls)
+
     # Without restarting positions the segments would see each other: the check above has teeth.
     leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]))
     assert not torch.allclose(completion_loss_sum(model, leaky).detach(), loss_sep, atol=1e-3)
+
+
+def test_segment_lengths_split_rows_where_positions_restart():
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0, 1], [3, 4, 0, 1, 2, 3, 4]])  # a row may start mid-count (a cut example)
+    assert segment_lengths(pos) == [[3, 2, 2], [2, 5]]
 
 
 def test_collate_masks_padding_and_segment_starts():

@@ -80,6 +80,26 @@ def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
     return values
 
 
+def keep_freed_cpu_memory() -> bool:
+    """Make glibc keep freed memory for reuse instead of handing it back to the OS.
+
+    A training step allocates and frees gigabytes of activations. By default glibc serves each large block
+    with a fresh mmap and unmaps it when freed, so every step first-touches all of it again: ~700k page faults
+    per SFT step of the embedded model, about a tenth of the step on a 2-core CPU. With mmap off and trimming
+    off, the next step reuses the same pages. The peak stays the peak; the freed memory is simply not returned
+    until the process ends. A no-op (False) where glibc's mallopt is unavailable."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4  # from <malloc.h>
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
+
+
 def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opts: LoopOptions, output_dir: Path, *,
                evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
                export: Callable[[Path], None] | None = None, resume: bool = False) -> list[dict[str, Any]]:
@@ -88,6 +108,8 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
     if not params:
         raise ValueError("the model has no trainable parameters")
     device = params[0].device
+    if device.type == "cpu":
+        keep_freed_cpu_memory()
     optimizer = OPTIMIZERS[opts.optimizer](params, lr=opts.lr, betas=opts.adam_betas, weight_decay=opts.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
         s, total_steps=opts.total_steps, warmup_steps=opts.warmup_steps, min_ratio=opts.min_lr_ratio))

@@ -6,6 +6,7 @@ import torch
 
 from posttrain.data.packing import IGNORE, num_targets
 from posttrain.losses import linear_cross_entropy_sum, linear_kl_sum, token_cross_entropy_sum, token_kl_sum
+from posttrain.models.attention import NAME as PACKED_ATTENTION, segment_lengths
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -25,21 +26,25 @@ def _plain_head(model: torch.nn.Module) -> torch.nn.Linear | None:
 
 
 def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-    """(inner model, input ids, position ids, next-token targets, target mask), on the model's device."""
+    """(inner model, forward kwargs, next-token targets, target mask), on the model's device."""
     inner = unwrap(model)
     device = next(inner.parameters()).device
     targets = batch["labels"][:, 1:].to(device)
-    return inner, batch["input_ids"].to(device), batch["position_ids"].to(device), targets, targets != IGNORE
+    pos = batch["position_ids"]
+    kwargs = {"input_ids": batch["input_ids"].to(device), "position_ids": pos.to(device), "use_cache": False}
+    if getattr(inner.config, "_attn_implementation", None) == PACKED_ATTENTION:
+        kwargs["packed_segments"] = segment_lengths(pos)  # where each packed example lies, for its attention
+    return inner, kwargs, targets, targets != IGNORE
 
 
 def completion_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> torch.Tensor:
     """Sum of cross-entropy over trained tokens of a (B, T) batch (see data.packing.collate)."""
-    inner, ids, pos, targets, keep = model_inputs(model, batch)
+    inner, kwargs, targets, keep = model_inputs(model, batch)
     head = _plain_head(inner)
     if head is None:  # generic path: full logits, then select
-        logits = inner(input_ids=ids, position_ids=pos, use_cache=False).logits[:, :-1]
+        logits = inner(**kwargs).logits[:, :-1]
         return token_cross_entropy_sum(logits[keep], targets[keep])
-    hidden = inner.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state
+    hidden = inner.get_decoder()(**kwargs).last_hidden_state
     return linear_cross_entropy_sum(hidden[:, :-1][keep], head.weight, targets[keep], chunk_size)
 
 
@@ -48,13 +53,13 @@ def kl_regularised_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tenso
     """(sum CE + kl_coef * sum KL(model || base), sum KL) over trained tokens, where the base is the same PEFT
     model with its adapters switched off: the regulariser against forgetting costs one no-grad forward and no
     second copy of the weights."""
-    inner, ids, pos, targets, keep = model_inputs(model, batch)
+    inner, kwargs, targets, keep = model_inputs(model, batch)
     head = _plain_head(inner)
 
     def outputs(m: torch.nn.Module) -> torch.Tensor:  # trained positions' hidden states, or logits without a plain head
         if head is None:
-            return m(input_ids=ids, position_ids=pos, use_cache=False).logits[:, :-1][keep]
-        return m.get_decoder()(input_ids=ids, position_ids=pos, use_cache=False).last_hidden_state[:, :-1][keep]
+            return m(**kwargs).logits[:, :-1][keep]
+        return m.get_decoder()(**kwargs).last_hidden_state[:, :-1][keep]
 
     with torch.no_grad(), model.disable_adapter():
         ref = outputs(inner)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from posttrain.models.attention import NAME as PACKED_ATTENTION, register as register_attention
 from posttrain.models.quant import Quantization, bnb_config
 
 log = logging.getLogger("posttrain")
@@ -135,11 +136,13 @@ def load_tokenizer(name: str | None):
 
 
 def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "auto",
-               attn_implementation: str = "sdpa", quantization: Quantization | None = None) -> Loaded:
+               attn_implementation: str = PACKED_ATTENTION, quantization: Quantization | None = None) -> Loaded:
     """``quantization`` stores the linear layers in 4 bits; ``dtype`` is then their compute dtype."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
+    if attn_implementation == PACKED_ATTENTION:
+        register_attention()
     path = resolve_model_path(name)
     dev = choose_device(device)
     torch_dtype = choose_dtype(dtype, dev)
