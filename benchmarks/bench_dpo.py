@@ -129,7 +129,7 @@ def worker_posttrain(args: argparse.Namespace, name: str) -> dict[str, Any]:
     from posttrain.pipeline import seed_everything
 
     seed_everything(SEED)
-    loaded = load_model(args.model, dtype="float32", device="cpu", attn_implementation="sdpa")
+    loaded = load_model(args.model, dtype="float32", device="cpu")  # its default attention (sdpa_packed)
     tok = loaded.tokenizer
     pairs, _, info = load_pairs(args.pairs, args.max_len, tok)
     n_params = base_param_count(loaded.model)

@@ -152,7 +152,7 @@ def worker_posttrain(args: argparse.Namespace) -> dict[str, Any]:
     from posttrain.pipeline import disable_dropout, seed_everything
 
     seed_everything(SEED)
-    loaded = load_model(args.model, dtype="float32", device="cpu", attn_implementation="sdpa")
+    loaded = load_model(args.model, dtype="float32", device="cpu")  # its default attention (sdpa_packed)
     tok = loaded.tokenizer
     prompts, rows, chats, data = load_data(args.prompts, tok)
     n_params = base_param_count(loaded.model)

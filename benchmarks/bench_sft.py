@@ -123,7 +123,7 @@ def worker_posttrain(args, packing: bool) -> dict:
     from posttrain.pipeline import seed_everything
 
     seed_everything(SEED)
-    loaded = load_model(args.model, dtype="float32", device="cpu", attn_implementation="sdpa")
+    loaded = load_model(args.model, dtype="float32", device="cpu")  # its default attention (sdpa_packed)
     tok = loaded.tokenizer
     chats, source = load_chats(args.examples, args.max_len, tok)
     examples = [render_example(tok, c) for c in chats]

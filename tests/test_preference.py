@@ -226,3 +226,23 @@ def test_dpo_config_example_validates_and_wrong_command_is_clear(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("method: dpo\ndata: {train: x.jsonl}\n")
     assert main(["sft", str(cfg)]) == 2
+
+
+def test_unpacked_micro_batch_is_laid_out_without_padding(tiny_dir, pairs, tokenizer):
+    from posttrain.data import PairPlan
+
+    plan = PairPlan(pairs, micro_batch_size=3, grad_accum=1, seed=0, pad_id=tokenizer.pad_token_id, packing=False,
+                    max_seq_len=128)
+    (batch,) = plan.step(0)
+    units = [plan._unit(k) for k in range(3)]
+    padded = collate_pairs(units, tokenizer.pad_token_id)  # one pair per row, padded to the longest
+    assert sorted(batch["pair_index"].tolist()) == sorted(padded["pair_index"].tolist())
+    assert batch["input_ids"].numel() == int(batch["num_tokens"]) < padded["input_ids"].numel()
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64, attn_implementation="sdpa")
+    by_pair = {}
+    for b in (batch, padded):
+        logp, _ = sequence_logps(model, b)
+        by_pair[id(b)] = dict(zip(b["pair_index"].tolist(), logp.view(-1, 2).tolist()))
+    assert by_pair[id(batch)].keys() == by_pair[id(padded)].keys()
+    for k, v in by_pair[id(batch)].items():
+        assert v == pytest.approx(by_pair[id(padded)][k], abs=1e-9)

@@ -314,13 +314,15 @@ def row_len(p: Pair, share_prompt: bool) -> int:
 
 class PairPlan(BatchPlan):
     """Deterministic batches of pairs by optimizer step, as BatchPlan; with packing, several pairs share a row of
-    up to ``2 * max_seq_len`` tokens."""
+    up to ``2 * max_seq_len`` tokens. Without packing a micro-batch holds ``micro_batch_size`` pairs, but it is
+    still laid out padding-free: its pairs fill as few rows of that size as they fit in, so no pair is padded to
+    the longest one (the loss is the same either way; only the padding goes)."""
 
     def __init__(self, pairs: list[Pair], *, micro_batch_size: int, grad_accum: int, seed: int, pad_id: int,
                  packing: bool, max_seq_len: int, share_prompt: bool = True, world_size: int = 1, rank: int = 0):
         super().__init__([], micro_batch_size=micro_batch_size, grad_accum=grad_accum, seed=seed, pad_id=pad_id,
                          packing=False, max_seq_len=max_seq_len, world_size=world_size, rank=rank)
-        self.share_prompt = share_prompt
+        self.share_prompt, self.packed, self.row_cap = share_prompt, packing, 2 * max_seq_len
         if packing:
             lengths = [row_len(p, share_prompt) for p in pairs]
             self.units = [[pairs[i] for i in b] for b in best_fit(lengths, 2 * max_seq_len)]
@@ -328,6 +330,10 @@ class PairPlan(BatchPlan):
             self.units = [[p] for p in pairs]
 
     def _collate(self, units: list) -> dict[str, torch.Tensor]:
+        if not self.packed:
+            pairs = [p for unit in units for p in unit]
+            lengths = [row_len(p, self.share_prompt) for p in pairs]
+            units = [[pairs[i] for i in b] for b in best_fit(lengths, max(self.row_cap, *lengths))]
         return collate_pairs(units, self.pad_id, self.share_prompt)
 
 
