@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from posttrain.config import load_config
+from posttrain.models.attention import branch_segments, register as register_packed_attention
 from posttrain.data import DataError, build_pairs, collate_pairs, pair_batches, parse_hh, row_to_pair
 from posttrain.losses import PreferenceParams
 from posttrain.methods import (AdapterOffReference, FrozenCopyReference, Preference, precompute_reference,
@@ -99,8 +100,10 @@ def pairs(tmp_path, tokenizer):
     return build_pairs(write_jsonl(tmp_path / "p.jsonl", pair_rows(6)), tokenizer, max_seq_len=128)[0]
 
 
-def test_one_packed_forward_equals_each_sequence_alone(tiny_dir, pairs, tokenizer):
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64, attn_implementation="sdpa")
+@pytest.mark.parametrize("attn", ["sdpa_packed", "sdpa"])
+def test_one_packed_forward_equals_each_sequence_alone(tiny_dir, pairs, tokenizer, attn):
+    register_packed_attention()
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64, attn_implementation=attn)
     packed = collate_pairs([pairs[:3], pairs[3:]], tokenizer.pad_token_id)
     logp, n = sequence_logps(model, packed)
     alone = []
@@ -114,8 +117,14 @@ def test_one_packed_forward_equals_each_sequence_alone(tiny_dir, pairs, tokenize
     assert n.tolist() == [sum(ex.trained[1:]) for p in pairs for ex in (p.chosen, p.rejected)]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_shared_prompt_equals_separate_sequences_in_loss_and_gradients(tiny_dir, tmp_path, tokenizer, attn):
+@pytest.mark.parametrize("attn", ["sdpa_packed", "sdpa", "eager"])
+def test_shared_prompt_equals_separate_sequences_in_loss_and_gradients(tiny_dir, tmp_path, tokenizer, attn,
+                                                                     monkeypatch):
+    register_packed_attention()
+    if attn == "sdpa_packed":  # each sequence attended on its own: the (T x T) mask is never built
+        import posttrain.methods.preference as pref
+
+        monkeypatch.setattr(pref, "pair_attention_mask", lambda *a: pytest.fail("mask built"))
     rows = pair_rows(4) + [HH, {**HH, "rejected": HH["rejected"].replace("I won't.", "Green, or maybe red.")}]
     pairs = build_pairs(write_jsonl(tmp_path / "p.jsonl", rows), tokenizer, max_seq_len=128)[0]
     torch.manual_seed(0)
@@ -246,3 +255,12 @@ def test_unpacked_micro_batch_is_laid_out_without_padding(tiny_dir, pairs, token
     assert by_pair[id(batch)].keys() == by_pair[id(padded)].keys()
     for k, v in by_pair[id(batch)].items():
         assert v == pytest.approx(by_pair[id(padded)][k], abs=1e-9)
+
+
+def test_branch_segments_read_the_pair_layout():
+    # block 0: prompt 3 | chosen 2 | rejected 1; block 1: two independent segments; block 2: padding
+    branch = torch.tensor([[0, 0, 0, 1, 1, 2, 1, 1, 2, 3, 3]])
+    block = torch.tensor([[0, 0, 0, 0, 0, 0, 1, 1, 2, 3, 3]])
+    assert branch_segments(branch, block) == [[(3, [2, 1]), (0, [2]), (0, [1]), (0, [2])]]
+    bad = torch.tensor([[0, 1, 2, 1]])  # a branch cut in two: not a layout the attention can split
+    assert branch_segments(bad, torch.zeros_like(bad)) is None

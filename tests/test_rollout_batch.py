@@ -24,8 +24,11 @@ def case():
     return [p1, p1, p1, p2, p2], comps
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa_packed", "sdpa", "eager"])
 def test_shared_prompt_logps_equal_each_completion_alone(tiny_dir, attn):
+    from posttrain.models.attention import register
+
+    register()
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64, attn_implementation=attn)
     prompts, comps = case()
     shared = collate_rollouts(prompts, comps, pad_id=0)

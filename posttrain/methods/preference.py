@@ -22,6 +22,7 @@ import torch
 from posttrain.engine.checkpoint import atomic_write_bytes
 from posttrain.losses import PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps, PreferenceParams, target_logps
 from posttrain.methods.sft import _plain_head, unwrap
+from posttrain.models.attention import NAME as PACKED_ATTENTION, branch_segments, segment_lengths
 
 Batch = dict[str, torch.Tensor]
 
@@ -48,9 +49,18 @@ def pair_hidden(model: torch.nn.Module, batch: Batch, decoder_only: bool) -> tor
     param = next(inner.parameters())
     kw = {"input_ids": batch["input_ids"].to(param.device), "position_ids": batch["position_ids"].to(param.device),
           "use_cache": False}
-    mask = pair_attention_mask(batch, param.dtype, param.device)
-    if mask is not None:
-        kw["attention_mask"] = mask
+    segments = None
+    if getattr(inner.config, "_attn_implementation", None) == PACKED_ATTENTION:
+        # Every sequence attended on its own (prefix once, each branch against it): no (T x T) mask at all.
+        shared = bool((batch["branch"] == 0).any())
+        segments = branch_segments(batch["branch"], batch["block"]) if shared else \
+            segment_lengths(batch["position_ids"])
+    if segments is not None:
+        kw["packed_segments"] = segments
+    else:
+        mask = pair_attention_mask(batch, param.dtype, param.device)
+        if mask is not None:
+            kw["attention_mask"] = mask
     out = inner.get_decoder()(**kw).last_hidden_state if decoder_only else inner(**kw).logits
     return out.reshape(-1, out.shape[-1])
 

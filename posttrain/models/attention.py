@@ -9,8 +9,14 @@ The pieces are taken with ``unbind`` and ``split`` and joined with ``cat``, whos
 tensor; indexing a slice per example would allocate (and zero) a full-size gradient per example and layer, which
 cost as much as the attention saved (the first version of this file, reverted for that).
 
-The caller says where the examples are (``packed_segments``, passed through the model's forward kwargs); a 4D
-mask of another layout (DPO's shared prompt) or a KV cache come without it and get transformers' SDPA.
+A segment may also be a shared prefix with branches, ``(prefix, [b1, b2, ...])``: the layout of a DPO pair
+(prompt | chosen | rejected) or of a GRPO group (prompt | c1 | ... | cG), where every branch sees the prefix and
+itself, causally, and never another branch. The prefix is attended causally on its own, and each branch's queries
+attend to the prefix's keys and its own under a bottom-right causal mask of (branch x prefix + branch): the cost of
+each sequence alone, where one masked SDPA over the row pays for (row length)^2.
+
+The caller says where the examples are (``packed_segments``, passed through the model's forward kwargs); a KV
+cache or a call without it gets transformers' SDPA.
 """
 
 from __future__ import annotations
@@ -31,6 +37,42 @@ def segment_lengths(position_ids: torch.Tensor) -> list[list[int]]:
     return out
 
 
+Segment = int | tuple[int, list[int]]
+
+
+def branch_segments(branch: torch.Tensor, block: torch.Tensor) -> list[list[Segment]] | None:
+    """Per row, the segments of a branch/block layout (``collate_pairs``, ``collate_rollouts``): a block is a prefix
+    (branch 0) followed by contiguous branches. None if a block is laid out otherwise."""
+    out = []
+    for br, bl in zip(branch.tolist(), block.tolist()):
+        runs: list[list[int]] = []  # [block, branch, length]
+        for a, b in zip(bl, br):
+            if runs and runs[-1][0] == a and runs[-1][1] == b:
+                runs[-1][2] += 1
+            else:
+                runs.append([a, b, 1])
+        row: list[Segment] = []
+        k = 0
+        while k < len(runs):
+            blk = runs[k][0]
+            prefix = runs[k][2] if runs[k][1] == 0 else 0
+            k += 1 if prefix else 0
+            branches, seen = [], set()
+            while k < len(runs) and runs[k][0] == blk:
+                if runs[k][1] == 0 or runs[k][1] in seen:  # a prefix after a branch, or a branch cut in two
+                    return None
+                seen.add(runs[k][1])
+                branches.append(runs[k][2])
+                k += 1
+            row.append((prefix, branches) if branches else prefix)
+        out.append(row)
+    return out
+
+
+def _split_sizes(row: list[Segment]) -> list[int]:
+    return [n for seg in row for n in ([seg] if isinstance(seg, int) else [seg[0], *seg[1]]) if n]
+
+
 def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       packed_segments: list[list[int]] | None = None, **kwargs) -> tuple[torch.Tensor, None]:
@@ -43,12 +85,29 @@ def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                                       **kwargs)
     gqa = query.shape[1] != key.shape[1]
     p = dropout if module.training else 0.0
+
+    def sdpa(q, k, v, mask=None):
+        return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=mask is None,
+                                              scale=scaling, dropout_p=p, enable_gqa=gqa)[0]
+
     rows = []
-    for q, k, v, lengths in zip(query.unbind(0), key.unbind(0), value.unbind(0), packed_segments):
-        rows.append(torch.cat([
-            F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True, scale=scaling,
-                                           dropout_p=p, enable_gqa=gqa)[0]
-            for qs, ks, vs in zip(q.split(lengths, 1), k.split(lengths, 1), v.split(lengths, 1))], dim=1))
+    for q, k, v, row in zip(query.unbind(0), key.unbind(0), value.unbind(0), packed_segments):
+        sizes = _split_sizes(row)
+        qs, ks, vs = iter(q.split(sizes, 1)), iter(k.split(sizes, 1)), iter(v.split(sizes, 1))
+        outs = []
+        for seg in row:
+            prefix, branches = (seg, []) if isinstance(seg, int) else seg
+            if prefix:
+                qp, kp, vp = next(qs), next(ks), next(vs)
+                outs.append(sdpa(qp, kp, vp))
+            for n in branches:
+                qb, kb, vb = next(qs), next(ks), next(vs)
+                if not prefix:
+                    outs.append(sdpa(qb, kb, vb))
+                    continue
+                visible = torch.ones(n, prefix + n, dtype=torch.bool, device=q.device).tril(prefix)
+                outs.append(sdpa(qb, torch.cat([kp, kb], 1), torch.cat([vp, vb], 1), visible))
+        rows.append(torch.cat(outs, dim=1))
     return torch.stack(rows).transpose(1, 2), None
 
 
