@@ -65,3 +65,36 @@ def test_one_prefill_per_prompt_samples_what_separate_copies_sample(tiny_dir, to
                              min_new_tokens=6, eos_token_id=stop_token_ids(tokenizer, model))
         assert c == ref[0, len(p):].tolist()
     assert greedy.prompt_ids == [unique[0], unique[0], unique[1], unique[1]]
+
+
+def test_draw_samples_the_tempered_distribution_and_its_nucleus():
+    from posttrain.rollout.sample import draw
+
+    torch.manual_seed(0)
+    probs = torch.tensor([0.5, 0.3, 0.0, 0.15, 0.05])
+    logits = probs.clamp_min(1e-30).log().expand(40000, 5)
+    freq = torch.bincount(draw(logits, 1.0), minlength=5).float() / 40000
+    assert torch.allclose(freq, probs, atol=0.01) and freq[2] == 0  # ~4 standard errors
+    # temperature 2 flattens: p ~ sqrt(probs), renormalised
+    t2 = probs.sqrt() / probs.sqrt().sum()
+    assert torch.allclose(torch.bincount(draw(logits, 2.0), minlength=5).float() / 40000, t2, atol=0.01)
+    # top_p 0.7: 0.5 + 0.3 cross it, the rest are cut; renormalised to 0.625 / 0.375
+    nucleus = torch.bincount(draw(logits, 1.0, top_p=0.7), minlength=5).float() / 40000
+    assert torch.allclose(nucleus, torch.tensor([0.625, 0.375, 0, 0, 0]), atol=0.01)
+    assert draw(logits[:3], 0.0).tolist() == [0, 0, 0]
+
+
+def test_sampling_stops_at_end_of_turn_and_respects_min_new_tokens(tiny_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    stops = stop_token_ids(tokenizer, model)
+
+    def favour_stop(module, inputs, out):  # make the end-of-turn token overwhelmingly likely
+        out[..., stops[0]] += 100.0
+        return out
+
+    model.lm_head.register_forward_hook(favour_stop)
+    prompts, _ = case()
+    torch.manual_seed(0)
+    ro = sample_completions(model, tokenizer, [prompts[0]], n=3, max_new_tokens=8, temperature=1.0, min_new_tokens=2)
+    for c, done in zip(ro.completion_ids, ro.finished):
+        assert len(c) >= 3 and c[-1] in stops and done and not any(t in stops for t in c[:-1])

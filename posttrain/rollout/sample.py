@@ -61,11 +61,59 @@ def _prefilled_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tens
     return cache
 
 
+def draw(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+    """One token per row of (B, V) logits: argmax at temperature 0, else a draw from softmax(logits / temperature)
+    cut to its top-p nucleus (the token that crosses ``top_p`` included).
+
+    Drawn by inverting the cumulative distribution with one uniform number per row. ``torch.multinomial`` (what
+    ``generate`` uses) draws an exponential variate for every vocabulary entry of every row: 16 x 49k of them,
+    ~18 ms of a ~150 ms decode step on the 2-core CPU."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
+    cdf = probs.cumsum(-1)
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)
+
+
+def _decode(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache, n: int, *, max_new_tokens: int,
+            min_new_tokens: int, stops: list[int], pad_id: int, temperature: float, top_p: float) -> torch.Tensor:
+    """(B * n, <= max_new_tokens) new tokens for ``n`` samples of each left-padded prompt, ``pad_id`` after a row's
+    stop token; ``cache`` holds every prompt token but the last (or None for one-token prompts)."""
+    from transformers import DynamicCache
+
+    rows = ids.shape[0] * n
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    attn = mask.repeat_interleave(n, 0)
+    pos = attn.sum(-1, keepdim=True) - 1
+    cur = ids[:, -1:].repeat_interleave(n, 0)
+    stop = torch.tensor(stops, dtype=torch.long, device=ids.device)
+    alive = torch.ones(rows, dtype=torch.bool, device=ids.device)
+    out = []
+    for t in range(max_new_tokens):
+        logits = model(input_ids=cur, attention_mask=attn, position_ids=pos, past_key_values=cache,
+                       use_cache=True).logits[:, -1]
+        if t < min_new_tokens:
+            logits[:, stop] = float("-inf")
+        tok = torch.where(alive, draw(logits, temperature, top_p), pad_id)
+        out.append(tok)
+        alive &= ~torch.isin(tok, stop)
+        if not bool(alive.any()):
+            break
+        cur, pos = tok[:, None], pos + 1
+        attn = torch.cat([attn, attn.new_ones(rows, 1)], dim=1)
+    return torch.stack(out, dim=1) if out else ids.new_zeros(rows, 0)
+
+
 @torch.no_grad()
 def sample_completions(model: torch.nn.Module, tokenizer, prompt_ids: list[list[int]], *, n: int,
                        max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
                        batch_size: int = 16, min_new_tokens: int = 0) -> Rollout:
-    """Sample ``n`` completions per prompt with a KV cache (transformers' generate), stopping at end of turn.
+    """Sample ``n`` completions per prompt with a KV cache, stopping at end of turn.
 
     A prompt goes through the model once for all its ``n`` samples (its cache is copied ``n`` times): with G = 8
     completions of ~100-token GSM8K prompts that removes most of the prefill. ``batch_size`` counts completions;
@@ -78,8 +126,6 @@ def sample_completions(model: torch.nn.Module, tokenizer, prompt_ids: list[list[
     stops = stop_token_ids(tokenizer, model)
     completions: list[list[int]] = []
     finished: list[bool] = []
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": None} if temperature > 0 \
-        else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     per_batch = max(1, batch_size // n)
     with merged_for_generation(model):
         for k in range(0, len(prompt_ids), per_batch):
@@ -92,10 +138,9 @@ def sample_completions(model: torch.nn.Module, tokenizer, prompt_ids: list[list[
                 mask[i, width - len(p):] = 1
             ids, mask = ids.to(device), mask.to(device)
             cache = _prefilled_cache(model, ids, mask, n) if width > 1 else None
-            out = model.generate(input_ids=ids.repeat_interleave(n, 0), attention_mask=mask.repeat_interleave(n, 0),
-                                 past_key_values=cache, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                 eos_token_id=stops, pad_token_id=pad_id, **sampling)
-            for row in out[:, width:].tolist():
+            out = _decode(model, ids, mask, cache, n, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                          stops=stops, pad_id=pad_id, temperature=temperature, top_p=top_p)
+            for row in out.tolist():
                 end = next((i for i, t in enumerate(row) if t in stops), None)
                 completions.append(row[:end + 1] if end is not None else row)
                 finished.append(end is not None)
