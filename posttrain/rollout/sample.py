@@ -48,16 +48,15 @@ class Rollout:
     finished: list[bool]  # False: cut at max_new_tokens
 
 
-def _prefilled_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, n: int):
-    """The KV cache of each left-padded prompt but its last token, run once and repeated for its ``n`` samples;
-    generate then feeds only the last prompt token (it needs one uncached token to produce the first logits)."""
+def _prefilled_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor):
+    """The KV cache of each left-padded prompt but its last token, run once per prompt (``_static_cache`` repeats
+    it for the prompt's samples); decoding starts by feeding the last prompt token."""
     from transformers import DynamicCache
 
     cache = DynamicCache(config=model.config)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], past_key_values=cache,
           use_cache=True)
-    cache.batch_repeat_interleave(n)
     return cache
 
 
@@ -80,15 +79,28 @@ def draw(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)
 
 
-def _decode(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache, n: int, *, max_new_tokens: int,
+def _static_cache(model: torch.nn.Module, prefilled, n: int, length: int):
+    """A preallocated cache of ``length`` positions holding ``prefilled``'s prompts, each repeated ``n`` times.
+    Decoding then writes one position per step in place; a growing cache concatenates every layer's keys and
+    values at every step (~20% of a decode step on the 2-core CPU)."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    if prefilled is not None:
+        for i, layer in enumerate(prefilled.layers):
+            cache.update(layer.keys.repeat_interleave(n, 0), layer.values.repeat_interleave(n, 0), i)
+    return cache
+
+
+def _decode(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, prefilled, n: int, *, max_new_tokens: int,
             min_new_tokens: int, stops: list[int], pad_id: int, temperature: float, top_p: float) -> torch.Tensor:
     """(B * n, <= max_new_tokens) new tokens for ``n`` samples of each left-padded prompt, ``pad_id`` after a row's
-    stop token; ``cache`` holds every prompt token but the last (or None for one-token prompts)."""
-    from transformers import DynamicCache
-
-    rows = ids.shape[0] * n
-    cache = cache if cache is not None else DynamicCache(config=model.config)
-    attn = mask.repeat_interleave(n, 0)
+    stop token; ``prefilled`` caches every prompt token but the last, once per prompt (None for one-token
+    prompts)."""
+    rows, width = ids.shape[0] * n, ids.shape[1]
+    cache = _static_cache(model, prefilled, n, width + max_new_tokens)
+    attn = torch.zeros(rows, width + max_new_tokens, dtype=mask.dtype, device=mask.device)
+    attn[:, :width] = mask.repeat_interleave(n, 0)
     pos = attn.sum(-1, keepdim=True) - 1
     cur = ids[:, -1:].repeat_interleave(n, 0)
     stop = torch.tensor(stops, dtype=torch.long, device=ids.device)
@@ -105,7 +117,7 @@ def _decode(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, cache
         if not bool(alive.any()):
             break
         cur, pos = tok[:, None], pos + 1
-        attn = torch.cat([attn, attn.new_ones(rows, 1)], dim=1)
+        attn[:, width + t] = 1
     return torch.stack(out, dim=1) if out else ids.new_zeros(rows, 0)
 
 
@@ -137,7 +149,7 @@ def sample_completions(model: torch.nn.Module, tokenizer, prompt_ids: list[list[
                 ids[i, width - len(p):] = torch.tensor(p)
                 mask[i, width - len(p):] = 1
             ids, mask = ids.to(device), mask.to(device)
-            cache = _prefilled_cache(model, ids, mask, n) if width > 1 else None
+            cache = _prefilled_cache(model, ids, mask) if width > 1 else None
             out = _decode(model, ids, mask, cache, n, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
                           stops=stops, pad_id=pad_id, temperature=temperature, top_p=top_p)
             for row in out.tolist():
