@@ -325,7 +325,7 @@ class PairPlan(BatchPlan):
         self.share_prompt, self.packed, self.row_cap = share_prompt, packing, 2 * max_seq_len
         if packing:
             lengths = [row_len(p, share_prompt) for p in pairs]
-            self.units = [[pairs[i] for i in b] for b in best_fit(lengths, 2 * max_seq_len)]
+            self.units = [[pairs[i] for i in b] for b in best_fit(lengths, self.row_cap)]
         else:
             self.units = [[p] for p in pairs]
 

@@ -22,7 +22,7 @@ import torch
 from posttrain.engine.checkpoint import atomic_write_bytes
 from posttrain.losses import PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps, PreferenceParams, target_logps
 from posttrain.methods.sft import _plain_head, unwrap
-from posttrain.models.attention import NAME as PACKED_ATTENTION, branch_segments, segment_lengths
+from posttrain.models.attention import branch_segments, segment_lengths, uses_segments
 
 Batch = dict[str, torch.Tensor]
 
@@ -50,7 +50,7 @@ def pair_hidden(model: torch.nn.Module, batch: Batch, decoder_only: bool) -> tor
     kw = {"input_ids": batch["input_ids"].to(param.device), "position_ids": batch["position_ids"].to(param.device),
           "use_cache": False}
     segments = None
-    if getattr(inner.config, "_attn_implementation", None) == PACKED_ATTENTION:
+    if uses_segments(inner):
         # Every sequence attended on its own (prefix once, each branch against it): no (T x T) mask at all.
         shared = bool((batch["branch"] == 0).any())
         segments = branch_segments(batch["branch"], batch["block"]) if shared else \

@@ -40,6 +40,11 @@ def segment_lengths(position_ids: torch.Tensor) -> list[list[int]]:
 Segment = int | tuple[int, list[int]]
 
 
+def uses_segments(model: torch.nn.Module) -> bool:
+    """Whether ``model`` (a transformers model) runs this attention, i.e. reads ``packed_segments``."""
+    return getattr(model.config, "_attn_implementation", None) == NAME
+
+
 def branch_segments(branch: torch.Tensor, block: torch.Tensor) -> list[list[Segment]] | None:
     """Per row, the segments of a branch/block layout (``collate_pairs``, ``collate_rollouts``): a block is a prefix
     (branch 0) followed by contiguous branches. None if a block is laid out otherwise."""

@@ -60,6 +60,16 @@ def _prefilled_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tens
     return cache
 
 
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` (..., V) with everything outside each row's top-p nucleus zeroed: the most probable tokens until
+    their mass reaches ``top_p``, the token that crosses it included (not renormalised)."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
+
+
 def draw(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
     """One token per row of (B, V) logits: argmax at temperature 0, else a draw from softmax(logits / temperature)
     cut to its top-p nucleus (the token that crosses ``top_p`` included).
@@ -69,12 +79,7 @@ def draw(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.
     ~18 ms of a ~150 ms decode step on the 2-core CPU."""
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
-    cdf = probs.cumsum(-1)
+    cdf = nucleus(torch.softmax(logits.float() / temperature, dim=-1), top_p).cumsum(-1)
     u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)
 

@@ -79,9 +79,7 @@ def sample_token(logits: torch.Tensor, *, temperature: float, top_p: float, gene
     most probable tokens until their mass reaches ``top_p`` (the token that crosses it included)."""
     if temperature == 0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < top_p
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    from posttrain.rollout.sample import nucleus
+
+    probs = nucleus(torch.softmax(logits.float().cpu() / temperature, dim=-1), top_p)
     return int(torch.multinomial(probs, 1, generator=generator))
