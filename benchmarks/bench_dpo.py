@@ -11,6 +11,8 @@ Configurations:
                      row, laid out as prompt | chosen | rejected with the prompt shared (run through the model once)
   posttrain-pack     packing=True: pairs packed into rows of up to 2 * --max-len tokens, --pack-rows rows per
                      micro-batch (default 1: about the positions of TRL's micro-batch of --batch 2 padded pairs)
+  posttrain-compile  posttrain with ``model.compile``: each decoder layer through torch.compile (compiled in the
+                     warm-up steps)
   posttrain-noshare  posttrain-pack with share_prompt=False: chosen and rejected as two full segments (ablation)
   posttrain-precomp  posttrain with the reference log-probs computed in one pass before training
                      (``precompute_ref: true``, packed no-grad batches); its pairs/s is a one-epoch figure that
@@ -63,7 +65,7 @@ if TYPE_CHECKING:  # posttrain imports torch: only workers pay for it
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
-CONFIGS = ("posttrain", "posttrain-pack", "posttrain-noshare", "posttrain-precomp", "trl")
+CONFIGS = ("posttrain", "posttrain-pack", "posttrain-compile", "posttrain-noshare", "posttrain-precomp", "trl")
 DEFAULT_CONFIGS = ("posttrain", "trl")
 LORA = dict(r=16, alpha=32, dropout=0.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                   "down_proj"])
@@ -136,6 +138,10 @@ def worker_posttrain(args: argparse.Namespace, name: str) -> dict[str, Any]:
     seed_everything(SEED)
     model = apply_lora(loaded.model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
                        target_modules=LORA["targets"])
+    if name == "posttrain-compile":
+        from posttrain.models.compile import compile_layers
+
+        compile_layers(model)
     share, packing = name != "posttrain-noshare", name in ("posttrain-pack", "posttrain-noshare")
     plan = make_plan(pairs, args.pack_rows if packing else args.batch, tok.pad_token_id, packing, args.max_len, share)
     reference, ref_seconds = AdapterOffReference(), 0.0

@@ -8,6 +8,8 @@ input tokens fed to the model (``tokens/s``) and tokens that carry loss (``train
 Configurations:
   posttrain          posttrain's engine (BatchPlan + train_loop + SFT), packing=True (its default)
   posttrain-nopack   the same with packing=False (one example per row, padded to the batch's longest)
+  posttrain-compile  posttrain with ``model.compile``: each decoder layer through torch.compile (compiled in the
+                     warm-up steps)
   trl-pack           TRL SFTTrainer, packing=True (strategy 'bfd', which turns on padding-free batches)
   trl-pad            TRL SFTTrainer, packing=False (right padding to the batch's longest)
 
@@ -42,7 +44,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data" / "alpaca-eval" / "gpt4_vs_davinci003_annotations.json"
-CONFIGS = ("posttrain", "posttrain-nopack", "trl-pack", "trl-pad")
+CONFIGS = ("posttrain", "posttrain-nopack", "posttrain-compile", "trl-pack", "trl-pad")
 DEFAULT_CONFIGS = ("posttrain", "trl-pack", "trl-pad")
 LORA = dict(r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                    "down_proj"])
@@ -115,7 +117,7 @@ def batch_counts(batch) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------------
 # Workers (run in subprocesses).
 
-def worker_posttrain(args, packing: bool) -> dict:
+def worker_posttrain(args, packing: bool, compiled: bool = False) -> dict:
     from posttrain.data import BatchPlan, render_example
     from posttrain.engine import LoopOptions, read_metrics, train_loop
     from posttrain.methods import SFT
@@ -131,6 +133,10 @@ def worker_posttrain(args, packing: bool) -> dict:
     seed_everything(SEED)
     model = apply_lora(loaded.model, r=LORA["r"], alpha=LORA["alpha"], dropout=args.lora_dropout,
                        target_modules=LORA["targets"])
+    if compiled:
+        from posttrain.models.compile import compile_layers
+
+        compile_layers(model)
     plan = BatchPlan(examples, micro_batch_size=args.batch, grad_accum=1, seed=SEED, pad_id=tok.pad_token_id,
                      packing=packing, max_seq_len=args.max_len)
 
@@ -235,7 +241,8 @@ def run_worker(args) -> None:
 
     torch.set_num_threads(args.threads)
     name = args.worker
-    result = (worker_posttrain(args, packing=name == "posttrain") if name.startswith("posttrain")
+    result = (worker_posttrain(args, packing=name != "posttrain-nopack", compiled=name == "posttrain-compile")
+              if name.startswith("posttrain")
               else worker_trl(args, packing=name == "trl-pack"))
     measured = [s for s in result["steps"] if s["step"] > args.warmup]
     seconds = sum(s["seconds"] for s in measured)

@@ -32,6 +32,9 @@ class ModelConfig(_Section):
         "sdpa_packed", description="sdpa_packed: SDPA with a packed row's examples attended one by one (causal, no "
         "mask), else SDPA; sdpa, eager, flash_attention_2: transformers' own")
     gradient_checkpointing: bool = False
+    compile: bool = Field(
+        False, description="torch.compile each decoder layer (fused norms, RoPE, SwiGLU and residuals); the first "
+        "steps pay for compiling (about a minute on a CPU)")
     init_adapter: str | None = Field(
         None, description="LoRA adapter (or run folder) merged into the base first, e.g. an SFT run before DPO")
     quantization: Literal["none", "nf4"] = Field(

@@ -22,6 +22,7 @@ from posttrain.methods import SFT
 from posttrain.models import (Loaded, Quantization, apply_lora, choose_device, dequantize_, format_trainable,
                               format_weight_bytes, load_adapter, load_model, prepare_full, trainable_report,
                               weight_bytes)
+from posttrain.models.compile import compile_layers
 
 
 def seed_everything(seed: int) -> None:
@@ -62,6 +63,8 @@ def prepare_model(cfg: SFTConfig | DPOConfig | RewardConfig, loaded: Loaded) -> 
                            target_modules=cfg.lora.target_modules)
     else:
         model = prepare_full(model)
+    if cfg.model.compile:
+        console.print(f"torch.compile: {compile_layers(model)} decoder layers (compiled in the first steps)")
     report = trainable_report(model)
     console.print(format_trainable(report))
     if base_bytes:

@@ -22,7 +22,7 @@ import torch
 from posttrain.engine.checkpoint import atomic_write_bytes
 from posttrain.losses import PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps, PreferenceParams, target_logps
 from posttrain.methods.sft import _plain_head, unwrap
-from posttrain.models.attention import branch_segments, segment_lengths, uses_segments
+from posttrain.models.attention import Layout, branch_segments, segment_lengths, uses_segments
 
 Batch = dict[str, torch.Tensor]
 
@@ -56,7 +56,7 @@ def pair_hidden(model: torch.nn.Module, batch: Batch, decoder_only: bool) -> tor
         segments = branch_segments(batch["branch"], batch["block"]) if shared else \
             segment_lengths(batch["position_ids"])
     if segments is not None:
-        kw["packed_segments"] = segments
+        kw["packed_segments"] = Layout(segments)
     else:
         mask = pair_attention_mask(batch, param.dtype, param.device)
         if mask is not None:

@@ -6,7 +6,7 @@ import torch
 
 from posttrain.data.packing import IGNORE, num_targets
 from posttrain.losses import linear_cross_entropy_sum, linear_kl_sum, token_cross_entropy_sum, token_kl_sum
-from posttrain.models.attention import segment_lengths, uses_segments
+from posttrain.models.attention import Layout, segment_lengths, uses_segments
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -33,7 +33,7 @@ def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     pos = batch["position_ids"]
     kwargs = {"input_ids": batch["input_ids"].to(device), "position_ids": pos.to(device), "use_cache": False}
     if uses_segments(inner):
-        kwargs["packed_segments"] = segment_lengths(pos)  # where each packed example lies, for its attention
+        kwargs["packed_segments"] = Layout(segment_lengths(pos))  # where each packed example lies, for its attention
     return inner, kwargs, targets, targets != IGNORE
 
 

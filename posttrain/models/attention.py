@@ -40,6 +40,16 @@ def segment_lengths(position_ids: torch.Tensor) -> list[list[int]]:
 Segment = int | tuple[int, list[int]]
 
 
+class Layout:
+    """A batch's segments as the model's forward carries them. Opaque to torch.compile, where a plain list would
+    be guarded element by element and recompile the compiled layers for every new layout."""
+
+    __slots__ = ("rows",)
+
+    def __init__(self, rows: list[list[Segment]]):
+        self.rows = rows
+
+
 def uses_segments(model: torch.nn.Module) -> bool:
     """Whether ``model`` (a transformers model) runs this attention, i.e. reads ``packed_segments``."""
     return getattr(model.config, "_attn_implementation", None) == NAME
@@ -80,12 +90,14 @@ def _split_sizes(row: list[Segment]) -> list[int]:
 
 def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                      packed_segments: list[list[Segment]] | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                      packed_segments: Layout | list[list[Segment]] | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """query (B, H, T, D), key/value (B, Hkv, T, D) -> (B, T, H, D), as transformers' attention functions return;
     ``packed_segments``: per row, its segments in order: a length (``segment_lengths``) or a shared prefix with
     its branches' lengths (``branch_segments``)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if isinstance(packed_segments, Layout):
+        packed_segments = packed_segments.rows
     if packed_segments is None or key.shape[2] != query.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
@@ -122,6 +134,7 @@ def register() -> str:
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 
-    AttentionInterface.register(NAME, segment_attention)
+    # Outside any compiled graph: its Python walk over segments changes with every batch's layout.
+    AttentionInterface.register(NAME, torch.compiler.disable(segment_attention))
     AttentionMaskInterface.register(NAME, sdpa_mask)
     return NAME

@@ -6,6 +6,7 @@ import torch
 
 from posttrain.data.formats import Messages
 from posttrain.data.render import has_chat_template, render_prompt
+from posttrain.models.compile import eager
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:
@@ -44,8 +45,10 @@ def generate(model: torch.nn.Module, tokenizer, chats: list[Messages], *, max_ne
             mask[i, width - len(e):] = 1
         sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
             {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                             eos_token_id=stop_token_ids(tokenizer, model), pad_token_id=pad_id, **sampling)
+        with eager():
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer, model),
+                                 pad_token_id=pad_id, **sampling)
         for row in out[:, width:]:
             outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     model.train(was_training)

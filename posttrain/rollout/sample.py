@@ -13,6 +13,7 @@ from typing import Iterator
 
 import torch
 
+from posttrain.models.compile import eager
 from posttrain.models.quant import is_quantized
 from posttrain.rollout.generate import stop_token_ids
 
@@ -144,7 +145,7 @@ def sample_completions(model: torch.nn.Module, tokenizer, prompt_ids: list[list[
     completions: list[list[int]] = []
     finished: list[bool] = []
     per_batch = max(1, batch_size // n)
-    with merged_for_generation(model):
+    with merged_for_generation(model), eager():
         for k in range(0, len(prompt_ids), per_batch):
             chunk = prompt_ids[k:k + per_batch]
             width = max(len(p) for p in chunk)
