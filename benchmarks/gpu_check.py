@@ -76,7 +76,8 @@ def fused_vs_plain() -> dict:
             "grad_w_rel_err": rel(fw, gw), "peak_gib_plain": plain_peak / 2**30, "peak_gib_fused": fused_peak / 2**30}
 
 
-def throughput(arch: str, seq_len: int, batch: int, steps: int = 5, checkpointing: bool = False) -> dict:
+def throughput(arch: str, seq_len: int, batch: int, steps: int = 5, checkpointing: bool = False,
+               compiled: bool = False, liger: bool = False) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from posttrain.data import Example, collate
@@ -90,6 +91,14 @@ def throughput(arch: str, seq_len: int, batch: int, steps: int = 5, checkpointin
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, r=16, alpha=32, dropout=0.0, target_modules="all-linear")
+    if liger:
+        from posttrain.models.kernels import apply_liger
+
+        apply_liger(model, torch.device("cuda"))
+    if compiled:
+        from posttrain.models.compile import compile_layers
+
+        compile_layers(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     g = torch.Generator().manual_seed(0)
     half = seq_len // 2
@@ -98,7 +107,8 @@ def throughput(arch: str, seq_len: int, batch: int, steps: int = 5, checkpointin
     b = collate(rows, 0)
     torch.cuda.reset_peak_memory_stats()
     times = []
-    for i in range(steps + 2):
+    warmup = 4 if compiled else 2  # compiling happens in the first steps
+    for i in range(steps + warmup):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         loss = completion_loss_sum(model, b) / (batch * (seq_len - half))
@@ -106,14 +116,15 @@ def throughput(arch: str, seq_len: int, batch: int, steps: int = 5, checkpointin
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-        if i >= 2:
+        if i >= warmup:
             times.append(time.perf_counter() - t0)
     step = sorted(times)[len(times) // 2]
     tokens = batch * seq_len
     n_params = sum(p.numel() for p in model.parameters())
     # LoRA: forward 2N + activation gradients 2N per token; attention adds ~ 4 * 2 * T * d per token per layer (fwd+bwd).
     flops = tokens * (4 * n_params + 8 * cfg.num_hidden_layers * seq_len * cfg.hidden_size)
-    return {"arch": arch, "seq_len": seq_len, "batch": batch, "checkpointing": checkpointing,
+    return {"arch": arch, "seq_len": seq_len, "batch": batch, "checkpointing": checkpointing, "compile": compiled,
+            "liger": liger,
             "tokens_per_s": tokens / step, "s_per_step": step, "tflops": flops / step / 1e12,
             "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
@@ -122,6 +133,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokenizer", required=True)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--compile", action="store_true", help="model.compile: torch.compile per decoder layer")
+    ap.add_argument("--liger", action="store_true", help="model.liger: Liger's RMSNorm, RoPE and SwiGLU kernels")
     args = ap.parse_args()
     out = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     with tempfile.TemporaryDirectory() as tmp:
@@ -132,7 +145,7 @@ def main() -> None:
     out["throughput"] = []
     for arch, seq, batch, ckpt in (("llama-3.2-1b", 2048, 4, False), ("llama-3.1-8b", 2048, 2, True)):
         torch.cuda.empty_cache()
-        r = throughput(arch, seq, batch, checkpointing=ckpt)
+        r = throughput(arch, seq, batch, checkpointing=ckpt, compiled=args.compile, liger=args.liger)
         print(json.dumps(r), flush=True)
         out["throughput"].append(r)
     if args.out:

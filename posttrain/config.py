@@ -35,6 +35,8 @@ class ModelConfig(_Section):
     compile: bool = Field(
         False, description="torch.compile each decoder layer (fused norms, RoPE, SwiGLU and residuals); the first "
         "steps pay for compiling (about a minute on a CPU)")
+    liger: bool = Field(False, description="Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (CUDA, needs "
+                        "the liger-kernel package)")
     init_adapter: str | None = Field(
         None, description="LoRA adapter (or run folder) merged into the base first, e.g. an SFT run before DPO")
     quantization: Literal["none", "nf4"] = Field(

@@ -23,6 +23,7 @@ from posttrain.models import (Loaded, Quantization, apply_lora, choose_device, d
                               format_weight_bytes, load_adapter, load_model, prepare_full, trainable_report,
                               weight_bytes)
 from posttrain.models.compile import compile_layers
+from posttrain.models.kernels import apply_liger
 
 
 def seed_everything(seed: int) -> None:
@@ -63,6 +64,8 @@ def prepare_model(cfg: SFTConfig | DPOConfig | RewardConfig, loaded: Loaded) -> 
                            target_modules=cfg.lora.target_modules)
     else:
         model = prepare_full(model)
+    if cfg.model.liger:
+        console.print(f"Liger kernels: {', '.join(apply_liger(model, next(model.parameters()).device))}")
     if cfg.model.compile:
         console.print(f"torch.compile: {compile_layers(model)} decoder layers (compiled in the first steps)")
     report = trainable_report(model)

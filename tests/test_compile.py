@@ -71,3 +71,27 @@ def test_sampling_a_compiled_model_runs_eagerly_and_samples_the_same(tiny_dir, t
                                       min_new_tokens=5).completion_ids)
         assert counters["stats"]["unique_graphs"] == before  # nothing compiled while decoding
     assert out[0] == out[1]
+
+
+def test_liger_switch_says_what_is_missing_and_patches_the_base_model(tiny_dir, monkeypatch):
+    import sys
+    import types
+
+    from posttrain.models.kernels import KERNELS, KernelError, apply_liger
+
+    model = lora_model(tiny_dir, False)
+    with pytest.raises(KernelError, match="Triton GPU kernels and the model is on cpu"):
+        apply_liger(model, torch.device("cpu"))
+    # Past the device check (no GPU here): a missing package, then a present one.
+    cuda = torch.device("cuda")
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", None)
+    with pytest.raises(KernelError, match="pip install liger-kernel"):
+        apply_liger(model, cuda)
+    calls = []
+    fake = types.ModuleType("liger_kernel.transformers")
+    fake._apply_liger_kernel_to_instance = lambda model, **kw: calls.append((model, kw))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", fake)
+    assert apply_liger(model, cuda) == ["rope", "rms_norm", "swiglu"]
+    (patched, kw), = calls
+    assert patched is model.get_base_model() and kw == KERNELS
+    assert not kw["fused_linear_cross_entropy"] and not kw["cross_entropy"]  # posttrain's own chunked loss stays

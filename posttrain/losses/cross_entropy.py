@@ -65,15 +65,46 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
     return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_size)
 
 
+class _TargetLogps(torch.autograd.Function):
+    """log softmax(h @ W.T / tau)[t] per row for a frozen W, with d/dh = (W[t] - softmax @ W) / tau formed in the
+    forward: the (rows x vocab) probabilities are used there and dropped, and backward is one scaling."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                dtype: torch.dtype, temperature: float):
+        out = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
+        dlogp = torch.empty_like(hidden)
+        for s in range(0, hidden.shape[0], chunk_size):
+            t = targets[s:s + chunk_size]
+            logits = (hidden[s:s + chunk_size] @ weight.t()).to(dtype).div_(temperature)
+            lse = torch.logsumexp(logits, -1)
+            out[s:s + chunk_size] = logits.gather(1, t[:, None])[:, 0] - lse
+            probs = logits.sub_(lse[:, None]).exp_().to(hidden.dtype)
+            dlogp[s:s + chunk_size] = torch.sub(weight[t], probs @ weight).div_(temperature)
+        ctx.save_for_backward(dlogp)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (dlogp,) = ctx.saved_tensors
+        return dlogp * grad_out.to(dlogp.dtype)[:, None], None, None, None, None, None
+
+
 def target_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
                  dtype: torch.dtype, temperature: float = 1.0) -> torch.Tensor:
     """log softmax(hidden @ W.T / temperature)[target] per row, a chunk of rows at a time in ``dtype``, so the
-    (rows x vocab) logits exist one chunk at a time (autograd keeps each chunk for its backward)."""
+    (rows x vocab) logits exist one chunk at a time. With a frozen head (LoRA) the gradient for ``hidden`` is
+    formed chunk by chunk in the forward (``_TargetLogps``); a trained head keeps each chunk's logits for autograd."""
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=dtype)
+    grad = torch.is_grad_enabled()
+    if grad and hidden.requires_grad and not weight.requires_grad:
+        return _TargetLogps.apply(hidden, weight, targets, chunk_size, dtype, temperature)
     parts = []
     for s in range(0, hidden.shape[0], chunk_size):
         logits = (hidden[s:s + chunk_size] @ weight.t()).to(dtype) / temperature
         parts.append(logits.gather(1, targets[s:s + chunk_size, None])[:, 0] - torch.logsumexp(logits, -1))
-    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=dtype)
+    return torch.cat(parts)
 
 
 def token_kl_sum(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
