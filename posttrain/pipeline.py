@@ -87,6 +87,9 @@ def shard_if_asked(cfg: SFTConfig | DPOConfig | RewardConfig, model: torch.nn.Mo
     """FSDP2 on the decoder layers when torchrun started several processes and train.distributed is fsdp."""
     w = world()
     if w.size > 1 and cfg.train.distributed == "fsdp":
+        if cfg.model.compile:  # dynamo would trace FSDP2's gather/reshard hooks inside every compiled layer
+            raise ConfigError("model.compile is not supported with train.distributed: fsdp; use "
+                              "train.distributed: ddp, or model.compile: false")
         console.print(f"FSDP2: {shard(model)} decoder layers sharded over {w.size} processes")
         return True
     return False

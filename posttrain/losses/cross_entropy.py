@@ -29,12 +29,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size]
             t = targets[start:start + chunk_size]
-            logits = (h @ weight.t()).to(acc)
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            # One row-wise log_softmax pass (each row stays in cache) instead of logsumexp's temporary and two
+            # more full passes; the logits buffer is freed at once and reused by the next chunk.
+            logp = torch.log_softmax((h @ weight.t()).to(acc), dim=-1)
+            total -= logp.gather(1, t[:, None]).sum()
             if need_h or need_w:
-                # d(sum CE)/d logits = softmax - onehot, reusing the logits buffer.
-                g = logits.sub_(lse[:, None]).exp_()
+                # d(sum CE)/d logits = softmax - onehot, in the log-probs' buffer.
+                g = logp.exp_()
                 g[torch.arange(t.shape[0], device=t.device), t] -= 1.0
                 g = g.to(hidden.dtype)
                 if need_h:
@@ -76,10 +77,9 @@ class _TargetLogps(torch.autograd.Function):
         dlogp = torch.empty_like(hidden)
         for s in range(0, hidden.shape[0], chunk_size):
             t = targets[s:s + chunk_size]
-            logits = (hidden[s:s + chunk_size] @ weight.t()).to(dtype).div_(temperature)
-            lse = torch.logsumexp(logits, -1)
-            out[s:s + chunk_size] = logits.gather(1, t[:, None])[:, 0] - lse
-            probs = logits.sub_(lse[:, None]).exp_().to(hidden.dtype)
+            logp = torch.log_softmax((hidden[s:s + chunk_size] @ weight.t()).to(dtype).div_(temperature), -1)
+            out[s:s + chunk_size] = logp.gather(1, t[:, None])[:, 0]
+            probs = logp.exp_().to(hidden.dtype)
             dlogp[s:s + chunk_size] = torch.sub(weight[t], probs @ weight).div_(temperature)
         ctx.save_for_backward(dlogp)
         return out
@@ -103,7 +103,7 @@ def target_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     parts = []
     for s in range(0, hidden.shape[0], chunk_size):
         logits = (hidden[s:s + chunk_size] @ weight.t()).to(dtype) / temperature
-        parts.append(logits.gather(1, targets[s:s + chunk_size, None])[:, 0] - torch.logsumexp(logits, -1))
+        parts.append(torch.log_softmax(logits, -1).gather(1, targets[s:s + chunk_size, None])[:, 0])
     return torch.cat(parts)
 
 
