@@ -14,6 +14,8 @@ Configurations:
              ``disable_dropout``, ``token_reference`` (adapters disabled), ``RolloutPlan`` + ``GRPO`` +
              ``train_loop``; timed from train_loop's own per-step records (its throughput window runs from the
              end of the previous step's log to this step's, so s = fed tokens / tokens_per_s, as in bench_dpo)
+  posttrain-compile  posttrain with ``model.compile`` (each decoder layer through torch.compile, compiled in the
+             warm-up step; sampling runs eagerly)
   trl        TRL GRPOTrainer with ``peft_config`` (its reference is the policy with the adapter disabled);
              timed by a TrainerCallback between ``on_step_end`` calls
 
@@ -80,7 +82,7 @@ from bench_sft import base_param_count, finish, peak_rss_mb, run_rounds, start  
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/train.jsonl"
 EXAMPLE = REPO / "examples" / "grpo-gsm8k.yaml"
-CONFIGS = ("posttrain", "trl")
+CONFIGS = ("posttrain", "posttrain-compile", "trl")
 DEFAULT_CONFIGS = ("posttrain", "trl")
 LORA = dict(r=16, alpha=32, dropout=0.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                   "down_proj"])
@@ -145,7 +147,7 @@ def micro_batch(args: argparse.Namespace) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------------
 # Workers (run in subprocesses).
 
-def worker_posttrain(args: argparse.Namespace) -> dict[str, Any]:
+def worker_posttrain(args: argparse.Namespace, compiled: bool = False) -> dict[str, Any]:
     from posttrain.engine import LoopOptions, read_metrics, train_loop
     from posttrain.methods.grpo import GRPO, GRPOParams, RolloutPlan, token_reference
     from posttrain.models import apply_lora, load_model
@@ -160,6 +162,10 @@ def worker_posttrain(args: argparse.Namespace) -> dict[str, Any]:
     model = apply_lora(loaded.model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
                        target_modules=LORA["targets"])
     disable_dropout(model, "GRPO")
+    if compiled:
+        from posttrain.models.compile import compile_layers
+
+        compile_layers(model)
     micro, _ = micro_batch(args)
     params = GRPOParams(group_size=args.group, clip_eps=CLIP_EPS, kl_coef=BETA, temperature=TEMPERATURE,
                         max_new_tokens=args.max_new, aggregation="grpo", min_new_tokens=args.max_new)
@@ -313,7 +319,7 @@ def run_worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     name = args.worker
-    result = worker_trl(args) if name == "trl" else worker_posttrain(args)
+    result = worker_trl(args) if name == "trl" else worker_posttrain(args, compiled=name == "posttrain-compile")
     measured = [s for s in result["steps"] if s["step"] > args.warmup]
     if not measured:
         raise RuntimeError("no timed step: --steps must be at least 1")

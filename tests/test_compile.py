@@ -58,6 +58,28 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_without_recompiling(t
     assert graphs[0] > 0 and graphs[2] == graphs[1] == graphs[0]
 
 
+def test_compiled_layers_give_the_eager_shared_prompt_log_probs_and_gradients(tiny_dir):
+    # The layout of GRPO groups and DPO pairs: prompt | branch | branch ..., attended through attention.Layout.
+    from posttrain.rollout.batch import collate_rollouts, rollout_logps
+    from tests.test_rollout_batch import case
+
+    prompts, comps = case()
+    batch = collate_rollouts(prompts, comps, pad_id=0)
+    weights = torch.randn(5, 5, generator=torch.Generator().manual_seed(2))
+    out = []
+    for compiled in (False, True):
+        model = lora_model(tiny_dir, compiled)
+        logp = rollout_logps(model, batch, temperature=0.7)
+        (logp * weights * batch["completion_mask"]).sum().backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
+        with torch.no_grad(), model.disable_adapter():  # the reference's pass: no gradient, adapters off
+            ref = rollout_logps(model, batch)
+        out.append((logp.detach(), grads, ref))
+    (logp_e, grads_e, ref_e), (logp_c, grads_c, ref_c) = out
+    assert torch.allclose(logp_c, logp_e, atol=1e-5) and torch.allclose(ref_c, ref_e, atol=1e-5)
+    assert float((grads_c - grads_e).abs().max()) <= 1e-5 * float(grads_e.abs().max())
+
+
 def test_sampling_a_compiled_model_runs_eagerly_and_samples_the_same(tiny_dir, tokenizer):
     from torch._dynamo.utils import counters
 
