@@ -27,6 +27,13 @@ is achieved FLOP/s divided by the fp32 2048x2048 matmul rate measured on this ma
 every run and at the end; the best reading counts, since other load on the machine only lowers it).
 
 Set-up and run: ``make bench`` (TRL lives only in the git-ignored .bench-venv; BENCH_ARGS passes flags).
+
+On a GPU (issue 6's H100 row): ``--device cuda --dtype bfloat16 --arch llama-3.1-8b --max-len 2048`` trains a
+random-initialised model of that architecture (throughput does not depend on the weights; the tokenizer still comes
+from ``--model``, a folder that may hold only tokenizer files), ``--liger`` turns on Liger's kernels for both sides,
+``--checkpointing`` activation checkpointing for both, and ``--trl-attn flash_attention_2`` gives TRL's padding-free
+batches the varlen attention they are meant for. The ceiling is then a bf16 8192^3 matmul on the device, and the
+table's last column counts causal attention's FLOPs too (the MFU). ``--arch tiny`` tries that path on a CPU.
 """
 
 from __future__ import annotations
@@ -49,6 +56,10 @@ DEFAULT_CONFIGS = ("posttrain", "trl-pack", "trl-pad")
 LORA = dict(r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                    "down_proj"])
 SEED = 0
+# A small random model to try the --arch path on a CPU; the real architectures are gpu_check.ARCHS.
+TINY_ARCH = {"tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True)}
+ARCH_NAMES = ("llama-3.2-1b", "llama-3.1-8b", *TINY_ARCH)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -114,6 +125,38 @@ def batch_counts(batch) -> tuple[int, int]:
     return tokens, trained
 
 
+def build_model(args, attn: str):
+    """The model both workers train: the ``--model`` checkpoint, or with ``--arch`` a random-initialised model of
+    that architecture (throughput does not depend on the weights' values), in ``--dtype`` on ``--device``."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    dtype = getattr(torch, args.dtype)
+    if args.arch:
+        from gpu_check import ARCHS
+
+        torch.manual_seed(SEED)
+        cfg = LlamaConfig(**(ARCHS | TINY_ARCH)[args.arch], max_position_embeddings=8192, rope_theta=500000.0)
+        model = LlamaForCausalLM._from_config(cfg, torch_dtype=dtype, attn_implementation=attn)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation=attn)
+    return model.to(args.device)
+
+
+def attention_flops(config, examples) -> float:
+    """Causal attention FLOPs per token, forward and backward: per layer and example of n tokens, QK^T and PV
+    cost 2 n^2 d forward (half of each n x n product is masked) and twice that backward, so 6 L d sum(n^2) / sum(n)
+    (each example attends only to itself, packed or not)."""
+    lengths = [len(e) for e in examples]
+    return 6 * config.num_hidden_layers * config.hidden_size * sum(n * n for n in lengths) / sum(lengths)
+
+
+def peak_gpu_mb() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Workers (run in subprocesses).
 
@@ -121,18 +164,28 @@ def worker_posttrain(args, packing: bool, compiled: bool = False) -> dict:
     from posttrain.data import BatchPlan, render_example
     from posttrain.engine import LoopOptions, read_metrics, train_loop
     from posttrain.methods import SFT
-    from posttrain.models import apply_lora, load_model
+    from posttrain.models import apply_lora, load_model, load_tokenizer
+    from posttrain.models.attention import register
     from posttrain.pipeline import seed_everything
 
     seed_everything(SEED)
-    loaded = load_model(args.model, dtype="float32", device="cpu")  # its default attention (sdpa_packed)
-    tok = loaded.tokenizer
+    if args.arch or args.device != "cpu" or args.dtype != "float32":
+        base, tok = build_model(args, register()), load_tokenizer(args.model)  # posttrain's attention, sdpa_packed
+    else:
+        loaded = load_model(args.model, dtype="float32", device="cpu")  # its default attention (sdpa_packed)
+        base, tok = loaded.model, loaded.tokenizer
     chats, source = load_chats(args.examples, args.max_len, tok)
     examples = [render_example(tok, c) for c in chats]
-    n_params = base_param_count(loaded.model)
+    n_params = base_param_count(base)
+    if args.checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     seed_everything(SEED)
-    model = apply_lora(loaded.model, r=LORA["r"], alpha=LORA["alpha"], dropout=args.lora_dropout,
+    model = apply_lora(base, r=LORA["r"], alpha=LORA["alpha"], dropout=args.lora_dropout,
                        target_modules=LORA["targets"])
+    if args.liger:
+        from posttrain.models.kernels import apply_liger
+
+        apply_liger(model, next(model.parameters()).device)
     if compiled:
         from posttrain.models.compile import compile_layers
 
@@ -161,15 +214,15 @@ def worker_posttrain(args, packing: bool, compiled: bool = False) -> dict:
                       "loss": r["loss"]})
     return {"steps": steps, "n_params": n_params, "examples": len(examples), "data": source,
             "dataset_tokens": sum(len(e) for e in examples),
-            "dataset_trained": sum(e.num_trained for e in examples), "rows": len(plan.units)}
+            "dataset_trained": sum(e.num_trained for e in examples), "rows": len(plan.units),
+            "peak_gpu_mb": peak_gpu_mb(), "attn_flops_per_token": attention_flops(base.config, examples)}
 
 
 def worker_trl(args, packing: bool) -> dict:
-    import torch
     import transformers
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer, TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
     transformers.logging.set_verbosity_error()
@@ -178,7 +231,7 @@ def worker_trl(args, packing: bool) -> dict:
     tok = AutoTokenizer.from_pretrained(args.model)
     chats, source = load_chats(args.examples, args.max_len, tok)
     ds = Dataset.from_list([{"prompt": c[:1], "completion": c[1:]} for c in chats])
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+    model = build_model(args, args.trl_attn)
     n_params = base_param_count(model)
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=args.lora_dropout,
                              target_modules=LORA["targets"], bias="none", task_type="CAUSAL_LM")
@@ -187,7 +240,8 @@ def worker_trl(args, packing: bool) -> dict:
         output_dir=out, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
         max_grad_norm=1.0, weight_decay=0.0, seed=SEED, data_seed=SEED,
-        bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False,
+        bf16=args.dtype == "bfloat16", fp16=False, use_cpu=args.device == "cpu",
+        gradient_checkpointing=args.checkpointing, use_liger_kernel=args.liger,
         max_length=args.max_len, packing=packing, completion_only_loss=True,
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
         dataloader_num_workers=0,
@@ -233,7 +287,8 @@ def worker_trl(args, packing: bool) -> dict:
     n_tokens = sum(len(x) for x in prepared["input_ids"])
     return {"steps": steps, "n_params": n_params, "examples": len(chats), "data": source, "dataset_tokens": n_tokens,
             "rows": len(prepared), "padding_free": bool(getattr(trainer, "padding_free", False)),
-            "gradient_checkpointing": bool(cfg.gradient_checkpointing), "optim": str(cfg.optim)}
+            "gradient_checkpointing": bool(cfg.gradient_checkpointing), "optim": str(cfg.optim),
+            "peak_gpu_mb": peak_gpu_mb()}
 
 
 def run_worker(args) -> None:
@@ -258,19 +313,30 @@ def run_worker(args) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Driver.
 
-def matmul_gflops(n: int = 2048, iters: int = 10, repeats: int = 3) -> float:
-    """Best fp32 n x n matmul rate (GFLOP/s) over a few timed loops, with this process's thread count."""
+def matmul_gflops(n: int = 2048, iters: int = 10, repeats: int = 3, device: str = "cpu",
+                  dtype: str = "float32") -> float:
+    """Best n x n matmul rate (GFLOP/s) over a few timed loops: fp32 with this process's thread count on a CPU,
+    or ``dtype`` on a GPU (n 8192 there, where 2048 is too small to fill the device)."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    c = torch.empty(n, n)
+    on_gpu = device != "cpu"
+    n = 8192 if on_gpu else n
+    kw = {"device": device, "dtype": getattr(torch, dtype) if on_gpu else torch.float32}
+    a, b, c = torch.randn(n, n, **kw), torch.randn(n, n, **kw), torch.empty(n, n, **kw)
+
+    def sync() -> None:
+        if on_gpu:
+            torch.cuda.synchronize()
+
     for _ in range(2):
         torch.mm(a, b, out=c)
     best = 0.0
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         for _ in range(iters):
             torch.mm(a, b, out=c)
+        sync()
         best = max(best, 2 * n ** 3 * iters / (time.perf_counter() - t0) / 1e9)
     return best
 
@@ -287,26 +353,37 @@ def versions() -> dict[str, str]:
     return out
 
 
-def table(results: dict[str, list[dict]], ceiling: float, warmup: int, steps: int) -> str:
-    med = {c: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "trained_per_s", "peak_rss_mb",
+def table(results: dict[str, list[dict]], ceiling: float, warmup: int, steps: int, device: str = "cpu",
+          dtype: str = "float32") -> str:
+    gpu = device != "cpu"
+    mem = "peak_gpu_mb" if gpu else "peak_rss_mb"
+    med = {c: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "trained_per_s", mem,
                                                                     "s_per_step", "tokens_per_step")}
            for c, rs in results.items() if rs}
     trl = [c for c in med if c.startswith("trl")]
     best_trl = max(trl, key=lambda c: med[c]["tokens_per_s"]) if trl else None
     n_params = next(iter(results.values()))[0]["n_params"]
-    lines = [f"| config | tokens/s | trained tokens/s | peak RSS MB | s/step | tokens/step | runs | "
-             f"vs best TRL (tokens/s) | FLOP ceiling fraction |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    attn = next((rs[0]["attn_flops_per_token"] for rs in results.values() if rs and "attn_flops_per_token" in rs[0]),
+                None)
+    lines = [f"| config | tokens/s | trained tokens/s | peak {'GPU' if gpu else 'RSS'} MB | s/step | tokens/step | "
+             f"runs | vs best TRL (tokens/s) | FLOP ceiling fraction (4N) | with attention |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c, m in med.items():
         ratio = f"{m['tokens_per_s'] / med[best_trl]['tokens_per_s']:.2f}x" if best_trl else "-"
         frac = m["tokens_per_s"] * 4 * n_params / (ceiling * 1e9)
+        with_attn = f"{100 * m['tokens_per_s'] * (4 * n_params + attn) / (ceiling * 1e9):.0f}%" if attn else "-"
         runs = ", ".join(f"{r['tokens_per_s']:.1f}" for r in results[c])
-        lines.append(f"| {c} | {m['tokens_per_s']:.1f} | {m['trained_per_s']:.1f} | {m['peak_rss_mb']:.0f} | "
-                     f"{m['s_per_step']:.2f} | {m['tokens_per_step']:.0f} | {runs} | {ratio} | {100 * frac:.0f}% |")
+        lines.append(f"| {c} | {m['tokens_per_s']:.1f} | {m['trained_per_s']:.1f} | {m[mem]:.0f} | "
+                     f"{m['s_per_step']:.2f} | {m['tokens_per_step']:.0f} | {runs} | {ratio} | {100 * frac:.0f}% | "
+                     f"{with_attn} |")
+    kind = f"{dtype} 8192x8192 matmul on {device}" if gpu else "fp32 2048x2048 matmul"
     notes = [f"Medians over runs (the 'runs' column lists each run's tokens/s); {steps} timed optimizer steps after "
              f"{warmup} warm-up steps per run.",
-             f"FLOP ceiling: fp32 2048x2048 matmul at {ceiling:.1f} GFLOP/s; 4 x N = 4 x {n_params / 1e6:.1f} M "
+             f"FLOP ceiling: {kind} at {ceiling:.1f} GFLOP/s; 4 x N = 4 x {n_params / 1e6:.1f} M "
              f"FLOPs per token, so the ceiling is {ceiling * 1e9 / (4 * n_params):.0f} tokens/s."]
+    if attn:
+        notes.append(f"'with attention' adds causal attention's {attn / 1e6:.1f} M FLOPs per token (forward and "
+                     "backward, from the examples' lengths): the MFU.")
     if best_trl:
         notes.append(f"Best TRL configuration: {best_trl}.")
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
@@ -354,15 +431,21 @@ def run_rounds(args: argparse.Namespace, configs: list[str], common: list[str], 
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    ceilings = [matmul_gflops()]
-    print(f"fp32 matmul: {ceilings[0]:.1f} GFLOP/s ({args.threads} threads)", flush=True)
+    device, dtype = getattr(args, "device", "cpu"), getattr(args, "dtype", "float32")
+
+    def reading() -> float:
+        return matmul_gflops(device=device, dtype=dtype)
+
+    ceilings = [reading()]
+    where = f"{args.threads} threads" if device == "cpu" else device
+    print(f"{'fp32' if device == 'cpu' else dtype} matmul: {ceilings[0]:.1f} GFLOP/s ({where})", flush=True)
     results: dict[str, list[dict]] = {c: [] for c in configs}
     width = max(len(c) for c in configs)
     with tempfile.TemporaryDirectory(prefix=f"{Path(script).stem}-") as tmp:
         for rnd in range(args.rounds):
             for c in configs:
                 res = Path(tmp) / f"{c}-{rnd}.json"
-                ceilings.append(matmul_gflops())  # between runs too: the best reading is the machine's ceiling
+                ceilings.append(reading())  # between runs too: the best reading is the machine's ceiling
                 t0 = time.perf_counter()
                 proc = subprocess.run([sys.executable, script, "--worker", c, "--result", str(res), *common],
                                       env=env, cwd=REPO, capture_output=True, text=True)
@@ -373,8 +456,8 @@ def run_rounds(args: argparse.Namespace, configs: list[str], common: list[str], 
                 results[c].append(r)
                 print(f"round {rnd + 1}/{args.rounds} {c:{width}s} {describe(r)} ({time.perf_counter() - t0:.0f} s "
                       f"wall; matmul before it {ceilings[-1]:.0f} GFLOP/s)", flush=True)
-    ceilings.append(matmul_gflops())
-    print(f"fp32 matmul readings: {', '.join(f'{g:.0f}' for g in ceilings)} GFLOP/s; ceiling = best = "
+    ceilings.append(reading())
+    print(f"matmul readings: {', '.join(f'{g:.0f}' for g in ceilings)} GFLOP/s; ceiling = best = "
           f"{max(ceilings):.1f}", flush=True)
     return results, ceilings
 
@@ -400,18 +483,31 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lora-dropout", type=float, default=0.0,
                    help="LoRA dropout for both frameworks; 0 is posttrain's default")
+    p.add_argument("--arch", choices=sorted(ARCH_NAMES), default=None,
+                   help="random-initialised model of this architecture (tokenizer from --model) instead of --model")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--liger", action="store_true", help="Liger kernels for both (posttrain model.liger, TRL "
+                   "use_liger_kernel); CUDA only")
+    p.add_argument("--checkpointing", action="store_true", help="activation checkpointing for both")
+    p.add_argument("--trl-attn", default="sdpa", help="TRL's attn_implementation (e.g. flash_attention_2 on a GPU)")
     args, configs = start(p, CONFIGS, DEFAULT_CONFIGS, run_worker, __file__)
     if configs is None:
         return
 
     common = ["--model", args.model, "--examples", str(args.examples), "--max-len", str(args.max_len), "--batch",
               str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps), "--lr", str(args.lr),
-              "--lora-dropout", str(args.lora_dropout), "--threads", str(args.threads)]
-    results, ceilings = run_rounds(args, configs, common, __file__, lambda r: (
-        f"{r['tokens_per_s']:7.1f} tokens/s {r['trained_per_s']:7.1f} trained/s {r['s_per_step']:6.2f} s/step "
-        f"{r['tokens_per_step']:6.0f} tokens/step {r['peak_rss_mb']:6.0f} MB "
-        f"(data: {r['examples']} chats, {r['dataset_tokens']} tokens, {r['rows']} rows)"))
-    finish(args, results, ceilings, table(results, max(ceilings), args.warmup, args.steps))
+              "--lora-dropout", str(args.lora_dropout), "--threads", str(args.threads), "--device", args.device,
+              "--dtype", args.dtype, "--trl-attn", args.trl_attn, *(["--arch", args.arch] if args.arch else []),
+              *(["--liger"] if args.liger else []), *(["--checkpointing"] if args.checkpointing else [])]
+    def describe(r: dict) -> str:
+        gpu = "" if r.get("peak_gpu_mb") is None else f"(GPU {r['peak_gpu_mb']:.0f} MB) "
+        return (f"{r['tokens_per_s']:7.1f} tokens/s {r['trained_per_s']:7.1f} trained/s {r['s_per_step']:6.2f} s/step "
+                f"{r['tokens_per_step']:6.0f} tokens/step {r['peak_rss_mb']:6.0f} MB {gpu}"
+                f"(data: {r['examples']} chats, {r['dataset_tokens']} tokens, {r['rows']} rows)")
+
+    results, ceilings = run_rounds(args, configs, common, __file__, describe)
+    finish(args, results, ceilings, table(results, max(ceilings), args.warmup, args.steps, args.device, args.dtype))
 
 
 if __name__ == "__main__":
