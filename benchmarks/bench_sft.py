@@ -30,10 +30,11 @@ Set-up and run: ``make bench`` (TRL lives only in the git-ignored .bench-venv; B
 
 On a GPU (issue 6's H100 row): ``--device cuda --dtype bfloat16 --arch llama-3.1-8b --max-len 2048`` trains a
 random-initialised model of that architecture (throughput does not depend on the weights; the tokenizer still comes
-from ``--model``, a folder that may hold only tokenizer files), ``--liger`` turns on Liger's kernels for both sides,
-``--checkpointing`` activation checkpointing for both, and ``--trl-attn flash_attention_2`` gives TRL's padding-free
-batches the varlen attention they are meant for. The ceiling is then a bf16 8192^3 matmul on the device, and the
-table's last column counts causal attention's FLOPs too (the MFU). ``--arch tiny`` tries that path on a CPU.
+from ``--model``, a folder that may hold only tokenizer files), ``--liger`` turns on Liger's kernels for both
+sides, ``--checkpointing`` activation checkpointing for both, and ``--trl-attn flash_attention_2`` (with the
+flash-attn package installed) gives TRL's padding-free batches varlen attention instead of SDPA's packed-sequence
+mask. The ceiling is then a bf16 8192^3 matmul on the device, and the table's last column counts causal attention's
+FLOPs too (the MFU). ``--arch tiny`` tries that path on a CPU.
 """
 
 from __future__ import annotations
