@@ -43,6 +43,15 @@ class ModelConfig(_Section):
         "none", description="nf4: the base's linear layers in 4-bit NormalFloat (QLoRA); dtype is the compute dtype")
     double_quant: bool = Field(True, description="nf4: quantize the per-block scales too (~0.37 -> ~0.13 bits/weight)")
 
+    @model_validator(mode="after")
+    def _compile_or_checkpointing(self) -> "ModelConfig":
+        # A checkpointed layer with the eager attention inside it breaks the graph, and torch.compile then runs
+        # the whole checkpointed layer eagerly: the switch would do nothing, silently.
+        if self.compile and self.gradient_checkpointing:
+            raise ValueError("model.compile has no effect on layers under model.gradient_checkpointing (they run "
+                             "eagerly); set one of them to false")
+        return self
+
 
 class LoraConfig(_Section):
     r: int = Field(16, gt=0)

@@ -117,3 +117,13 @@ def test_liger_switch_says_what_is_missing_and_patches_the_base_model(tiny_dir, 
     (patched, kw), = calls
     assert patched is model.get_base_model() and kw == KERNELS
     assert not kw["fused_linear_cross_entropy"] and not kw["cross_entropy"]  # posttrain's own chunked loss stays
+
+
+def test_compile_with_checkpointing_is_refused_instead_of_silently_eager():
+    from posttrain.config import ConfigError, load_config
+
+    cfg = load_config(None, ["data.train=x.jsonl", "model.compile=true"], method="sft")
+    assert cfg.model.compile and not cfg.model.liger
+    with pytest.raises(ConfigError, match="model.compile has no effect on layers under model.gradient_checkpointing"):
+        load_config(None, ["data.train=x.jsonl", "model.compile=true", "model.gradient_checkpointing=true"],
+                    method="sft")

@@ -8,6 +8,9 @@ every batch, so it stays outside the graph (``torch.compiler.disable`` in ``atte
 travels as an opaque ``attention.Layout``; a plain list would be guarded element by element and recompile the
 layers for each new layout.
 
+Not combined with activation checkpointing (refused in the config): the graph break at the attention inside a
+checkpointed layer makes dynamo run the whole layer eagerly.
+
 Decoding (sampling, generation) runs the same layers eagerly (``eager``): one token per row through a KV cache
 is another graph per cache shape, and compiling those would cost more than it saves in a short rollout.
 """
