@@ -190,6 +190,8 @@ def worker_posttrain(args, packing: bool, compiled: bool = False) -> dict:
     if compiled:
         from posttrain.models.compile import compile_layers
 
+        if args.checkpointing:  # as model.compile refuses it: checkpointed layers would run eagerly
+            raise SystemExit("posttrain-compile with --checkpointing measures nothing compiled; drop one")
         compile_layers(model)
     plan = BatchPlan(examples, micro_batch_size=args.batch, grad_accum=1, seed=SEED, pad_id=tok.pad_token_id,
                      packing=packing, max_seq_len=args.max_len)
