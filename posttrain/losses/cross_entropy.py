@@ -30,7 +30,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h = hidden[start:start + chunk_size]
             t = targets[start:start + chunk_size]
             # One row-wise log_softmax pass (each row stays in cache) instead of logsumexp's temporary and two
-            # more full passes; the logits buffer is freed at once and reused by the next chunk.
+            # more full passes over the chunk.
             logp = torch.log_softmax((h @ weight.t()).to(acc), dim=-1)
             total -= logp.gather(1, t[:, None]).sum()
             if need_h or need_w:
@@ -97,8 +97,7 @@ def target_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     formed chunk by chunk in the forward (``_TargetLogps``); a trained head keeps each chunk's logits for autograd."""
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=dtype)
-    grad = torch.is_grad_enabled()
-    if grad and hidden.requires_grad and not weight.requires_grad:
+    if torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad:
         return _TargetLogps.apply(hidden, weight, targets, chunk_size, dtype, temperature)
     parts = []
     for s in range(0, hidden.shape[0], chunk_size):

@@ -90,7 +90,8 @@ def _split_sizes(row: list[Segment]) -> list[int]:
 
 def segment_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                      packed_segments: Layout | list[list[Segment]] | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                      packed_segments: Layout | list[list[Segment]] | None = None,
+                      **kwargs) -> tuple[torch.Tensor, None]:
     """query (B, H, T, D), key/value (B, Hkv, T, D) -> (B, T, H, D), as transformers' attention functions return;
     ``packed_segments``: per row, its segments in order: a length (``segment_lengths``) or a shared prefix with
     its branches' lengths (``branch_segments``)."""
