@@ -57,10 +57,6 @@ DEFAULT_CONFIGS = ("posttrain", "trl-pack", "trl-pad")
 LORA = dict(r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                    "down_proj"])
 SEED = 0
-# A small random model to try the --arch path on a CPU; the real architectures are gpu_check.ARCHS.
-TINY_ARCH = {"tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True)}
-ARCH_NAMES = ("llama-3.2-1b", "llama-3.1-8b", *TINY_ARCH)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,15 +126,14 @@ def build_model(args, attn: str):
     """The model both workers train: the ``--model`` checkpoint, or with ``--arch`` a random-initialised model of
     that architecture (throughput does not depend on the weights' values), in ``--dtype`` on ``--device``."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     dtype = getattr(torch, args.dtype)
     if args.arch:
-        from gpu_check import ARCHS
+        from gpu_check import arch_config
 
         torch.manual_seed(SEED)
-        cfg = LlamaConfig(**(ARCHS | TINY_ARCH)[args.arch], max_position_embeddings=8192, rope_theta=500000.0)
-        model = LlamaForCausalLM._from_config(cfg, torch_dtype=dtype, attn_implementation=attn)
+        model = LlamaForCausalLM._from_config(arch_config(args.arch), torch_dtype=dtype, attn_implementation=attn)
     else:
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation=attn)
     return model.to(args.device)
@@ -486,7 +481,9 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--lora-dropout", type=float, default=0.0,
                    help="LoRA dropout for both frameworks; 0 is posttrain's default")
-    p.add_argument("--arch", choices=sorted(ARCH_NAMES), default=None,
+    from gpu_check import ARCHS
+
+    p.add_argument("--arch", choices=sorted(ARCHS), default=None,
                    help="random-initialised model of this architecture (tokenizer from --model) instead of --model")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

@@ -26,7 +26,17 @@ ARCHS = {  # from the public config.json of each model
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
     "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                          num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False),
+    # A small model of the same family, to try these code paths on a CPU.
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=49152, tie_word_embeddings=True),
 }
+
+
+def arch_config(arch: str):
+    """The LlamaConfig of one of ``ARCHS`` (long-context RoPE settings of Llama 3)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**ARCHS[arch], max_position_embeddings=8192, rope_theta=500000.0)
 
 
 def tiny_sft(tokenizer_dir: str, work: Path) -> dict:
@@ -78,13 +88,13 @@ def fused_vs_plain() -> dict:
 
 def throughput(arch: str, seq_len: int, batch: int, steps: int = 5, checkpointing: bool = False,
                compiled: bool = False, liger: bool = False) -> dict:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from posttrain.data import Example, collate
     from posttrain.methods import completion_loss_sum
     from posttrain.models import apply_lora
 
-    cfg = LlamaConfig(**ARCHS[arch], max_position_embeddings=8192, rope_theta=500000.0)
+    cfg = arch_config(arch)
     with torch.device("cuda"):
         model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.config._attn_implementation = "sdpa"

@@ -7,11 +7,9 @@ import torch
 from posttrain.data.packing import IGNORE, num_targets
 from posttrain.losses import linear_cross_entropy_sum, linear_kl_sum, token_cross_entropy_sum, token_kl_sum
 from posttrain.models.attention import Layout, segment_lengths, uses_segments
+from posttrain.models.lora import unwrap
 
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under a PEFT wrapper (LoRA layers stay injected in it)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
+__all__ = ["SFT", "completion_loss_sum", "kl_regularised_loss_sum", "model_inputs", "unwrap"]
 
 
 def _plain_head(model: torch.nn.Module) -> torch.nn.Linear | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from posttrain.config import ConfigError
+from posttrain.models.lora import unwrap
 
 KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
            "fused_linear_cross_entropy": False}
@@ -29,6 +30,5 @@ def apply_liger(model: torch.nn.Module, device: torch.device) -> list[str]:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except ImportError as e:
         raise KernelError("model.liger: true needs the liger-kernel package: pip install liger-kernel") from e
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    _apply_liger_kernel_to_instance(model=inner, **KERNELS)
+    _apply_liger_kernel_to_instance(model=unwrap(model), **KERNELS)
     return [k for k, on in KERNELS.items() if on]

@@ -101,6 +101,11 @@ def fuse_lora_forward(model: torch.nn.Module) -> int:
     return n
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a PEFT wrapper (LoRA layers stay injected in it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def apply_lora(model: torch.nn.Module, *, r: int, alpha: float, dropout: float,
                target_modules: str | list[str]) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
