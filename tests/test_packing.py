@@ -62,16 +62,20 @@ def test_packed_equals_unpacked_loss_and_gradients(tiny_dir, attn, monkeypatch):
     for a, b in zip(grads_packed, grads_sep):
         assert torch.allclose(a, b, atol=1e-5)
 
-    if attn == "sdpa_packed":  # the per-example attention really ran: one causal SDPA call per segment and layer
-        calls = []
+    if attn == "sdpa_packed":
+        # The per-example attention really ran: one causal SDPA call per example and layer, over one row of the
+        # real tokens; the rows' padding never reaches the model.
+        calls, rows = [], []
         real = torch.nn.functional.scaled_dot_product_attention
         monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                             lambda *a, **k: calls.append(k) or real(*a, **k))
+        hook = model.model.embed_tokens.register_forward_hook(lambda m, i, o: rows.append(tuple(i[0].shape)))
         completion_loss_sum(model, packed)
+        hook.remove()
         monkeypatch.undo()
-        segments = sum(len(r) for r in segment_lengths(packed["position_ids"]))
-        assert segments > packed["input_ids"].shape[0]
-        assert len(calls) == segments * model.config.num_hidden_layers and all(c["is_causal"] for c in calls)
+        assert packed["input_ids"].numel() > int(packed["num_tokens"])  # there was padding to drop
+        assert rows == [(1, int(packed["num_tokens"]))]
+        assert len(calls) == len(exs) * model.config.num_hidden_layers and all(c["is_causal"] for c in calls)
 
     # Without restarting positions the segments would see each other: the check above has teeth.
     leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"]))
@@ -89,4 +93,4 @@ def test_collate_masks_padding_and_segment_starts():
     assert b["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0]]
     assert b["labels"].tolist() == [[-100, 6, 7, -100, 9, -100, -100]]  # segment starts are never targets
     assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
-    assert int(b["num_tokens"]) == 5
+    assert int(b["num_tokens"]) == 5 and b["row_tokens"].tolist() == [5]

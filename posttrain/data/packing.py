@@ -39,7 +39,8 @@ def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
 
 def collate(rows: list[list[Example]], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
     """Batch rows of segments: ``input_ids``, ``labels`` (IGNORE where untrained) and ``position_ids``, all (B, T),
-    plus ``num_tokens``, the count of non-padding tokens (for throughput)."""
+    plus ``num_tokens``, the count of non-padding tokens (for throughput), and ``row_tokens`` (B,), each row's
+    non-padding tokens, which sit at the row's start."""
     width = max(sum(len(e) for e in row) for row in rows)
     width = max(width, pad_to or 0)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
@@ -57,8 +58,9 @@ def collate(rows: list[list[Example]], pad_id: int, pad_to: int | None = None) -
             pos[r, at:at + n] = torch.arange(n)
             at += n
         pos[r, at:] = torch.arange(width - at)  # padding: its own segment
-    real = sum(len(e) for row in rows for e in row)
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "num_tokens": torch.tensor(real)}
+    row_tokens = torch.tensor([sum(len(e) for e in row) for row in rows])
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "num_tokens": row_tokens.sum(),
+            "row_tokens": row_tokens}
 
 
 def num_targets(batch: dict[str, torch.Tensor]) -> int:

@@ -27,12 +27,25 @@ def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     """(inner model, forward kwargs, next-token targets, target mask), on the model's device."""
     inner = unwrap(model)
     device = next(inner.parameters()).device
-    targets = batch["labels"][:, 1:].to(device)
-    pos = batch["position_ids"]
-    kwargs = {"input_ids": batch["input_ids"].to(device), "position_ids": pos.to(device), "use_cache": False}
+    ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
+    if uses_segments(inner):
+        ids, labels, pos = _one_row(ids, labels, pos, batch.get("row_tokens"))
+    targets = labels[:, 1:].to(device)
+    kwargs = {"input_ids": ids.to(device), "position_ids": pos.to(device), "use_cache": False}
     if uses_segments(inner):
         kwargs["packed_segments"] = Layout(segment_lengths(pos))  # where each packed example lies, for its attention
     return inner, kwargs, targets, targets != IGNORE
+
+
+def _one_row(ids: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor,
+             row_tokens: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """The rows' real tokens laid end to end in one row, padding dropped. With attention computed per example the
+    row boundaries mean nothing, and every padding position would cost a full pass through the layers. No target
+    crosses a join: each segment's first label is IGNORE (``collate``)."""
+    if row_tokens is None or ids.shape[0] == 1 and int(row_tokens[0]) == ids.shape[1]:
+        return ids, labels, pos
+    real = torch.arange(ids.shape[1]) < row_tokens[:, None]
+    return ids[real][None], labels[real][None], pos[real][None]
 
 
 def completion_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> torch.Tensor:
