@@ -42,7 +42,7 @@ def _one_row(ids: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor,
     """The rows' real tokens laid end to end in one row, padding dropped. With attention computed per example the
     row boundaries mean nothing, and every padding position would cost a full pass through the layers. No target
     crosses a join: each segment's first label is IGNORE (``collate``)."""
-    if row_tokens is None or ids.shape[0] == 1 and int(row_tokens[0]) == ids.shape[1]:
+    if row_tokens is None or (ids.shape[0] == 1 and int(row_tokens[0]) == ids.shape[1]):
         return ids, labels, pos
     real = torch.arange(ids.shape[1]) < row_tokens[:, None]
     return ids[real][None], labels[real][None], pos[real][None]
