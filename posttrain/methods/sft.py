@@ -44,7 +44,7 @@ def _one_row(ids: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor,
     crosses a join: each segment's first label is IGNORE (``collate``)."""
     if row_tokens is None or (ids.shape[0] == 1 and int(row_tokens[0]) == ids.shape[1]):
         return ids, labels, pos
-    real = torch.arange(ids.shape[1]) < row_tokens[:, None]
+    real = torch.arange(ids.shape[1], device=ids.device) < row_tokens.to(ids.device)[:, None]
     return ids[real][None], labels[real][None], pos[real][None]
 
 
