@@ -500,6 +500,7 @@ def main() -> None:
               "--lora-dropout", str(args.lora_dropout), "--threads", str(args.threads), "--device", args.device,
               "--dtype", args.dtype, "--trl-attn", args.trl_attn, *(["--arch", args.arch] if args.arch else []),
               *(["--liger"] if args.liger else []), *(["--checkpointing"] if args.checkpointing else [])]
+
     def describe(r: dict) -> str:
         gpu = "" if r.get("peak_gpu_mb") is None else f"(GPU {r['peak_gpu_mb']:.0f} MB) "
         return (f"{r['tokens_per_s']:7.1f} tokens/s {r['trained_per_s']:7.1f} trained/s {r['s_per_step']:6.2f} s/step "

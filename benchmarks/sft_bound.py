@@ -42,16 +42,12 @@ def best_seconds(fn, tries: int) -> float:
     return best
 
 
-def layer_matmuls(config, tokens: int, r: int, scale: float):
+def layer_matmuls(arch, tokens: int, r: int, scale: float):
     """One decoder layer's projections with LoRA on every one, forward and backward, on (tokens, hidden), through
     posttrain's LoRA linear (one matmul with W + s B A when the rows are many)."""
     from posttrain.models.lora import lora_linear
 
-    h, f = config.hidden_size, config.intermediate_size
-    d = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    shapes = {"q_proj": (h, config.num_attention_heads * d), "k_proj": (h, config.num_key_value_heads * d),
-              "v_proj": (h, config.num_key_value_heads * d), "o_proj": (config.num_attention_heads * d, h),
-              "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+    shapes = arch.linear_shapes()
     assert set(shapes) == set(LORA["targets"])
     mods = {k: (torch.randn(o, i) * 0.02, (torch.randn(r, i) * 0.02).requires_grad_(),
                 (torch.randn(o, r) * 0.02).requires_grad_()) for k, (i, o) in shapes.items()}
@@ -64,14 +60,13 @@ def layer_matmuls(config, tokens: int, r: int, scale: float):
     return run
 
 
-def attention(config, layout):
+def attention(arch, layout):
     from posttrain.models.attention import Layout, segment_attention
 
-    hq, hkv = config.num_attention_heads, config.num_key_value_heads
-    d = getattr(config, "head_dim", None) or config.hidden_size // hq
+    d = arch.head_dim
     b, t = len(layout), sum(layout[0])
-    q = torch.randn(b, hq, t, d, requires_grad=True)
-    k, v = (torch.randn(b, hkv, t, d, requires_grad=True) for _ in range(2))
+    q = torch.randn(b, arch.num_heads, t, d, requires_grad=True)
+    k, v = (torch.randn(b, arch.num_kv_heads, t, d, requires_grad=True) for _ in range(2))
     module = SimpleNamespace(training=True)
 
     def run() -> None:
@@ -105,11 +100,13 @@ def main() -> None:
     from posttrain.data import BatchPlan, render_example
     from posttrain.models import load_model
     from posttrain.methods.sft import model_inputs
+    from posttrain.plan.arch import arch_from_config
 
     torch.set_num_threads(2)
     torch.manual_seed(SEED)
     loaded = load_model(args.model, dtype="float32", device="cpu")
-    config, tok = loaded.model.config, loaded.tokenizer
+    tok = loaded.tokenizer
+    arch = arch_from_config(loaded.model.config.to_dict(), name="model", source="the loaded model's config")
     n_params = base_param_count(loaded.model)
     weight = loaded.model.get_output_embeddings().weight.detach()
     examples = [render_example(tok, c) for c in load_chats(args.examples, args.max_len, tok)[0]]
@@ -125,11 +122,11 @@ def main() -> None:
         n = int(kwargs["input_ids"].numel())
         layout = kwargs["packed_segments"].rows
         targets = targets[keep]
-        parts = {"matmuls": layer_matmuls(config, n, LORA["r"], LORA["alpha"] / LORA["r"]),
-                 "attention": attention(config, layout), "head": head(weight, targets)}
+        parts = {"matmuls": layer_matmuls(arch, n, LORA["r"], LORA["alpha"] / LORA["r"]),
+                 "attention": attention(arch, layout), "head": head(weight, targets)}
         times = {k: best_seconds(fn, args.tries) for k, fn in parts.items()}
-        times["matmuls"] *= config.num_hidden_layers
-        times["attention"] *= config.num_hidden_layers
+        times["matmuls"] *= arch.num_layers
+        times["attention"] *= arch.num_layers
         for k in totals:
             totals[k] += times[k]
         tokens += n

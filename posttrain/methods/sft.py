@@ -28,11 +28,12 @@ def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     inner = unwrap(model)
     device = next(inner.parameters()).device
     ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
-    if uses_segments(inner):
+    segments = uses_segments(inner)
+    if segments:
         ids, labels, pos = _one_row(ids, labels, pos, batch.get("row_tokens"))
     targets = labels[:, 1:].to(device)
     kwargs = {"input_ids": ids.to(device), "position_ids": pos.to(device), "use_cache": False}
-    if uses_segments(inner):
+    if segments:
         kwargs["packed_segments"] = Layout(segment_lengths(pos))  # where each packed example lies, for its attention
     return inner, kwargs, targets, targets != IGNORE
 
