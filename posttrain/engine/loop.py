@@ -8,6 +8,7 @@ micro-batches, accumulation steps or packed rows.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +51,9 @@ class LoopOptions:
     save_every: int | None = None
     save_total_limit: int = 2
     optimizer: str = "adamw"
+    # bf16_mixed numerics: forwards (rollouts and evals included) under torch.autocast in this dtype, while weights,
+    # gradients, optimizer state and the loss sum stay fp32. Backward follows the dtypes the forward chose.
+    autocast: torch.dtype | None = None
 
 
 def _bnb_optimizer(name: str) -> Callable[..., torch.optim.Optimizer]:
@@ -100,6 +104,18 @@ def keep_freed_cpu_memory() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, -1))
 
 
+def _under(context: Callable[[], Any], parts):
+    """Each of ``parts`` built inside ``context`` (autocast), the caller's backward of it outside: a method yields
+    its parts lazily, so the next part's forward starts only after the previous part's backward."""
+    it = iter(parts)
+    while True:
+        with context():
+            part = next(it, None)
+        if part is None:
+            return
+        yield part
+
+
 def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opts: LoopOptions, output_dir: Path, *,
                evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
                export: Callable[[Path], None] | None = None, resume: bool = False) -> list[dict[str, Any]]:
@@ -108,6 +124,7 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
     if not params:
         raise ValueError("the model has no trainable parameters")
     device = params[0].device
+    amp = (lambda: torch.autocast(device.type, dtype=opts.autocast)) if opts.autocast else contextlib.nullcontext
     if device.type == "cpu":
         keep_freed_cpu_memory()
     optimizer = OPTIMIZERS[opts.optimizer](params, lr=opts.lr, betas=opts.adam_betas, weight_decay=opts.weight_decay)
@@ -144,11 +161,13 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
 
     with bar:
         if evaluate is not None and start == 0:
-            emit({"step": 0, **evaluate(model)})  # the baseline every later eval is compared with
+            with amp():
+                emit({"step": 0, **evaluate(model)})  # the baseline every later eval is compared with
         model.train()
         window_tokens, window_start = 0, time.perf_counter()
         for step in range(start, opts.total_steps):
-            micro = batches.step(step)
+            with amp():  # an RL method samples its rollouts here
+                micro = batches.step(step)
             units = _all_reduce_sum(float(sum(method.count(b) for b in micro)), device)
             loss_total = torch.zeros((), dtype=torch.float64, device=device)
             metrics: dict[str, float] = {}
@@ -156,8 +175,8 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
                 # A method with several networks (PPO's actor and critic) yields its loss in parts, each
                 # backpropagated before the next is built, so only one part's activations are alive at a time.
                 parts = method.loss_parts(model, batch) if hasattr(method, "loss_parts") else \
-                    [method.loss_sum(model, batch)]
-                for loss_sum, m in parts:
+                    (method.loss_sum(model, batch) for _ in range(1))  # lazy, so it runs under amp()
+                for loss_sum, m in _under(amp, parts):
                     (loss_sum / max(units, 1.0)).backward()
                     loss_total += loss_sum.detach()
                     for k, v in m.items():
@@ -193,7 +212,8 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
                 window_tokens, window_start = 0, time.perf_counter()
             bar.update(task, completed=done)
             if evaluate is not None and ((opts.eval_every and done % opts.eval_every == 0) or done == opts.total_steps):
-                emit({"step": done, **evaluate(model)})
+                with amp():
+                    emit({"step": done, **evaluate(model)})
                 model.train()
                 window_start = time.perf_counter()
             if opts.save_every and done % opts.save_every == 0 and done != opts.total_steps:

@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from posttrain.models.attention import NAME as PACKED_ATTENTION, register as register_attention
-from posttrain.models.quant import Quantization, bnb_config
+from posttrain.models.numerics import Numerics, choose_numerics
+from posttrain.models.quant import Quantization, bnb_config, keep_4bit_precision
 
 log = logging.getLogger("posttrain")
 
@@ -108,12 +109,8 @@ def choose_device(device: str = "auto") -> torch.device:
 
 
 def choose_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """fp32 on CPU (bf16 matmuls are ~170x slower on CPUs without native bf16), bf16 on GPUs that have it."""
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.float32
+    """The dtype weights are stored in for ``model.dtype`` on ``device`` (the rule: models/numerics.py)."""
+    return choose_numerics(dtype, device).weights
 
 
 @dataclass
@@ -123,6 +120,7 @@ class Loaded:
     path: str
     device: torch.device
     dtype: torch.dtype
+    numerics: Numerics | None = None  # how it computes (autocast or not) and why; None: plain ``dtype``
 
 
 def load_tokenizer(name: str | None):
@@ -145,7 +143,8 @@ def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "a
         register_attention()
     path = resolve_model_path(name)
     dev = choose_device(device)
-    torch_dtype = choose_dtype(dtype, dev)
+    numerics = choose_numerics(dtype, dev)
+    torch_dtype = numerics.weights
     if quantization is None:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation)
         model.to(dev)
@@ -153,4 +152,6 @@ def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "a
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn_implementation,
                                                      quantization_config=bnb_config(quantization, torch_dtype),
                                                      device_map={"": dev})
-    return Loaded(model=model, tokenizer=load_tokenizer(name), path=path, device=dev, dtype=torch_dtype)
+        keep_4bit_precision(model, torch_dtype)
+    return Loaded(model=model, tokenizer=load_tokenizer(name), path=path, device=dev, dtype=torch_dtype,
+                  numerics=numerics)

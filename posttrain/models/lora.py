@@ -54,7 +54,10 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def _fusable(layer, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
     """The one active plain-LoRA adapter ``lora_linear`` computes exactly like PEFT, else None."""
-    if args or kwargs or layer.disable_adapters or layer.merged or layer.fan_in_fan_out:
+    # Under autocast the merged W + s B A would be formed in bf16, where a small update rounds away; PEFT's two
+    # paths keep the adapter's contribution separate, as TRL's bf16 runs do.
+    if args or kwargs or layer.disable_adapters or layer.merged or layer.fan_in_fan_out \
+            or torch.is_autocast_enabled(x.device.type):
         return None
     active = layer.active_adapters
     if len(active) != 1 or active[0] not in layer.lora_A or active[0] in layer.lora_variant:

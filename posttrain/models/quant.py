@@ -25,6 +25,41 @@ def bnb_config(q: Quantization, compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+# bitsandbytes (0.49+) marks every Linear4bit with ``support_avx512bf16_for_cpu`` when the CPU has AVX512-BF16. Such
+# a layer, once it runs in eval mode on a no-grad input, repacks its weight for a fused kernel that computes in bf16,
+# and rounds its absmax scales to bf16 for good. Generation and evaluation would then see other weights, in another
+# precision, than training (dequantize + matmul in the compute dtype), and a merge check would compare fp32 against
+# bf16. posttrain keeps every 4-bit layer on the dequantize path, whatever the CPU, so precision never depends on the
+# machine, the batch shape or train/eval mode. Decoding then de-quantizes each layer per token: slower on those CPUs,
+# but the same numbers everywhere.
+_BF16_SWITCH = "support_avx512bf16_for_cpu"
+_told_bf16_switch = False
+
+
+def keep_4bit_precision(model: torch.nn.Module, compute_dtype: torch.dtype) -> int:
+    """Turn off bitsandbytes' eval-mode switch to its bf16 CPU kernel on every 4-bit layer; returns how many had it.
+
+    Says so once per process where it mattered (an AVX512-BF16 CPU), instead of the hub-download warning
+    bitsandbytes prints on import there.
+    """
+    global _told_bf16_switch
+    switched = 0
+    for module in model.modules():
+        if getattr(module, _BF16_SWITCH, False):
+            if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+                raise RuntimeError(f"{type(module).__name__} already repacked for bitsandbytes' bf16 CPU kernel; "
+                                   "call keep_4bit_precision right after loading, before any forward")
+            setattr(module, _BF16_SWITCH, False)
+            switched += 1
+    if switched and not _told_bf16_switch:
+        _told_bf16_switch = True
+        name = str(compute_dtype).removeprefix("torch.")
+        print(f"note: this CPU has AVX512-BF16, where bitsandbytes runs 4-bit layers in bf16 whenever they run "
+              f"without gradients (generation, evaluation); posttrain keeps all {switched} of them on "
+              f"dequantize + matmul in {name}, so generation, evaluation and training see the same weights")
+    return switched
+
+
 def _is_4bit(module: torch.nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     return getattr(weight, "quant_state", None) is not None
