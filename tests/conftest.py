@@ -1,10 +1,16 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from posttrain.models import load_tokenizer, resolve_model_path
+from posttrain.models.numerics import FLAGS_ENV
+
+# model.dtype=auto means fp32 in every test, on CPUs with and without native bf16 alike (subprocesses inherit it);
+# tests/test_numerics.py forces each branch of the rule itself.
+os.environ[FLAGS_ENV] = ""
 
 
 @pytest.fixture(scope="session")

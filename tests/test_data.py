@@ -42,7 +42,9 @@ BAD_ROWS = [
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "  "}]},
      "messages[1].content", "empty assistant turn"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ["x"]}]},
-     "messages[1].content", "expected a string, got list"),
+     "messages[1].content[0]", "expected a content part"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 5}]},
+     "messages[1].content", "expected a string, got int"),
     ({"messages": [{"role": "robot", "content": "a"}]}, "messages[0].role", "role must be one of"),
     ({"instruction": "do", "output": 5}, "output", "expected a string, got int"),
     ({"prompt": "p", "completion": ""}, "completion", "is empty"),
@@ -70,7 +72,8 @@ def test_unreadable_files(tmp_path, tokenizer):
     with pytest.raises(DataError, match="unknown file type"):
         read_rows(tmp_path / "data.txt")
     (tmp_path / "latin.jsonl").write_bytes(b'{"prompt": "caf\xe9"}\n')
-    with pytest.raises(DataError, match="cannot read file"):
+    with pytest.raises(DataError, match=r"latin.jsonl, row 1, field 'prompt': not valid UTF-8: byte 0xe9 at byte "
+                       "offset 15 of the file"):
         read_rows(tmp_path / "latin.jsonl")
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="no rows"):

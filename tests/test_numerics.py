@@ -43,7 +43,8 @@ def test_explicit_dtypes_and_refusal():
         choose_numerics("fp8", CPU)
 
 
-def test_cpu_flags_read_from_cpuinfo(tmp_path):
+def test_cpu_flags_read_from_cpuinfo(tmp_path, monkeypatch):
+    monkeypatch.delenv(numerics.FLAGS_ENV)
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
     assert {"avx512_bf16", "avx2"} <= cpu_flags(info)
@@ -68,7 +69,7 @@ def _sft(tmp_path, tiny_dir, name: str, *extra: str) -> dict:
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(32))
     cfg = tmp_path / "sft.yaml"
     cfg.write_text(f"model: {{name: {tiny_dir}}}\ndata: {{train: {data}, eval_fraction: 0.0}}\n"
-                   f"train: {{max_steps: 4, micro_batch_size: 4, lr: 0.01}}\neval_samples: 0\nlora: {{r: 4, alpha: 8}}\n")
+                   f"train: {{max_steps: 2, micro_batch_size: 2, lr: 0.01}}\neval_samples: 0\nlora: {{r: 4, alpha: 8}}\n")
     assert main(["sft", str(cfg), f"output_dir={tmp_path / name}", *extra]) == 0
     return json.loads((tmp_path / name / "summary.json").read_text())
 
@@ -103,3 +104,10 @@ def test_auto_picks_bf16_mixed_on_a_bf16_cpu_and_trains_like_fp32(tmp_path, tiny
     assert {w.dtype for w in weights.values()} == {torch.float32}
     assert auto["final_loss"] == pytest.approx(fp32["final_loss"], rel=0.02)
     assert auto["final_loss"] != fp32["final_loss"]  # it did compute in bf16
+
+
+def test_flags_can_be_forced_through_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(numerics.FLAGS_ENV, "avx2 amx_bf16")
+    assert cpu_flags(tmp_path / "ignored") == {"avx2", "amx_bf16"}
+    monkeypatch.setenv(numerics.FLAGS_ENV, "")
+    assert choose_numerics("auto", CPU, probe=_never).name == "float32"  # what the whole suite runs with

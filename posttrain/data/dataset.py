@@ -108,6 +108,10 @@ class BatchPlan:
     Units are packed rows (lists of examples) or single examples. Epoch e visits the units in the order of a
     permutation seeded by (seed, e); step s takes the next ``micro_batch_size * grad_accum`` units of that
     endless sequence. Nothing about the position needs saving beyond the step number.
+
+    With fewer units than a step takes, each step holds some units twice or more (it wraps into the next epoch's
+    permutation). That is allowed rather than refused, since tiny sets (smoke tests, a handful of examples) are
+    common and still give a valid objective, but ``repeat_warning`` says so before training.
     """
 
     def __init__(self, examples: list[Example], *, micro_batch_size: int, grad_accum: int, seed: int,
@@ -117,6 +121,7 @@ class BatchPlan:
             self.units = [[examples[i] for i in b] for b in best_fit([len(e) for e in examples], max_seq_len)]
         else:
             self.units = [[e] for e in examples]
+        self.unit_name = "packed rows" if packing else "examples"
         self.micro, self.accum, self.seed, self.pad_id = micro_batch_size, grad_accum, seed, pad_id
         self.world_size, self.rank = world_size, rank
         self.per_step = micro_batch_size * grad_accum * world_size
@@ -124,6 +129,27 @@ class BatchPlan:
 
     def steps_for(self, epochs: float) -> int:
         return max(1, math.ceil(epochs * len(self.units) / self.per_step))
+
+    def epochs_text(self, steps: int, epochs: float) -> str:
+        """The epochs ``steps`` optimizer steps really cover, e.g. ``0.35 epochs (max_steps cuts 2.0)``, for the
+        line printed before training: max_steps overrides train.epochs, and steps are whole."""
+        covered = self.epoch_of(steps)
+        if abs(covered - epochs) < 0.005:
+            return f"{epochs} epochs"
+        planned = self.steps_for(epochs)
+        why = ("rounded up to whole steps" if steps == planned else
+               f"max_steps cuts {epochs}" if steps < planned else f"max_steps runs past {epochs}")
+        return f"{covered:.3g} epochs ({why})"
+
+    def repeat_warning(self) -> str:
+        """'' or, when a step needs more units than there are, a line saying every step repeats some of them."""
+        n = len(self.units)
+        if n >= self.per_step:
+            return ""
+        uneven = ", some more often than others" if self.per_step % n else ""
+        ranks = " x ranks" if self.world_size > 1 else ""
+        return (f"\nwarning: only {n} {self.unit_name} for a step of {self.per_step}: each step repeats rows"
+                f"{uneven}; make micro_batch_size x grad_accum{ranks} at most {n} to use each once per step")
 
     def _order(self, epoch: int) -> list[int]:
         if epoch not in self._orders:

@@ -8,6 +8,10 @@ from posttrain.data.readers import DataError
 
 Messages = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
+# Between the text parts of one message's content. A newline, as vLLM's OpenAI-compatible server joins them, so a
+# model trained here sees parts the way such a server will show them to it, and separate parts (a document, then
+# a question) do not run into one another.
+PART_SEPARATOR = "\n"
 
 
 def detect_format(row: dict[str, Any]) -> str | None:
@@ -34,8 +38,41 @@ def _text(row: dict[str, Any], field: str, file: str, num: int, *, required: boo
     return value
 
 
+def content_text(content: Any, file: str, num: int, where: str) -> str:
+    """A message's content as text: a string, or a list of OpenAI content parts of type ``text``.
+
+    Text parts are joined with ``PART_SEPARATOR`` (a newline). Other parts (image_url, input_audio, file, ...)
+    are refused: a text-only model has no input for them, and training on the text around them would teach
+    answers to a question it cannot see.
+    """
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise DataError(file, num, where, f"expected a string, got {type(content).__name__}")
+    texts = []
+    for j, part in enumerate(content):
+        at = f"{where}[{j}]"
+        if not isinstance(part, dict):
+            raise DataError(file, num, at, "expected a content part {'type': 'text', 'text': ...}, "
+                            f"got {type(part).__name__}")
+        if part.get("type") is None:
+            raise DataError(file, num, f"{at}.type", "missing field")
+        if part["type"] != "text":
+            raise DataError(file, num, f"{at}.type", f"a content part of type {part['type']!r} cannot be trained "
+                            "on: only 'text' parts can (this is a text-only model)")
+        if not isinstance(part.get("text"), str):
+            got = part.get("text")
+            raise DataError(file, num, f"{at}.text",
+                            "missing field" if got is None else f"expected a string, got {type(got).__name__}")
+        texts.append(part["text"])
+    return PART_SEPARATOR.join(texts)
+
+
 def validate_messages(messages: Any, file: str, num: int, field: str = "messages") -> Messages:
-    """Check roles, order and contents: [system], then user/assistant alternating, ending with assistant."""
+    """Check roles, order and contents: [system], then user/assistant alternating, ending with assistant.
+
+    Returns the messages normalised to ``{role, content}`` with content a string (see ``content_text``); other
+    keys are left out."""
     if not isinstance(messages, list) or not messages:
         raise DataError(file, num, field, "expected a non-empty list of {role, content} messages")
     out: Messages = []
@@ -48,9 +85,7 @@ def validate_messages(messages: Any, file: str, num: int, field: str = "messages
             raise DataError(file, num, f"{where}.role", f"role must be one of {', '.join(ROLES)}, got {role!r}")
         if "content" not in msg:
             raise DataError(file, num, f"{where}.content", "missing field")
-        content = msg["content"]
-        if not isinstance(content, str):
-            raise DataError(file, num, f"{where}.content", f"expected a string, got {type(content).__name__}")
+        content = content_text(msg["content"], file, num, f"{where}.content")
         if role == "assistant" and not content.strip():
             raise DataError(file, num, f"{where}.content", "empty assistant turn: there is nothing to train on")
         out.append({"role": role, "content": content})
@@ -67,13 +102,25 @@ def validate_messages(messages: Any, file: str, num: int, field: str = "messages
     return out
 
 
+def _unknown_format(row: dict[str, Any], file: str, num: int) -> DataError:
+    """The error for a row that is no SFT format, pointing to the command that trains on what it looks like."""
+    if "chosen" in row and "rejected" in row:
+        return DataError(file, num, None, "this is a preference pair (fields 'chosen' and 'rejected'), not an SFT "
+                         "example: train on preference data with `posttrain dpo`, or a reward model with "
+                         f"`posttrain reward`; got fields {sorted(row)}")
+    if "prompt" in row and "completion" not in row:
+        return DataError(file, num, "completion", "missing field: a prompt without a completion gives SFT nothing "
+                         "to imitate; to train on prompts alone, with a reward, use `posttrain grpo`")
+    return DataError(file, num, None, "cannot tell the row format: expected 'messages', "
+                     f"'instruction'+'output' (Alpaca) or 'prompt'+'completion'; got fields {sorted(row)}")
+
+
 def row_to_messages(row: dict[str, Any], fmt: str, file: str, num: int, system_prompt: str | None = None) -> Messages:
     """Turn one row into chat messages; ``fmt='auto'`` picks the format from the row's fields."""
     if fmt == "auto":
         fmt = detect_format(row) or ""
         if not fmt:
-            raise DataError(file, num, None, "cannot tell the row format: expected 'messages', "
-                            f"'instruction'+'output' (Alpaca) or 'prompt'+'completion'; got fields {sorted(row)}")
+            raise _unknown_format(row, file, num)
     if fmt == "messages":
         messages = validate_messages(row.get("messages"), file, num)
     elif fmt == "alpaca":

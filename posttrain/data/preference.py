@@ -6,6 +6,8 @@ Row formats (picked per row):
 - ``chosen`` / ``rejected`` only, as full conversations: Anthropic HH text (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``)
   or message lists. Both must share the dialogue up to the last assistant turn, which becomes the prompt.
 
+A message's content is text or a list of OpenAI text parts (joined as ``formats.content_text`` says).
+
 Only the final response carries the preference, so only its tokens (and its end-of-turn) are scored, even when
 the prompt holds earlier assistant turns. A pair goes through the model in one forward, as one stretch of a row:
 its prompt once, then the chosen and the rejected response, each attending to the prompt and never to the other
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 
 from posttrain.data.dataset import BatchPlan
-from posttrain.data.formats import Messages, validate_messages
+from posttrain.data.formats import Messages, content_text, validate_messages
 from posttrain.data.packing import best_fit
 from posttrain.data.readers import DataError, read_rows
 from posttrain.data.render import Example, TemplateError, render_example
@@ -71,8 +73,15 @@ def _conversation(value: Any, file: str, num: int, fld: str) -> Messages:
     if isinstance(value, list):
         if not value:
             raise BadPair(file, num, fld, "is empty")
-        return [dict(m) if isinstance(m, dict) else m for m in value]
+        return _plain(value, file, num, fld)
     raise DataError(file, num, fld, f"expected text or a list of messages, got {type(value).__name__}")
+
+
+def _plain(messages: list, file: str, num: int, fld: str) -> list:
+    """Copies of the messages with content parts joined into text, so that chosen and rejected compare by what
+    they say; the rest is left to validate_messages."""
+    return [{**m, "content": content_text(m["content"], file, num, f"{fld}[{i}].content")}
+            if isinstance(m, dict) and "content" in m else m for i, m in enumerate(messages)]
 
 
 def _response(value: Any, file: str, num: int, fld: str) -> Messages:
@@ -84,8 +93,10 @@ def _response(value: Any, file: str, num: int, fld: str) -> Messages:
         for i, m in enumerate(value):
             if not isinstance(m, dict) or m.get("role") != "assistant":
                 raise DataError(file, num, f"{fld}[{i}]", "a response list holds only assistant messages")
-            if not isinstance(m.get("content"), str):
-                raise DataError(file, num, f"{fld}[{i}].content", "expected a string")
+            if "content" not in m:
+                raise DataError(file, num, f"{fld}[{i}].content", "missing field")
+        value = _plain(value, file, num, fld)
+        for i, m in enumerate(value):
             if not m["content"].strip():
                 raise BadPair(file, num, f"{fld}[{i}].content", "empty response")
         return [{"role": "assistant", "content": m["content"]} for m in value]
@@ -105,7 +116,7 @@ def row_to_pair(row: dict[str, Any], file: str, num: int,
         if isinstance(prompt_raw, str):
             prompt = [{"role": "user", "content": prompt_raw}]
         elif isinstance(prompt_raw, list):
-            prompt = list(prompt_raw)
+            prompt = _plain(prompt_raw, file, num, "prompt")
         else:
             raise DataError(file, num, "prompt", f"expected text or a list of messages, got {type(prompt_raw).__name__}")
         chosen = _response(row["chosen"], file, num, "chosen")
@@ -123,11 +134,13 @@ def row_to_pair(row: dict[str, Any], file: str, num: int,
         for fld, resp in (("chosen", chosen), ("rejected", rejected)):
             if not isinstance(resp[0].get("content"), str) or not resp[0]["content"].strip():
                 raise BadPair(file, num, fld, "empty response")
-    if system_prompt and (not prompt or prompt[0].get("role") != "system"):
+    if system_prompt and (not prompt or not isinstance(prompt[0], dict) or prompt[0].get("role") != "system"):
         prompt = [{"role": "system", "content": system_prompt}, *prompt]
-    # Full-chat validation gives the role-order and content errors their row, field and wording.
-    validate_messages(prompt + chosen, file, num, "prompt+chosen")
-    validate_messages(prompt + rejected, file, num, "prompt+rejected")
+    # Full-chat validation gives the role-order and content errors their row, field and wording, and the
+    # normalised {role, content} messages returned.
+    full_chosen = validate_messages(prompt + chosen, file, num, "prompt+chosen")
+    full_rejected = validate_messages(prompt + rejected, file, num, "prompt+rejected")
+    prompt, chosen, rejected = full_chosen[:len(prompt)], full_chosen[len(prompt):], full_rejected[len(prompt):]
     if [m["content"].strip() for m in chosen] == [m["content"].strip() for m in rejected]:
         raise BadPair(file, num, "rejected", "identical to chosen: the pair carries no preference")
     return prompt, chosen, rejected
@@ -328,6 +341,7 @@ class PairPlan(BatchPlan):
             self.units = [[pairs[i] for i in b] for b in best_fit(lengths, self.row_cap)]
         else:
             self.units = [[p] for p in pairs]
+        self.unit_name = "packed rows" if packing else "pairs"
 
     def _collate(self, units: list) -> dict[str, torch.Tensor]:
         if not self.packed:
