@@ -25,7 +25,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from posttrain.config import ConfigError, load_config
     from posttrain.engine import console
     from posttrain.engine.distributed import setup, shutdown, world
+    from posttrain.engine.resume import Resume
 
+    if args.extend_steps and not args.resume:
+        raise ConfigError("--extend-steps changes the length of a resumed run; it goes with --resume")
     cfg = load_config(args.config, args.overrides, method=args.command)
     if cfg.method != args.command:
         raise ConfigError(f"{args.config} is a {cfg.method!r} config; run it with `posttrain {cfg.method}`")
@@ -35,7 +38,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     w = setup()
     console.quiet = not w.main  # one log, from rank 0
     try:
-        getattr(pipeline, f"run_{args.command}")(cfg, resume=args.resume)
+        getattr(pipeline, f"run_{args.command}")(cfg, resume=args.resume and Resume(extend_steps=args.extend_steps))
     finally:
         shutdown()
     return 0
@@ -211,7 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=help_text)
         s.add_argument("config")
         s.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lr=1e-4 lora.r=8")
-        s.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+        s.add_argument("--resume", action="store_true",
+                       help="continue from the last complete checkpoint; refused when a key that changes the result "
+                            "differs from the config it was trained with (logging, eval and save intervals may change)")
+        s.add_argument("--extend-steps", action="store_true",
+                       help="with --resume: let train.max_steps change; the steps taken keep their lr, the rest of "
+                            "the decay is re-laid from the current lr down to the floor over the new length")
         s.set_defaults(func=_cmd_train)
 
     def inference_args(q: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ from posttrain.data import BatchPlan, build_examples, eval_batches, holdout_spli
 from posttrain.data.render import Example
 from posttrain.engine import LoopOptions, atomic_dir, atomic_write_text, console, read_metrics, train_loop
 from posttrain.engine.distributed import device_for, gather_for_inference, shard, world
+from posttrain.engine.resume import Resume, check_resume
 from posttrain.eval import heldout_loss, sample_generations
 from posttrain.methods import SFT
 from posttrain.models import (Loaded, Quantization, apply_lora, choose_device, dequantize_, format_trainable,
@@ -24,6 +25,7 @@ from posttrain.models import (Loaded, Quantization, apply_lora, choose_device, d
                               weight_bytes)
 from posttrain.models.compile import compile_layers
 from posttrain.models.kernels import apply_liger
+from posttrain.models.numerics import choose_numerics
 
 
 def seed_everything(seed: int) -> None:
@@ -69,6 +71,7 @@ def prepare_model(cfg: SFTConfig | DPOConfig | RewardConfig, loaded: Loaded) -> 
     if cfg.model.compile:
         console.print(f"torch.compile: {compile_layers(model)} decoder layers (compiled in the first steps)")
     report = trainable_report(model)
+    report["numerics"] = loaded.numerics.as_dict() if loaded.numerics else None
     console.print(format_trainable(report))
     if base_bytes:
         report["base_weight_bytes"] = base_bytes
@@ -107,7 +110,8 @@ def loop_options(t: TrainConfig, total: int, mcfg: ModelConfig) -> LoopOptions:
                        min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, adam_betas=t.adam_betas,
                        max_grad_norm=t.max_grad_norm, log_every=t.log_every, eval_every=t.eval_every,
                        save_every=t.save_every, save_total_limit=t.save_total_limit,
-                       optimizer=choose_optimizer(t, mcfg))
+                       optimizer=choose_optimizer(t, mcfg),
+                       autocast=choose_numerics(mcfg.dtype, choose_device(mcfg.device)).autocast)
 
 
 def prepare_data(dcfg: DataConfig, tokenizer) -> tuple[list[Example], list[Example], list[list[dict]], list[str]]:
@@ -198,7 +202,7 @@ def begin_run(cfg: SFTConfig | DPOConfig | RewardConfig) -> tuple[Path, float, L
     seed_everything(cfg.train.seed)
     t0 = time.perf_counter()
     loaded = load_base(cfg.model)
-    console.print(f"model {loaded.path} on {loaded.device} in {str(loaded.dtype).removeprefix('torch.')}")
+    console.print(f"model {loaded.path} on {loaded.device}, numerics {loaded.numerics.describe()}")
     return out, t0, loaded
 
 
@@ -210,7 +214,7 @@ def write_summary(out: Path, t0: float, total: int, report: dict, lines: list[st
     evals = [r for r in read_metrics(out / "metrics.jsonl") if eval_key in r]
     summary = {"output": str(final_dir), "steps": total, "seconds": round(time.perf_counter() - t0, 1),
                "trainable": report["trainable"], "total_params": report["total"],
-               "base_weight_bytes": report.get("base_weight_bytes"), "data": lines,
+               "base_weight_bytes": report.get("base_weight_bytes"), "numerics": report.get("numerics"), "data": lines,
                "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None,
                "final_loss": next((r["loss"] for r in reversed(records) if "loss" in r), None), **(extra or {})}
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
@@ -231,8 +235,9 @@ def write_report(out: Path) -> Path | None:
     return path
 
 
-def run_sft(cfg: SFTConfig, *, resume: bool = False) -> dict[str, Any]:
+def run_sft(cfg: SFTConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     """Supervised fine-tuning (LoRA or full); writes adapter/model, config.yaml, metrics.jsonl, summary.json."""
+    start = check_resume(cfg, resume)  # a changed config is refused here, before anything is loaded or written
     out, t0, loaded = begin_run(cfg)
     tok = loaded.tokenizer
     train, held, held_chats, lines = prepare_data(cfg.data, tok)
@@ -252,15 +257,16 @@ def run_sft(cfg: SFTConfig, *, resume: bool = False) -> dict[str, Any]:
                      world_size=w.size, rank=w.rank)
     total = t.max_steps or plan.steps_for(t.epochs)
     opts = loop_options(t, total, cfg.model)
-    console.print(f"training {total} steps: {len(plan.units)} {'packed rows' if cfg.data.packing else 'examples'} "
-                  f"x {t.epochs} epochs, {plan.per_step} per step ({t.micro_batch_size} x {t.grad_accum} accumulation)")
+    console.print(f"training {total} steps: {len(plan.units)} {plan.unit_name} x {plan.epochs_text(total, t.epochs)}, "
+                  f"{plan.per_step} per step ({t.micro_batch_size} x {t.grad_accum} accumulation)"
+                  f"{plan.repeat_warning()}")
     held_batches = eval_batches(held, t.micro_batch_size, tok.pad_token_id) if held else []
     evaluate = (lambda m: heldout_loss(m, held_batches, t.loss_chunk_size)) if held_batches else None
     export = (lambda path: save_weights(model, path)) if cfg.finetune == "lora" else None
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     sharded = shard_if_asked(cfg, model)
     records = train_loop(model, SFT(t.loss_chunk_size, cfg.kl_to_base), plan, opts, out, evaluate=evaluate, export=export,
-                         resume=resume)
+                         resume=start)
     if not after_training(model, sharded):  # rank 0 writes the results; the others hold the same weights
         return {}
 
@@ -432,12 +438,13 @@ def preference_params(d: DPOSection):
     return PreferenceParams(beta=d.beta, label_smoothing=d.label_smoothing, gamma=d.gamma, alpha=d.rpo_alpha)
 
 
-def run_dpo(cfg: DPOConfig, *, resume: bool = False) -> dict[str, Any]:
+def run_dpo(cfg: DPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     """DPO / IPO / SimPO from a base model or an SFT adapter (``model.init_adapter``)."""
     from posttrain.losses import REFERENCE_FREE
     from posttrain.methods import (AdapterOffReference, FrozenCopyReference, Preference, precompute_reference,
                                    preference_eval)
 
+    start = check_resume(cfg, resume)  # a changed config is refused here, before anything is loaded or written
     out, t0, loaded = begin_run(cfg)
     tok = loaded.tokenizer
     train, held, lines = prepare_pairs(cfg.data, tok)
@@ -476,14 +483,15 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False) -> dict[str, Any]:
     eval_method = Preference(d.loss, params, ref_eval, t.loss_chunk_size)
 
     plan, total = pair_plan(cfg, train, tok.pad_token_id)
-    console.print(f"training {total} steps: {len(train)} pairs in {len(plan.units)} rows x {t.epochs} epochs, "
-                  f"{plan.per_step} rows per step ({t.micro_batch_size} x {t.grad_accum} accumulation)")
+    console.print(f"training {total} steps: {len(train)} pairs in {len(plan.units)} rows x "
+                  f"{plan.epochs_text(total, t.epochs)}, {plan.per_step} rows per step ({t.micro_batch_size} x "
+                  f"{t.grad_accum} accumulation){plan.repeat_warning()}")
     evaluate = (lambda m: preference_eval(m, eval_method, held_batches)) if held_batches else None
     export = (lambda path: save_weights(model, path)) if cfg.finetune == "lora" else None
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     sharded = shard_if_asked(cfg, model)
     records = train_loop(model, method, plan, loop_options(t, total, cfg.model), out, evaluate=evaluate, export=export,
-                         resume=resume)
+                         resume=start)
     if not after_training(model, sharded):
         return {}
     final_dir = save_trained(model, tok, out, cfg.finetune)
@@ -496,13 +504,14 @@ def run_dpo(cfg: DPOConfig, *, resume: bool = False) -> dict[str, Any]:
     return summary
 
 
-def run_reward(cfg: RewardConfig, *, resume: bool = False) -> dict[str, Any]:
+def run_reward(cfg: RewardConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     """A Bradley-Terry reward model: backbone (LoRA or full) + scalar head; loadable with posttrain.rewards."""
     from safetensors.torch import save_file
 
     from posttrain.methods.reward import RewardBT, ScoreModel, reward_eval
     from posttrain.rewards.model import HEAD_FILE
 
+    start = check_resume(cfg, resume)  # a changed config is refused here, before anything is loaded or written
     out, t0, loaded = begin_run(cfg)
     tok = loaded.tokenizer
     train, held, lines = prepare_pairs(cfg.data, tok)
@@ -510,12 +519,14 @@ def run_reward(cfg: RewardConfig, *, resume: bool = False) -> dict[str, Any]:
         console.print(f"data: {line}")
     lm, lm_report = prepare_model(cfg, loaded)
     model = ScoreModel(lm)
-    report = {**trainable_report(model), "base_weight_bytes": lm_report.get("base_weight_bytes")}
+    report = {**trainable_report(model), "base_weight_bytes": lm_report.get("base_weight_bytes"),
+              "numerics": lm_report.get("numerics")}
     t, rc = cfg.train, cfg.reward
     method = RewardBT(rc.margin, rc.length_coef)
     held_batches = fixed_pair_batches(cfg, held, tok.pad_token_id) if held else []
     plan, total = pair_plan(cfg, train, tok.pad_token_id)
-    console.print(f"training {total} steps: {len(train)} pairs in {len(plan.units)} rows x {t.epochs} epochs")
+    console.print(f"training {total} steps: {len(train)} pairs in {len(plan.units)} rows x "
+                  f"{plan.epochs_text(total, t.epochs)}{plan.repeat_warning()}")
     evaluate = (lambda m: reward_eval(m, method, held_batches)) if held_batches else None
 
     def export(path: Path) -> None:  # a checkpoint's adapter/ folder: the adapter and the score head beside it
@@ -527,7 +538,7 @@ def run_reward(cfg: RewardConfig, *, resume: bool = False) -> dict[str, Any]:
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     sharded = shard_if_asked(cfg, model)
     records = train_loop(model, method, plan, loop_options(t, total, cfg.model), out, evaluate=evaluate, export=export,
-                         resume=resume)
+                         resume=start)
     if not after_training(model, sharded):
         return {}
     final_dir = save_trained(lm, tok, out, cfg.finetune)
@@ -595,8 +606,9 @@ def load_prompts(path: str, dcfg: PromptDataConfig, tokenizer,
         if isinstance(value, str) and value.strip():
             chat = [{"role": "user", "content": value}]
         elif isinstance(value, list) and value:
-            chat = list(value)
-            validate_messages(chat + [{"role": "assistant", "content": "x"}], path, num, dcfg.prompt_field)
+            # validated with a stand-in answer after it; the normalised turns (text parts joined) are kept
+            chat = validate_messages(list(value) + [{"role": "assistant", "content": "x"}], path, num,
+                                     dcfg.prompt_field)[:-1]
         elif value is None and isinstance(row.get("chosen"), (str, list)) and \
                 (dialogue := _dialogue_before_answer(row, path, num)):
             chat = dialogue  # a preference file: the dialogue its answers reply to
@@ -663,11 +675,12 @@ def write_watch_plot(out: Path, title: str) -> Path | None:
     return out / "rewards.svg"
 
 
-def run_grpo(cfg: GRPOConfig, *, resume: bool = False) -> dict[str, Any]:
+def run_grpo(cfg: GRPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     """GRPO with verifiable rewards from a base model or an SFT adapter (``model.init_adapter``)."""
     from posttrain.methods.grpo import GRPO, GRPOParams, RolloutPlan, grpo_eval, token_reference
     from posttrain.rollout.plan import generation_batch
 
+    start = check_resume(cfg, resume)  # a changed config is refused here, before anything is loaded or written
     out, t0, loaded = begin_run(cfg)
     tok = loaded.tokenizer
     d, g, t = cfg.data, cfg.grpo, cfg.train
@@ -694,7 +707,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: bool = False) -> dict[str, Any]:
     export = (lambda path: save_weights(model, path)) if cfg.finetune == "lora" else None
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     records = train_loop(model, GRPO(params, t.loss_chunk_size), plan, loop_options(t, total, cfg.model), out,
-                         evaluate=evaluate, export=export, resume=resume)
+                         evaluate=evaluate, export=export, resume=start)
     final_dir = save_trained(model, tok, out, cfg.finetune)
     summary, evals = write_summary(out, t0, total, report, lines, records, final_dir, "eval/reward")
     if evals:
@@ -785,11 +798,12 @@ def role_memory(roles) -> dict[str, float]:
             "four_copies_weights_mb": round(four / mb, 1)}
 
 
-def run_ppo(cfg: PPOConfig, *, resume: bool = False) -> dict[str, Any]:
+def run_ppo(cfg: PPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     """PPO against a trained reward model with actor, critic, reward and reference on one frozen base."""
     from posttrain.methods.ppo import ACTOR, CRITIC, PPO, PPOParams, PPOPlan, ppo_eval
     from posttrain.rollout.plan import generation_batch
 
+    start = check_resume(cfg, resume)  # a changed config is refused here, before anything is loaded or written
     out, t0, loaded = begin_run(cfg)
     rss_loaded = _rss_mb()[0]
     tok = loaded.tokenizer
@@ -799,6 +813,7 @@ def run_ppo(cfg: PPOConfig, *, resume: bool = False) -> dict[str, Any]:
         console.print(f"data: {line}")
     watch = combined(cfg.watch)
     roles, report = build_roles(cfg, loaded)
+    report["numerics"] = loaded.numerics.as_dict() if loaded.numerics else None
     console.print(format_trainable(report))
     disable_dropout(roles, "PPO")
     memory = role_memory(roles)
@@ -836,7 +851,7 @@ def run_ppo(cfg: PPOConfig, *, resume: bool = False) -> dict[str, Any]:
 
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     records = train_loop(roles, PPO(params, t.loss_chunk_size), plan, loop_options(t, total, cfg.model), out,
-                         evaluate=evaluate, export=export, resume=resume)
+                         evaluate=evaluate, export=export, resume=start)
     final = atomic_dir(out / "adapter", lambda tmp: (roles.policy.save_pretrained(tmp, selected_adapters=[ACTOR]),
                                                      tok.save_pretrained(tmp)))
     atomic_dir(out / "critic", save_critic)

@@ -60,7 +60,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(method, parallel, ti
         return
     # Resume a sharded 2-process run from its step-2 checkpoint: the same last step as uninterrupted.
     _launch(2, method, cfg, tmp_path / "part", "train.grad_accum=1", "train.max_steps=2")
-    _launch(2, method, cfg, tmp_path / "part", "train.grad_accum=1", "--resume")
+    _launch(2, method, cfg, tmp_path / "part", "train.grad_accum=1", "--resume", "--extend-steps")
     _same_curve(tmp_path / "one", tmp_path / "part", keys, train_only=True)
 
 

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from posttrain.config import ConfigError, load_config
+from posttrain.engine.resume import Resume
 from posttrain.methods.grpo import GRPO, GRPOParams, RolloutPlan
 from posttrain.rollout.batch import rollout_logps
 from posttrain.models import apply_lora
@@ -123,7 +124,9 @@ def test_run_grpo_end_to_end_and_resume_equals_uninterrupted(tiny_dir, tmp_path)
 
     part = tmp_path / "part"
     run_grpo(grpo_cfg(tiny_dir, tmp_path, part, "train.max_steps=2", "train.min_lr_ratio=1.0"))
-    run_grpo(grpo_cfg(tiny_dir, tmp_path, part, "train.max_steps=4", "train.min_lr_ratio=1.0"), resume=True)
+    # Lengthened on resume, which needs extend_steps (a constant lr re-laid stays the same constant).
+    run_grpo(grpo_cfg(tiny_dir, tmp_path, part, "train.max_steps=4", "train.min_lr_ratio=1.0"),
+             resume=Resume(extend_steps=True))
     a, b = step_records(full), step_records(part)
     assert [s for s, *_ in a] == [s for s, *_ in b]
     for (_, la, ra, ga), (_, lb, rb, gb) in zip(a, b):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from posttrain.config import ConfigError, load_config
+from posttrain.engine.resume import Resume
 from posttrain.methods.ppo import ACTOR, CRITIC, REWARD, PPOParams, PPOPlan
 from posttrain.pipeline import begin_run, build_roles, load_prompt_splits, run_ppo, run_reward
 from posttrain.rewards import load_reward
@@ -110,7 +111,9 @@ def test_run_ppo_end_to_end_and_resume_equals_uninterrupted(tiny_dir, tmp_path, 
 
     part = tmp_path / "part"
     run_ppo(ppo_cfg(tiny_dir, tmp_path, reward_run, part, "train.max_steps=2", "train.min_lr_ratio=1.0"))
-    run_ppo(ppo_cfg(tiny_dir, tmp_path, reward_run, part, "train.max_steps=4", "train.min_lr_ratio=1.0"), resume=True)
+    # Lengthened on resume, which needs extend_steps (a constant lr re-laid stays the same constant).
+    run_ppo(ppo_cfg(tiny_dir, tmp_path, reward_run, part, "train.max_steps=4", "train.min_lr_ratio=1.0"),
+            resume=Resume(extend_steps=True))
     a, b = step_records(full), step_records(part)
     assert [s for s, *_ in a] == [s for s, *_ in b]
     for (_, la, ra, ga), (_, lb, rb, gb) in zip(a, b):

@@ -129,7 +129,8 @@ def test_a_failed_stage_resumes_from_its_checkpoint(tiny_dir, tmp_path, monkeypa
     monkeypatch.setattr(posttrain.pipeline, "save_trained", real_save)
     monkeypatch.setattr(posttrain.pipeline, "train_loop", loop)
     assert main(["run", str(path)]) == 0
-    assert statuses(tmp_path)["sft"] == "resumed" and resumed[0] is True
+    # the loop got the checked start of a resume (engine.resume.RunStart), with the checkpoint it continues from
+    assert statuses(tmp_path)["sft"] == "resumed" and resumed[0].checkpoint is not None
 
 
 def test_a_gate_blocks_with_exit_1_and_the_next_stages_do_not_run(tiny_dir, tmp_path, capsys):

@@ -78,10 +78,13 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: Any, extra: dict[str, Any], keep: int,
-                    export: Callable[[Path], None] | None = None, write_files: bool = True) -> Path | None:
+                    export: Callable[[Path], None] | None = None, write_files: bool = True,
+                    texts: dict[str, str] | None = None) -> Path | None:
     """Every rank calls it (sharded optimizer state is gathered into full tensors); ``write_files`` on one.
 
-    Weights and optimizer state are stored whole, so a checkpoint resumes under any number of processes.
+    Weights and optimizer state are stored whole, so a checkpoint resumes under any number of processes. ``texts``
+    (file name -> content, e.g. the run's config.yaml) land inside the same atomic folder: a checkpoint and the
+    config it was trained with can never disagree.
     """
     optimizer_state = full_tree(optimizer.state_dict())
     if not write_files:
@@ -92,6 +95,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
         torch.save({"optimizer": optimizer_state, "scheduler": scheduler.state_dict(), "rng": rng_state()},
                    tmp / "state.pt")
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **extra}, indent=2))
+        for name, text in (texts or {}).items():
+            (tmp / name).write_text(text)
         if export is not None:
             export(tmp / "adapter")
 
@@ -108,6 +113,11 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
+def trainer_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's step, total steps, lr schedule and input hashes (the last two from this version on)."""
+    return json.loads((path / "trainer_state.json").read_text())
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict:
     weights = load_file(str(path / "trainable.safetensors"))
     params = dict(model.named_parameters())
@@ -116,6 +126,11 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
         missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
         raise ValueError(f"checkpoint {path} does not match this model: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]} (was it made with another model or LoRA config?)")
+    wrong = [f"{n}: {tuple(t.shape)} vs {tuple(params[n].shape)}" for n, t in weights.items()
+             if t.shape != params[n].shape]
+    if wrong:
+        raise ValueError(f"checkpoint {path} does not match this model's shapes (checkpoint vs model): "
+                         f"{'; '.join(wrong[:2])} (was it made with another model or LoRA config?)")
     with torch.no_grad():
         for n, t in weights.items():
             params[n].copy_(shard_like(t, params[n]))
@@ -128,4 +143,4 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
                     optimizer.state[p][k] = shard_like(v, p)
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    return json.loads((path / "trainer_state.json").read_text())
+    return trainer_state(path)

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from posttrain.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from posttrain.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, trainer_state
 from posttrain.engine.distributed import all_reduce_grads, barrier, clip_grad_norm, unsharded, world
 from posttrain.engine.logging import MetricsLog, console, format_line
-from posttrain.engine.schedule import warmup_cosine
+from posttrain.engine.resume import RunStart, resumed_schedule
+from posttrain.engine.schedule import Schedule
 
 Batch = dict[str, torch.Tensor]
 
@@ -118,8 +119,12 @@ def _under(context: Callable[[], Any], parts):
 
 def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opts: LoopOptions, output_dir: Path, *,
                evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
-               export: Callable[[Path], None] | None = None, resume: bool = False) -> list[dict[str, Any]]:
-    """Train for ``opts.total_steps`` optimizer steps; returns the logged records of this call."""
+               export: Callable[[Path], None] | None = None, resume: bool | RunStart = False) -> list[dict[str, Any]]:
+    """Train for ``opts.total_steps`` optimizer steps; returns the logged records of this call.
+
+    ``resume``: a RunStart from engine.resume.check_resume (the pipeline's: its config goes into every checkpoint,
+    and a resume continues from the checkpoint whose config it checked), or True for the last checkpoint unchecked.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
@@ -128,24 +133,42 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
     if device.type == "cpu":
         keep_freed_cpu_memory()
     optimizer = OPTIMIZERS[opts.optimizer](params, lr=opts.lr, betas=opts.adam_betas, weight_decay=opts.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: warmup_cosine(
-        s, total_steps=opts.total_steps, warmup_steps=opts.warmup_steps, min_ratio=opts.min_lr_ratio))
     ckpt_root = output_dir / "checkpoints"
-    start = 0
-    if resume:
+    run = resume if isinstance(resume, RunStart) else RunStart()
+    if resume is True:
         found = list_checkpoints(ckpt_root)
         if not found:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {ckpt_root}")
-        start = load_checkpoint(found[-1], model, optimizer, scheduler)["step"]
-        console.print(f"resumed from {found[-1]} at step {start}")
+        run.checkpoint = found[-1]
+    schedule = Schedule(opts.total_steps, opts.warmup_steps, opts.min_lr_ratio)
+    state = trainer_state(run.checkpoint) if run.checkpoint is not None else None
+    if state is not None:  # the schedule the checkpoint ran on, not one drawn afresh over today's total
+        schedule = resumed_schedule(state, schedule, run.extend_steps)
+    # A lambda, not the Schedule itself: LambdaLR saves and restores a callable object's fields, which would bring
+    # the checkpoint's schedule back over a re-laid one.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s))
+    start = 0
+    if state is not None:
+        start = load_checkpoint(run.checkpoint, model, optimizer, scheduler)["step"]
+        changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in run.changes.items())
+        console.print(f"resumed from {run.checkpoint} at step {start}" + (f"; changed: {changed}" if changed else ""))
     w = world()
     log = MetricsLog(output_dir / "metrics.jsonl", resume_step=start) if w.main else None
     records: list[dict[str, Any]] = []
+    if state is not None and log is not None:  # the run's history: where it resumed and what a resume changed
+        entry: dict[str, Any] = {"from": run.checkpoint.name, "changes": {k: list(v) for k, v in run.changes.items()}}
+        if schedule.total_steps != state["total_steps"]:
+            entry["lr_schedule"] = asdict(schedule)  # re-laid: steps from here on follow this
+        log.write({"step": start, "resumed": entry})
+    # Written with every checkpoint, so a later --resume compares against what that checkpoint was trained with.
+    record = {"total_steps": opts.total_steps, "schedule": asdict(schedule), "world_size": w.size,
+              **({"inputs": run.inputs} if run.config_text is not None else {})}
+    texts = {"config.yaml": run.config_text} if run.config_text is not None else None
 
     def save(step: int) -> None:
         with unsharded(model):  # whole weights for the files (a no-op unless the layers are FSDP2-sharded)
-            save_checkpoint(ckpt_root, step, model, optimizer, scheduler, {"total_steps": opts.total_steps},
-                            keep=opts.save_total_limit, export=export, write_files=w.main)
+            save_checkpoint(ckpt_root, step, model, optimizer, scheduler, record, keep=opts.save_total_limit,
+                            export=export, write_files=w.main, texts=texts)
         barrier()
 
     bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
