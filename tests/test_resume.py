@@ -334,3 +334,17 @@ def test_unchecked_engine_resume_refuses_another_length(tiny_dir, tmp_path):
         train_loop(model, SFT(), Fixed(), LoopOptions(total_steps=4, lr=1e-3), tmp_path, resume=True)
     train_loop(model, SFT(), Fixed(), LoopOptions(total_steps=2, lr=1e-3), tmp_path, resume=True)  # same length: fine
     assert steps(tmp_path, "loss").keys() == {1, 2}
+
+
+def test_auto_resolving_to_other_numerics_on_this_machine_is_refused(interrupted, run, capsys, no_model_load,
+                                                                      monkeypatch):
+    """Same config, but model.dtype=auto now picks bf16_mixed (a CPU with native bf16) where the run was fp32."""
+    from posttrain.models import numerics
+
+    monkeypatch.setenv(numerics.FLAGS_ENV, "avx512_bf16")
+    monkeypatch.setattr(numerics, "bf16_probe_speedup", lambda: 2.5)
+    before = snapshot(run)
+    assert resume_cli(interrupted, run) == 2
+    err = capsys.readouterr().err
+    assert 'numerics (model.dtype auto on this machine): float32 -> bf16_mixed' in err
+    assert snapshot(run) == before

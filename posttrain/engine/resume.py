@@ -22,6 +22,8 @@ from posttrain.engine.checkpoint import list_checkpoints, trainer_state
 from posttrain.engine.distributed import world
 from posttrain.engine.logging import console
 from posttrain.engine.schedule import Schedule
+from posttrain.models.loading import choose_device
+from posttrain.models.numerics import choose_numerics
 
 # The keys a resume may change, each with the reason it cannot change what the run computes.
 BOOKKEEPING: dict[str, str] = {
@@ -79,6 +81,16 @@ def input_hashes(cfg: BaseModel) -> dict[str, str]:
     tree = cfg.model_dump(mode="json")
     return {key: file_sha256(value) for key in INPUT_FILES
             if isinstance(value := _get(tree, key), str) and Path(value).is_file()}
+
+
+# model.dtype=auto resolves by the machine's CPU (models/numerics.py): a run started in bf16_mixed on a CPU with
+# native bf16 and resumed in fp32 on one without is not the run that was started, though its config is the same.
+NUMERICS_KEY = "numerics"
+
+
+def resolved_numerics(cfg: BaseModel) -> str | None:
+    model = getattr(cfg, "model", None)
+    return choose_numerics(model.dtype, choose_device(model.device)).name if model is not None else None
 
 
 def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> dict[str, tuple[Any, Any]]:
@@ -173,6 +185,8 @@ def check_resume(cfg: BaseModel, resume: bool | Resume = False) -> RunStart:
     listing ``key: old -> new``) any difference from the config it was trained with that the tables above do not
     allow, and any edited input file. It only reads, so a refused resume has loaded and written nothing."""
     start = RunStart(config_text=dump_config(cfg), inputs=input_hashes(cfg))
+    if (numerics := resolved_numerics(cfg)) is not None:
+        start.inputs[NUMERICS_KEY] = numerics
     if not resume:
         return start
     extend = isinstance(resume, Resume) and resume.extend_steps
@@ -194,6 +208,10 @@ def check_resume(cfg: BaseModel, resume: bool | Resume = False) -> RunStart:
     if ran_on is not None and ran_on != processes:
         changes["processes"] = (ran_on, processes)  # not a config key, but part of the run's history
     refused.update(_content_changes(state.get("inputs"), start.inputs, changes))
+    was = (state.get("inputs") or {}).get(NUMERICS_KEY)
+    if was is not None and was != start.inputs.get(NUMERICS_KEY) and "model.dtype" not in changes:
+        refused[f"{NUMERICS_KEY} (model.dtype {_get(new, 'model.dtype')} on this machine)"] = (
+            was, start.inputs.get(NUMERICS_KEY))
     if refused:
         raise _refusal(checkpoint, source, refused)
     if extend and changes.keys() & STEP_KEYS:
