@@ -6,6 +6,11 @@ temporary adapter directory), sends the same greedy requests twice, through the 
 largest batch, and whether every answer was identical in both modes.
 
     .venv/bin/python benchmarks/bench_serve.py --adapters runs/bench-sft-lora runs/dpo-hh runs/grpo-gsm8k-v2
+
+Without earlier runs, ``--random-adapters N`` serves N LoRA adapters with random weights instead (each changes the
+answers, which is all batching needs to be shown correct):
+
+    .venv/bin/python benchmarks/bench_serve.py --random-adapters 2 --per-model 11
 """
 
 from __future__ import annotations
@@ -23,13 +28,33 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.", "Na
            "What is 12 plus 30?", "Describe a cat in five words.", "Say hello in Spanish."]
 
 
+def _random_adapter(model, out: Path, *, seed: int) -> str:
+    """A rank-8 LoRA on the attention projections with random B (PEFT starts B at zero: a no-op adapter)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)  # PEFT draws A from the global generator: the same adapters on every run
+    peft = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    peft.save_pretrained(out)
+    peft.unload()  # takes the LoRA layers out of the model again: the server gets the plain base
+    return out.name
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--adapters", nargs="+", required=True, help="run or adapter folders (LoRA, same base)")
+    ap.add_argument("--adapters", nargs="+", default=[], help="run or adapter folders (LoRA, same base)")
+    ap.add_argument("--random-adapters", type=int, default=0, help="also serve this many random LoRA adapters")
     ap.add_argument("--per-model", type=int, default=4, help="requests per adapter and for the base")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if not args.adapters and not args.random_adapters:
+        ap.error("give --adapters or --random-adapters")
 
     import openai
 
@@ -45,6 +70,8 @@ def main() -> int:
         shutil.copytree(resolve_adapter(a), root / name)
         names.append(name)
     loaded = load_model(None)
+    for i in range(args.random_adapters):
+        names.append(_random_adapter(loaded.model, root / f"random-{i}", seed=i))
     server = Server(Engine(loaded.model, loaded.tokenizer, base_path=loaded.path), root, port=0)
     server.load_adapter_dir()
     server.start()

@@ -11,7 +11,7 @@ DEFAULT_MAX_TOKENS = 512  # when a request names none; the context limit still a
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
-                411: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
+                408: "timeout_error", 411: "invalid_request_error", 413: "invalid_request_error", 500: "server_error",
                 503: "server_error", 504: "timeout_error"}
 
 
@@ -70,27 +70,28 @@ def _number(body: dict, name: str, default, *, lo: float, hi: float, integer: bo
 
 
 def _messages(body: dict) -> list[dict]:
+    """The chat, checked as training checks its data (roles, their order, contents), so the server answers only
+    conversations of the shape the model was trained on."""
+    from posttrain.data.formats import validate_messages
+    from posttrain.data.readers import DataError
+
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise ServeError(400, "'messages' is required: a non-empty list of {role, content} objects", param="messages")
-    out = []
-    for i, m in enumerate(msgs):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ServeError(400, f"{where} must be an object with a string 'role'", param=where)
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: only text can reach a text model
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise ServeError(400, f"{where}.content: only text parts are supported", param=f"{where}.content")
-            content = "".join(p["text"] for p in content)
-        elif content is None and m["role"] == "assistant":
-            content = ""
-        elif not isinstance(content, str):
-            raise ServeError(400, f"{where}.content must be a string or a list of text parts",
-                             param=f"{where}.content")
-        out.append({"role": m["role"], "content": content})
-    return out
+    # Training's check wants the assistant turn the model learns from; here that is the turn it is asked to write.
+    # A chat may also end on an assistant turn, as OpenAI allows.
+    last = msgs[-1]
+    asked = not (isinstance(last, dict) and last.get("role") == "assistant")
+    try:
+        out = validate_messages([*msgs, {"role": "assistant", "content": "x"}] if asked else msgs, "request", None,
+                                "messages")
+    except DataError as exc:
+        if (exc.field or "").startswith(f"messages[{len(msgs)}]"):  # the added turn, refused: nothing before it
+            # is a user turn (a lone system message)
+            raise ServeError(400, "'messages' has no user turn for the model to answer", param="messages") from None
+        raise ServeError(400, f"{exc.field}: {exc.problem}" if exc.field else exc.problem,
+                         param=exc.field or "messages") from None
+    return out[:-1] if asked else out
 
 
 def _prompts(body: dict) -> list[str]:
@@ -153,6 +154,36 @@ def sampling_for(req: GenerationRequest, prompt_len: int, max_len: int | None) -
         max_tokens = req.max_tokens
     seed = req.sampling["seed"]
     return Sampling(max_tokens=max_tokens, **{**req.sampling, "seed": None if seed is None else seed % 2 ** 63})
+
+
+def chars_per_token_bound(tokenizer) -> int:
+    """At most how many characters of a prompt one token stands for: a prompt of C characters is at least
+    C / this many tokens, known without tokenizing it.
+
+    A vocabulary entry is at least as long as the text it covers (byte-level BPE spells each byte as one character,
+    SentencePiece a space as one '▁', WordPiece adds '##'; added tokens are spelt as they are), so the longest entry
+    bounds one token's text. A normaliser can shorten the text first: Unicode composition (NFC, NFKC) merges at most 4
+    code points into one (the longest canonical decomposition, U+1FAF's). One that deletes text (collapsing runs of
+    spaces, as some encoder tokenizers do) could make a prompt past this bound fit; such prompts would be refused.
+    """
+    longest = max(map(len, tokenizer.get_vocab()), default=1)
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # None: a slow tokenizer, whose normalising is unknown
+    return longest if backend is not None and backend.normalizer is None else 4 * longest
+
+
+def check_prompt_chars(req: GenerationRequest, chars: int, chars_per_token: int, max_len: int | None) -> None:
+    """Refuse a prompt that cannot fit the context by its length in characters: it has at least
+    ceil(chars / chars_per_token) tokens. Anything that passes is checked on its real length by sampling_for."""
+    if not max_len:
+        return
+    at_least = -(-chars // chars_per_token)
+    param = "messages" if req.kind == "chat" else "prompt"
+    if at_least >= max_len:
+        raise ServeError(400, f"the prompt is {chars} characters, at least {at_least} tokens; the model's context "
+                              f"is {max_len}", param=param)
+    if req.max_tokens is not None and at_least + req.max_tokens > max_len:
+        raise ServeError(400, f"prompt (at least {at_least} tokens) + max_tokens ({req.max_tokens}) exceeds the "
+                              f"model's context of {max_len} tokens", param="max_tokens")
 
 
 def new_id(kind: str) -> str:

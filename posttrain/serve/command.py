@@ -12,7 +12,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(model=args.model, adapter_dir=args.adapter_dir, host=args.host, port=args.port,
                  api_key=args.api_key or os.environ.get("POSTTRAIN_API_KEY"), served_name=args.served_name,
                  max_batch=args.max_batch, dtype=args.dtype, timeout_s=args.timeout,
-                 quantization=args.quantization)
+                 quantization=args.quantization, header_timeout_s=args.header_timeout,
+                 body_timeout_s=args.body_timeout, max_connections=args.max_connections)
 
 
 def add_commands(sub) -> None:
@@ -34,5 +35,13 @@ def add_commands(sub) -> None:
     s.add_argument("--quantization", choices=["none", "nf4"], default="none",
                    help="nf4: hold the base in 4 bits, as QLoRA adapters were trained (they are refused otherwise)")
     s.add_argument("--timeout", type=float, default=600.0,
-                   help="seconds a request may wait for its next token before it is abandoned (504)")
+                   help="seconds a request may wait for its next token before it is abandoned (504), and a "
+                        "blocked write to a client may take before the connection is dropped")
+    s.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds for a request's line and headers to arrive (connection closed), counted from the "
+                        "end of the previous request on a keep-alive connection")
+    s.add_argument("--body-timeout", type=float, default=10.0,
+                   help="seconds for a request body to arrive (408)")
+    s.add_argument("--max-connections", type=int, default=128,
+                   help="open connections at most (one thread each); more get 503")
     s.set_defaults(func=_cmd_serve)

@@ -27,6 +27,7 @@ from posttrain.serve.text import TextStream, sample_token
 log = logging.getLogger("posttrain.serve")
 
 BASE = "__base__"  # PEFT's row marker for "no adapter" (peft/tuners/lora/layer.py, _mixed_batch_forward)
+_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # the names PEFT loads from a local folder
 _END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>")
 
 
@@ -93,6 +94,10 @@ class Engine:
         if meta.get("peft_type") != "LORA":
             raise ServeError(400, f"{folder} holds a {meta.get('peft_type')} adapter; only LoRA adapters can share "
                                   "a batch", param="lora_path")
+        # Without a local weights file PEFT takes the folder for a Hub repo id and fails on its name instead.
+        if not any((folder / f).is_file() for f in _WEIGHTS):
+            raise ServeError(400, f"adapter weights file missing: {folder} has adapter_config.json but neither "
+                                  f"{' nor '.join(_WEIGHTS)}", param="lora_path")
         key = f"lora{next(self._keys)}"
         fresh = self.peft is None
         try:

@@ -7,12 +7,10 @@ POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's names), and GET /
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import queue
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -21,6 +19,7 @@ from posttrain.models.quant import is_quantized
 from posttrain.serve.adapters import discover, resolve_in_dir, training_base
 from posttrain.serve.api import ServeError
 from posttrain.serve.engine import Engine
+from posttrain.serve.http import ClientGone, JSONHandler, LimitedHTTPServer, Limits, parse_json, peer_closed
 from posttrain.serve.scheduler import Request, Scheduler
 
 log = logging.getLogger("posttrain.serve")
@@ -31,7 +30,8 @@ class Server:
 
     def __init__(self, engine: Engine, adapter_dir: str | Path, *, served_name: str = "base",
                  host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, max_batch: int = 16,
-                 batch_wait_s: float = 0.005, timeout_s: float = 600.0, max_body_bytes: int = 8 << 20):
+                 batch_wait_s: float = 0.005, timeout_s: float = 600.0, max_body_bytes: int = 8 << 20,
+                 header_timeout_s: float = 10.0, body_timeout_s: float = 10.0, max_connections: int = 128):
         self.engine, self.served_name = engine, served_name
         self.quantization = "nf4" if is_quantized(engine.base) else None
         self.adapter_dir = Path(adapter_dir).resolve()
@@ -41,9 +41,14 @@ class Server:
         self.timeout_s, self.max_body_bytes = timeout_s, max_body_bytes
         self.created = int(time.time())
         self.scheduler = Scheduler(engine, served_name=served_name, max_batch=max_batch, batch_wait_s=batch_wait_s)
-        self.encode_lock = threading.Lock()  # fast tokenizers refuse concurrent use from several threads
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
-        self.httpd.daemon_threads = True
+        # Handlers tokenize concurrently, with no lock: a fast tokenizer's backend is only changed (and then refuses
+        # concurrent use) when a call asks for other truncation or padding settings than it holds. Every call here
+        # asks for the same, so after this first call all of them only read it.
+        engine.tokenizer("warm-up", add_special_tokens=True)
+        self.chars_per_token = api.chars_per_token_bound(engine.tokenizer)
+        limits = Limits(header_timeout_s=header_timeout_s, body_timeout_s=body_timeout_s, write_timeout_s=timeout_s,
+                        max_connections=max_connections, max_body_bytes=max_body_bytes)
+        self.httpd = LimitedHTTPServer((host, port), Handler, limits)
         self.httpd.app = self
         self._http_thread: threading.Thread | None = None
 
@@ -114,10 +119,13 @@ class Server:
         self.stop()
 
     def authorised(self, header: str | None) -> bool:
+        """Whether the Authorization header is exactly ``Bearer KEY`` (the scheme's case aside, RFC 7235)."""
         if self.api_key is None:
             return True
-        given = (header or "").removeprefix("Bearer ").strip()
-        return hmac.compare_digest(given.encode(), self.api_key.encode())
+        scheme, _, given = (header or "").partition(" ")
+        # compare_digest even when the scheme is wrong, so timing shows nothing about the key.
+        same = hmac.compare_digest(given.encode(), self.api_key.encode())
+        return scheme.lower() == "bearer" and same
 
     def model_cards(self) -> list[dict]:
         base = {"id": self.served_name, "object": "model", "created": self.created, "owned_by": "posttrain",
@@ -126,19 +134,23 @@ class Server:
                           "root": a.path, "parent": self.served_name} for a in self.engine.adapters.values()]
 
     def encode(self, gen: api.GenerationRequest) -> list[list[int]]:
+        """Each prompt's token ids. A prompt too long for the context by its length in characters alone is refused
+        before it is tokenized (which takes seconds for megabytes)."""
         tok = self.engine.tokenizer
-        with self.encode_lock:
-            if gen.kind == "completion":
-                return [tok(p, add_special_tokens=True)["input_ids"] for p in gen.prompts]
+        if gen.kind == "completion":
+            texts, special = gen.prompts, True
+        else:
             if not getattr(tok, "chat_template", None):
                 raise ServeError(400, "this model's tokenizer has no chat template; use /v1/completions",
                                  param="messages")
             try:
-                text = tok.apply_chat_template(gen.prompts[0], tokenize=False, add_generation_prompt=True)
+                texts = [tok.apply_chat_template(gen.prompts[0], tokenize=False, add_generation_prompt=True)]
             except Exception as exc:  # the template's own checks (role order, ...) raise here
                 raise ServeError(400, f"the chat template refused these messages: {exc}", param="messages") from exc
-            # The rendered template carries its own special tokens.
-            return [tok(text, add_special_tokens=False)["input_ids"]]
+            special = False  # the rendered template carries its own special tokens
+        for text in texts:
+            api.check_prompt_chars(gen, len(text), self.chars_per_token, self.engine.max_len)
+        return [tok(text, add_special_tokens=special)["input_ids"] for text in texts]
 
 
 _ROUTES = {  # path -> {method: Handler method name}
@@ -149,153 +161,107 @@ _ROUTES = {  # path -> {method: Handler method name}
     "/v1/unload_lora_adapter": {"POST": "unload_lora"},
     "/health": {"GET": "health"},
 }
+_METHODS = ("GET", "POST")  # every route's methods
+# A waiting handler checks that its client is still there at most every _CHECK_S, when woken by a token, and wakes
+# by itself every _IDLE_S when none comes (queued, or a long prefill): decoding threads are not woken any more often
+# than tokens already wake them.
+_CHECK_S, _IDLE_S = 0.05, 0.25
 
 
-class _ClientGone(Exception):
-    pass
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse one connection per thread
+class Handler(JSONHandler):
     server_version = "posttrain-serve"
 
     @property
     def app(self) -> Server:
         return self.server.app
 
-    def do_GET(self):
-        self._dispatch("GET")
-
-    def do_POST(self):
-        self._dispatch("POST")
-
-    def do_PUT(self):
-        self._dispatch("PUT")
-
-    def do_DELETE(self):
-        self._dispatch("DELETE")
-
-    def do_PATCH(self):
-        self._dispatch("PATCH")
-
-    def log_message(self, fmt, *args):
-        log.debug("%s %s", self.address_string(), fmt % args)
-
-    # ---- plumbing ----
-
-    def _dispatch(self, method: str) -> None:
+    def dispatch(self, method: str) -> None:
         route = None
         try:
             # The body is read (or refused) first, so the connection stays in step whatever is answered.
-            raw = self._read_body()
+            raw = self.read_body()
             path = unquote(urlsplit(self.path).path).rstrip("/") or "/"
+            route = _ROUTES.get("/v1/models" if path.startswith("/v1/models/") else path)
+            if method not in _METHODS:  # no route has it: said before the key is asked for, as for a CORS preflight
+                raise ServeError(405, f"method {method} is not supported; {path} accepts "
+                                      f"{', '.join(route or _METHODS)}")
             if path != "/health" and not self.app.authorised(self.headers.get("Authorization")):
                 raise ServeError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
                                  code="invalid_api_key")
-            route = _ROUTES.get("/v1/models" if path.startswith("/v1/models/") else path)
             if route is None:
                 raise ServeError(404, f"no route {path}", code="unknown_route")
             if method not in route:
                 raise ServeError(405, f"{path} accepts {', '.join(route)}, not {method}")
-            body = None
-            if method == "POST":
-                try:
-                    body = json.loads(raw or b"null")
-                except ValueError as exc:
-                    raise ServeError(400, f"the request body is not valid JSON: {exc}") from exc
+            body = parse_json(raw, self.limits.max_json_depth) if method == "POST" else None
             getattr(self, route[method])(path, body)
         except ServeError as exc:
-            self._send_json(exc.status, exc.body(), allow=exc.status == 405 and route)
-        except _ClientGone:
+            self.send_json(exc.status, exc.body(), allow=(route or _METHODS) if exc.status == 405 else None)
+        except ClientGone:
             self.close_connection = True
         except Exception as exc:
             log.exception("request failed")
-            self._send_json(500, ServeError(500, f"internal error: {type(exc).__name__}: {exc}").body())
-
-    def _read_body(self) -> bytes:
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            self.close_connection = True
-            raise ServeError(411, "chunked request bodies are not supported; send Content-Length")
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            self.close_connection = True
-            raise ServeError(400, "bad Content-Length header") from None
-        if length > self.app.max_body_bytes:
-            self.close_connection = True  # the unread body would be taken for the next request
-            raise ServeError(413, f"the request body is {length} bytes; the limit is {self.app.max_body_bytes}")
-        return self.rfile.read(length) if length > 0 else b""
-
-    def _send_json(self, status: int, obj: dict, allow=None) -> None:
-        data = json.dumps(obj).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            if allow:
-                self.send_header("Allow", ", ".join(allow))
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
-            self.wfile.write(data)
-        except OSError:
-            self.close_connection = True
-
-    def _write_chunk(self, data: bytes) -> None:
-        try:
-            self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
-            self.wfile.flush()
-        except OSError as exc:
-            raise _ClientGone() from exc
-
-    def _send_event(self, obj: dict | str) -> None:
-        self._write_chunk(f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n".encode())
+            self.send_json(500, ServeError(500, f"internal error: {type(exc).__name__}: {exc}").body())
 
     def _events(self, requests: list[Request], events: queue.Queue):
-        """(index, kind, data) until every request is done; raises ServeError on an error or a stall."""
+        """(index, kind, data) until every request is done; raises ServeError on an error or a stall, ClientGone
+        when the client hangs up."""
         pending = {r.index for r in requests}
+        stall = self.app.timeout_s
         try:
+            last_token = checked = time.monotonic()
             while pending:
                 try:
-                    index, kind, data = events.get(timeout=self.app.timeout_s)
+                    item = events.get(timeout=_IDLE_S)
                 except queue.Empty:
-                    raise ServeError(504, f"no token for {self.app.timeout_s:.0f} s; request abandoned") from None
+                    item = None
+                now = time.monotonic()
+                if item is not None:
+                    last_token = now
+                elif now - last_token > stall:
+                    raise ServeError(504, f"no token for {stall:.0f} s; request abandoned")
+                if now - checked >= _CHECK_S:  # also while tokens flow: a plain answer writes nothing until the end
+                    checked = now
+                    if peer_closed(self.connection):
+                        raise ClientGone()
+                if item is None:
+                    continue
+                index, kind, data = item
                 if kind == "error":
                     raise ServeError(data["status"], data["message"])
                 if kind == "done":
                     pending.discard(index)
                 yield index, kind, data
-        finally:  # normal end, error, timeout, or client gone: free the rows still decoding
+        finally:  # normal end, error, timeout, or client gone: the scheduler drops the rows still decoding
             for r in requests:
                 r.cancelled = True
 
     # ---- routes ----
 
     def health(self, path, body):
-        self._send_json(200, {"status": "ok", "adapters": sorted(self.app.engine.adapters),
-                              "stats": dict(self.app.engine.stats)})
+        self.send_json(200, {"status": "ok", "adapters": sorted(self.app.engine.adapters),
+                             "stats": dict(self.app.engine.stats)})
 
     def models(self, path, body):
         cards = self.app.model_cards()
         if path == "/v1/models":
-            return self._send_json(200, {"object": "list", "data": cards})
+            return self.send_json(200, {"object": "list", "data": cards})
         wanted = path.removeprefix("/v1/models/")
         card = next((c for c in cards if c["id"] == wanted), None)
         if card is None:
             raise ServeError(404, f"model {wanted!r} is not served here", param="model", code="model_not_found")
-        self._send_json(200, card)
+        self.send_json(200, card)
 
     def load_lora(self, path, body):
         name, lora_path = self._field(body, "lora_name"), self._field(body, "lora_path")
         adapter = self.app.load_adapter(name, lora_path)
-        self._send_json(200, {"object": "lora_adapter", "id": name, "path": adapter.path,
-                              "message": f"Success: LoRA adapter '{name}' added successfully."})
+        self.send_json(200, {"object": "lora_adapter", "id": name, "path": adapter.path,
+                             "message": f"Success: LoRA adapter '{name}' added successfully."})
 
     def unload_lora(self, path, body):
         name = self._field(body, "lora_name")
         self.app.unload_adapter(name)
-        self._send_json(200, {"object": "lora_adapter", "id": name, "deleted": True,
-                              "message": f"Success: LoRA adapter '{name}' removed successfully."})
+        self.send_json(200, {"object": "lora_adapter", "id": name, "deleted": True,
+                             "message": f"Success: LoRA adapter '{name}' removed successfully."})
 
     @staticmethod
     def _field(body, name: str) -> str:
@@ -337,7 +303,7 @@ class Handler(BaseHTTPRequestHandler):
                 reasons[index] = data["finish_reason"]
                 completion_tokens += data["completion_tokens"]
         use = api.usage(sum(len(r.prompt_ids) for r in requests), completion_tokens)
-        self._send_json(200, api.response(gen.kind, rid, gen.model, texts, reasons, use))
+        self.send_json(200, api.response(gen.kind, rid, gen.model, texts, reasons, use))
 
     def _stream(self, gen, rid, requests, events) -> None:
         self.send_response(200)
@@ -349,30 +315,31 @@ class Handler(BaseHTTPRequestHandler):
         completion_tokens = 0
         try:
             if kind == "chat":
-                self._send_event(api.chunk(kind, rid, model, 0, first=True))
+                self.send_event(api.chunk(kind, rid, model, 0, first=True))
             for index, event, data in self._events(requests, events):
                 if event == "text":
-                    self._send_event(api.chunk(kind, rid, model, index, text=data["text"]))
+                    self.send_event(api.chunk(kind, rid, model, index, text=data["text"]))
                 else:
                     completion_tokens += data["completion_tokens"]
-                    self._send_event(api.chunk(kind, rid, model, index, finish_reason=data["finish_reason"]))
+                    self.send_event(api.chunk(kind, rid, model, index, finish_reason=data["finish_reason"]))
             if gen.include_usage:
                 use = api.usage(sum(len(r.prompt_ids) for r in requests), completion_tokens)
-                self._send_event(api.chunk(kind, rid, model, None, use=use))
+                self.send_event(api.chunk(kind, rid, model, None, use=use))
         except ServeError as exc:  # the status line is gone: report in-band, as OpenAI-compatible servers do
-            self._send_event(exc.body())
-        except _ClientGone:
+            self.send_event(exc.body())
+        except ClientGone:
             raise
         except Exception as exc:
             log.exception("stream failed")
-            self._send_event(ServeError(500, f"internal error: {type(exc).__name__}: {exc}").body())
-        self._send_event("[DONE]")
-        self._write_chunk(b"")
+            self.send_event(ServeError(500, f"internal error: {type(exc).__name__}: {exc}").body())
+        self.send_event("[DONE]")
+        self.write_chunk(b"")
 
 
 def serve(*, model: str | None, adapter_dir: str, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, served_name: str = "base", max_batch: int = 16, dtype: str = "auto",
-          timeout_s: float = 600.0, quantization: str = "none") -> int:
+          timeout_s: float = 600.0, quantization: str = "none", header_timeout_s: float = 10.0,
+          body_timeout_s: float = 10.0, max_connections: int = 128) -> int:
     """Load the base, the adapters in ``adapter_dir``, and serve until interrupted."""
     from posttrain.models import Quantization, load_model
 
@@ -383,7 +350,8 @@ def serve(*, model: str | None, adapter_dir: str, host: str = "127.0.0.1", port:
     engine = Engine(loaded.model, loaded.tokenizer, base_path=loaded.path)
     try:
         server = Server(engine, adapter_root, served_name=served_name, host=host, port=port, api_key=api_key,
-                        max_batch=max_batch, timeout_s=timeout_s)
+                        max_batch=max_batch, timeout_s=timeout_s, header_timeout_s=header_timeout_s,
+                        body_timeout_s=body_timeout_s, max_connections=max_connections)
     except OSError as exc:  # port taken, address not available
         log.error("error: cannot listen on %s:%s: %s", host, port, exc)
         return 2
