@@ -18,13 +18,15 @@ Configurations:
                      (``precompute_ref: true``, packed no-grad batches); its pairs/s is a one-epoch figure that
                      includes that pass: 1 / (training s/pair + reference-pass s/pair over the whole --pairs set)
   trl                TRL DPOTrainer (chosen rows then rejected rows, right-padded to the batch's longest sequence)
+Each also runs as ``<config>-bf16`` and posttrain's as ``<config>-auto`` (see benchmarks/_common.py; -bf16 is
+skipped on a CPU without native bf16 unless --force-bf16); the default is posttrain, posttrain-auto, trl, trl-bf16.
 
 Shared settings: the embedded SmolLM2-135M-Instruct in fp32 with SDPA attention, 2 torch threads, LoRA r=16
 alpha=32 dropout 0 on q,k,v,o,gate,up,down, DPO sigmoid loss with beta 0.1, lr 5e-6 constant (no warmup), AdamW,
 grad clip 1.0, micro-batch ``--batch`` pairs, no gradient accumulation, no gradient checkpointing. The reference
 is the same model with its adapters disabled, run on the fly every step (posttrain: ``AdapterOffReference``; TRL:
-``peft_config`` and no ``ref_model``, ``precompute_ref_log_probs=False``). TRL gets ``bf16=False, fp16=False,
-use_cpu=True`` and ``gradient_checkpointing=False`` (DPOConfig turns it on by default).
+``peft_config`` and no ``ref_model``, ``precompute_ref_log_probs=False``). TRL gets ``bf16=False`` (True for
+-bf16), ``fp16=False, use_cpu=True`` and ``gradient_checkpointing=False`` (DPOConfig turns it on by default).
 
 Data: the first ``--pairs`` pairs of ``../shared/data/hh-rlhf/harmless-base-test.jsonl.gz`` whose chosen and
 rejected sequences (prompt + response) both fit in ``--max-len`` tokens, as posttrain's ``build_pairs`` renders
@@ -42,7 +44,7 @@ that FLOP/s divided by the fp32 2048x2048 matmul rate measured by this script (b
 the best reading counts).
 
 Set-up and run (TRL lives only in the git-ignored .bench-venv; see benchmarks/README.md):
-  .bench-venv/bin/python benchmarks/bench_dpo.py [--configs posttrain,posttrain-pack,trl] [--json out.json]
+  .bench-venv/bin/python benchmarks/bench_dpo.py [--configs posttrain,posttrain-auto,trl,trl-bf16] [--json out.json]
 """
 
 from __future__ import annotations
@@ -50,23 +52,25 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the SFT benchmark's helpers, shared not copied
-from bench_sft import base_param_count, finish, peak_rss_mb, run_rounds, start  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from _common import (base_config, base_param_count, best_trl, bf16_skips, expand, finish, medians,  # noqa: E402
+                     peak_rss_mb, posttrain_dtype, precision, ratio_summary, run_rounds, skipped_rows, start,
+                     trl_numerics)
 
 if TYPE_CHECKING:  # posttrain imports torch: only workers pay for it
     from posttrain.data import Pair, PairPlan
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
-CONFIGS = ("posttrain", "posttrain-pack", "posttrain-compile", "posttrain-noshare", "posttrain-precomp", "trl")
-DEFAULT_CONFIGS = ("posttrain", "trl")
+CONFIGS = expand(("posttrain", "posttrain-pack", "posttrain-compile", "posttrain-noshare", "posttrain-precomp"),
+                 ("trl",))
+DEFAULT_CONFIGS = ("posttrain", "posttrain-auto", "trl", "trl-bf16")
 LORA = dict(r=16, alpha=32, dropout=0.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                   "down_proj"])
 BETA = 0.1
@@ -131,7 +135,8 @@ def worker_posttrain(args: argparse.Namespace, name: str) -> dict[str, Any]:
     from posttrain.pipeline import seed_everything
 
     seed_everything(SEED)
-    loaded = load_model(args.model, dtype="float32", device="cpu")  # its default attention (sdpa_packed)
+    loaded = load_model(args.model, dtype=posttrain_dtype(name), device="cpu")  # its default attention (sdpa_packed)
+    name = base_config(name)  # the precision is in ``loaded.numerics`` from here on
     tok = loaded.tokenizer
     pairs, _, info = load_pairs(args.pairs, args.max_len, tok)
     n_params = base_param_count(loaded.model)
@@ -147,6 +152,7 @@ def worker_posttrain(args: argparse.Namespace, name: str) -> dict[str, Any]:
     reference, ref_seconds = AdapterOffReference(), 0.0
     if name == "posttrain-precomp":
         t0 = time.perf_counter()
+        # As run_dpo: this pass runs before train_loop, so outside its autocast (fp32 for every model.dtype).
         with tempfile.TemporaryDirectory(prefix="bench-ref-") as tmp:
             batches = pair_batches(pairs, args.batch, tok.pad_token_id, share, args.max_len)
             reference = precompute_reference(reference, model, batches, len(pairs), Path(tmp) / "ref.pt")
@@ -165,7 +171,7 @@ def worker_posttrain(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
     # min_lr_ratio=1 turns posttrain's warmup-cosine schedule into a constant lr, as TRL's "constant".
     opts = LoopOptions(total_steps=args.warmup + args.steps, lr=args.lr, warmup_steps=0, min_lr_ratio=1.0,
-                       max_grad_norm=1.0, log_every=1)
+                       max_grad_norm=1.0, log_every=1, autocast=loaded.numerics.autocast)  # as a pipeline run
     with tempfile.TemporaryDirectory(prefix="bench-posttrain-") as out:
         train_loop(model, method, Counted(), opts, Path(out))
         records = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "tokens_per_s" in r]
@@ -174,7 +180,8 @@ def worker_posttrain(args: argparse.Namespace, name: str) -> dict[str, Any]:
         n_pairs, tokens, fed, positions = counts[r["step"]]
         steps.append({"step": r["step"], "pairs": n_pairs, "tokens": tokens, "positions": positions,
                       "seconds": fed / r["tokens_per_s"], "loss": r["loss"]})
-    return {"steps": steps, "n_params": n_params, **info, "rows": len(plan.units), "ref_seconds": ref_seconds}
+    return {"steps": steps, "n_params": n_params, **info, "rows": len(plan.units), "ref_seconds": ref_seconds,
+            "numerics": f"posttrain {loaded.numerics.describe()}"}
 
 
 def trl_batch_counts(inputs: dict[str, Any]) -> tuple[int, int, int]:
@@ -190,7 +197,7 @@ def trl_batch_counts(inputs: dict[str, Any]) -> tuple[int, int, int]:
     return mask.shape[0] // 2, int(mask.sum()), mask.numel()
 
 
-def worker_trl(args: argparse.Namespace) -> dict[str, Any]:
+def worker_trl(args: argparse.Namespace, bf16: bool) -> dict[str, Any]:
     import torch
     import transformers
     from datasets import Dataset
@@ -221,7 +228,7 @@ def worker_trl(args: argparse.Namespace) -> dict[str, Any]:
         output_dir=out, max_steps=total, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
         seed=SEED, data_seed=SEED, train_sampling_strategy="sequential",
-        bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False,
+        bf16=bf16, fp16=False, use_cpu=True, gradient_checkpointing=False,
         max_length=2 * args.max_len, padding_free=False, beta=BETA, loss_type=["sigmoid"],
         precompute_ref_log_probs=False,
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
@@ -278,7 +285,7 @@ def worker_trl(args: argparse.Namespace) -> dict[str, Any]:
             "sequences_differing_from_posttrain": differ, "sequences_compared": 2 * len(order),
             "token_diff_vs_posttrain": token_diff, "padding_free": bool(getattr(trainer, "padding_free", False)),
             "gradient_checkpointing": bool(cfg.gradient_checkpointing),
-            "optim": str(getattr(cfg.optim, "value", cfg.optim))}
+            "optim": str(getattr(cfg.optim, "value", cfg.optim)), "numerics": trl_numerics(bf16)}
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -286,7 +293,8 @@ def run_worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     name = args.worker
-    result = worker_trl(args) if name == "trl" else worker_posttrain(args, name)
+    result = (worker_trl(args, bf16=precision(name) == "bf16") if name.startswith("trl")
+              else worker_posttrain(args, name))
     measured = [s for s in result["steps"] if s["step"] > args.warmup]
     if not measured:
         raise RuntimeError("no timed step: --steps must be at least 1")
@@ -307,22 +315,25 @@ def run_worker(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Driver.
 
-def table(results: dict[str, list[dict]], ceiling: float, warmup: int, steps: int) -> str:
-    """Markdown table of the per-config medians, with the pairs/s ratio against TRL and the FLOP-ceiling share."""
+def table(results: dict[str, list[dict]], ceiling: float, warmup: int, steps: int, skip: dict[str, str]) -> str:
+    """Markdown table of the per-config medians, with the pairs/s ratio against TRL's best measured configuration
+    and the FLOP-ceiling share."""
     keys = ("pairs_per_s", "tokens_per_s", "peak_rss_mb", "s_per_step", "pairs_per_step", "tokens_per_step",
             "positions_per_step")
-    med = {c: {k: statistics.median(r[k] for r in rs) for k in keys} for c, rs in results.items() if rs}
-    n_params = next(iter(results.values()))[0]["n_params"]
+    med = medians(results, keys)
+    best = best_trl(med, "pairs_per_s", higher_is_better=True)
+    n_params = next(rs for rs in results.values() if rs)[0]["n_params"]
     lines = ["| config | pairs/s | tokens/s | s/step | peak RSS MB | pairs/step | tokens/step | positions/step | "
-             "runs (pairs/s) | vs TRL (pairs/s) | FLOP ceiling fraction |",
+             "runs (pairs/s) | vs best TRL (pairs/s) | FLOP ceiling fraction |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c, m in med.items():
-        ratio = f"{m['pairs_per_s'] / med['trl']['pairs_per_s']:.2f}x" if "trl" in med else "-"
+        ratio = f"{m['pairs_per_s'] / med[best]['pairs_per_s']:.2f}x" if best else "-"
         frac = m["tokens_per_s"] * 6 * n_params / (ceiling * 1e9)
         runs = ", ".join(f"{r['pairs_per_s']:.2f}" for r in results[c])
         lines.append(f"| {c} | {m['pairs_per_s']:.2f} | {m['tokens_per_s']:.1f} | {m['s_per_step']:.2f} | "
                      f"{m['peak_rss_mb']:.0f} | {m['pairs_per_step']:.1f} | {m['tokens_per_step']:.0f} | "
                      f"{m['positions_per_step']:.0f} | {runs} | {ratio} | {100 * frac:.0f}% |")
+    lines += skipped_rows(skip, 11)
     notes = [f"Medians over runs (the 'runs' column lists each run's pairs/s); {steps} timed optimizer steps after "
              f"{warmup} warm-up steps per run. tokens = prompt + chosen and prompt + rejected of every pair "
              f"trained (the work of two separate sequences, what TRL feeds); positions = input tensor size as fed, "
@@ -330,12 +341,13 @@ def table(results: dict[str, list[dict]], ceiling: float, warmup: int, steps: in
              f"FLOP ceiling: fp32 2048x2048 matmul at {ceiling:.1f} GFLOP/s; 6 x N = 6 x {n_params / 1e6:.1f} M "
              f"FLOPs per token, so the ceiling is {ceiling * 1e9 / (6 * n_params):.0f} tokens/s (tokens as above: "
              f"a framework that computes a shared prompt once can pass 100%)."]
-    if results.get("trl"):
-        r = results["trl"][0]
+    if best:
+        r = results[best][0]
         notes.append(f"TRL tokenisation vs posttrain's: {r['sequences_differing_from_posttrain']} of "
                      f"{r['sequences_compared']} fed sequences differ, {r['token_diff_vs_posttrain']:+d} tokens "
                      f"in all; TRL optim {r['optim']}, padding_free {r['padding_free']}, gradient checkpointing "
                      f"{r['gradient_checkpointing']}.")
+    notes += ratio_summary(results, med, "pairs_per_s", "pairs/s", True, skip)
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
 
 
@@ -365,11 +377,12 @@ def main() -> None:
                 f"loss@1 {'-' if loss1 is None else f'{loss1:.4f}'} "
                 f"(data: {r['pairs']} pairs, {r['dataset_tokens']} tokens, {r['rows']} rows)")
 
-    results, ceilings = run_rounds(args, configs, common, __file__, describe)
-    first = next(iter(results.values()))[0]
+    skip = bf16_skips(args, configs)
+    results, ceilings = run_rounds(args, configs, common, __file__, describe, skip)
+    first = next(rs for rs in results.values() if rs)[0]
     print(f"data: {first['data']} ({first['overlong_in_prefix']} over-long and {first['bad_in_prefix']} bad pairs "
           f"skipped before the last kept one)")
-    finish(args, results, ceilings, table(results, max(ceilings), args.warmup, args.steps))
+    finish(args, results, ceilings, table(results, max(ceilings), args.warmup, args.steps, skip))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ score them, compute group advantages and the reference log-probs, then forward/b
 micro-batches and take one optimizer step. Only steps after ``--warmup`` steps are timed (model loading,
 tokenisation and trainer construction are excluded), and both sides are timed the same way: wall-clock from the end
 of the previous optimizer step to the end of this one (generation included). The ratio column is posttrain s/step
-divided by TRL s/step (the project's target is <= 0.5).
+divided by the best TRL configuration's s/step (the project's target is <= 0.5).
 
 Configurations:
   posttrain  posttrain's engine, built in the worker as ``run_grpo`` builds it: LoRA (``apply_lora``),
@@ -18,6 +18,8 @@ Configurations:
              warm-up step; sampling runs eagerly)
   trl        TRL GRPOTrainer with ``peft_config`` (its reference is the policy with the adapter disabled);
              timed by a TrainerCallback between ``on_step_end`` calls
+Each also runs as ``<config>-bf16`` and posttrain's as ``<config>-auto`` (see benchmarks/_common.py; -bf16 is
+skipped on a CPU without native bf16 unless --force-bf16); the default is posttrain, posttrain-auto, trl, trl-bf16.
 
 Shared settings: the embedded SmolLM2-135M-Instruct in fp32 with SDPA attention, 2 torch threads, LoRA r=16
 alpha=32 dropout 0 on q,k,v,o,gate,up,down, dropout disabled, G = ``--group`` completions per prompt,
@@ -28,10 +30,11 @@ reference (k3 estimator, no importance-ratio factor: TRL ``use_bias_correction_k
 over completions (posttrain aggregation "grpo", TRL ``loss_type="grpo"``), group advantages scaled by the group std
 (TRL ``scale_rewards="group"``), lr 1e-4 constant, AdamW, grad clip 1.0, micro-batch min(``--micro-batch`` = 8,
 per-step x G) completions with gradient accumulation over the rest of the step, no gradient checkpointing. TRL gets
-``bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False`` (GRPOConfig defaults to bf16 and
-checkpointing), ``per_device_train_batch_size`` = the micro-batch, ``gradient_accumulation_steps`` = per-step x G /
-micro-batch, and leaves ``steps_per_generation`` at its default (= gradient_accumulation_steps), which makes
-``generation_batch_size`` = per-step x G: exactly one generation per optimizer step (the worker checks this).
+``bf16=False`` (True for -bf16), ``fp16=False, use_cpu=True, gradient_checkpointing=False`` (GRPOConfig defaults
+to bf16 and checkpointing), ``per_device_train_batch_size`` = the micro-batch, ``gradient_accumulation_steps`` =
+per-step x G / micro-batch, and leaves ``steps_per_generation`` at its default (= gradient_accumulation_steps),
+which makes ``generation_batch_size`` = per-step x G: exactly one generation per optimizer step (the worker checks
+this).
 
 Equal work: every completion is exactly ``--max-new`` tokens on both sides, since end of turn cannot be sampled
 before then (posttrain ``GRPOParams(min_new_tokens=max_new)``; TRL ``generation_kwargs={"min_new_tokens": ...}``,
@@ -69,21 +72,22 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the SFT benchmark's helpers, shared not copied
-from bench_sft import base_param_count, finish, peak_rss_mb, run_rounds, start  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
+from _common import (base_config, base_param_count, best_trl, bf16_skips, expand, finish, medians,  # noqa: E402
+                     peak_rss_mb, posttrain_dtype, precision, ratio_summary, run_rounds, skipped_rows, start,
+                     trl_numerics)
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/train.jsonl"
 EXAMPLE = REPO / "examples" / "grpo-gsm8k.yaml"
-CONFIGS = ("posttrain", "posttrain-compile", "trl")
-DEFAULT_CONFIGS = ("posttrain", "trl")
+CONFIGS = expand(("posttrain", "posttrain-compile"), ("trl",))
+DEFAULT_CONFIGS = ("posttrain", "posttrain-auto", "trl", "trl-bf16")
 LORA = dict(r=16, alpha=32, dropout=0.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                   "down_proj"])
 TEMPERATURE = 0.8
@@ -147,14 +151,14 @@ def micro_batch(args: argparse.Namespace) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------------
 # Workers (run in subprocesses).
 
-def worker_posttrain(args: argparse.Namespace, compiled: bool = False) -> dict[str, Any]:
+def worker_posttrain(args: argparse.Namespace, compiled: bool, dtype: str) -> dict[str, Any]:
     from posttrain.engine import LoopOptions, read_metrics, train_loop
     from posttrain.methods.grpo import GRPO, GRPOParams, RolloutPlan, token_reference
     from posttrain.models import apply_lora, load_model
     from posttrain.pipeline import disable_dropout, seed_everything
 
     seed_everything(SEED)
-    loaded = load_model(args.model, dtype="float32", device="cpu")  # its default attention (sdpa_packed)
+    loaded = load_model(args.model, dtype=dtype, device="cpu")  # its default attention (sdpa_packed)
     tok = loaded.tokenizer
     prompts, rows, chats, data = load_data(args.prompts, tok)
     n_params = base_param_count(loaded.model)
@@ -186,8 +190,9 @@ def worker_posttrain(args: argparse.Namespace, compiled: bool = False) -> dict[s
             return micro_batches
 
     # min_lr_ratio=1 turns posttrain's warmup-cosine schedule into a constant lr, as TRL's "constant".
+    # autocast as a pipeline run sets it; train_loop samples the rollouts under it too.
     opts = LoopOptions(total_steps=total, lr=args.lr, warmup_steps=0, min_lr_ratio=1.0, max_grad_norm=1.0,
-                       log_every=1)
+                       log_every=1, autocast=loaded.numerics.autocast)
     with tempfile.TemporaryDirectory(prefix="bench-posttrain-") as out:
         train_loop(model, GRPO(params), Counted(), opts, Path(out))
         records = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "tokens_per_s" in r]
@@ -207,10 +212,11 @@ def worker_posttrain(args: argparse.Namespace, compiled: bool = False) -> dict[s
                       "completion_len": completion_len, "tokens": tokens, "fed_tokens": fed[s], "loss": r["loss"],
                       "reward": r.get("reward"), "kl": r.get("kl")})
     return {"steps": steps, "n_params": n_params, "data": data, "prompts": len(prompts), "micro_batch": micro,
-            "order_matches": visited == expected, "order": visited}
+            "order_matches": visited == expected, "order": visited,
+            "numerics": f"posttrain {loaded.numerics.describe()}"}
 
 
-def worker_trl(args: argparse.Namespace) -> dict[str, Any]:
+def worker_trl(args: argparse.Namespace, bf16: bool) -> dict[str, Any]:
     import torch
     import transformers
     from datasets import Dataset
@@ -243,7 +249,7 @@ def worker_trl(args: argparse.Namespace) -> dict[str, Any]:
     cfg = GRPOConfig(
         output_dir=out, max_steps=total, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
-        seed=SEED, data_seed=SEED, bf16=False, fp16=False, use_cpu=True, gradient_checkpointing=False,
+        seed=SEED, data_seed=SEED, bf16=bf16, fp16=False, use_cpu=True, gradient_checkpointing=False,
         num_generations=args.group, max_completion_length=args.max_new, temperature=TEMPERATURE, top_p=TOP_P,
         top_k=0, generation_kwargs={"min_new_tokens": args.max_new}, shuffle_dataset=False,
         beta=BETA, num_iterations=MU, epsilon=CLIP_EPS, loss_type="grpo", scale_rewards="group",
@@ -311,7 +317,7 @@ def worker_trl(args: argparse.Namespace) -> dict[str, Any]:
             "prompts_compared": len(set(order)), "generation_batch_size": cfg.generation_batch_size,
             "steps_per_generation": cfg.steps_per_generation, "gradient_accumulation_steps": accum,
             "gradient_checkpointing": bool(cfg.gradient_checkpointing),
-            "optim": str(getattr(cfg.optim, "value", cfg.optim))}
+            "optim": str(getattr(cfg.optim, "value", cfg.optim)), "numerics": trl_numerics(bf16)}
 
 
 def run_worker(args: argparse.Namespace) -> None:
@@ -319,7 +325,9 @@ def run_worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     name = args.worker
-    result = worker_trl(args) if name == "trl" else worker_posttrain(args, compiled=name == "posttrain-compile")
+    compiled = base_config(name) == "posttrain-compile"
+    result = (worker_trl(args, bf16=precision(name) == "bf16") if name.startswith("trl") else
+              worker_posttrain(args, compiled=compiled, dtype=posttrain_dtype(name)))
     measured = [s for s in result["steps"] if s["step"] > args.warmup]
     if not measured:
         raise RuntimeError("no timed step: --steps must be at least 1")
@@ -337,26 +345,29 @@ def run_worker(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Driver.
 
-def table(results: dict[str, list[dict]], ceiling: float, args: argparse.Namespace) -> str:
-    """Markdown table of the per-config medians, with the s/step ratio to TRL and the FLOP-ceiling share."""
+def table(results: dict[str, list[dict]], ceiling: float, args: argparse.Namespace, skip: dict[str, str]) -> str:
+    """Markdown table of the per-config medians, with the s/step ratio to TRL's best measured configuration and the
+    FLOP-ceiling share."""
     keys = ("s_per_step", "peak_rss_mb", "completions_per_step", "tokens_per_step", "completion_len")
-    med = {c: {k: statistics.median(r[k] for r in rs) for k in keys} for c, rs in results.items() if rs}
-    n_params = next(iter(results.values()))[0]["n_params"]
-    lines = ["| config | s/step | vs TRL (s/step) | peak RSS MB | completions/step | completion len | tokens/step | "
-             "runs (s/step) | FLOP ceiling fraction |",
+    med = medians(results, keys)
+    best = best_trl(med, "s_per_step", higher_is_better=False)
+    n_params = next(rs for rs in results.values() if rs)[0]["n_params"]
+    lines = ["| config | s/step | vs best TRL (s/step) | peak RSS MB | completions/step | completion len | "
+             "tokens/step | runs (s/step) | FLOP ceiling fraction |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c, m in med.items():
-        ratio = f"{m['s_per_step'] / med['trl']['s_per_step']:.2f}" if "trl" in med else "-"
+        ratio = f"{m['s_per_step'] / med[best]['s_per_step']:.2f}" if best else "-"
         frac = m["tokens_per_step"] * 8 * n_params / m["s_per_step"] / (ceiling * 1e9)
         runs = ", ".join(f"{r['s_per_step']:.2f}" for r in results[c])
         lines.append(f"| {c} | {m['s_per_step']:.2f} | {ratio} | {m['peak_rss_mb']:.0f} | "
                      f"{m['completions_per_step']:.0f} | {m['completion_len']:.1f} | {m['tokens_per_step']:.0f} | "
                      f"{runs} | {100 * frac:.1f}% |")
+    lines += skipped_rows(skip, 9)
     notes = [f"Medians over runs (the 'runs' column lists each run's s/step); {args.steps} timed optimizer steps "
              f"after {args.warmup} warm-up steps per run; a step = {args.per_step} prompts x {args.group} "
              f"completions of {args.max_new} new tokens, micro-batch "
              f"{min(args.micro_batch, args.per_step * args.group)}. "
-             "'vs TRL' = posttrain s/step / TRL s/step (target <= 0.5). "
+             "'vs best TRL' = s/step / the best TRL configuration's s/step (target <= 0.5). "
              f"completion len = mean generated tokens per completion over all steps (forced to --max-new); "
              f"tokens/step = prompt + completion tokens of every completion trained.",
              f"FLOP ceiling: fp32 2048x2048 matmul at {ceiling:.1f} GFLOP/s; 8 x N = 8 x {n_params / 1e6:.1f} M "
@@ -365,13 +376,14 @@ def table(results: dict[str, list[dict]], ceiling: float, args: argparse.Namespa
         bad = [i + 1 for i, r in enumerate(rs) if not r["order_matches"]]
         if bad:
             notes.append(f"WARNING: {c} visited prompts in an order other than posttrain's plan in run(s) {bad}.")
-    if results.get("trl"):
-        r = results["trl"][0]
+    if best:
+        r = results[best][0]
         notes.append(f"TRL prompt tokenisation vs posttrain's: {r['prompts_differing_from_posttrain']} of "
                      f"{r['prompts_compared']} prompts differ; TRL generation_batch_size {r['generation_batch_size']}, "
                      f"steps_per_generation {r['steps_per_generation']}, gradient_accumulation_steps "
                      f"{r['gradient_accumulation_steps']} (micro-batch {r['micro_batch']}), optim {r['optim']}, "
                      f"gradient checkpointing {r['gradient_checkpointing']}.")
+    notes += ratio_summary(results, med, "s_per_step", "s/step", False, skip)
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
 
 
@@ -409,10 +421,11 @@ def main() -> None:
                 f"{r['completion_len']:.1f} {r['tokens_per_step']:6.0f} tokens/step {r['peak_rss_mb']:6.0f} MB "
                 f"loss@1 {loss1} reward@1 {reward1} order {'ok' if r['order_matches'] else 'DIFFERS'}")
 
-    results, ceilings = run_rounds(args, configs, common, __file__, describe)
-    first = next(iter(results.values()))[0]
+    skip = bf16_skips(args, configs)
+    results, ceilings = run_rounds(args, configs, common, __file__, describe, skip)
+    first = next(rs for rs in results.values() if rs)[0]
     print(f"data: {first['data']}; system prompt and rewards from {EXAMPLE.relative_to(REPO)}")
-    finish(args, results, ceilings, table(results, max(ceilings), args))
+    finish(args, results, ceilings, table(results, max(ceilings), args, skip))
 
 
 if __name__ == "__main__":

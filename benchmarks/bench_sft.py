@@ -12,13 +12,22 @@ Configurations:
                      warm-up steps)
   trl-pack           TRL SFTTrainer, packing=True (strategy 'bfd', which turns on padding-free batches)
   trl-pad            TRL SFTTrainer, packing=False (right padding to the batch's longest)
+Each has precision variants (benchmarks/_common.py): ``<config>-bf16`` (posttrain ``model.dtype: bf16_mixed``, TRL
+``bf16=True``: fp32 weights, forwards under bf16 autocast) and, for posttrain, ``<config>-auto`` (``model.dtype:
+auto``, whatever choose_numerics picks here, printed with its reason). The default is the four-way comparison
+posttrain, posttrain-auto, trl-pack, trl-pack-bf16; on a CPU without avx512_bf16/amx_bf16 the -bf16 ones are
+skipped (with the reason in the table) unless --force-bf16. Ratios are against TRL's best measured configuration.
+
+``--loss-check`` trains instead ``--loss-steps`` (20) steps of posttrain and posttrain-bf16 on the same batches and
+reports the relative difference of their final losses (target: within 1%); it exits 1 beyond that.
 
 Shared settings: the embedded SmolLM2-135M-Instruct in fp32 with SDPA attention, LoRA r=16 alpha=32
 dropout 0 (posttrain's default; --lora-dropout) on all linear layers (q,k,v,o,gate,up,down), lr 2e-4, AdamW, grad clip 1.0, micro-batch 4,
 no gradient accumulation, no gradient checkpointing, assistant-only loss, seq length cap 512,
-2 torch threads. TRL gets ``bf16=False, fp16=False, use_cpu=True``; its SmolLM2 chat template has no
-``{% generation %}`` tags and TRL ships no training template for it, so TRL is fed prompt/completion
-conversational rows with ``completion_only_loss=True`` (the same assistant-only mask for single-turn chats).
+2 torch threads. TRL gets ``bf16=False`` (``True`` for -bf16), ``fp16=False, use_cpu=True``; its SmolLM2 chat
+template has no ``{% generation %}`` tags and TRL ships no training template for it, so TRL is fed
+prompt/completion conversational rows with ``completion_only_loss=True`` (the same assistant-only mask for
+single-turn chats).
 
 FLOP ceiling: LoRA training costs about 4 * N FLOPs per token (forward 2N, activation gradients 2N; frozen
 weights need no weight gradients), N = the base model's parameter count including the tied embedding/head.
@@ -41,19 +50,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# base_param_count and matmul_gflops are re-exported: sft_bound.py imports them from here.
+from _common import (REPO, base_config, base_param_count, bf16_skips, best_trl, expand, finish,  # noqa: E402,F401
+                     matmul_gflops, medians, peak_rss_mb, posttrain_dtype, precision, ratio_summary, run_rounds,
+                     skipped_rows, start, trl_numerics)
+
 DATA = REPO.parent / "shared" / "data" / "alpaca-eval" / "gpt4_vs_davinci003_annotations.json"
-CONFIGS = ("posttrain", "posttrain-nopack", "posttrain-compile", "trl-pack", "trl-pad")
-DEFAULT_CONFIGS = ("posttrain", "trl-pack", "trl-pad")
+CONFIGS = expand(("posttrain", "posttrain-nopack", "posttrain-compile"), ("trl-pack", "trl-pad"))
+DEFAULT_CONFIGS = ("posttrain", "posttrain-auto", "trl-pack", "trl-pack-bf16")
+LOSS_TOLERANCE = 0.01  # fp32 vs bf16_mixed final loss, relative: the bf16_mixed acceptance target
 LORA = dict(r=16, alpha=32, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                    "down_proj"])
 SEED = 0
@@ -95,21 +106,6 @@ def load_chats(n: int, max_len: int, tokenizer) -> tuple[list[list[dict]], str]:
     return keep, source
 
 
-def base_param_count(model) -> int:
-    """Parameters of the base model, tied weights once, LoRA excluded."""
-    seen, total = set(), 0
-    for name, p in model.named_parameters():
-        if "lora_" in name or id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-    return total
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
-
 def batch_counts(batch) -> tuple[int, int]:
     """(non-padding input tokens, trained tokens) of a collated batch; the same rule for both frameworks."""
     if "attention_mask" in batch:
@@ -122,13 +118,12 @@ def batch_counts(batch) -> tuple[int, int]:
     return tokens, trained
 
 
-def build_model(args, attn: str):
+def build_model(args, attn: str, dtype):
     """The model both workers train: the ``--model`` checkpoint, or with ``--arch`` a random-initialised model of
-    that architecture (throughput does not depend on the weights' values), in ``--dtype`` on ``--device``."""
+    that architecture (throughput does not depend on the weights' values), in ``dtype`` on ``--device``."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    dtype = getattr(torch, args.dtype)
     if args.arch:
         from gpu_check import arch_config
 
@@ -156,19 +151,25 @@ def peak_gpu_mb() -> float | None:
 # ----------------------------------------------------------------------------------------------------------------
 # Workers (run in subprocesses).
 
-def worker_posttrain(args, packing: bool, compiled: bool = False) -> dict:
+def worker_posttrain(args, packing: bool, compiled: bool, dtype: str) -> dict:
+    """``dtype``: posttrain's model.dtype (float32, bfloat16, auto or bf16_mixed)."""
+    import torch
+
     from posttrain.data import BatchPlan, render_example
     from posttrain.engine import LoopOptions, read_metrics, train_loop
     from posttrain.methods import SFT
     from posttrain.models import apply_lora, load_model, load_tokenizer
     from posttrain.models.attention import register
+    from posttrain.models.numerics import choose_numerics
     from posttrain.pipeline import seed_everything
 
     seed_everything(SEED)
-    if args.arch or args.device != "cpu" or args.dtype != "float32":
-        base, tok = build_model(args, register()), load_tokenizer(args.model)  # posttrain's attention, sdpa_packed
+    numerics = choose_numerics(dtype, torch.device(args.device))  # what load_model and a pipeline run choose
+    if args.arch or args.device != "cpu" or numerics.weights != torch.float32:
+        base = build_model(args, register(), numerics.weights)  # posttrain's attention, sdpa_packed
+        tok = load_tokenizer(args.model)
     else:
-        loaded = load_model(args.model, dtype="float32", device="cpu")  # its default attention (sdpa_packed)
+        loaded = load_model(args.model, dtype=dtype, device="cpu")  # its default attention (sdpa_packed)
         base, tok = loaded.model, loaded.tokenizer
     chats, source = load_chats(args.examples, args.max_len, tok)
     examples = [render_example(tok, c) for c in chats]
@@ -201,7 +202,8 @@ def worker_posttrain(args, packing: bool, compiled: bool = False) -> dict:
             return micro
 
     total = args.warmup + args.steps
-    opts = LoopOptions(total_steps=total, lr=args.lr, warmup_steps=0, max_grad_norm=1.0, log_every=1)
+    opts = LoopOptions(total_steps=total, lr=args.lr, warmup_steps=0, max_grad_norm=1.0, log_every=1,
+                       autocast=numerics.autocast)  # as pipeline.loop_options sets it
     with tempfile.TemporaryDirectory(prefix="bench-posttrain-") as out:
         train_loop(model, SFT(), Counted(), opts, Path(out))
         records = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "tokens_per_s" in r]
@@ -213,10 +215,13 @@ def worker_posttrain(args, packing: bool, compiled: bool = False) -> dict:
     return {"steps": steps, "n_params": n_params, "examples": len(examples), "data": source,
             "dataset_tokens": sum(len(e) for e in examples),
             "dataset_trained": sum(e.num_trained for e in examples), "rows": len(plan.units),
-            "peak_gpu_mb": peak_gpu_mb(), "attn_flops_per_token": attention_flops(base.config, examples)}
+            "peak_gpu_mb": peak_gpu_mb(), "attn_flops_per_token": attention_flops(base.config, examples),
+            "numerics": f"posttrain {numerics.describe()}"}
 
 
-def worker_trl(args, packing: bool) -> dict:
+def worker_trl(args, packing: bool, mixed: bool) -> dict:
+    """``mixed``: fp32 weights and ``bf16=True`` (TRL's autocast); else weights in --dtype, bf16 only if that is."""
+    import torch
     import transformers
     from datasets import Dataset
     from peft import LoraConfig
@@ -229,7 +234,8 @@ def worker_trl(args, packing: bool) -> dict:
     tok = AutoTokenizer.from_pretrained(args.model)
     chats, source = load_chats(args.examples, args.max_len, tok)
     ds = Dataset.from_list([{"prompt": c[:1], "completion": c[1:]} for c in chats])
-    model = build_model(args, args.trl_attn)
+    weights = "float32" if mixed else args.dtype
+    model = build_model(args, args.trl_attn, getattr(torch, weights))
     n_params = base_param_count(model)
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=args.lora_dropout,
                              target_modules=LORA["targets"], bias="none", task_type="CAUSAL_LM")
@@ -238,7 +244,7 @@ def worker_trl(args, packing: bool) -> dict:
         output_dir=out, max_steps=args.warmup + args.steps, per_device_train_batch_size=args.batch,
         gradient_accumulation_steps=1, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
         max_grad_norm=1.0, weight_decay=0.0, seed=SEED, data_seed=SEED,
-        bf16=args.dtype == "bfloat16", fp16=False, use_cpu=args.device == "cpu",
+        bf16=mixed or args.dtype == "bfloat16", fp16=False, use_cpu=args.device == "cpu",
         gradient_checkpointing=args.checkpointing, use_liger_kernel=args.liger,
         max_length=args.max_len, packing=packing, completion_only_loss=True,
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
@@ -286,17 +292,18 @@ def worker_trl(args, packing: bool) -> dict:
     return {"steps": steps, "n_params": n_params, "examples": len(chats), "data": source, "dataset_tokens": n_tokens,
             "rows": len(prepared), "padding_free": bool(getattr(trainer, "padding_free", False)),
             "gradient_checkpointing": bool(cfg.gradient_checkpointing), "optim": str(cfg.optim),
-            "peak_gpu_mb": peak_gpu_mb()}
+            "peak_gpu_mb": peak_gpu_mb(), "numerics": trl_numerics(bool(cfg.bf16), weights)}
 
 
 def run_worker(args) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    name = args.worker
-    result = (worker_posttrain(args, packing=name != "posttrain-nopack", compiled=name == "posttrain-compile")
+    name, base = args.worker, base_config(args.worker)
+    result = (worker_posttrain(args, packing=base != "posttrain-nopack", compiled=base == "posttrain-compile",
+                               dtype=posttrain_dtype(name, args.dtype))
               if name.startswith("posttrain")
-              else worker_trl(args, packing=name == "trl-pack"))
+              else worker_trl(args, packing=base == "trl-pack", mixed=precision(name) == "bf16"))
     measured = [s for s in result["steps"] if s["step"] > args.warmup]
     seconds = sum(s["seconds"] for s in measured)
     result.update(config=name, threads=torch.get_num_threads(), peak_rss_mb=peak_rss_mb(),
@@ -311,69 +318,27 @@ def run_worker(args) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Driver.
 
-def matmul_gflops(n: int = 2048, iters: int = 10, repeats: int = 3, device: str = "cpu",
-                  dtype: str = "float32") -> float:
-    """Best n x n matmul rate (GFLOP/s) over a few timed loops: fp32 with this process's thread count on a CPU,
-    or ``dtype`` on a GPU (n 8192 there, where 2048 is too small to fill the device)."""
-    import torch
-
-    on_gpu = device != "cpu"
-    n = 8192 if on_gpu else n
-    kw = {"device": device, "dtype": getattr(torch, dtype) if on_gpu else torch.float32}
-    a, b, c = torch.randn(n, n, **kw), torch.randn(n, n, **kw), torch.empty(n, n, **kw)
-
-    def sync() -> None:
-        if on_gpu:
-            torch.cuda.synchronize()
-
-    for _ in range(2):
-        torch.mm(a, b, out=c)
-    best = 0.0
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            torch.mm(a, b, out=c)
-        sync()
-        best = max(best, 2 * n ** 3 * iters / (time.perf_counter() - t0) / 1e9)
-    return best
-
-
-def versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("torch", "transformers", "peft", "trl", "accelerate", "datasets"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "-"
-    return out
-
-
 def table(results: dict[str, list[dict]], ceiling: float, warmup: int, steps: int, device: str = "cpu",
-          dtype: str = "float32") -> str:
-    gpu = device != "cpu"
+          dtype: str = "float32", skip: dict[str, str] | None = None) -> str:
+    gpu, skip = device != "cpu", skip or {}
     mem = "peak_gpu_mb" if gpu else "peak_rss_mb"
-    med = {c: {k: statistics.median(r[k] for r in rs) for k in ("tokens_per_s", "trained_per_s", mem,
-                                                                    "s_per_step", "tokens_per_step")}
-           for c, rs in results.items() if rs}
-    trl = [c for c in med if c.startswith("trl")]
-    best_trl = max(trl, key=lambda c: med[c]["tokens_per_s"]) if trl else None
-    n_params = next(iter(results.values()))[0]["n_params"]
+    med = medians(results, ("tokens_per_s", "trained_per_s", mem, "s_per_step", "tokens_per_step"))
+    best = best_trl(med, "tokens_per_s", higher_is_better=True)
+    n_params = next(rs for rs in results.values() if rs)[0]["n_params"]
     attn = next((rs[0]["attn_flops_per_token"] for rs in results.values() if rs and "attn_flops_per_token" in rs[0]),
                 None)
     lines = [f"| config | tokens/s | trained tokens/s | peak {'GPU' if gpu else 'RSS'} MB | s/step | tokens/step | "
              f"runs | vs best TRL (tokens/s) | FLOP ceiling fraction (4N) | with attention |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c, m in med.items():
-        ratio = f"{m['tokens_per_s'] / med[best_trl]['tokens_per_s']:.2f}x" if best_trl else "-"
+        ratio = f"{m['tokens_per_s'] / med[best]['tokens_per_s']:.2f}x" if best else "-"
         frac = m["tokens_per_s"] * 4 * n_params / (ceiling * 1e9)
         with_attn = f"{100 * m['tokens_per_s'] * (4 * n_params + attn) / (ceiling * 1e9):.0f}%" if attn else "-"
         runs = ", ".join(f"{r['tokens_per_s']:.1f}" for r in results[c])
         lines.append(f"| {c} | {m['tokens_per_s']:.1f} | {m['trained_per_s']:.1f} | {m[mem]:.0f} | "
                      f"{m['s_per_step']:.2f} | {m['tokens_per_step']:.0f} | {runs} | {ratio} | {100 * frac:.0f}% | "
                      f"{with_attn} |")
+    lines += skipped_rows(skip, 10)
     kind = f"{dtype} 8192x8192 matmul on {device}" if gpu else "fp32 2048x2048 matmul"
     notes = [f"Medians over runs (the 'runs' column lists each run's tokens/s); {steps} timed optimizer steps after "
              f"{warmup} warm-up steps per run.",
@@ -382,93 +347,8 @@ def table(results: dict[str, list[dict]], ceiling: float, warmup: int, steps: in
     if attn:
         notes.append(f"'with attention' adds causal attention's {attn / 1e6:.1f} M FLOPs per token (forward and "
                      "backward, from the examples' lengths): the MFU.")
-    if best_trl:
-        notes.append(f"Best TRL configuration: {best_trl}.")
+    notes += ratio_summary(results, med, "tokens_per_s", "tokens/s", True, skip)
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
-
-
-def start(p: argparse.ArgumentParser, known: tuple[str, ...], defaults: tuple[str, ...], run_worker,
-          script: str) -> tuple[argparse.Namespace, list[str] | None]:
-    """The arguments every benchmark shares; parse them, run this process's worker if it is one (configs None),
-    else return the chosen configurations after checking them and that TRL is importable when one needs it."""
-    p.add_argument("--configs", default=",".join(defaults), help=f"comma list of {', '.join(known)}")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds; the median per config is reported")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--model", default=None, help="HF model folder; default: the embedded SmolLM2-135M-Instruct")
-    p.add_argument("--json", default=None, help="write all raw results here")
-    p.add_argument("--worker", choices=known, help=argparse.SUPPRESS)
-    p.add_argument("--result", help=argparse.SUPPRESS)
-    args = p.parse_args()
-    if args.model is None:
-        from posttrain.models import resolve_model_path
-
-        args.model = resolve_model_path(None)
-    if args.worker:
-        run_worker(args)
-        return args, None
-    configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    bad = [c for c in configs if c not in known]
-    if bad:
-        p.error(f"unknown config(s) {bad}; known: {', '.join(known)}")
-    if any(c.startswith("trl") for c in configs):
-        try:
-            import trl  # noqa: F401
-        except ImportError:
-            sys.exit(f"TRL is not installed in {sys.executable}; see the set-up lines at the top of {script}")
-    return args, configs
-
-
-def run_rounds(args: argparse.Namespace, configs: list[str], common: list[str], script: str,
-               describe) -> tuple[dict[str, list[dict]], list[float]]:
-    """Each configuration's worker in its own subprocess (so peak RSS is its own), alternately for ``args.rounds``
-    rounds, a printed line per run (``describe(result)``); the fp32 matmul rate is read before, between and after
-    the runs. Returns the results per configuration and the matmul readings."""
-    import torch
-
-    torch.set_num_threads(args.threads)
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-           "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    device, dtype = getattr(args, "device", "cpu"), getattr(args, "dtype", "float32")
-
-    def reading() -> float:
-        return matmul_gflops(device=device, dtype=dtype)
-
-    ceilings = [reading()]
-    where = f"{args.threads} threads" if device == "cpu" else device
-    print(f"{'fp32' if device == 'cpu' else dtype} matmul: {ceilings[0]:.1f} GFLOP/s ({where})", flush=True)
-    results: dict[str, list[dict]] = {c: [] for c in configs}
-    width = max(len(c) for c in configs)
-    with tempfile.TemporaryDirectory(prefix=f"{Path(script).stem}-") as tmp:
-        for rnd in range(args.rounds):
-            for c in configs:
-                res = Path(tmp) / f"{c}-{rnd}.json"
-                ceilings.append(reading())  # between runs too: the best reading is the machine's ceiling
-                t0 = time.perf_counter()
-                proc = subprocess.run([sys.executable, script, "--worker", c, "--result", str(res), *common],
-                                      env=env, cwd=REPO, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
-                    sys.exit(f"{c} (round {rnd + 1}) failed with exit code {proc.returncode}")
-                r = json.loads(res.read_text())
-                results[c].append(r)
-                print(f"round {rnd + 1}/{args.rounds} {c:{width}s} {describe(r)} ({time.perf_counter() - t0:.0f} s "
-                      f"wall; matmul before it {ceilings[-1]:.0f} GFLOP/s)", flush=True)
-    ceilings.append(reading())
-    print(f"matmul readings: {', '.join(f'{g:.0f}' for g in ceilings)} GFLOP/s; ceiling = best = "
-          f"{max(ceilings):.1f}", flush=True)
-    return results, ceilings
-
-
-def finish(args: argparse.Namespace, results: dict[str, list[dict]], ceilings: list[float], table_text: str) -> None:
-    """The table, the package versions, and the raw results as JSON when asked."""
-    print()
-    print(table_text)
-    v = versions()
-    print("\nversions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + f"; python {sys.version.split()[0]}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"ceiling_gflops": ceilings, "versions": v, "args": vars(args),
-                                               "results": results}, indent=1))
 
 
 def main() -> None:
@@ -491,9 +371,16 @@ def main() -> None:
                    "use_liger_kernel); CUDA only")
     p.add_argument("--checkpointing", action="store_true", help="activation checkpointing for both")
     p.add_argument("--trl-attn", default="sdpa", help="TRL's attn_implementation (e.g. flash_attention_2 on a GPU)")
+    p.add_argument("--loss-check", action="store_true", help="instead of the benchmark: --loss-steps steps of "
+                   "posttrain and posttrain-bf16 (bf16_mixed) on the same batches, final losses compared")
+    p.add_argument("--loss-steps", type=int, default=20)
     args, configs = start(p, CONFIGS, DEFAULT_CONFIGS, run_worker, __file__)
     if configs is None:
         return
+    if args.loss_check and args.dtype != "float32":
+        p.error("--loss-check compares fp32 with bf16_mixed; drop --dtype")
+    if args.loss_check:  # every step counts and bf16 runs even where it is slow: the check asks for it
+        configs, args.warmup, args.steps, args.rounds = ["posttrain", "posttrain-bf16"], 0, args.loss_steps, 1
 
     common = ["--model", args.model, "--examples", str(args.examples), "--max-len", str(args.max_len), "--batch",
               str(args.batch), "--warmup", str(args.warmup), "--steps", str(args.steps), "--lr", str(args.lr),
@@ -507,8 +394,31 @@ def main() -> None:
                 f"{r['tokens_per_step']:6.0f} tokens/step {r['peak_rss_mb']:6.0f} MB {gpu}"
                 f"(data: {r['examples']} chats, {r['dataset_tokens']} tokens, {r['rows']} rows)")
 
-    results, ceilings = run_rounds(args, configs, common, __file__, describe)
-    finish(args, results, ceilings, table(results, max(ceilings), args.warmup, args.steps, args.device, args.dtype))
+    skip = {} if args.loss_check else bf16_skips(args, configs)
+    results, ceilings = run_rounds(args, configs, common, __file__, describe, skip)
+    if args.loss_check:
+        sys.exit(loss_check(results, args))
+    finish(args, results, ceilings, table(results, max(ceilings), args.warmup, args.steps, args.device, args.dtype,
+                                          skip))
+
+
+def loss_check(results: dict[str, list[dict]], args: argparse.Namespace) -> int:
+    """Print both runs' losses and their final relative difference; 0 if within LOSS_TOLERANCE, else 1. Both train
+    on the same batches in the same order from the same LoRA init, so step by step the losses are comparable."""
+    runs = [results[c][0]["steps"] for c in ("posttrain", "posttrain-bf16")]
+    ref, mixed = ([s["loss"] for s in steps] for steps in runs)
+    rel = [abs(b - a) / abs(a) for a, b in zip(ref, mixed)]
+    print(f"\nloss check: {len(ref)} steps, --max-len {args.max_len} --examples {args.examples} --batch "
+          f"{args.batch}, lr {args.lr}")
+    print("| step | loss fp32 | loss bf16_mixed | relative difference | s fp32 | s bf16_mixed |\n"
+          "|---:|---:|---:|---:|---:|---:|")
+    for i, (a, b, r, sa, sb) in enumerate(zip(ref, mixed, rel, *runs), 1):
+        print(f"| {i} | {a:.5f} | {b:.5f} | {100 * r:.3f}% | {sa['seconds']:.2f} | {sb['seconds']:.2f} |")
+    ok = rel[-1] <= LOSS_TOLERANCE
+    print(f"final loss: fp32 {ref[-1]:.5f}, bf16_mixed {mixed[-1]:.5f}, relative difference {100 * rel[-1]:.3f}% "
+          f"(largest over the steps {100 * max(rel):.3f}%; target <= {100 * LOSS_TOLERANCE:.0f}%): "
+          f"{'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
