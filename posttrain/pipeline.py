@@ -25,7 +25,6 @@ from posttrain.models import (Loaded, Quantization, apply_lora, choose_device, d
                               weight_bytes)
 from posttrain.models.compile import compile_layers
 from posttrain.models.kernels import apply_liger
-from posttrain.models.numerics import choose_numerics
 
 
 def seed_everything(seed: int) -> None:
@@ -105,13 +104,13 @@ def after_training(model: torch.nn.Module, sharded: bool) -> bool:
     return world().main
 
 
-def loop_options(t: TrainConfig, total: int, mcfg: ModelConfig) -> LoopOptions:
+def loop_options(t: TrainConfig, total: int, mcfg: ModelConfig, loaded: Loaded) -> LoopOptions:
     return LoopOptions(total_steps=total, lr=t.lr, warmup_steps=round(t.warmup_ratio * total),
                        min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, adam_betas=t.adam_betas,
                        max_grad_norm=t.max_grad_norm, log_every=t.log_every, eval_every=t.eval_every,
                        save_every=t.save_every, save_total_limit=t.save_total_limit,
                        optimizer=choose_optimizer(t, mcfg),
-                       autocast=choose_numerics(mcfg.dtype, choose_device(mcfg.device)).autocast)
+                       autocast=loaded.numerics.autocast if loaded.numerics else None)  # chosen once, at load
 
 
 def prepare_data(dcfg: DataConfig, tokenizer) -> tuple[list[Example], list[Example], list[list[dict]], list[str]]:
@@ -256,7 +255,7 @@ def run_sft(cfg: SFTConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
                      pad_id=tok.pad_token_id, packing=cfg.data.packing, max_seq_len=cfg.data.max_seq_len,
                      world_size=w.size, rank=w.rank)
     total = t.max_steps or plan.steps_for(t.epochs)
-    opts = loop_options(t, total, cfg.model)
+    opts = loop_options(t, total, cfg.model, loaded)
     console.print(f"training {total} steps: {len(plan.units)} {plan.unit_name} x {plan.epochs_text(total, t.epochs)}, "
                   f"{plan.per_step} per step ({t.micro_batch_size} x {t.grad_accum} accumulation)"
                   f"{plan.repeat_warning()}")
@@ -490,7 +489,7 @@ def run_dpo(cfg: DPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     export = (lambda path: save_weights(model, path)) if cfg.finetune == "lora" else None
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     sharded = shard_if_asked(cfg, model)
-    records = train_loop(model, method, plan, loop_options(t, total, cfg.model), out, evaluate=evaluate, export=export,
+    records = train_loop(model, method, plan, loop_options(t, total, cfg.model, loaded), out, evaluate=evaluate, export=export,
                          resume=start)
     if not after_training(model, sharded):
         return {}
@@ -537,7 +536,7 @@ def run_reward(cfg: RewardConfig, *, resume: bool | Resume = False) -> dict[str,
 
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     sharded = shard_if_asked(cfg, model)
-    records = train_loop(model, method, plan, loop_options(t, total, cfg.model), out, evaluate=evaluate, export=export,
+    records = train_loop(model, method, plan, loop_options(t, total, cfg.model, loaded), out, evaluate=evaluate, export=export,
                          resume=start)
     if not after_training(model, sharded):
         return {}
@@ -706,7 +705,7 @@ def run_grpo(cfg: GRPOConfig, *, resume: bool | Resume = False) -> dict[str, Any
         if held_prompts else None
     export = (lambda path: save_weights(model, path)) if cfg.finetune == "lora" else None
     atomic_write_text(out / "config.yaml", dump_config(cfg))
-    records = train_loop(model, GRPO(params, t.loss_chunk_size), plan, loop_options(t, total, cfg.model), out,
+    records = train_loop(model, GRPO(params, t.loss_chunk_size), plan, loop_options(t, total, cfg.model, loaded), out,
                          evaluate=evaluate, export=export, resume=start)
     final_dir = save_trained(model, tok, out, cfg.finetune)
     summary, evals = write_summary(out, t0, total, report, lines, records, final_dir, "eval/reward")
@@ -850,7 +849,7 @@ def run_ppo(cfg: PPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
         save_critic(path.parent / "critic")
 
     atomic_write_text(out / "config.yaml", dump_config(cfg))
-    records = train_loop(roles, PPO(params, t.loss_chunk_size), plan, loop_options(t, total, cfg.model), out,
+    records = train_loop(roles, PPO(params, t.loss_chunk_size), plan, loop_options(t, total, cfg.model, loaded), out,
                          evaluate=evaluate, export=export, resume=start)
     final = atomic_dir(out / "adapter", lambda tmp: (roles.policy.save_pretrained(tmp, selected_adapters=[ACTOR]),
                                                      tok.save_pretrained(tmp)))

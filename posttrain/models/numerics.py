@@ -73,26 +73,22 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
 @functools.cache
 def bf16_probe_speedup(n: int = 512, repeats: int = 5) -> float:
     """fp32 time / bf16 time of an n^3 matmul, best of ``repeats`` (~10 ms where bf16 is native)."""
-    a32, b32 = torch.randn(n, n), torch.randn(n, n)
-    a16, b16 = a32.bfloat16(), b32.bfloat16()
-
-    def best(a: torch.Tensor, b: torch.Tensor) -> float:
-        a @ b  # first call pays for the kernel choice
+    def best(a: torch.Tensor, b: torch.Tensor, tries: int) -> float:
+        a @ b  # the first call pays for the kernel choice
         times = []
-        for _ in range(repeats):
+        for _ in range(tries):
             t0 = time.perf_counter()
             a @ b
             times.append(time.perf_counter() - t0)
         return min(times)
 
-    t32 = best(a32, b32)
-    # Where bf16 is emulated one matmul takes ~1 s; one repeat is enough to see that it loses.
-    a16[:64] @ b16
-    t0 = time.perf_counter()
-    a16 @ b16
-    t16 = time.perf_counter() - t0
+    a32, b32 = torch.randn(n, n), torch.randn(n, n)
+    t32 = best(a32, b32, repeats)
+    # Where bf16 is emulated a bf16 call takes ~1 s: one timed call is enough to see it lose.
+    a16, b16 = a32.bfloat16(), b32.bfloat16()
+    t16 = best(a16, b16, 1)
     if t16 < 4 * t32:
-        t16 = min(t16, best(a16, b16))
+        t16 = min(t16, best(a16, b16, repeats))
     return t32 / max(t16, 1e-9)
 
 

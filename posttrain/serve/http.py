@@ -16,6 +16,7 @@ import select
 import socket
 import threading
 import time
+from abc import ABCMeta, abstractmethod
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterable
@@ -184,7 +185,7 @@ def parse_json(raw: bytes, max_depth: int) -> Any:
     return body
 
 
-class JSONHandler(BaseHTTPRequestHandler):
+class JSONHandler(BaseHTTPRequestHandler, metaclass=ABCMeta):
     """Reads each request within the server's limits and answers in JSON; a subclass routes in ``dispatch``."""
 
     protocol_version = "HTTP/1.1"  # keep-alive: clients reuse one connection per thread
@@ -193,8 +194,9 @@ class JSONHandler(BaseHTTPRequestHandler):
     def limits(self) -> Limits:
         return self.server.limits
 
+    @abstractmethod
     def dispatch(self, method: str) -> None:
-        raise NotImplementedError
+        """Answer one request of HTTP ``method`` (the server's routes)."""
 
     def __getattr__(self, name: str):
         # The stdlib answers a method it finds no do_<METHOD> for with an HTML 501; every method goes to dispatch
