@@ -18,7 +18,7 @@ from posttrain.data import DataError, build_examples, build_pairs
 from posttrain.judge.cai import read_prompts, rl_cai, sl_cai
 from posttrain.judge.constitution import DEFAULT_CONSTITUTION, Principle, load_constitution
 from posttrain.judge.pairwise import both_orders
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 PRINCIPLES = [Principle("kind", "Is it unkind?", "Rewrite it kindly.", "The better answer is kinder."),
               Principle("short", "Is it too long?", "Rewrite it shorter.", "The better answer is shorter.")]

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from posttrain.cli import main
-from tests.conftest import chat_rows, write_jsonl
+from tests.helpers import chat_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")

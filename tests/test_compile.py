@@ -11,7 +11,7 @@ from posttrain.models import apply_lora
 from posttrain.models.attention import register
 from posttrain.models.compile import compile_layers, is_compiled
 from posttrain.rollout.sample import sample_completions
-from tests.test_packing import random_examples
+from tests.helpers import random_examples
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -61,9 +61,9 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_without_recompiling(t
 def test_compiled_layers_give_the_eager_shared_prompt_log_probs_and_gradients(tiny_dir):
     # The layout of GRPO groups and DPO pairs: prompt | branch | branch ..., attended through attention.Layout.
     from posttrain.rollout.batch import collate_rollouts, rollout_logps
-    from tests.test_rollout_batch import case
+    from tests.helpers import rollout_case
 
-    prompts, comps = case()
+    prompts, comps = rollout_case()
     batch = collate_rollouts(prompts, comps, pad_id=0)
     weights = torch.randn(5, 5, generator=torch.Generator().manual_seed(2))
     out = []

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from posttrain.data import DataError, build_examples, holdout_split, read_rows, row_to_messages
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
 

@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import chat_rows, write_jsonl
-from tests.test_preference import pair_rows
+from tests.helpers import chat_rows, write_jsonl
+from tests.helpers import pair_rows
 
 
 def _records(run) -> list[dict]:

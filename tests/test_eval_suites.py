@@ -10,7 +10,7 @@ from posttrain.data import DataError, build_examples, build_pairs, eval_batches
 from posttrain.eval import (SCORERS, Rule, abstains, check_gate, expected_calibration_error, gate_table, heldout_loss,
                             run_suite)
 from posttrain.eval import suites
-from tests.conftest import chat_rows, write_jsonl
+from tests.helpers import chat_rows, write_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from posttrain.data.mixing import draw, mix_counts
 from posttrain.losses import linear_kl_sum, token_kl_sum
 from posttrain.methods import SFT
 from posttrain.methods.sft import completion_loss_sum
-from tests.conftest import chat_rows, write_jsonl
+from tests.helpers import chat_rows, write_jsonl
 
 
 def test_token_kl_hand_worked():

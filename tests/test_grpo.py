@@ -13,7 +13,7 @@ from posttrain.rollout.batch import rollout_logps
 from posttrain.models import apply_lora
 from posttrain.pipeline import run_grpo
 from posttrain.rollout.sample import merged_for_generation, sample_completions
-from tests.conftest import step_records, write_jsonl
+from tests.helpers import grpo_cfg, step_records, write_jsonl
 
 
 def lora_model(tiny_dir):
@@ -95,18 +95,6 @@ def test_rollout_plan_batches_and_policy_gradient_direction(tiny_dir, tokenizer)
     pos, neg = adv > 0.5, adv < -0.5
     assert float(moved[pos].mean()) > float(moved[neg].mean())
 
-
-def grpo_cfg(tiny_dir, tmp_path, out, *extra):
-    rows = [{"question": f"Say a number bigger than {i}.", "answer": f"#### {i + 1}"} for i in range(12)]
-    path = write_jsonl(tmp_path / "q.jsonl", rows)
-    return load_config(None, [f"model.name={tiny_dir}", f"data.train={path}", f"output_dir={out}",
-                              "data.prompt_field=question", "data.eval_fraction=0.2", "grpo.group_size=3",
-                              "grpo.prompts_per_step=2", "grpo.max_new_tokens=8", "train.lr=1e-3",
-                              "train.micro_batch_size=3", "train.max_steps=4", *extra],
-                       method="grpo", base={"rewards": [{"name": "regex", "weight": 1.0, "options": {"pattern": "1"}},
-                                                        {"name": "gsm8k_answer", "weight": 0.5,
-                                                         "options": {"strict": False}}],
-                                            "watch": [{"name": "regex", "options": {"pattern": "[0-9]"}}]})
 
 
 def test_run_grpo_end_to_end_and_resume_equals_uninterrupted(tiny_dir, tmp_path):

@@ -9,7 +9,7 @@ import pytest
 
 from posttrain.data import (BatchPlan, DataError, PairPlan, build_examples, build_pairs, read_rows, row_to_messages,
                             row_to_pair, validate_messages)
-from tests.conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 ROW = {"prompt": "Say hi", "completion": "Hello"}
 

@@ -9,7 +9,7 @@ import torch
 from posttrain.cli import main
 from posttrain.models import numerics
 from posttrain.models.numerics import choose_numerics, cpu_flags
-from tests.conftest import chat_rows, write_jsonl
+from tests.helpers import chat_rows, write_jsonl
 
 CPU = torch.device("cpu")
 

@@ -9,6 +9,7 @@ from transformers import AutoModelForCausalLM
 from posttrain.data import Example, best_fit, collate, num_targets
 from posttrain.methods import completion_loss_sum
 from posttrain.models.attention import register as register_packed_attention, segment_lengths
+from tests.helpers import random_examples
 
 
 def test_best_fit_places_everything_within_capacity():
@@ -26,16 +27,6 @@ def test_best_fit_prefers_the_fullest_bin():
     with pytest.raises(ValueError, match="more than the packing capacity"):
         best_fit([11], 10)
 
-
-def random_examples(n, vocab, seed=0):
-    rnd = random.Random(seed)
-    out = []
-    for _ in range(n):
-        length = rnd.randint(3, 20)
-        ids = [rnd.randrange(vocab) for _ in range(length)]
-        cut = rnd.randint(1, length - 1)
-        out.append(Example(input_ids=ids, trained=[False] * cut + [True] * (length - cut)))
-    return out
 
 
 @pytest.mark.parametrize("attn", ["sdpa_packed", "sdpa", "eager"])

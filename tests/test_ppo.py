@@ -11,8 +11,8 @@ from posttrain.engine.resume import Resume
 from posttrain.methods.ppo import ACTOR, CRITIC, REWARD, PPOParams, PPOPlan
 from posttrain.pipeline import begin_run, build_roles, load_prompt_splits, run_ppo, run_reward
 from posttrain.rewards import load_reward
-from tests.conftest import make_tiny, step_records, write_jsonl
-from tests.test_preference import pair_rows
+from tests.helpers import make_tiny, step_records, write_jsonl
+from tests.helpers import pair_rows
 
 
 @pytest.fixture(scope="module")

@@ -14,16 +14,11 @@ from posttrain.methods import (AdapterOffReference, FrozenCopyReference, Prefere
                                sequence_logps)
 from posttrain.models import apply_lora
 from posttrain.pipeline import run_dpo
-from tests.conftest import write_jsonl
+from tests.helpers import pair_rows, write_jsonl
 
 HH = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant: Blue.",
       "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant: I won't."}
 
-
-def pair_rows(n: int):
-    colours = ["red", "green", "blue", "amber", "violet", "teal"]
-    return [{"prompt": f"Name colour number {i}.", "chosen": f"{colours[i % 6]}.",
-             "rejected": f"I refuse to name colour {i}, sorry." + " no" * (i % 3)} for i in range(n)]
 
 
 def test_hh_text_splits_into_the_common_prompt_and_last_turns():

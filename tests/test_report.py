@@ -14,7 +14,7 @@ import pytest
 
 from posttrain.engine.plot import COLOURS
 from posttrain.eval.report import run_report_html, workflow_report_html, write_run_report, write_workflow_report
-from tests.conftest import chat_rows, write_jsonl
+from tests.helpers import chat_rows, write_jsonl
 
 CONFIG = "method: dpo\noutput_dir: runs/x\nmodel:\n  name: embedded\ndpo:\n  beta: 0.1\n"
 

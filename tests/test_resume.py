@@ -21,8 +21,8 @@ from posttrain.engine.checkpoint import list_checkpoints, trainer_state
 from posttrain.engine.resume import BOOKKEEPING, check_resume, input_hashes
 from posttrain.engine.schedule import Schedule, warmup_cosine
 from posttrain.pipeline import run_sft
-from tests.conftest import chat_rows, write_jsonl
-from tests.test_preference import pair_rows
+from tests.helpers import chat_rows, write_jsonl
+from tests.helpers import pair_rows
 
 LR, MIN = 5e-3, 0.1
 BASE = ["train.max_steps=4", "train.save_every=2", "train.micro_batch_size=2", f"train.lr={LR}",
@@ -321,7 +321,7 @@ def test_unchecked_engine_resume_refuses_another_length(tiny_dir, tmp_path):
     from posttrain.data import collate
     from posttrain.engine.loop import LoopOptions, train_loop
     from posttrain.methods import SFT
-    from tests.test_packing import random_examples
+    from tests.helpers import random_examples
 
     class Fixed:
         def step(self, step):

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM
 from posttrain.rollout.batch import collate_rollouts, rollout_logps
 from posttrain.rollout.generate import stop_token_ids
 from posttrain.rollout.sample import sample_completions
+from tests.helpers import rollout_case
 
 
 def alone(model, prompt, completion, temperature=1.0):
@@ -16,13 +17,6 @@ def alone(model, prompt, completion, temperature=1.0):
     return torch.log_softmax(logits, -1).gather(1, torch.tensor(completion)[:, None])[:, 0]
 
 
-def case():
-    g = torch.Generator().manual_seed(1)
-    p1 = torch.randint(5, 500, (7,), generator=g).tolist()
-    p2 = torch.randint(5, 500, (4,), generator=g).tolist()
-    comps = [torch.randint(5, 500, (n,), generator=g).tolist() for n in (3, 5, 1, 4, 2)]
-    return [p1, p1, p1, p2, p2], comps
-
 
 @pytest.mark.parametrize("attn", ["sdpa_packed", "sdpa", "eager"])
 def test_shared_prompt_logps_equal_each_completion_alone(tiny_dir, attn):
@@ -30,7 +24,7 @@ def test_shared_prompt_logps_equal_each_completion_alone(tiny_dir, attn):
 
     register()
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64, attn_implementation=attn)
-    prompts, comps = case()
+    prompts, comps = rollout_case()
     shared = collate_rollouts(prompts, comps, pad_id=0)
     assert shared["input_ids"].shape[0] == 2  # one row per prompt
     assert int(shared["num_tokens"]) == 7 + 3 + 5 + 1 + 4 + 2 + 4
@@ -44,7 +38,7 @@ def test_shared_prompt_logps_equal_each_completion_alone(tiny_dir, attn):
 
 
 def test_shared_prompt_gradients_equal_unshared(tiny_dir):
-    prompts, comps = case()
+    prompts, comps = rollout_case()
     weights = torch.randn(5, 5, generator=torch.Generator().manual_seed(2))
     grads = []
     for share in (True, False):
@@ -57,7 +51,7 @@ def test_shared_prompt_gradients_equal_unshared(tiny_dir):
 
 def test_one_prefill_per_prompt_samples_what_separate_copies_sample(tiny_dir, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
-    prompts, _ = case()
+    prompts, _ = rollout_case()
     unique = [prompts[0], prompts[3]]
     greedy = sample_completions(model, tokenizer, unique, n=2, max_new_tokens=6, temperature=0.0, min_new_tokens=6)
     for p, c in zip(greedy.prompt_ids, greedy.completion_ids):
@@ -93,7 +87,7 @@ def test_sampling_stops_at_end_of_turn_and_respects_min_new_tokens(tiny_dir, tok
         return out
 
     model.lm_head.register_forward_hook(favour_stop)
-    prompts, _ = case()
+    prompts, _ = rollout_case()
     torch.manual_seed(0)
     ro = sample_completions(model, tokenizer, [prompts[0]], n=3, max_new_tokens=8, temperature=1.0, min_new_tokens=2)
     for c, done in zip(ro.completion_ids, ro.finished):

@@ -18,22 +18,11 @@ from transformers import AutoModelForCausalLM
 from posttrain.models import apply_lora, load_tokenizer
 from posttrain.serve import BASE, Engine, Request, Sampling, Server
 from posttrain.serve.text import TextStream
-from tests.conftest import make_tiny
+from tests.helpers import make_adapter, make_tiny, new_engine
 
 KEY = "test-key"
 CHAT = [{"role": "user", "content": "Name three colours."}]
 
-
-def make_adapter(base_dir: str, out: Path, *, seed: int, targets) -> Path:
-    model = AutoModelForCausalLM.from_pretrained(base_dir)
-    peft = apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules=targets)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in peft.named_parameters():
-            if "lora_B" in name:  # PEFT starts B at zero (adapter = no-op); random B makes each adapter matter
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    peft.save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +36,6 @@ def adapters(tmp_path_factory, tiny_dir, tokenizer):
     make_adapter(narrow, root / "narrow", seed=4, targets="all-linear")
     return root
 
-
-def new_engine(tiny_dir) -> Engine:
-    return Engine(AutoModelForCausalLM.from_pretrained(tiny_dir), load_tokenizer(tiny_dir), base_path=tiny_dir)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from posttrain.serve import Server
-from tests.test_serve import make_adapter, new_engine
+from tests.helpers import make_adapter, new_engine
 
 KEY = "limits-key"
 HEADER_S, BODY_S = 0.5, 1.0  # unequal, so each test shows its own deadline at work

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from posttrain.cli import main
-from tests.conftest import chat_rows, write_jsonl
+from tests.helpers import chat_rows, write_jsonl
 
 
 def pair_rows(n: int):

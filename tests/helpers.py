@@ -1,0 +1,118 @@
+"""Builders shared by the tests: tiny models, adapters and rows. Fixtures live in conftest.py; no test module
+imports another test module."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+
+def make_tiny(path: Path, tokenizer, *, layers: int = 2, hidden: int = 64, seed: int = 0) -> str:
+    """A tiny random Llama with the real SmolLM2 tokenizer, saved as an HF folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=2048, tie_word_embeddings=True,
+                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def make_adapter(base_dir: str, out: Path, *, seed: int, targets) -> Path:
+    """A LoRA adapter whose B is random (PEFT starts B at zero, a no-op), so each adapter changes the outputs."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models import apply_lora
+
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft = apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules=targets)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    peft.save_pretrained(out)
+    return out
+
+
+def write_jsonl(path: Path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def chat_rows(n: int, seed: int = 0) -> list[dict]:
+    rnd = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "omega", "kappa", "sigma", "theta"]
+    rows = []
+    for i in range(n):
+        a, b = rnd.choice(words), rnd.choice(words)
+        rows.append({"messages": [{"role": "user", "content": f"Combine {a} and {b} (#{i})."},
+                                  {"role": "assistant", "content": f"{a}-{b}" + " ok" * rnd.randint(0, 6)}]})
+    return rows
+
+
+def pair_rows(n: int) -> list[dict]:
+    colours = ["red", "green", "blue", "amber", "violet", "teal"]
+    return [{"prompt": f"Name colour number {i}.", "chosen": f"{colours[i % 6]}.",
+             "rejected": f"I refuse to name colour {i}, sorry." + " no" * (i % 3)} for i in range(n)]
+
+
+def random_examples(n: int, vocab: int, seed: int = 0) -> list:
+    from posttrain.data import Example
+
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rnd.randint(3, 20)
+        ids = [rnd.randrange(vocab) for _ in range(length)]
+        cut = rnd.randint(1, length - 1)
+        out.append(Example(input_ids=ids, trained=[False] * cut + [True] * (length - cut)))
+    return out
+
+
+def step_records(run_dir: Path, keys=("step", "loss", "reward", "grad_norm")) -> list[tuple]:
+    """The given fields of every optimizer-step record of a run's metrics.jsonl (resume-equals-uninterrupted)."""
+    rows = map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+    return [tuple(m[k] for k in keys) for m in rows if "loss" in m]
+
+
+def rollout_case():
+    """Five completions of two prompts (three share the first), random ids."""
+    g = torch.Generator().manual_seed(1)
+    p1 = torch.randint(5, 500, (7,), generator=g).tolist()
+    p2 = torch.randint(5, 500, (4,), generator=g).tolist()
+    comps = [torch.randint(5, 500, (n,), generator=g).tolist() for n in (3, 5, 1, 4, 2)]
+    return [p1, p1, p1, p2, p2], comps
+
+
+def new_engine(tiny_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models import load_tokenizer
+    from posttrain.serve import Engine
+
+    return Engine(AutoModelForCausalLM.from_pretrained(tiny_dir), load_tokenizer(tiny_dir), base_path=tiny_dir)
+
+
+def grpo_cfg(tiny_dir: str, tmp_path: Path, out: Path, *extra: str):
+    """A 4-step GRPO job on 12 number prompts with two rewards and a watch term."""
+    from posttrain.config import load_config
+
+    rows = [{"question": f"Say a number bigger than {i}.", "answer": f"#### {i + 1}"} for i in range(12)]
+    path = write_jsonl(tmp_path / "q.jsonl", rows)
+    return load_config(None, [f"model.name={tiny_dir}", f"data.train={path}", f"output_dir={out}",
+                              "data.prompt_field=question", "data.eval_fraction=0.2", "grpo.group_size=3",
+                              "grpo.prompts_per_step=2", "grpo.max_new_tokens=8", "train.lr=1e-3",
+                              "train.micro_batch_size=3", "train.max_steps=4", *extra],
+                       method="grpo", base={"rewards": [{"name": "regex", "weight": 1.0, "options": {"pattern": "1"}},
+                                                        {"name": "gsm8k_answer", "weight": 0.5,
+                                                         "options": {"strict": False}}],
+                                            "watch": [{"name": "regex", "options": {"pattern": "[0-9]"}}]})
