@@ -59,9 +59,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
-from _common import (base_config, base_param_count, best_trl, bf16_skips, expand, finish, medians,  # noqa: E402
-                     peak_rss_mb, posttrain_dtype, precision, ratio_summary, run_rounds, skipped_rows, start,
-                     trl_numerics)
+from _common import (  # noqa: E402
+    base_config,
+    base_param_count,
+    best_trl,
+    bf16_skips,
+    expand,
+    finish,
+    medians,
+    peak_rss_mb,
+    posttrain_dtype,
+    precision,
+    ratio_summary,
+    run_rounds,
+    skipped_rows,
+    start,
+    trl_numerics,
+)
 
 if TYPE_CHECKING:  # posttrain imports torch: only workers pay for it
     from posttrain.data import Pair, PairPlan

@@ -79,9 +79,23 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
-from _common import (base_config, base_param_count, best_trl, bf16_skips, expand, finish, medians,  # noqa: E402
-                     peak_rss_mb, posttrain_dtype, precision, ratio_summary, run_rounds, skipped_rows, start,
-                     trl_numerics)
+from _common import (  # noqa: E402
+    base_config,
+    base_param_count,
+    best_trl,
+    bf16_skips,
+    expand,
+    finish,
+    medians,
+    peak_rss_mb,
+    posttrain_dtype,
+    precision,
+    ratio_summary,
+    run_rounds,
+    skipped_rows,
+    start,
+    trl_numerics,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/train.jsonl"

@@ -57,9 +57,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # base_param_count and matmul_gflops are re-exported: sft_bound.py imports them from here.
-from _common import (REPO, base_config, base_param_count, bf16_skips, best_trl, expand, finish,  # noqa: E402,F401
-                     matmul_gflops, medians, peak_rss_mb, posttrain_dtype, precision, ratio_summary, run_rounds,
-                     skipped_rows, start, trl_numerics)
+from _common import (  # noqa: E402,F401
+    REPO,
+    base_config,
+    base_param_count,
+    best_trl,
+    bf16_skips,
+    expand,
+    finish,
+    matmul_gflops,
+    medians,
+    peak_rss_mb,
+    posttrain_dtype,
+    precision,
+    ratio_summary,
+    run_rounds,
+    skipped_rows,
+    start,
+    trl_numerics,
+)
 
 DATA = REPO.parent / "shared" / "data" / "alpaca-eval" / "gpt4_vs_davinci003_annotations.json"
 CONFIGS = expand(("posttrain", "posttrain-nopack", "posttrain-compile"), ("trl-pack", "trl-pad"))

@@ -28,7 +28,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
-
 from bench_sft import LORA, SEED, base_param_count, load_chats, matmul_gflops  # noqa: E402
 
 
@@ -98,8 +97,8 @@ def main() -> None:
     args = p.parse_args()
 
     from posttrain.data import BatchPlan, render_example
-    from posttrain.models import load_model
     from posttrain.methods.sft import model_inputs
+    from posttrain.models import load_model
     from posttrain.plan.arch import arch_from_config
 
     torch.set_num_threads(2)

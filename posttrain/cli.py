@@ -22,10 +22,11 @@ DATA_PARALLEL = ("sft", "dpo", "reward")
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from posttrain import pipeline
-    from posttrain.config import ConfigError, load_config
+    from posttrain.config import load_config
     from posttrain.engine import console
     from posttrain.engine.distributed import setup, shutdown, world
     from posttrain.engine.resume import Resume
+    from posttrain.errors import ConfigError
 
     if args.extend_steps and not args.resume:
         raise ConfigError("--extend-steps changes the length of a resumed run; it goes with --resume")
@@ -100,7 +101,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     cfg = load_config(run_dir / "config.yaml" if run_dir else target, args.overrides, method="sft")
     if cfg.method != "sft":
         if run_dir is None:
-            from posttrain.config import ConfigError
+            from posttrain.errors import ConfigError
 
             raise ConfigError(f"posttrain eval of a {cfg.method} job needs its run folder, not a config file")
         from posttrain.pipeline import eval_preference_run
@@ -299,8 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from posttrain.config import ConfigError
-    from posttrain.data import DataError
+    from posttrain.errors import ConfigError, DataError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     args = build_parser().parse_args(argv)

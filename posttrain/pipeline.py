@@ -11,18 +11,42 @@ from typing import Any
 
 import torch
 
-from posttrain.config import (ConfigError, DataConfig, DPOConfig, DPOSection, GRPOConfig, ModelConfig, PPOConfig,
-                              PromptDataConfig, RewardConfig, SFTConfig, TrainConfig, dump_config)
+from posttrain.config import (
+    DataConfig,
+    DPOConfig,
+    DPOSection,
+    GRPOConfig,
+    ModelConfig,
+    PPOConfig,
+    PromptDataConfig,
+    RewardConfig,
+    SFTConfig,
+    TrainConfig,
+    dump_config,
+)
 from posttrain.data import BatchPlan, build_examples, eval_batches, holdout_split
 from posttrain.data.render import Example
-from posttrain.engine import LoopOptions, atomic_dir, atomic_write_text, console, read_metrics, train_loop
+from posttrain.engine import LoopOptions, console, read_metrics, train_loop
 from posttrain.engine.distributed import device_for, gather_for_inference, shard, world
 from posttrain.engine.resume import Resume, check_resume
+from posttrain.errors import ConfigError
 from posttrain.eval import heldout_loss, sample_generations
+from posttrain.io import atomic_dir, atomic_write_text
 from posttrain.methods import SFT
-from posttrain.models import (Loaded, Quantization, apply_lora, choose_device, dequantize_, format_trainable,
-                              format_weight_bytes, load_adapter, load_model, prepare_full, trainable_report,
-                              weight_bytes)
+from posttrain.models import (
+    Loaded,
+    Quantization,
+    apply_lora,
+    choose_device,
+    dequantize_,
+    format_trainable,
+    format_weight_bytes,
+    load_adapter,
+    load_model,
+    prepare_full,
+    trainable_report,
+    weight_bytes,
+)
 from posttrain.models.compile import compile_layers
 from posttrain.models.kernels import apply_liger
 
@@ -440,8 +464,13 @@ def preference_params(d: DPOSection):
 def run_dpo(cfg: DPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     """DPO / IPO / SimPO from a base model or an SFT adapter (``model.init_adapter``)."""
     from posttrain.losses import REFERENCE_FREE
-    from posttrain.methods import (AdapterOffReference, FrozenCopyReference, Preference, precompute_reference,
-                                   preference_eval)
+    from posttrain.methods import (
+        AdapterOffReference,
+        FrozenCopyReference,
+        Preference,
+        precompute_reference,
+        preference_eval,
+    )
 
     start = check_resume(cfg, resume)  # a changed config is refused here, before anything is loaded or written
     out, t0, loaded = begin_run(cfg)
@@ -592,9 +621,10 @@ def _dialogue_before_answer(row: dict[str, Any], path: str, num: int) -> list[di
 def load_prompts(path: str, dcfg: PromptDataConfig, tokenizer,
                  limit: int | None = None) -> tuple[list[list[int]], list[dict[str, Any]], list[Any], list[str]]:
     """Prompt token ids, the rows (their other columns feed the rewards), the prompts as chats, report lines."""
-    from posttrain.data import DataError, read_rows
+    from posttrain.data import read_rows
     from posttrain.data.formats import validate_messages
     from posttrain.data.render import has_chat_template, render_prompt
+    from posttrain.errors import DataError
 
     template = resolve_template(dcfg.chat_template)
     add_special = not has_chat_template(tokenizer, template)

@@ -11,13 +11,20 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import ConfigError
 from posttrain.data.render import has_chat_template, render_prompt
-from posttrain.engine import atomic_dir, atomic_write_text
+from posttrain.errors import ConfigError
+from posttrain.io import atomic_dir, atomic_write_text
 from posttrain.models import load_adapter, load_model
 from posttrain.models.merge import compare, lora_tensors, reference_outputs
-from posttrain.pipeline import (base_of, init_adapter_of, load_for_inference, load_run_base, resolve_adapter,
-                                run_config_of, run_quantization)
+from posttrain.pipeline import (
+    base_of,
+    init_adapter_of,
+    load_for_inference,
+    load_run_base,
+    resolve_adapter,
+    run_config_of,
+    run_quantization,
+)
 from posttrain.rollout.generate import stop_token_ids
 
 REPORTS = ("merge_report.json", "export_report.json")

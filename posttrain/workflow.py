@@ -9,7 +9,6 @@ earlier stage's) and stops the workflow with exit code 1 and a table when a rule
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import string
@@ -17,27 +16,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import ConfigError, StageSpec, SuiteSpec, WorkflowConfig, dump_config, load_config
-from posttrain.engine import atomic_write_text, console
+from posttrain.config import StageSpec, SuiteSpec, WorkflowConfig, dump_config, load_config
+from posttrain.engine import console
+from posttrain.errors import ConfigError
+from posttrain.io import atomic_write_text, content_key, file_hash
 
 GENERATING = ("sft", "dpo", "grpo", "ppo")  # methods whose result answers prompts (a reward model does not)
 
 
 class GateBlocked(RuntimeError):
     """A gate's rule failed: the stages after it do not run."""
-
-
-def file_hash(path: str | Path) -> str:
-    """sha256 of a file's bytes (the first 16 hex digits are plenty to tell versions of one file apart)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
-
-
-def content_key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:

@@ -1,8 +1,6 @@
 import os
-from pathlib import Path
 
 import pytest
-import torch
 
 from posttrain.models import load_tokenizer, resolve_model_path
 from posttrain.models.numerics import FLAGS_ENV

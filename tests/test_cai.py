@@ -14,7 +14,8 @@ import zlib
 import pytest
 
 from posttrain.cli import main
-from posttrain.data import DataError, build_examples, build_pairs
+from posttrain.data import build_examples, build_pairs
+from posttrain.errors import DataError
 from posttrain.judge.cai import read_prompts, rl_cai, sl_cai
 from posttrain.judge.constitution import DEFAULT_CONSTITUTION, Principle, load_constitution
 from posttrain.judge.pairwise import both_orders

@@ -99,7 +99,8 @@ def test_liger_switch_says_what_is_missing_and_patches_the_base_model(tiny_dir, 
     import sys
     import types
 
-    from posttrain.models.kernels import KERNELS, KernelError, apply_liger
+    from posttrain.errors import KernelError
+    from posttrain.models.kernels import KERNELS, apply_liger
 
     model = lora_model(tiny_dir, False)
     with pytest.raises(KernelError, match="Triton GPU kernels and the model is on cpu"):
@@ -120,7 +121,8 @@ def test_liger_switch_says_what_is_missing_and_patches_the_base_model(tiny_dir, 
 
 
 def test_compile_with_checkpointing_is_refused_instead_of_silently_eager():
-    from posttrain.config import ConfigError, load_config
+    from posttrain.config import load_config
+    from posttrain.errors import ConfigError
 
     cfg = load_config(None, ["data.train=x.jsonl", "model.compile=true"], method="sft")
     assert cfg.model.compile and not cfg.model.liger

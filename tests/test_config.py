@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.config import CONFIGS, ConfigError, load_config
+from posttrain.config import CONFIGS, load_config
+from posttrain.errors import ConfigError
 
 EXAMPLES = sorted(Path(__file__).resolve().parent.parent.joinpath("examples").glob("*.yaml"))
 

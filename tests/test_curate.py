@@ -10,11 +10,22 @@ import random
 
 import pytest
 
-from posttrain.config import ConfigError
-from posttrain.data.curate import (agreement, audit, cohen_kappa, contamination, dedup_file, estimate_jaccard,
-                                   jaccard, landis_koch, length_bias, minhash, ngrams, row_text)
+from posttrain.data.curate import (
+    agreement,
+    audit,
+    cohen_kappa,
+    contamination,
+    dedup_file,
+    estimate_jaccard,
+    jaccard,
+    landis_koch,
+    length_bias,
+    minhash,
+    ngrams,
+    row_text,
+)
 from posttrain.data.curate_command import add_commands
-from posttrain.data.readers import DataError
+from posttrain.errors import ConfigError, DataError
 
 VOCAB = ("apple river stone cloud green quick table light music paper bread north window silver garden "
          "yellow horse candle winter market ocean pencil forest copper bottle rocket mirror planet basket "

@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from posttrain.data import DataError, build_examples, holdout_split, read_rows, row_to_messages
+from posttrain.data import build_examples, holdout_split, read_rows, row_to_messages
+from posttrain.errors import DataError
 from tests.helpers import write_jsonl
 
 GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}

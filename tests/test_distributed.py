@@ -7,8 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import chat_rows, write_jsonl
-from tests.helpers import pair_rows
+from tests.helpers import chat_rows, pair_rows, write_jsonl
 
 
 def _records(run) -> list[dict]:

@@ -15,8 +15,7 @@ from posttrain.engine.checkpoint import list_checkpoints
 from posttrain.engine.loop import LoopOptions, train_loop
 from posttrain.methods import SFT
 from posttrain.pipeline import run_sft
-from tests.helpers import chat_rows, write_jsonl
-from tests.helpers import random_examples
+from tests.helpers import chat_rows, random_examples, write_jsonl
 
 
 def test_warmup_cosine_hand_values():

@@ -6,10 +6,19 @@ import types
 import pytest
 import torch
 
-from posttrain.data import DataError, build_examples, build_pairs, eval_batches
-from posttrain.eval import (SCORERS, Rule, abstains, check_gate, expected_calibration_error, gate_table, heldout_loss,
-                            run_suite)
-from posttrain.eval import suites
+from posttrain.data import build_examples, build_pairs, eval_batches
+from posttrain.errors import DataError
+from posttrain.eval import (
+    SCORERS,
+    Rule,
+    abstains,
+    check_gate,
+    expected_calibration_error,
+    gate_table,
+    heldout_loss,
+    run_suite,
+    suites,
+)
 from tests.helpers import chat_rows, write_jsonl
 
 

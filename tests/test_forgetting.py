@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from posttrain.config import ConfigError, load_config
+from posttrain.config import load_config
 from posttrain.data.mixing import draw, mix_counts
+from posttrain.errors import ConfigError
 from posttrain.losses import linear_kl_sum, token_kl_sum
 from posttrain.methods import SFT
 from posttrain.methods.sft import completion_loss_sum

@@ -6,14 +6,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from posttrain.config import ConfigError, load_config
+from posttrain.config import load_config
 from posttrain.engine.resume import Resume
+from posttrain.errors import ConfigError
 from posttrain.methods.grpo import GRPO, GRPOParams, RolloutPlan
-from posttrain.rollout.batch import rollout_logps
 from posttrain.models import apply_lora
 from posttrain.pipeline import run_grpo
+from posttrain.rollout.batch import rollout_logps
 from posttrain.rollout.sample import merged_for_generation, sample_completions
-from tests.helpers import grpo_cfg, step_records, write_jsonl
+from tests.helpers import grpo_cfg, step_records
 
 
 def lora_model(tiny_dir):

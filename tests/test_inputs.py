@@ -7,8 +7,17 @@ import json
 
 import pytest
 
-from posttrain.data import (BatchPlan, DataError, PairPlan, build_examples, build_pairs, read_rows, row_to_messages,
-                            row_to_pair, validate_messages)
+from posttrain.data import (
+    BatchPlan,
+    PairPlan,
+    build_examples,
+    build_pairs,
+    read_rows,
+    row_to_messages,
+    row_to_pair,
+    validate_messages,
+)
+from posttrain.errors import DataError
 from tests.helpers import write_jsonl
 
 ROW = {"prompt": "Say hi", "completion": "Hello"}

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from posttrain.models import load_model, trainable_report, apply_lora
+from posttrain.models import apply_lora, load_model, trainable_report
 from posttrain.rollout import generate
 
 pytestmark = pytest.mark.integration

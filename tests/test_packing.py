@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from posttrain.data import Example, best_fit, collate, num_targets
 from posttrain.methods import completion_loss_sum
-from posttrain.models.attention import register as register_packed_attention, segment_lengths
+from posttrain.models.attention import register as register_packed_attention
+from posttrain.models.attention import segment_lengths
 from tests.helpers import random_examples
 
 

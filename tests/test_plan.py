@@ -10,9 +10,21 @@ import json
 
 import pytest
 
-from posttrain.config import ConfigError
-from posttrain.plan import (PRESETS, activation_bytes, add_commands, advise, choose_approach, choose_method,
-                            count_params, load_arch, nf4_bytes, plan_cost, plan_memory, trainable_params)
+from posttrain.errors import ConfigError
+from posttrain.plan import (
+    PRESETS,
+    activation_bytes,
+    add_commands,
+    advise,
+    choose_approach,
+    choose_method,
+    count_params,
+    load_arch,
+    nf4_bytes,
+    plan_cost,
+    plan_memory,
+    trainable_params,
+)
 from posttrain.plan.memory import CUDA_CONTEXT_BYTES, GB
 
 LLAMA_7B_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,

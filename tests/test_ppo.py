@@ -6,13 +6,13 @@ import json
 import pytest
 import torch
 
-from posttrain.config import ConfigError, load_config
+from posttrain.config import load_config
 from posttrain.engine.resume import Resume
+from posttrain.errors import ConfigError
 from posttrain.methods.ppo import ACTOR, CRITIC, REWARD, PPOParams, PPOPlan
 from posttrain.pipeline import begin_run, build_roles, load_prompt_splits, run_ppo, run_reward
 from posttrain.rewards import load_reward
-from tests.helpers import make_tiny, step_records, write_jsonl
-from tests.helpers import pair_rows
+from tests.helpers import make_tiny, pair_rows, step_records, write_jsonl
 
 
 @pytest.fixture(scope="module")

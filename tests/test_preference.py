@@ -7,12 +7,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from posttrain.config import load_config
-from posttrain.models.attention import branch_segments, register as register_packed_attention
-from posttrain.data import DataError, build_pairs, collate_pairs, pair_batches, parse_hh, row_to_pair
+from posttrain.data import build_pairs, collate_pairs, pair_batches, parse_hh, row_to_pair
+from posttrain.errors import DataError
 from posttrain.losses import PreferenceParams
-from posttrain.methods import (AdapterOffReference, FrozenCopyReference, Preference, precompute_reference,
-                               sequence_logps)
+from posttrain.methods import AdapterOffReference, FrozenCopyReference, Preference, precompute_reference, sequence_logps
 from posttrain.models import apply_lora
+from posttrain.models.attention import branch_segments
+from posttrain.models.attention import register as register_packed_attention
 from posttrain.pipeline import run_dpo
 from tests.helpers import pair_rows, write_jsonl
 

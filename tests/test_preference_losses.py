@@ -5,8 +5,7 @@ import math
 import pytest
 import torch
 
-from posttrain.losses import (PREFERENCE_LOSSES, PairLogps, PreferenceParams, bradley_terry, dpo_sigmoid, ipo, rpo,
-                              simpo)
+from posttrain.losses import PREFERENCE_LOSSES, PairLogps, PreferenceParams, bradley_terry, dpo_sigmoid, ipo, rpo, simpo
 
 
 def logps(pc, pr, rc=None, rr=None, lc=None, lr=None, grad=False):

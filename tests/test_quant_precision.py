@@ -8,8 +8,11 @@ import torch
 
 bnb_modules = pytest.importorskip("bitsandbytes.nn.modules")
 
-from posttrain.models import Quantization, load_model  # noqa: E402
-from posttrain.models import quant  # noqa: E402
+from posttrain.models import (  # noqa: E402
+    Quantization,
+    load_model,
+    quant,  # noqa: E402
+)
 
 
 def _linear4bit_layers(model):

@@ -16,13 +16,13 @@ import torch
 
 from posttrain import pipeline
 from posttrain.cli import main
-from posttrain.config import ConfigError, dump_config, load_config
+from posttrain.config import dump_config, load_config
 from posttrain.engine.checkpoint import list_checkpoints, trainer_state
 from posttrain.engine.resume import BOOKKEEPING, check_resume, input_hashes
 from posttrain.engine.schedule import Schedule, warmup_cosine
+from posttrain.errors import ConfigError
 from posttrain.pipeline import run_sft
-from tests.helpers import chat_rows, write_jsonl
-from tests.helpers import pair_rows
+from tests.helpers import chat_rows, pair_rows, write_jsonl
 
 LR, MIN = 5e-3, 0.1
 BASE = ["train.max_steps=4", "train.save_every=2", "train.micro_batch_size=2", f"train.lr={LR}",

@@ -11,8 +11,7 @@ from posttrain.data import build_pairs, collate_pairs
 from posttrain.methods.reward import ScoreModel, pearson
 from posttrain.pipeline import run_reward
 from posttrain.rewards import Ensemble, load_reward
-from tests.helpers import write_jsonl
-from tests.helpers import pair_rows
+from tests.helpers import pair_rows, write_jsonl
 
 
 def test_score_is_read_at_the_last_response_token_in_packed_rows(tiny_dir, tokenizer, tmp_path):

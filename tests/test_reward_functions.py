@@ -5,8 +5,15 @@ import sys
 
 import pytest
 
-from posttrain.rewards.functions import (Combined, final_number, gsm8k_answer, json_schema, length_penalty,
-                                         regex_match, resolve_reward)
+from posttrain.rewards.functions import (
+    Combined,
+    final_number,
+    gsm8k_answer,
+    json_schema,
+    length_penalty,
+    regex_match,
+    resolve_reward,
+)
 
 GOLD = "She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18"
 

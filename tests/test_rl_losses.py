@@ -3,8 +3,15 @@
 import pytest
 import torch
 
-from posttrain.losses.rl import (clipped_surrogate, clipped_value_loss, gae, group_advantages, kl_k3,
-                                 kl_shaped_rewards, whiten)
+from posttrain.losses.rl import (
+    clipped_surrogate,
+    clipped_value_loss,
+    gae,
+    group_advantages,
+    kl_k3,
+    kl_shaped_rewards,
+    whiten,
+)
 
 
 def test_group_advantages_worked_example():

@@ -8,15 +8,13 @@ import http.client
 import json
 import queue
 import threading
-from pathlib import Path
 
 import openai
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from posttrain.models import apply_lora, load_tokenizer
-from posttrain.serve import BASE, Engine, Request, Sampling, Server
+from posttrain.serve import BASE, Request, Sampling, Server
 from posttrain.serve.text import TextStream
 from tests.helpers import make_adapter, make_tiny, new_engine
 

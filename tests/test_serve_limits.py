@@ -101,7 +101,7 @@ def test_chat_roles_and_order_are_refused_as_training_refuses_them(server):
 
 def test_text_content_parts_are_joined_as_training_joins_them(server):
     from posttrain.data.formats import validate_messages
-    from posttrain.data.readers import DataError
+    from posttrain.errors import DataError
 
     parts = [{"type": "text", "text": "Name three colours."}, {"type": "text", "text": "Be brief."}]
     try:

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from posttrain.cli import main
-from posttrain.config import ConfigError, load_config
+from posttrain.config import load_config
+from posttrain.errors import ConfigError
 from tests.helpers import chat_rows, write_jsonl
 
 pytest.importorskip("bitsandbytes")
@@ -151,8 +152,7 @@ def test_eight_bit_adamw_steps_on_cpu():
 @pytest.mark.parametrize("method", ["dpo", "reward", "grpo"])
 def test_every_training_command_takes_a_4bit_base(method, tiny_dir, tmp_path):
     from posttrain import pipeline
-    from tests.helpers import grpo_cfg
-    from tests.helpers import pair_rows
+    from tests.helpers import grpo_cfg, pair_rows
 
     quant = ["model.quantization=nf4", "train.max_steps=2"]
     if method == "grpo":

@@ -21,10 +21,10 @@ from typing import Any, Hashable, Sequence
 
 import numpy as np
 
-from posttrain.config import ConfigError
 from posttrain.data.formats import detect_format, row_to_messages
-from posttrain.data.preference import BadPair, row_to_pair
-from posttrain.data.readers import DataError, Row, read_rows
+from posttrain.data.preference import row_to_pair
+from posttrain.data.readers import Row, read_rows
+from posttrain.errors import BadPair, ConfigError, DataError
 
 # ---------------------------------------------------------------------------------------------------------------
 # Row -> normalised text
@@ -254,7 +254,7 @@ def dedup_rows(rows: list[Row], path: str | Path, *, threshold: float = 0.8, shi
 
 def write_jsonl(path: str | Path, rows: list[Row], source: str | Path) -> None:
     """The rows' JSON objects, one a line, written atomically (temporary name, then rename)."""
-    from posttrain.engine import atomic_write_text
+    from posttrain.io import atomic_write_text
 
     lines = []
     for num, row in rows:
@@ -274,7 +274,7 @@ def dedup_file(path: str | Path, out: str | Path, *, threshold: float = 0.8, shi
     kept, report = dedup_rows(rows, path, threshold=threshold, shingle=shingle)
     write_jsonl(out, kept, path)
     if report_path is not None:
-        from posttrain.engine import atomic_write_text
+        from posttrain.io import atomic_write_text
 
         atomic_write_text(Path(report_path), json.dumps(report.to_dict(), indent=2) + "\n")
     return report

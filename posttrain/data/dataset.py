@@ -10,8 +10,9 @@ import torch
 
 from posttrain.data.formats import Messages, row_to_messages, row_to_prompt
 from posttrain.data.packing import best_fit, collate
-from posttrain.data.readers import DataError, read_rows
-from posttrain.data.render import Example, TemplateError, render_example
+from posttrain.data.readers import read_rows
+from posttrain.data.render import Example, render_example
+from posttrain.errors import DataError, TemplateError
 
 
 @dataclass

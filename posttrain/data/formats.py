@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from posttrain.data.readers import DataError
+from posttrain.errors import DataError
 
 Messages = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")

@@ -25,12 +25,9 @@ import torch
 from posttrain.data.dataset import BatchPlan
 from posttrain.data.formats import Messages, content_text, validate_messages
 from posttrain.data.packing import best_fit
-from posttrain.data.readers import DataError, read_rows
-from posttrain.data.render import Example, TemplateError, render_example
-
-
-class BadPair(DataError):
-    """A well-formed row whose pair cannot teach a preference; ``data.bad_pairs: drop`` counts and skips it."""
+from posttrain.data.readers import read_rows
+from posttrain.data.render import Example, render_example
+from posttrain.errors import BadPair, DataError, TemplateError
 
 
 @dataclass

@@ -12,19 +12,7 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-
-class DataError(ValueError):
-    """Bad input data. The message names the file, the row (1-based) and the field."""
-
-    def __init__(self, file: str | Path, row: int | None, field: str | None, problem: str):
-        self.file, self.row, self.field, self.problem = str(file), row, field, problem
-        where = str(file)
-        if row is not None:
-            where += f", row {row}"
-        if field is not None:
-            where += f", field {field!r}"
-        super().__init__(f"{where}: {problem}")
-
+from posttrain.errors import DataError
 
 Row = tuple[int, dict[str, Any]]  # (1-based row number, the row)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from posttrain.data.formats import Messages
+from posttrain.errors import TemplateError
 
 Span = tuple[int, int]
 
@@ -30,10 +31,6 @@ class Example:
 
     def __len__(self) -> int:
         return len(self.input_ids)
-
-
-class TemplateError(ValueError):
-    pass
 
 
 def has_chat_template(tokenizer, chat_template: str | None = None) -> bool:

@@ -17,11 +17,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from posttrain.config import CONFIGS, ConfigError, dump_config
+from posttrain.config import CONFIGS, dump_config
 from posttrain.engine.checkpoint import list_checkpoints, trainer_state
 from posttrain.engine.distributed import world
 from posttrain.engine.logging import console
 from posttrain.engine.schedule import Schedule
+from posttrain.errors import ConfigError
 from posttrain.models.loading import choose_device
 from posttrain.models.numerics import choose_numerics
 

@@ -14,9 +14,9 @@ from html import escape
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from posttrain.engine.checkpoint import atomic_write_text
 from posttrain.engine.logging import read_metrics
 from posttrain.engine.plot import COLOURS, panels_svg
+from posttrain.io import atomic_write_text
 
 EM_DASH = "\u2014"
 

@@ -16,9 +16,10 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from posttrain.data import DataError, build_examples, build_pairs, eval_batches, pair_batches, read_rows
+from posttrain.data import build_examples, build_pairs, eval_batches, pair_batches, read_rows
 from posttrain.data.formats import Messages, detect_format, row_to_messages, row_to_prompt
 from posttrain.data.render import has_chat_template, render_prompt
+from posttrain.errors import DataError
 from posttrain.eval.heldout import heldout_loss
 from posttrain.rewards.functions import final_number
 from posttrain.rollout import generate

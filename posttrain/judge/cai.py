@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from posttrain.data import load_prompt_chats
 from posttrain.data.formats import Messages
-from posttrain.data import DataError, load_prompt_chats
+from posttrain.errors import DataError
 from posttrain.judge.constitution import Principle
 from posttrain.judge.pairwise import CalibratedJudge, Judge, both_orders
 from posttrain.rollout import generate

@@ -25,7 +25,7 @@ def _name(model: str | None, adapter: str | None) -> str:
 
 
 def _setup(args: argparse.Namespace):
-    from posttrain.data import DataError
+    from posttrain.errors import DataError
     from posttrain.judge.cai import read_prompts
     from posttrain.judge.constitution import load_constitution
     from posttrain.pipeline import load_for_inference
@@ -41,7 +41,7 @@ def _setup(args: argparse.Namespace):
 
 def _write(args: argparse.Namespace, rows: list[dict[str, Any]], stats: dict[str, float], dropped: list[str],
            seconds: float, hint: str) -> int:
-    from posttrain.engine import atomic_write_text
+    from posttrain.io import atomic_write_text
 
     atomic_write_text(Path(args.out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     out = _console()

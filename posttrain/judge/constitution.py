@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from posttrain.data.readers import DataError
+from posttrain.errors import DataError
 
 DEFAULT_CONSTITUTION = Path(__file__).with_name("constitution.yaml")
 

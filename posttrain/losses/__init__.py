@@ -1,9 +1,23 @@
 """Pure loss functions on tensors (they import only torch)."""
 
-from posttrain.losses.cross_entropy import (linear_cross_entropy_sum, linear_kl_sum, target_logps,
-                                            token_cross_entropy_sum, token_kl_sum)
-from posttrain.losses.preference import (PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps, PreferenceParams,
-                                         bradley_terry, dpo_sigmoid, ipo, rpo, simpo)
+from posttrain.losses.cross_entropy import (
+                                            linear_cross_entropy_sum,
+                                            linear_kl_sum,
+                                            target_logps,
+                                            token_cross_entropy_sum,
+                                            token_kl_sum,
+)
+from posttrain.losses.preference import (
+                                            PREFERENCE_LOSSES,
+                                            REFERENCE_FREE,
+                                            PairLogps,
+                                            PreferenceParams,
+                                            bradley_terry,
+                                            dpo_sigmoid,
+                                            ipo,
+                                            rpo,
+                                            simpo,
+)
 
 __all__ = ["PREFERENCE_LOSSES", "REFERENCE_FREE", "PairLogps", "PreferenceParams", "bradley_terry", "dpo_sigmoid",
            "ipo", "linear_cross_entropy_sum", "linear_kl_sum", "rpo", "simpo", "target_logps", "token_cross_entropy_sum",

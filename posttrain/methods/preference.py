@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from posttrain.engine.checkpoint import atomic_write_bytes
+from posttrain.io import atomic_write_bytes
 from posttrain.losses import PREFERENCE_LOSSES, REFERENCE_FREE, PairLogps, PreferenceParams, target_logps
 from posttrain.methods.sft import _plain_head, unwrap
 from posttrain.models.attention import Layout, branch_segments, segment_lengths, uses_segments

@@ -1,7 +1,14 @@
 """Model loading, dtype/device choice, LoRA and full fine-tuning set-up."""
 
-from posttrain.models.loading import (Loaded, cache_dir, choose_device, choose_dtype, load_model, load_tokenizer,
-                                      resolve_model_path)
+from posttrain.models.loading import (
+                                      Loaded,
+                                      cache_dir,
+                                      choose_device,
+                                      choose_dtype,
+                                      load_model,
+                                      load_tokenizer,
+                                      resolve_model_path,
+)
 from posttrain.models.lora import apply_lora, format_trainable, load_adapter, prepare_full, trainable_report
 from posttrain.models.quant import Quantization, dequantize_, format_weight_bytes, weight_bytes
 

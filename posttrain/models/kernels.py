@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.config import ConfigError
+from posttrain.errors import KernelError
 from posttrain.models.lora import unwrap
 
 KERNELS = {"rope": True, "rms_norm": True, "swiglu": True, "cross_entropy": False,
            "fused_linear_cross_entropy": False}
-
-
-class KernelError(ConfigError):
-    """A kernel switch that cannot be honoured here; the message says what to change (the CLI prints it)."""
 
 
 def apply_liger(model: torch.nn.Module, device: torch.device) -> list[str]:

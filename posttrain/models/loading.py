@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from posttrain.models.attention import NAME as PACKED_ATTENTION, register as register_attention
+from posttrain.models.attention import NAME as PACKED_ATTENTION
+from posttrain.models.attention import register as register_attention
 from posttrain.models.numerics import Numerics, choose_numerics
 from posttrain.models.quant import Quantization, bnb_config, keep_4bit_precision
 

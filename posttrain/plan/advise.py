@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from posttrain.config import ConfigError
+from posttrain.errors import ConfigError
 from posttrain.plan.arch import Arch, load_arch
 from posttrain.plan.memory import GB, SLACK_PERCENT, plan_memory
 

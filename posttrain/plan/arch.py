@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import ConfigError
+from posttrain.errors import ConfigError
 
 # Published config.json values (the fields the planner reads). Kept as config dicts, not as Arch objects,
 # so a preset goes through exactly the same parsing and checks as a user's file.

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from posttrain.config import ConfigError
+from posttrain.errors import ConfigError
 
 HORIZON_DAYS = (30, 90, 365)
 

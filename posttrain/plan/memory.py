@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from posttrain.config import ConfigError
+from posttrain.errors import ConfigError
 from posttrain.plan.arch import Arch
 from posttrain.plan.params import ParamCount, Trainable, count_params, trainable_params
 

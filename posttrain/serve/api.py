@@ -73,7 +73,7 @@ def _messages(body: dict) -> list[dict]:
     """The chat, checked as training checks its data (roles, their order, contents), so the server answers only
     conversations of the shape the model was trained on."""
     from posttrain.data.formats import validate_messages
-    from posttrain.data.readers import DataError
+    from posttrain.errors import DataError
 
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from posttrain.serve import api
 from posttrain.models.quant import is_quantized
+from posttrain.serve import api
 from posttrain.serve.adapters import discover, resolve_in_dir, training_base
 from posttrain.serve.api import ServeError
 from posttrain.serve.engine import Engine
