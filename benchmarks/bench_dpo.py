@@ -7,8 +7,8 @@ the same tokens: prompt + chosen and prompt + rejected of every pair trained, so
 feeds it twice; posttrain with a shared prompt feeds it once, and the 'positions' column shows what was fed).
 
 Configurations:
-  posttrain          posttrain's engine (PairPlan + train_loop + Preference "dpo"), packing=False: one pair per
-                     row, laid out as prompt | chosen | rejected with the prompt shared (run through the model once)
+  posttrain          posttrain's engine (pair_schedule + train_loop + PreferenceMethod "dpo"), packing=False: one pair
+                     per row, laid out as prompt | chosen | rejected with the prompt shared (run through the model once)
   posttrain-pack     packing=True: pairs packed into rows of up to 2 * --max-len tokens, --pack-rows rows per
                      micro-batch (default 1: about the positions of TRL's micro-batch of --batch 2 padded pairs)
   posttrain-compile  posttrain with ``model.compile``: each decoder layer through torch.compile (compiled in the
@@ -78,7 +78,7 @@ from _common import (  # noqa: E402
 )
 
 if TYPE_CHECKING:  # posttrain imports torch: only workers pay for it
-    from posttrain.data import Pair, PairPlan
+    from posttrain.data import Pair, StepSchedule
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
@@ -130,11 +130,11 @@ def load_pairs(n: int, max_len: int, tokenizer) -> tuple[list[Pair], list[dict[s
 
 
 def make_plan(pairs: list[Pair], batch: int, pad_id: int, packing: bool, max_len: int,
-              share_prompt: bool = True) -> PairPlan:
-    from posttrain.data import PairPlan
+              share_prompt: bool = True) -> StepSchedule:
+    from posttrain.data import pair_schedule
 
-    return PairPlan(pairs, micro_batch_size=batch, grad_accum=1, seed=SEED, pad_id=pad_id, packing=packing,
-                    max_seq_len=max_len, share_prompt=share_prompt)
+    return pair_schedule(pairs, micro_batch_size=batch, grad_accum=1, seed=SEED, pad_id=pad_id, packing=packing,
+                         max_seq_len=max_len, share_prompt=share_prompt)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,9 +144,10 @@ def worker_posttrain(args: argparse.Namespace, name: str) -> dict[str, Any]:
     from posttrain.data import pair_batches
     from posttrain.engine import LoopOptions, read_metrics, train_loop
     from posttrain.losses import PreferenceParams
-    from posttrain.methods import AdapterOffReference, Preference, precompute_reference
+    from posttrain.methods import PreferenceMethod, precompute_reference
     from posttrain.models import apply_lora, load_model
-    from posttrain.pipeline import seed_everything
+    from posttrain.models.reference import AdapterOffReference
+    from posttrain.recipes._common import seed_everything
 
     seed_everything(SEED)
     loaded = load_model(args.model, dtype=posttrain_dtype(name), device="cpu")  # its default attention (sdpa_packed)
@@ -171,7 +172,7 @@ def worker_posttrain(args: argparse.Namespace, name: str) -> dict[str, Any]:
             batches = pair_batches(pairs, args.batch, tok.pad_token_id, share, args.max_len)
             reference = precompute_reference(reference, model, batches, len(pairs), Path(tmp) / "ref.pt")
         ref_seconds = time.perf_counter() - t0
-    method = Preference("dpo", PreferenceParams(beta=BETA), reference)
+    method = PreferenceMethod("dpo", PreferenceParams(beta=BETA), reference)
 
     counts: dict[int, tuple[int, int, int, int]] = {}
 
@@ -185,7 +186,7 @@ def worker_posttrain(args: argparse.Namespace, name: str) -> dict[str, Any]:
 
     # min_lr_ratio=1 turns posttrain's warmup-cosine schedule into a constant lr, as TRL's "constant".
     opts = LoopOptions(total_steps=args.warmup + args.steps, lr=args.lr, warmup_steps=0, min_lr_ratio=1.0,
-                       max_grad_norm=1.0, log_every=1, autocast=loaded.numerics.autocast)  # as a pipeline run
+                       max_grad_norm=1.0, log_every=1, autocast=loaded.numerics.autocast)  # as a recipe run
     with tempfile.TemporaryDirectory(prefix="bench-posttrain-") as out:
         train_loop(model, method, Counted(), opts, Path(out))
         records = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "tokens_per_s" in r]

@@ -11,7 +11,7 @@ divided by the best TRL configuration's s/step (the project's target is <= 0.5).
 
 Configurations:
   posttrain  posttrain's engine, built in the worker as ``run_grpo`` builds it: LoRA (``apply_lora``),
-             ``disable_dropout``, ``token_reference`` (adapters disabled), ``RolloutPlan`` + ``GRPO`` +
+             ``disable_dropout``, ``make_reference`` (adapters disabled), ``grpo_schedule`` + ``GRPO`` +
              ``train_loop``; timed from train_loop's own per-step records (its throughput window runs from the
              end of the previous step's log to this step's, so s = fed tokens / tokens_per_s, as in bench_dpo)
   posttrain-compile  posttrain with ``model.compile`` (each decoder layer through torch.compile, compiled in the
@@ -41,13 +41,13 @@ before then (posttrain ``GRPOParams(min_new_tokens=max_new)``; TRL ``generation_
 merged into its GenerationConfig). Each worker reports the mean completion length it actually generated (table
 column 'completion len') and the prompt + completion tokens per step it trained on, which match when both sides
 saw the same prompts. How each framework batches generation and lays out its training forwards is its own
-(posttrain's RolloutPlan picks its generate batch and may run a prompt once per group; TRL decodes the whole
+(posttrain's grpo_schedule picks its generate batch and may run a prompt once per group; TRL decodes the whole
 generation batch in one generate call and feeds prompt + completion per row), so 'fed' work may differ while the
 trained completions are the same.
 
 Data: the first ``--prompts`` questions of ``../shared/data/gsm8k/train.jsonl``, with examples/grpo-gsm8k.yaml's
 system prompt (and its max_prompt_len / overlong rule), read by posttrain's ``load_prompts`` and rendered with the
-embedded model's chat template. Step s uses the prompts posttrain's RolloutPlan visits at step s (its seeded
+embedded model's chat template. Step s uses the prompts posttrain's grpo_schedule visits at step s (its seeded
 per-epoch permutation); TRL gets a dataset of exactly those prompts in that order (as conversational ``prompt``
 messages plus the ``answer`` column) with ``shuffle_dataset=False``, so its RepeatSampler reads it sequentially.
 Both workers check the order they actually used, and the TRL worker checks that TRL's chat-template tokenisation of
@@ -124,7 +124,7 @@ def example_config() -> dict[str, Any]:
 def load_data(n: int, tokenizer) -> tuple[list[list[int]], list[dict[str, Any]], list[Any], str]:
     """(prompt ids, rows, chats, description) of the first ``n`` GSM8K questions, as a posttrain run reads them."""
     from posttrain.config import PromptDataConfig
-    from posttrain.pipeline import load_prompts
+    from posttrain.recipes._prompts import read_prompts as load_prompts
 
     d = example_config()["data"]
     keys = ("prompt_field", "system_prompt", "chat_template", "max_prompt_len", "overlong")
@@ -143,12 +143,13 @@ def make_reward():
 
 
 def visit_order(tokenizer, n_prompts: int, per_step: int, total: int) -> list[int]:
-    """The prompt index of each of the ``total * per_step`` prompts posttrain's RolloutPlan samples from, in order
+    """The prompt index of each of the ``total * per_step`` prompts posttrain's grpo_schedule samples from, in order
     (its seeded permutation per epoch); TRL is fed exactly this sequence."""
-    from posttrain.methods.grpo import GRPOParams, RolloutPlan
+    from posttrain.methods.grpo import GRPOParams, grpo_schedule
 
-    plan = RolloutPlan(None, tokenizer, [[0]] * n_prompts, [{}] * n_prompts, [None] * n_prompts, None, GRPOParams(),
-                       prompts_per_step=per_step, mu=MU, micro_batch_size=1, seed=SEED, reference=None)
+    plan = grpo_schedule(None, tokenizer, [[0]] * n_prompts, [{}] * n_prompts, [None] * n_prompts, None,
+                         GRPOParams(), prompts_per_step=per_step, mu=MU, micro_batch_size=1, seed=SEED,
+                         reference=None)
     return [i for r in range(total) for i in plan.prompt_indices(r)]
 
 
@@ -167,9 +168,10 @@ def micro_batch(args: argparse.Namespace) -> tuple[int, int]:
 
 def worker_posttrain(args: argparse.Namespace, compiled: bool, dtype: str) -> dict[str, Any]:
     from posttrain.engine import LoopOptions, read_metrics, train_loop
-    from posttrain.methods.grpo import GRPO, GRPOParams, RolloutPlan, token_reference
+    from posttrain.methods.grpo import GRPO, GRPOParams, grpo_schedule
     from posttrain.models import apply_lora, load_model
-    from posttrain.pipeline import disable_dropout, seed_everything
+    from posttrain.models.reference import make_reference
+    from posttrain.recipes._common import disable_dropout, seed_everything
 
     seed_everything(SEED)
     loaded = load_model(args.model, dtype=dtype, device="cpu")  # its default attention (sdpa_packed)
@@ -187,9 +189,9 @@ def worker_posttrain(args: argparse.Namespace, compiled: bool, dtype: str) -> di
     micro, _ = micro_batch(args)
     params = GRPOParams(group_size=args.group, clip_eps=CLIP_EPS, kl_coef=BETA, temperature=TEMPERATURE,
                         max_new_tokens=args.max_new, aggregation="grpo", min_new_tokens=args.max_new)
-    reference = token_reference(model, True, TEMPERATURE)
-    plan = RolloutPlan(model, tok, prompts, rows, chats, make_reward(), params, prompts_per_step=args.per_step,
-                       mu=MU, micro_batch_size=micro, seed=SEED, reference=reference, top_p=TOP_P)
+    reference = make_reference(model, lora=True, per_token=True, temperature=TEMPERATURE)
+    plan = grpo_schedule(model, tok, prompts, rows, chats, make_reward(), params, prompts_per_step=args.per_step,
+                         mu=MU, micro_batch_size=micro, seed=SEED, reference=reference, top_p=TOP_P)
     total = args.warmup + args.steps
     expected = visit_order(tok, len(prompts), args.per_step, total)
 
@@ -204,7 +206,7 @@ def worker_posttrain(args: argparse.Namespace, compiled: bool, dtype: str) -> di
             return micro_batches
 
     # min_lr_ratio=1 turns posttrain's warmup-cosine schedule into a constant lr, as TRL's "constant".
-    # autocast as a pipeline run sets it; train_loop samples the rollouts under it too.
+    # autocast as a recipe run sets it; train_loop samples the rollouts under it too.
     opts = LoopOptions(total_steps=total, lr=args.lr, warmup_steps=0, min_lr_ratio=1.0, max_grad_norm=1.0,
                        log_every=1, autocast=loaded.numerics.autocast)
     with tempfile.TemporaryDirectory(prefix="bench-posttrain-") as out:

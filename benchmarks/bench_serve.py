@@ -59,7 +59,7 @@ def main() -> int:
     import openai
 
     from posttrain.models import load_model
-    from posttrain.pipeline import resolve_adapter
+    from posttrain.runs import resolve_adapter
     from posttrain.serve.engine import Engine
     from posttrain.serve.server import Server
 

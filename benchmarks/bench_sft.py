@@ -6,7 +6,7 @@ the table reports the median per configuration. Only optimizer steps after ``--w
 input tokens fed to the model (``tokens/s``) and tokens that carry loss (``trained tokens/s``).
 
 Configurations:
-  posttrain          posttrain's engine (BatchPlan + train_loop + SFT), packing=True (its default)
+  posttrain          posttrain's engine (sft_schedule + train_loop + SFT), packing=True (its default)
   posttrain-nopack   the same with packing=False (one example per row, padded to the batch's longest)
   posttrain-compile  posttrain with ``model.compile``: each decoder layer through torch.compile (compiled in the
                      warm-up steps)
@@ -22,12 +22,12 @@ skipped (with the reason in the table) unless --force-bf16. Ratios are against T
 reports the relative difference of their final losses (target: within 1%); it exits 1 beyond that.
 
 Shared settings: the embedded SmolLM2-135M-Instruct in fp32 with SDPA attention, LoRA r=16 alpha=32
-dropout 0 (posttrain's default; --lora-dropout) on all linear layers (q,k,v,o,gate,up,down), lr 2e-4, AdamW, grad clip 1.0, micro-batch 4,
-no gradient accumulation, no gradient checkpointing, assistant-only loss, seq length cap 512,
-2 torch threads. TRL gets ``bf16=False`` (``True`` for -bf16), ``fp16=False, use_cpu=True``; its SmolLM2 chat
-template has no ``{% generation %}`` tags and TRL ships no training template for it, so TRL is fed
-prompt/completion conversational rows with ``completion_only_loss=True`` (the same assistant-only mask for
-single-turn chats).
+dropout 0 (posttrain's default; --lora-dropout) on all linear layers (q,k,v,o,gate,up,down), lr 2e-4,
+AdamW, grad clip 1.0, micro-batch 4, no gradient accumulation, no gradient checkpointing, assistant-only
+loss, seq length cap 512, 2 torch threads. TRL gets ``bf16=False`` (``True`` for -bf16), ``fp16=False,
+use_cpu=True``; its SmolLM2 chat template has no ``{% generation %}`` tags and TRL ships no training template
+for it, so TRL is fed prompt/completion conversational rows with ``completion_only_loss=True`` (the same
+assistant-only mask for single-turn chats).
 
 FLOP ceiling: LoRA training costs about 4 * N FLOPs per token (forward 2N, activation gradients 2N; frozen
 weights need no weight gradients), N = the base model's parameter count including the tied embedding/head.
@@ -171,16 +171,16 @@ def worker_posttrain(args, packing: bool, compiled: bool, dtype: str) -> dict:
     """``dtype``: posttrain's model.dtype (float32, bfloat16, auto or bf16_mixed)."""
     import torch
 
-    from posttrain.data import BatchPlan, render_example
+    from posttrain.data import render_example, sft_schedule
     from posttrain.engine import LoopOptions, read_metrics, train_loop
     from posttrain.methods import SFT
     from posttrain.models import apply_lora, load_model, load_tokenizer
     from posttrain.models.attention import register
     from posttrain.models.numerics import choose_numerics
-    from posttrain.pipeline import seed_everything
+    from posttrain.recipes._common import seed_everything
 
     seed_everything(SEED)
-    numerics = choose_numerics(dtype, torch.device(args.device))  # what load_model and a pipeline run choose
+    numerics = choose_numerics(dtype, torch.device(args.device))  # what load_model and a recipe run choose
     if args.arch or args.device != "cpu" or numerics.weights != torch.float32:
         base = build_model(args, register(), numerics.weights)  # posttrain's attention, sdpa_packed
         tok = load_tokenizer(args.model)
@@ -205,8 +205,8 @@ def worker_posttrain(args, packing: bool, compiled: bool, dtype: str) -> dict:
         if args.checkpointing:  # as model.compile refuses it: checkpointed layers would run eagerly
             raise SystemExit("posttrain-compile with --checkpointing measures nothing compiled; drop one")
         compile_layers(model)
-    plan = BatchPlan(examples, micro_batch_size=args.batch, grad_accum=1, seed=SEED, pad_id=tok.pad_token_id,
-                     packing=packing, max_seq_len=args.max_len)
+    plan = sft_schedule(examples, micro_batch_size=args.batch, grad_accum=1, seed=SEED, pad_id=tok.pad_token_id,
+                        packing=packing, max_seq_len=args.max_len)
 
     counts: dict[int, tuple[int, int]] = {}
 
@@ -219,7 +219,7 @@ def worker_posttrain(args, packing: bool, compiled: bool, dtype: str) -> dict:
 
     total = args.warmup + args.steps
     opts = LoopOptions(total_steps=total, lr=args.lr, warmup_steps=0, max_grad_norm=1.0, log_every=1,
-                       autocast=numerics.autocast)  # as pipeline.loop_options sets it
+                       autocast=numerics.autocast)  # as recipes._common.loop_options sets it
     with tempfile.TemporaryDirectory(prefix="bench-posttrain-") as out:
         train_loop(model, SFT(), Counted(), opts, Path(out))
         records = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "tokens_per_s" in r]

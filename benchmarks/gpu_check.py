@@ -43,7 +43,7 @@ def tiny_sft(tokenizer_dir: str, work: Path) -> dict:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from posttrain.config import load_config
-    from posttrain.pipeline import run_sft
+    from posttrain.recipes.sft import run as run_sft
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
@@ -57,7 +57,8 @@ def tiny_sft(tokenizer_dir: str, work: Path) -> dict:
             for w in (" ".join(rnd.choice(["red", "green", "blue", "cyan"]) for _ in range(rnd.randint(1, 8)))
                       for _ in range(200))]
     (work / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    c = load_config(None, [f"model.name={work / 'tiny'}", f"data.train={work / 'd.jsonl'}", f"output_dir={work / 'run'}",
+    c = load_config(None, [f"model.name={work / 'tiny'}", f"data.train={work / 'd.jsonl'}",
+                           f"output_dir={work / 'run'}",
                            "data.eval_fraction=0.1", "train.max_steps=30", "train.lr=3e-3", "train.micro_batch_size=2",
                            "eval_samples=1", "finetune=full"], method="sft")
     res = run_sft(c)
@@ -131,7 +132,8 @@ def throughput(arch: str, seq_len: int, batch: int, steps: int = 5, checkpointin
     step = sorted(times)[len(times) // 2]
     tokens = batch * seq_len
     n_params = sum(p.numel() for p in model.parameters())
-    # LoRA: forward 2N + activation gradients 2N per token; attention adds ~ 4 * 2 * T * d per token per layer (fwd+bwd).
+    # LoRA: forward 2N + activation gradients 2N per token; attention adds ~ 4 * 2 * T * d per token per layer
+    # (forward and backward).
     flops = tokens * (4 * n_params + 8 * cfg.num_hidden_layers * seq_len * cfg.hidden_size)
     return {"arch": arch, "seq_len": seq_len, "batch": batch, "checkpointing": checkpointing, "compile": compiled,
             "liger": liger,

@@ -34,7 +34,8 @@ def main() -> None:
     data = rows(args.src)
     random.Random(args.seed).shuffle(data)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, part in (("alpaca-eval-train.jsonl", data[:args.train]), ("alpaca-eval-heldout.jsonl", data[args.train:])):
+    for name, part in (("alpaca-eval-train.jsonl", data[:args.train]),
+                       ("alpaca-eval-heldout.jsonl", data[args.train:])):
         (args.out / name).write_text("".join(json.dumps(r) + "\n" for r in part))
         print(f"{args.out / name}: {len(part)} rows")
 

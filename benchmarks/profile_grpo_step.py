@@ -13,8 +13,11 @@ import time
 import torch
 
 from posttrain.config import load_config
-from posttrain.methods.grpo import GRPO, GRPOParams, RolloutPlan, token_reference
-from posttrain.pipeline import begin_run, combined, disable_dropout, load_prompts, prepare_model
+from posttrain.methods.grpo import GRPO, GRPOParams, grpo_schedule
+from posttrain.models.reference import make_reference
+from posttrain.recipes._common import begin_run, disable_dropout, prepare_model
+from posttrain.recipes._prompts import read_prompts as load_prompts
+from posttrain.recipes.grpo import combined
 
 
 def main() -> None:
@@ -23,17 +26,18 @@ def main() -> None:
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     cfg = load_config("examples/grpo-gsm8k.yaml", ["output_dir=/tmp/posttrain-profile", *args.overrides])
-    _, _, loaded = begin_run(cfg)
+    loaded = begin_run(cfg).loaded
     g, t = cfg.grpo, cfg.train
     prompts, rows, chats, _ = load_prompts(cfg.data.train, cfg.data, loaded.tokenizer, 256)
     model, _ = prepare_model(cfg, loaded)
     disable_dropout(model, "GRPO")
     params = GRPOParams(group_size=g.group_size, clip_eps=g.clip_eps, kl_coef=g.kl_coef, temperature=g.temperature,
                         max_new_tokens=g.max_new_tokens, min_new_tokens=g.max_new_tokens)
-    reference = token_reference(model, True, g.temperature, t.loss_chunk_size)
-    plan = RolloutPlan(model, loaded.tokenizer, prompts, rows, chats, combined(cfg.rewards, cfg.reward_reduce), params,
-                       prompts_per_step=g.prompts_per_step, mu=1, micro_batch_size=t.micro_batch_size, seed=t.seed,
-                       reference=None, share_prompt=cfg.data.share_prompt)
+    reference = make_reference(model, lora=True, per_token=True, temperature=g.temperature,
+                               chunk_size=t.loss_chunk_size)
+    plan = grpo_schedule(model, loaded.tokenizer, prompts, rows, chats, combined(cfg.rewards, cfg.reward_reduce),
+                         params, prompts_per_step=g.prompts_per_step, mu=1, micro_batch_size=t.micro_batch_size,
+                         seed=t.seed, reference=None, share_prompt=cfg.data.share_prompt)
     method = GRPO(params, t.loss_chunk_size)
     for step in range(args.steps):
         t0 = time.perf_counter()

@@ -96,9 +96,9 @@ def main() -> None:
     p.add_argument("--tries", type=int, default=3)
     args = p.parse_args()
 
-    from posttrain.data import BatchPlan, render_example
-    from posttrain.methods.sft import model_inputs
+    from posttrain.data import render_example, sft_schedule
     from posttrain.models import load_model
+    from posttrain.models.forward import model_inputs
     from posttrain.plan.arch import arch_from_config
 
     torch.set_num_threads(2)
@@ -109,8 +109,8 @@ def main() -> None:
     n_params = base_param_count(loaded.model)
     weight = loaded.model.get_output_embeddings().weight.detach()
     examples = [render_example(tok, c) for c in load_chats(args.examples, args.max_len, tok)[0]]
-    plan = BatchPlan(examples, micro_batch_size=args.batch, grad_accum=1, seed=SEED, pad_id=tok.pad_token_id,
-                     packing=True, max_seq_len=args.max_len)
+    plan = sft_schedule(examples, micro_batch_size=args.batch, grad_accum=1, seed=SEED, pad_id=tok.pad_token_id,
+                        packing=True, max_seq_len=args.max_len)
 
     ceiling = matmul_gflops()
     totals = {"matmuls": 0.0, "attention": 0.0, "head": 0.0}

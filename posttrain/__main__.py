@@ -1,3 +1,5 @@
+"""`python -m posttrain`: the same command as `posttrain`."""
+
 import sys
 
 from posttrain.cli import main

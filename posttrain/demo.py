@@ -38,7 +38,8 @@ def make_rows(n: int, seed: int) -> list[dict]:
     rows = []
     for _ in range(n):
         first, last = rnd.choice(FIRST), rnd.choice(LAST)
-        card = {"name": f"{first} {last}", "age": rnd.randint(19, 78), "city": rnd.choice(CITIES), "job": rnd.choice(JOBS)}
+        card = {"name": f"{first} {last}", "age": rnd.randint(19, 78), "city": rnd.choice(CITIES),
+                "job": rnd.choice(JOBS)}
         text = rnd.choice(TEMPLATES).format(name=card["name"], name_first=first, age=card["age"], city=card["city"],
                                             job=card["job"])
         rows.append({"messages": [{"role": "user", "content": INSTRUCTION + text},

@@ -16,7 +16,8 @@ from posttrain.errors import ConfigError
 from posttrain.io import atomic_dir, atomic_write_text
 from posttrain.models import load_adapter, load_model
 from posttrain.models.merge import compare, lora_tensors, reference_outputs
-from posttrain.pipeline import (
+from posttrain.rollout.generate import stop_token_ids
+from posttrain.runs import (
     base_of,
     init_adapter_of,
     load_for_inference,
@@ -25,7 +26,6 @@ from posttrain.pipeline import (
     run_config_of,
     run_quantization,
 )
-from posttrain.rollout.generate import stop_token_ids
 
 REPORTS = ("merge_report.json", "export_report.json")
 # Fixed, varied prompts: instructions, facts, code, arithmetic, a refusal-style request, a format request.

@@ -19,20 +19,12 @@ from typing import Any
 from posttrain.config import StageSpec, SuiteSpec, WorkflowConfig, dump_config, load_config
 from posttrain.engine import console
 from posttrain.errors import ConfigError
-from posttrain.io import atomic_write_text, content_key, file_hash
-
-GENERATING = ("sft", "dpo", "grpo", "ppo")  # methods whose result answers prompts (a reward model does not)
+from posttrain.io import atomic_write_text, content_key, file_hash, read_json
+from posttrain.recipes import RECIPES
 
 
 class GateBlocked(RuntimeError):
     """A gate's rule failed: the stages after it do not run."""
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def _substitute(value: Any, names: dict[str, str]) -> Any:
@@ -92,7 +84,7 @@ class Workflow:
             data = self.root / "data"
             train_path, eval_path = data / "train.jsonl", data / "eval.jsonl"
             key = content_key(file_hash(spec.split), spec.fraction, spec.seed)
-            if (_read_json(data / "split.json") or {}).get("key") != key:
+            if (read_json(data / "split.json") or {}).get("key") != key:
                 rows = read_rows(spec.split)
                 keep, hold = holdout_split(len(rows), spec.fraction, spec.seed)
                 data.mkdir(parents=True, exist_ok=True)
@@ -100,13 +92,13 @@ class Workflow:
                     atomic_write_text(path, "".join(json.dumps(rows[i][1]) + "\n" for i in idx))
                 atomic_write_text(data / "split.json", json.dumps({"key": key, "source": spec.split,
                                                                    "train": len(keep), "eval": len(hold)}))
-            split = _read_json(data / "split.json")
+            split = read_json(data / "split.json")
             self.names.update(train_set=str(train_path), eval_set=str(eval_path))
             detail = f"{split['eval']} of {split['eval'] + split['train']} rows of {spec.split} held out"
         digest = file_hash(self.names["eval_set"])
         detail += f"; sha256 {digest}"
         if spec.check_contamination and "train_set" in self.names:
-            from posttrain.data.curate import contamination
+            from posttrain.curate import contamination
 
             report = contamination(self.names["train_set"], self.names["eval_set"])
             leaks = [r.row for r in report.rows if r.contaminated]
@@ -126,7 +118,7 @@ class Workflow:
         name = spec.judge_model or self.cfg.model
         if name not in self._judges:
             from posttrain.judge import ModelJudge
-            from posttrain.pipeline import load_for_inference
+            from posttrain.runs import load_for_inference
 
             loaded = load_for_inference(name, None)
             self._judges[name] = ModelJudge(loaded.model, loaded.tokenizer, name=name or "embedded")
@@ -138,7 +130,7 @@ class Workflow:
         from posttrain.eval.suites import run_suite
 
         path = self.root / "evals" / f"{label}.json"
-        cache = _read_json(path) or {}
+        cache = read_json(path) or {}
         results, loaded = {}, None
         for name in self.cfg.evals:
             spec = self._suite(name)
@@ -171,7 +163,7 @@ class Workflow:
 
     # -- stages ----------------------------------------------------------------------------------------------
     def baseline(self) -> None:
-        from posttrain.pipeline import load_for_inference
+        from posttrain.runs import load_for_inference
 
         t0 = time.perf_counter()
         prompt = self.cfg.baseline.system_prompt
@@ -201,7 +193,6 @@ class Workflow:
                            base=_substitute(tree, self.names))
 
     def train(self, st: StageSpec) -> str:
-        from posttrain import pipeline
         from posttrain.engine.checkpoint import list_checkpoints
 
         job = self._jobs[st.name] = self.job_of(st)
@@ -209,7 +200,7 @@ class Workflow:
         key = content_key(st.train, settings, [file_hash(p) for p in _job_files(job)],
                           self.keys.get(st.init_from) if st.init_from else None)
         folder = self.root / st.name
-        state = _read_json(folder / "stage.json") or {}
+        state = read_json(folder / "stage.json") or {}
         self.keys[st.name], self.runs[st.name] = key, folder
         if state.get("key") == key and state.get("status") == "done":
             return "cached"
@@ -218,12 +209,12 @@ class Workflow:
             shutil.rmtree(folder)  # a cache entry of other inputs: its checkpoints must not be resumed
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(folder / "stage.json", json.dumps({"key": key, "status": "running"}))
-        getattr(pipeline, f"run_{st.train}")(job, resume=resume)
+        RECIPES[st.train].run(job, resume=resume)
         atomic_write_text(folder / "stage.json", json.dumps({"key": key, "status": "done"}))
         return "resumed" if resume else "ran"
 
     def evaluate_stage(self, st: StageSpec) -> None:
-        from posttrain.pipeline import load_for_inference
+        from posttrain.runs import load_for_inference
 
         job, folder = self._jobs[st.name], self.root / st.name
         if job.finetune == "full":
@@ -250,7 +241,7 @@ class Workflow:
 
         out = self.root / st.name
         key = content_key("export", self.keys[st.export])
-        if (_read_json(out / "export_report.json") or {}).get("workflow_key") == key:
+        if (read_json(out / "export_report.json") or {}).get("workflow_key") == key:
             return "cached"
         report = export_run(str(self.root / st.export), str(out))
         atomic_write_text(out / "export_report.json", json.dumps({**report, "workflow_key": key}, indent=2))
@@ -276,7 +267,7 @@ class Workflow:
                 try:
                     if st.train:
                         status = self.train(st)
-                        if st.evaluate and st.train in GENERATING:
+                        if st.evaluate and RECIPES[st.train].generates:
                             self.evaluate_stage(st)
                         detail = f"{st.train} -> {self.root / st.name}"
                     elif st.gate:
@@ -314,7 +305,7 @@ class Workflow:
     def write_outputs(self) -> None:
         from rich.table import Table
 
-        from posttrain.eval.report import write_workflow_report
+        from posttrain.report import write_workflow_report
 
         table = self.eval_table()
         summary = {"name": self.cfg.name, "eval_set_sha256": self.keys.get("eval_set"), "stages": self.stage_rows,

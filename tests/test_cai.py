@@ -101,7 +101,7 @@ def test_both_orders_removes_a_planted_position_bias():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
-    from posttrain.pipeline import load_for_inference
+    from posttrain.runs import load_for_inference
 
     return load_for_inference(tiny_dir, None)
 
@@ -270,8 +270,8 @@ def test_rl_cai_on_a_tiny_model_loads_through_the_dpo_reader(tiny, tmp_path, tok
                          temperature=1.0, top_p=0.9, max_new_tokens=10, margin=0.05, policy_model="tiny")
     assert rows and stats["kept"] == len(rows)
     prov = rows[0]["provenance"]
-    assert set(prov) == {"method", "judge_model", "judge_calibrated", "principle", "criterion", "p_first_order", "p_second_order",
-                         "margin", "sampling"}
+    assert set(prov) == {"method", "judge_model", "judge_calibrated", "principle", "criterion", "p_first_order",
+                         "p_second_order", "margin", "sampling"}
     assert prov["method"] == "rl-cai" and prov["judge_model"] == "length" and prov["margin"] == 0.05
     assert prov["criterion"] == {p.name: p.criterion for p in PRINCIPLES}[prov["principle"]]
     assert prov["sampling"] == {"temperature": 1.0, "top_p": 0.9, "max_new_tokens": 10, "seed": 1, "n_samples": 2,
@@ -337,7 +337,7 @@ def test_cai_command_errors_exit_2(tiny_dir, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def embedded():
-    from posttrain.pipeline import load_for_inference
+    from posttrain.runs import load_for_inference
 
     return load_for_inference(None, None)
 

@@ -60,7 +60,8 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_without_recompiling(t
 
 def test_compiled_layers_give_the_eager_shared_prompt_log_probs_and_gradients(tiny_dir):
     # The layout of GRPO groups and DPO pairs: prompt | branch | branch ..., attended through attention.Layout.
-    from posttrain.rollout.batch import collate_rollouts, rollout_logps
+    from posttrain.data.collate import collate_rollouts
+    from posttrain.models.forward import token_logps
     from tests.helpers import rollout_case
 
     prompts, comps = rollout_case()
@@ -69,11 +70,11 @@ def test_compiled_layers_give_the_eager_shared_prompt_log_probs_and_gradients(ti
     out = []
     for compiled in (False, True):
         model = lora_model(tiny_dir, compiled)
-        logp = rollout_logps(model, batch, temperature=0.7)
+        logp = token_logps(model, batch, temperature=0.7)
         (logp * weights * batch["completion_mask"]).sum().backward()
         grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad])
         with torch.no_grad(), model.disable_adapter():  # the reference's pass: no gradient, adapters off
-            ref = rollout_logps(model, batch)
+            ref = token_logps(model, batch)
         out.append((logp.detach(), grads, ref))
     (logp_e, grads_e, ref_e), (logp_c, grads_c, ref_c) = out
     assert torch.allclose(logp_c, logp_e, atol=1e-5) and torch.allclose(ref_c, ref_e, atol=1e-5)

@@ -1,10 +1,20 @@
 """Config validation: typos name the keys that exist; overrides are typed; every shipped example validates."""
 
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import pytest
 
-from posttrain.config import CONFIGS, load_config
+from posttrain.config import (
+    CONFIGS,
+    DPOSection,
+    GRPOSection,
+    ModelConfig,
+    StageSpec,
+    SuiteSpec,
+    TrainConfig,
+    load_config,
+)
 from posttrain.errors import ConfigError
 
 EXAMPLES = sorted(Path(__file__).resolve().parent.parent.joinpath("examples").glob("*.yaml"))
@@ -43,8 +53,8 @@ def test_unknown_section_and_bad_values():
 
 
 def test_overrides_are_parsed_as_yaml_values(tmp_path):
-    cfg = load_config(None, ["data.train=t.jsonl", "train.lr=1e-4", "train.max_steps=3", "lora.target_modules=[q_proj,v_proj]",
-                             "train.max_grad_norm=null"], method="sft")
+    cfg = load_config(None, ["data.train=t.jsonl", "train.lr=1e-4", "train.max_steps=3",
+                             "lora.target_modules=[q_proj,v_proj]", "train.max_grad_norm=null"], method="sft")
     assert cfg.train.lr == 1e-4 and cfg.train.max_steps == 3
     assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.train.max_grad_norm is None
     (tmp_path / "c.yaml").write_text("data:\n  train: a.jsonl\ntrain:\n  lr: 0.1\n")
@@ -57,3 +67,30 @@ def test_unreadable_config_file(tmp_path):
     (tmp_path / "bad.yaml").write_text("data: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+def _literal(model, name):
+    """The values of a field's Literal (of ``Literal[...] | None``, the Literal's)."""
+    ann = model.model_fields[name].annotation
+    args = get_args(ann)
+    if get_origin(ann) is not Literal:
+        args = tuple(v for arg in args if get_origin(arg) is Literal for v in get_args(arg))
+    return set(args)
+
+
+def test_variant_tables_agree():
+    """Every config Literal that names the entries of a table offers exactly that table's keys."""
+    from posttrain.engine.loop import OPTIMIZERS
+    from posttrain.eval.suites import SUITES
+    from posttrain.losses import PREFERENCE_LOSSES
+    from posttrain.losses.reduce import AGGREGATIONS
+    from posttrain.models.numerics import DTYPES
+
+    assert _literal(DPOSection, "loss") == set(PREFERENCE_LOSSES)
+    assert _literal(GRPOSection, "aggregation") == set(AGGREGATIONS)
+    assert _literal(SuiteSpec, "kind") == set(SUITES)
+    assert _literal(TrainConfig, "optimizer") == set(OPTIMIZERS) | {"auto"}
+    assert _literal(ModelConfig, "dtype") == set(DTYPES)
+    assert _literal(StageSpec, "train") == set(CONFIGS)
+    for method, schema in CONFIGS.items():
+        assert _literal(schema, "method") == {method}

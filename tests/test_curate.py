@@ -10,7 +10,8 @@ import random
 
 import pytest
 
-from posttrain.data.curate import (
+from posttrain.cli.data import add_commands
+from posttrain.curate import (
     agreement,
     audit,
     cohen_kappa,
@@ -24,7 +25,6 @@ from posttrain.data.curate import (
     ngrams,
     row_text,
 )
-from posttrain.data.curate_command import add_commands
 from posttrain.errors import ConfigError, DataError
 
 VOCAB = ("apple river stone cloud green quick table light music paper bread north window silver garden "

@@ -14,7 +14,7 @@ from posttrain.engine import warmup_cosine
 from posttrain.engine.checkpoint import list_checkpoints
 from posttrain.engine.loop import LoopOptions, train_loop
 from posttrain.methods import SFT
-from posttrain.pipeline import run_sft
+from posttrain.recipes.sft import run as run_sft
 from tests.helpers import chat_rows, random_examples, write_jsonl
 
 

@@ -8,17 +8,11 @@ import torch
 
 from posttrain.data import build_examples, build_pairs, eval_batches
 from posttrain.errors import DataError
-from posttrain.eval import (
-    SCORERS,
-    Rule,
-    abstains,
-    check_gate,
-    expected_calibration_error,
-    gate_table,
-    heldout_loss,
-    run_suite,
-    suites,
-)
+from posttrain.eval import Rule, check_gate, gate_table, generation, heldout_loss
+from posttrain.eval.generation import abstains
+from posttrain.eval.likelihood import expected_calibration_error
+from posttrain.eval.scorers import SCORERS
+from posttrain.eval.suites import run_suite
 from tests.helpers import chat_rows, write_jsonl
 
 
@@ -188,7 +182,7 @@ def test_generation_suite_plumbing(tmp_path, tiny, tokenizer, monkeypatch):
         {"question": "q4", "answer": "a4"},
     ])
     seen = []
-    monkeypatch.setattr(suites, "generate", fake_generate(["a1", " a2 ", "wrong", "a4 and more"], seen))
+    monkeypatch.setattr(generation, "generate", fake_generate(["a1", " a2 ", "wrong", "a4 and more"], seen))
     tiny.train()
     res = run_suite("generation", tiny, tokenizer, path, options={"scorer": "exact"}, system_prompt="Be brief.")
     assert tiny.training  # the training flag comes back
@@ -202,7 +196,7 @@ def test_generation_suite_plumbing(tmp_path, tiny, tokenizer, monkeypatch):
     res = run_suite("generation", tiny, tokenizer, path, options={"scorer": "contains"}, limit=2)
     assert res.metrics == {"contains": 1.0} and len(res.outputs) == 2
 
-    monkeypatch.setattr(suites, "generate", fake_generate(['{"a": 1}', "{bad", '{"b": 2}', "[1]"], []))
+    monkeypatch.setattr(generation, "generate", fake_generate(['{"a": 1}', "{bad", '{"b": 2}', "[1]"], []))
     json_path = write_jsonl(tmp_path / "j.jsonl", [{"prompt": f"p{i}", "completion": c}
                                                    for i, c in enumerate(['{"a":1}', '{"a":1}', '{"b":3}', "[1]"])])
     res = run_suite("generation", tiny, tokenizer, json_path, options={"scorer": "json_exact"})
@@ -309,7 +303,7 @@ def test_abstention_suite(tmp_path, tiny, tokenizer, monkeypatch):
             {"messages": [{"role": "user", "content": "My lottery numbers next week?"}]}]
     path = write_jsonl(tmp_path / "a.jsonl", rows)
     outs = ["I don't know.", "You had toast.", "4", "I'm not sure, maybe Paris.", "There is no way to know that."]
-    monkeypatch.setattr(suites, "generate", fake_generate(outs, []))
+    monkeypatch.setattr(generation, "generate", fake_generate(outs, []))
     res = run_suite("abstention", tiny, tokenizer, path)
     assert res.metrics == {"abstention_rate": pytest.approx(2 / 3), "over_abstention": 0.5}
     assert res.higher_is_better == {"abstention_rate": True, "over_abstention": False}
@@ -325,7 +319,7 @@ def test_abstention_suite(tmp_path, tiny, tokenizer, monkeypatch):
 
 def test_judge_suite(tmp_path, tiny, tokenizer, monkeypatch):
     path = write_jsonl(tmp_path / "j.jsonl", [{"prompt": f"request {i}"} for i in range(4)])
-    monkeypatch.setattr(suites, "generate", fake_generate(["good", "bad", "good", "meh"], []))
+    monkeypatch.setattr(generation, "generate", fake_generate(["good", "bad", "good", "meh"], []))
     calls = []
 
     def judge(prompt, first, second, criterion):  # knows good answers, and has no position bias

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from posttrain.config import load_config
-from posttrain.data.mixing import draw, mix_counts
+from posttrain.data.mixing import mix_counts, sample_rows
 from posttrain.errors import ConfigError
 from posttrain.losses import linear_kl_sum, token_kl_sum
 from posttrain.methods import SFT
@@ -82,9 +82,9 @@ def test_mix_counts_and_draw():
     with pytest.raises(ValueError):
         mix_counts(10, [0.6, 0.4])
     items = list(range(20))
-    a, b = draw(items, 5, seed=1), draw(items, 5, seed=1)
+    a, b = sample_rows(items, 5, seed=1), sample_rows(items, 5, seed=1)
     assert a == b and len(set(a)) == 5 and a == sorted(a)
-    assert draw(items, 50, seed=1) == items
+    assert sample_rows(items, 50, seed=1) == items
 
 
 def test_config_errors():
@@ -96,17 +96,17 @@ def test_config_errors():
 
 
 def test_sft_with_mix_replay_and_kl(tiny_dir, tmp_path, monkeypatch):
-    import posttrain.rollout
-    from posttrain.pipeline import run_sft
+    import posttrain.recipes.sft
+    from posttrain.recipes.sft import run as run_sft
 
-    real_generate, calls = posttrain.rollout.generate, []
+    real_generate, calls = posttrain.recipes.sft.generate, []
 
     def generate(model, tok, chats, **kw):  # the tiny random model may answer with nothing but special tokens
         calls.append((len(chats), hasattr(model, "disable_adapter")))
         outs = real_generate(model, tok, chats, **kw)
         return [o if k % 2 else "" for k, o in enumerate(f"answer {i}" for i in range(len(outs)))]
 
-    monkeypatch.setattr(posttrain.rollout, "generate", generate)
+    monkeypatch.setattr(posttrain.recipes.sft, "generate", generate)
     train = write_jsonl(tmp_path / "train.jsonl", chat_rows(16))
     general = write_jsonl(tmp_path / "general.jsonl", chat_rows(30, seed=5))
     prompts = tmp_path / "prompts.jsonl"

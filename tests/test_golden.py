@@ -72,9 +72,9 @@ def golden_runs(tiny_dir, tmp_path_factory):
     }
     configs = {m: tmp / f"{m}.yaml" for m in jobs}
     for m, path in configs.items():
-        path.write_text(f"method: {m}\n" + ("rewards: [{name: length_penalty, options: {max_chars: 10, per_char: 0.1}}]\n"
-                                            "watch: [{name: regex, options: {pattern: '[0-9]'}}]\n"
-                                            if m == "grpo" else ""))
+        extra = ("rewards: [{name: length_penalty, options: {max_chars: 10, per_char: 0.1}}]\n"
+                 "watch: [{name: regex, options: {pattern: '[0-9]'}}]\n")
+        path.write_text(f"method: {m}\n" + (extra if m == "grpo" else ""))
     return tmp, {m: [argv[0], str(configs[m]), *argv[1:]] for m, argv in jobs.items()}
 
 

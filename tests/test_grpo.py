@@ -9,10 +9,10 @@ from transformers import AutoModelForCausalLM
 from posttrain.config import load_config
 from posttrain.engine.resume import Resume
 from posttrain.errors import ConfigError
-from posttrain.methods.grpo import GRPO, GRPOParams, RolloutPlan
+from posttrain.methods.grpo import GRPO, GRPOParams, grpo_schedule
 from posttrain.models import apply_lora
-from posttrain.pipeline import run_grpo
-from posttrain.rollout.batch import rollout_logps
+from posttrain.models.forward import token_logps
+from posttrain.recipes.grpo import run as run_grpo
 from posttrain.rollout.sample import merged_for_generation, sample_completions
 from tests.helpers import grpo_cfg, step_records
 
@@ -70,8 +70,8 @@ def test_rollout_plan_batches_and_policy_gradient_direction(tiny_dir, tokenizer)
     prompts = prompt_ids(tokenizer, 4)
     rows = [{"id": i} for i in range(4)]
     params = GRPOParams(group_size=4, kl_coef=0.0, max_new_tokens=10)
-    plan = RolloutPlan(model, tokenizer, prompts, rows, [[]] * 4, length_reward, params, prompts_per_step=2, mu=2,
-                       micro_batch_size=3, seed=0, reference=None)
+    plan = grpo_schedule(model, tokenizer, prompts, rows, [[]] * 4, length_reward, params, prompts_per_step=2, mu=2,
+                         micro_batch_size=3, seed=0, reference=None)
     batches = plan.step(0)
     assert plan.step(1) is batches  # mu=2: the same rollouts serve two optimizer steps
     # micro-batches of 3 completions; a row per prompt in each (its completions share one copy of it)
@@ -83,7 +83,7 @@ def test_rollout_plan_batches_and_policy_gradient_direction(tiny_dir, tokenizer)
     # One step of the GRPO loss raises the log-prob of completions with positive advantage relative to the rest.
     method = GRPO(params)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    seq_logp = lambda: torch.cat([rollout_logps(model, b).sum(1) for b in batches])
+    seq_logp = lambda: torch.cat([token_logps(model, b).sum(1) for b in batches])
     with torch.no_grad():
         start = seq_logp()
     for b in batches:

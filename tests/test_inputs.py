@@ -8,13 +8,13 @@ import json
 import pytest
 
 from posttrain.data import (
-    BatchPlan,
-    PairPlan,
     build_examples,
     build_pairs,
+    pair_schedule,
     read_rows,
     row_to_messages,
     row_to_pair,
+    sft_schedule,
     validate_messages,
 )
 from posttrain.errors import DataError
@@ -139,7 +139,8 @@ def test_preference_rows_accept_text_parts_and_refuse_others():
            "rejected": [{"role": "user", "content": "Name\na colour."}, {"role": "assistant", "content": "No."}]}
     prompt, chosen, rejected = row_to_pair(row, "f", 1)  # parts and text of the same prompt count as one prompt
     assert prompt == [{"role": "user", "content": "Name\na colour."}]
-    assert (chosen, rejected) == ([{"role": "assistant", "content": "Blue."}], [{"role": "assistant", "content": "No."}])
+    assert chosen == [{"role": "assistant", "content": "Blue."}]
+    assert rejected == [{"role": "assistant", "content": "No."}]
     _, chosen, _ = row_to_pair({"prompt": chat, "chosen": [{"role": "assistant", "content": _parts("Red", ".")}],
                                 "rejected": "No."}, "f", 1)
     assert chosen == [{"role": "assistant", "content": "Red\n."}]
@@ -186,8 +187,10 @@ def test_invalid_utf8_offset_counts_the_byte_order_mark(tmp_path):
 # 5. JSON decode errors
 
 @pytest.mark.parametrize("name,data,where", [
-    ("t.jsonl", b'{"prompt": "a"}\n{"prompt": "a\tb"}\n', "row 2: invalid JSON: Invalid control character '\\t' at column 14"),
-    ("t.json", b'[{"prompt": "a"},\n{"prompt": "a\tb"}]', "invalid JSON: Invalid control character '\\t' at line 2, column 14"),
+    ("t.jsonl", b'{"prompt": "a"}\n{"prompt": "a\tb"}\n',
+     "row 2: invalid JSON: Invalid control character '\\t' at column 14"),
+    ("t.json", b'[{"prompt": "a"},\n{"prompt": "a\tb"}]',
+     "invalid JSON: Invalid control character '\\t' at line 2, column 14"),
     ("t.jsonl", b'{"prompt": "ab}\n', "row 1: invalid JSON: Unterminated string starting at column 12"),
 ])
 def test_json_errors_read_once_with_their_position(tmp_path, name, data, where):
@@ -220,8 +223,8 @@ def _examples(tmp_path, tokenizer, n):
 
 
 def _plan(examples, micro=2, accum=2):
-    return BatchPlan(examples, micro_batch_size=micro, grad_accum=accum, seed=0, pad_id=0, packing=False,
-                     max_seq_len=256)
+    return sft_schedule(examples, micro_batch_size=micro, grad_accum=accum, seed=0, pad_id=0, packing=False,
+                        max_seq_len=256)
 
 
 def test_epochs_text_shows_the_epochs_the_steps_cover(tmp_path, tokenizer):
@@ -253,7 +256,7 @@ def test_step_with_fewer_rows_than_it_needs_repeats_them_and_says_so(tmp_path, t
     warning = plan.repeat_warning()
     assert warning.startswith("\nwarning: only 3 examples for a step of 8: each step repeats rows, some more often")
     assert "at most 3" in warning
-    rows = sorted(plan._unit(k)[0].row for k in range(plan.per_step))  # what step 0 trains on
+    rows = sorted(plan.unit(k)[0].row for k in range(plan.per_step))  # what step 0 trains on
     assert len(rows) == 8 and set(rows) == {1, 2, 3}  # the step stays full, so rows repeat: the warning is true
     assert _plan(examples, micro=3, accum=1).repeat_warning() == ""
     even = _plan(examples, micro=3, accum=2).repeat_warning()
@@ -263,6 +266,7 @@ def test_step_with_fewer_rows_than_it_needs_repeats_them_and_says_so(tmp_path, t
 def test_pair_plan_warns_with_its_own_unit(tmp_path, tokenizer):
     rows = [{"prompt": f"Q{i}?", "chosen": "yes", "rejected": "no"} for i in range(2)]
     pairs, _ = build_pairs(write_jsonl(tmp_path / "p.jsonl", rows), tokenizer, max_seq_len=128)
-    plan = PairPlan(pairs, micro_batch_size=4, grad_accum=1, seed=0, pad_id=0, packing=False, max_seq_len=128)
+    plan = pair_schedule(pairs, micro_batch_size=4, grad_accum=1, seed=0, pad_id=0, packing=False,
+                         max_seq_len=128)
     assert "only 2 pairs for a step of 4" in plan.repeat_warning()
     assert plan.epochs_text(1, 1.0) == "2 epochs (rounded up to whole steps)"

@@ -69,7 +69,8 @@ def _sft(tmp_path, tiny_dir, name: str, *extra: str) -> dict:
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(32))
     cfg = tmp_path / "sft.yaml"
     cfg.write_text(f"model: {{name: {tiny_dir}}}\ndata: {{train: {data}, eval_fraction: 0.0}}\n"
-                   f"train: {{max_steps: 2, micro_batch_size: 2, lr: 0.01}}\neval_samples: 0\nlora: {{r: 4, alpha: 8}}\n")
+                   f"train: {{max_steps: 2, micro_batch_size: 2, lr: 0.01}}\neval_samples: 0\n"
+                   "lora: {r: 4, alpha: 8}\n")
     assert main(["sft", str(cfg), f"output_dir={tmp_path / name}", *extra]) == 0
     return json.loads((tmp_path / name / "summary.json").read_text())
 

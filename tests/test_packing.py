@@ -44,7 +44,7 @@ def test_packed_equals_unpacked_loss_and_gradients(tiny_dir, attn, monkeypatch):
         return loss.detach(), [p.grad.clone() for p in model.parameters()]
 
     one_by_one = [loss_and_grads(collate([[e]], pad_id=0)) for e in exs]
-    loss_sep = sum(l for l, _ in one_by_one)
+    loss_sep = sum(loss for loss, _ in one_by_one)
     grads_sep = [sum(g[i] for _, g in one_by_one) for i in range(len(one_by_one[0][1]))]
 
     packed = collate([exs[:4], exs[4:]], pad_id=0)  # two rows, several segments each, padding at the end

@@ -10,11 +10,11 @@ import json
 
 import pytest
 
+from posttrain.cli.plan import add_commands
 from posttrain.errors import ConfigError
 from posttrain.plan import (
     PRESETS,
     activation_bytes,
-    add_commands,
     advise,
     choose_approach,
     choose_method,

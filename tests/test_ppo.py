@@ -9,8 +9,12 @@ import torch
 from posttrain.config import load_config
 from posttrain.engine.resume import Resume
 from posttrain.errors import ConfigError
-from posttrain.methods.ppo import ACTOR, CRITIC, REWARD, PPOParams, PPOPlan
-from posttrain.pipeline import begin_run, build_roles, load_prompt_splits, run_ppo, run_reward
+from posttrain.methods.ppo import ACTOR, CRITIC, REWARD, PPOParams, ppo_schedule
+from posttrain.recipes._common import begin_run
+from posttrain.recipes._prompts import load_prompt_splits
+from posttrain.recipes.ppo import build_roles
+from posttrain.recipes.ppo import run as run_ppo
+from posttrain.recipes.reward import run as run_reward
 from posttrain.rewards import load_reward
 from tests.helpers import make_tiny, pair_rows, step_records, write_jsonl
 
@@ -37,12 +41,12 @@ def ppo_cfg(tiny_dir, tmp_path, reward_run, out, *extra):
 
 def roles_and_plan(tiny_dir, tmp_path, reward_run, **params):
     cfg = ppo_cfg(tiny_dir, tmp_path, reward_run, tmp_path / "x")
-    _, _, loaded = begin_run(cfg)
-    roles, _ = build_roles(cfg, loaded)
+    loaded = begin_run(cfg).loaded
+    roles = build_roles(cfg, loaded)
     (prompts, rows, chats), _, _ = load_prompt_splits(cfg.data, loaded.tokenizer)
-    plan = PPOPlan(roles, loaded.tokenizer, prompts, rows, chats, PPOParams(max_new_tokens=6, samples_per_prompt=2,
-                                                                             **params),
-                   prompts_per_step=3, mu=1, micro_batch_size=4, seed=0)
+    plan = ppo_schedule(roles, loaded.tokenizer, prompts, rows, chats,
+                        PPOParams(max_new_tokens=6, samples_per_prompt=2, **params),
+                        prompts_per_step=3, mu=1, micro_batch_size=4, seed=0)
     return roles, plan, loaded
 
 
@@ -63,8 +67,8 @@ def test_roles_share_one_base_and_switching_keeps_both_adapters_trainable(tiny_d
 
 
 def test_scores_are_the_reward_models_scores(tiny_dir, tmp_path, reward_run):
-    from posttrain.data.preference import render_response
-    from posttrain.rollout.batch import collate_rollouts
+    from posttrain.data.collate import collate_rollouts
+    from posttrain.data.pairs import render_response
 
     roles, plan, loaded = roles_and_plan(tiny_dir, tmp_path, reward_run)
     rm = load_reward(reward_run, dtype="float32")
@@ -126,20 +130,20 @@ def test_ppo_config_checks(tiny_dir, tmp_path, tokenizer, reward_run):
         ppo_cfg(tiny_dir, tmp_path, reward_run, tmp_path / "x", "finetune=full")
     other = make_tiny(tmp_path / "other", tokenizer, seed=1)
     cfg = ppo_cfg(other, tmp_path, reward_run, tmp_path / "y")
-    _, _, loaded = begin_run(cfg)
+    loaded = begin_run(cfg).loaded
     with pytest.raises(ConfigError, match="share one base"):
         build_roles(cfg, loaded)
 
 
 def test_prompts_from_a_preference_file_are_the_dialogue_before_the_answers(tmp_path, tokenizer):
     from posttrain.config import PromptDataConfig
-    from posttrain.pipeline import load_prompts
+    from posttrain.recipes._prompts import read_prompts as load_prompts
 
     rows = [{"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant: Blue.",
              "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant: No."},
             {"prompt": "Plain prompt.", "chosen": "a", "rejected": "b"}]
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    _, _, chats, _ = load_prompts(path, PromptDataConfig(train=path), tokenizer)
+    _, _, chats, _ = load_prompts(path, PromptDataConfig(train=path), tokenizer, None)
     assert chats[0] == [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                         {"role": "user", "content": "Name a colour."}]
     assert chats[1] == [{"role": "user", "content": "Plain prompt."}]

@@ -10,11 +10,13 @@ from posttrain.config import load_config
 from posttrain.data import build_pairs, collate_pairs, pair_batches, parse_hh, row_to_pair
 from posttrain.errors import DataError
 from posttrain.losses import PreferenceParams
-from posttrain.methods import AdapterOffReference, FrozenCopyReference, Preference, precompute_reference, sequence_logps
+from posttrain.methods import PreferenceMethod, precompute_reference
 from posttrain.models import apply_lora
 from posttrain.models.attention import branch_segments
 from posttrain.models.attention import register as register_packed_attention
-from posttrain.pipeline import run_dpo
+from posttrain.models.forward import sequence_logps
+from posttrain.models.reference import AdapterOffReference, FrozenCopyReference
+from posttrain.recipes.dpo import run as run_dpo
 from tests.helpers import pair_rows, write_jsonl
 
 HH = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant: Blue.",
@@ -118,9 +120,9 @@ def test_shared_prompt_equals_separate_sequences_in_loss_and_gradients(tiny_dir,
                                                                      monkeypatch):
     register_packed_attention()
     if attn == "sdpa_packed":  # each sequence attended on its own: the (T x T) mask is never built
-        import posttrain.methods.preference as pref
+        import posttrain.models.forward as forward
 
-        monkeypatch.setattr(pref, "pair_attention_mask", lambda *a: pytest.fail("mask built"))
+        monkeypatch.setattr(forward, "pair_attention_mask", lambda *a: pytest.fail("mask built"))
     rows = pair_rows(4) + [HH, {**HH, "rejected": HH["rejected"].replace("I won't.", "Green, or maybe red.")}]
     pairs = build_pairs(write_jsonl(tmp_path / "p.jsonl", rows), tokenizer, max_seq_len=128)[0]
     torch.manual_seed(0)
@@ -130,7 +132,7 @@ def test_shared_prompt_equals_separate_sequences_in_loss_and_gradients(tiny_dir,
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    method = Preference("dpo", PreferenceParams(beta=0.5), AdapterOffReference())
+    method = PreferenceMethod("dpo", PreferenceParams(beta=0.5), AdapterOffReference())
     results = []
     for share in (False, True):
         batch = collate_pairs([pairs[:2], pairs[2:5], pairs[5:]], tokenizer.pad_token_id, share_prompt=share)
@@ -171,8 +173,8 @@ def test_precomputed_reference_gives_the_live_losses(tiny_dir, pairs, tokenizer,
                 p.normal_(0, 0.1)
     batch = collate_pairs([pairs[4:], pairs[:2]], tokenizer.pad_token_id)  # another order and packing
     params = PreferenceParams(beta=0.1)
-    a, _ = Preference("dpo", params, live).pair_terms(model, batch)
-    b, _ = Preference("dpo", params, table).pair_terms(model, batch)
+    a, _ = PreferenceMethod("dpo", params, live).pair_terms(model, batch)
+    b, _ = PreferenceMethod("dpo", params, table).pair_terms(model, batch)
     assert torch.allclose(a, b, atol=1e-5)
     again = precompute_reference(None, model, pair_batches(pairs, 4, tokenizer.pad_token_id), len(pairs),
                                  tmp_path / "ref.pt")  # same data: read from disk, the reference is not run
@@ -182,7 +184,7 @@ def test_precomputed_reference_gives_the_live_losses(tiny_dir, pairs, tokenizer,
 def test_dpo_step_raises_chosen_and_lowers_rejected(tiny_dir, pairs, tokenizer):
     model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32), r=4, alpha=8,
                        dropout=0.0, target_modules="all-linear")
-    method = Preference("dpo", PreferenceParams(beta=0.5), AdapterOffReference())
+    method = PreferenceMethod("dpo", PreferenceParams(beta=0.5), AdapterOffReference())
     batch = collate_pairs([[p] for p in pairs], tokenizer.pad_token_id)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     loss, metrics = method.loss_sum(model, batch)
@@ -218,9 +220,9 @@ def test_run_dpo_end_to_end(tiny_dir, tmp_path, loss, finetune, precompute):
     out = tmp_path / "run" / ("adapter" if finetune == "lora" else "model")
     assert out.is_dir() and (tmp_path / "run" / "reference-train.pt").exists() == precompute
     if loss == "dpo":  # `posttrain eval RUN` rebuilds the reference and gives the run's own final numbers
-        from posttrain.pipeline import eval_preference_run
+        from posttrain.recipes import RECIPES
 
-        again = eval_preference_run(cfg, tmp_path / "run")
+        again = RECIPES[cfg.method].evaluate_run(cfg, tmp_path / "run")
         for key in ("eval/loss", "eval/accuracy", "eval/rewards/margin"):
             assert again[key] == pytest.approx(summary["eval_after"][key], abs=1e-4)
 
@@ -234,12 +236,12 @@ def test_dpo_config_example_validates_and_wrong_command_is_clear(tmp_path):
 
 
 def test_unpacked_micro_batch_is_laid_out_without_padding(tiny_dir, pairs, tokenizer):
-    from posttrain.data import PairPlan
+    from posttrain.data import pair_schedule
 
-    plan = PairPlan(pairs, micro_batch_size=3, grad_accum=1, seed=0, pad_id=tokenizer.pad_token_id, packing=False,
-                    max_seq_len=128)
+    plan = pair_schedule(pairs, micro_batch_size=3, grad_accum=1, seed=0, pad_id=tokenizer.pad_token_id,
+                         packing=False, max_seq_len=128)
     (batch,) = plan.step(0)
-    units = [plan._unit(k) for k in range(3)]
+    units = [plan.unit(k) for k in range(3)]
     padded = collate_pairs(units, tokenizer.pad_token_id)  # one pair per row, padded to the longest
     assert sorted(batch["pair_index"].tolist()) == sorted(padded["pair_index"].tolist())
     assert batch["input_ids"].numel() == int(batch["num_tokens"]) < padded["input_ids"].numel()

@@ -14,14 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from posttrain import pipeline
+import posttrain.recipes._common
 from posttrain.cli import main
 from posttrain.config import dump_config, load_config
 from posttrain.engine.checkpoint import list_checkpoints, trainer_state
-from posttrain.engine.resume import BOOKKEEPING, check_resume, input_hashes
 from posttrain.engine.schedule import Schedule, warmup_cosine
 from posttrain.errors import ConfigError
-from posttrain.pipeline import run_sft
+from posttrain.recipes import RECIPES
+from posttrain.recipes._resume import BOOKKEEPING, check_resume, input_hashes
+from posttrain.recipes.sft import run as run_sft
 from tests.helpers import chat_rows, pair_rows, write_jsonl
 
 LR, MIN = 5e-3, 0.1
@@ -76,7 +77,7 @@ def no_model_load(monkeypatch):
     """A resume that gets as far as loading the model fails the test: refusals come before it."""
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the resume check")
-    monkeypatch.setattr(pipeline, "load_base", refuse)
+    monkeypatch.setattr(posttrain.recipes._common, "load_base", refuse)
 
 
 # --- the schedule's arithmetic -------------------------------------------------------------------------------------
@@ -219,7 +220,7 @@ def test_every_method_resumes_through_the_check(method, override, expected, tmp_
                                                          "inputs": input_hashes(old)}))
     (ckpt / "COMPLETE").write_text("ok\n")
     assert check_resume(old, True).checkpoint == ckpt  # unchanged: passes
-    run = getattr(pipeline, f"run_{method}")
+    run = RECIPES[method].run
     with pytest.raises(ConfigError, match="--resume refused") as exc:
         run(_method_cfg(method, tmp_path, tiny_dir, override), resume=True)
     assert expected in str(exc.value)
@@ -315,7 +316,7 @@ def test_checkpoint_from_before_this_version_resumes(interrupted, run):
 
 
 def test_unchecked_engine_resume_refuses_another_length(tiny_dir, tmp_path):
-    """train_loop(resume=True) without the pipeline's check still never re-lays a schedule silently."""
+    """train_loop(resume=True) without a recipe's check still never re-lays a schedule silently."""
     from transformers import AutoModelForCausalLM
 
     from posttrain.data import collate

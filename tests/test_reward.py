@@ -8,8 +8,9 @@ from transformers import AutoModelForCausalLM
 
 from posttrain.config import load_config
 from posttrain.data import build_pairs, collate_pairs
-from posttrain.methods.reward import ScoreModel, pearson
-from posttrain.pipeline import run_reward
+from posttrain.methods.reward import pearson
+from posttrain.models.heads import ScoreModel
+from posttrain.recipes.reward import run as run_reward
 from posttrain.rewards import Ensemble, load_reward
 from tests.helpers import pair_rows, write_jsonl
 
@@ -47,9 +48,9 @@ def test_run_reward_end_to_end_then_load_and_ensemble(tiny_dir, tmp_path):
     assert after["eval/accuracy"] > 0.5 and after["eval/loss"] < metrics[0]["eval/loss"]
     assert {"eval/score_std", "eval/length_corr", "eval/score_p10"} <= set(after)
 
-    from posttrain.pipeline import eval_preference_run
+    from posttrain.recipes import RECIPES
 
-    again = eval_preference_run(cfg, tmp_path / "rm")  # what `posttrain eval RUN` prints
+    again = RECIPES[cfg.method].evaluate_run(cfg, tmp_path / "rm")  # what `posttrain eval RUN` prints
     assert again["eval/accuracy"] == pytest.approx(after["eval/accuracy"])
     assert again["eval/loss"] == pytest.approx(after["eval/loss"], abs=1e-4)
     rm = load_reward(str(tmp_path / "rm"))

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from posttrain.rollout.batch import collate_rollouts, rollout_logps
+from posttrain.data.collate import collate_rollouts
+from posttrain.models.forward import token_logps
 from posttrain.rollout.generate import stop_token_ids
 from posttrain.rollout.sample import sample_completions
 from tests.helpers import rollout_case
@@ -29,8 +30,8 @@ def test_shared_prompt_logps_equal_each_completion_alone(tiny_dir, attn):
     assert shared["input_ids"].shape[0] == 2  # one row per prompt
     assert int(shared["num_tokens"]) == 7 + 3 + 5 + 1 + 4 + 2 + 4
     with torch.no_grad():
-        out = rollout_logps(model, shared, temperature=0.7)
-        plain = rollout_logps(model, collate_rollouts(prompts, comps, pad_id=0, share_prompt=False), temperature=0.7)
+        out = token_logps(model, shared, temperature=0.7)
+        plain = token_logps(model, collate_rollouts(prompts, comps, pad_id=0, share_prompt=False), temperature=0.7)
     for i, (p, c) in enumerate(zip(prompts, comps)):
         assert torch.allclose(out[i, :len(c)], alone(model, p, c, 0.7), atol=1e-9)
         assert float(out[i, len(c):].abs().sum()) == 0.0 and int(shared["completion_mask"][i].sum()) == len(c)
@@ -44,7 +45,7 @@ def test_shared_prompt_gradients_equal_unshared(tiny_dir):
     for share in (True, False):
         model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
         batch = collate_rollouts(prompts, comps, pad_id=0, share_prompt=share)
-        (rollout_logps(model, batch) * weights * batch["completion_mask"]).sum().backward()
+        (token_logps(model, batch) * weights * batch["completion_mask"]).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
 

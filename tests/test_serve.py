@@ -343,7 +343,7 @@ def test_unloading_an_adapter_in_use_is_refused_and_the_last_unload_restores_the
 def test_serve_command_parses_its_flags(tmp_path, monkeypatch):
     import argparse
 
-    from posttrain.serve.command import add_commands
+    from posttrain.cli.serve import add_commands
 
     p = argparse.ArgumentParser()
     add_commands(p.add_subparsers(dest="command"))

@@ -382,7 +382,7 @@ def test_serve_command_takes_the_limits_as_flags(tmp_path, monkeypatch):
     import argparse
 
     import posttrain.serve.server as server_mod
-    from posttrain.serve.command import add_commands
+    from posttrain.cli.serve import add_commands
 
     p = argparse.ArgumentParser()
     add_commands(p.add_subparsers(dest="command"))

@@ -151,7 +151,7 @@ def test_eight_bit_adamw_steps_on_cpu():
 
 @pytest.mark.parametrize("method", ["dpo", "reward", "grpo"])
 def test_every_training_command_takes_a_4bit_base(method, tiny_dir, tmp_path):
-    from posttrain import pipeline
+    from posttrain.recipes import RECIPES
     from tests.helpers import grpo_cfg, pair_rows
 
     quant = ["model.quantization=nf4", "train.max_steps=2"]
@@ -161,7 +161,7 @@ def test_every_training_command_takes_a_4bit_base(method, tiny_dir, tmp_path):
         path = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(12))
         cfg = load_config(None, [f"model.name={tiny_dir}", f"data.train={path}", f"output_dir={tmp_path / 'run'}",
                                  "data.eval_fraction=0.25", "train.lr=1e-3", *quant], method=method)
-    summary = getattr(pipeline, f"run_{method}")(cfg)
+    summary = RECIPES[method].run(cfg)
     assert summary["steps"] == 2 and summary["base_weight_bytes"]["quantized_params"] == 73_728
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["loss"] == r["loss"] for r in records if "loss" in r)  # finite, not NaN

@@ -73,15 +73,16 @@ def test_runs_every_stage_and_writes_the_report(done):
 
 def test_rerun_is_all_cached(done, monkeypatch):
     import posttrain.eval.suites
-    import posttrain.pipeline
+    import posttrain.recipes.dpo
+    import posttrain.recipes.sft
 
     tmp, path = done
 
     def boom(*a, **k):
         raise AssertionError("a cached stage was recomputed")
 
-    monkeypatch.setattr(posttrain.pipeline, "run_sft", boom)
-    monkeypatch.setattr(posttrain.pipeline, "run_dpo", boom)
+    monkeypatch.setattr(posttrain.recipes.sft, "run", boom)
+    monkeypatch.setattr(posttrain.recipes.dpo, "run", boom)
     monkeypatch.setattr(posttrain.eval.suites, "run_suite", boom)
     assert main(["run", str(path)]) == 0
     st = statuses(tmp)
@@ -89,7 +90,8 @@ def test_rerun_is_all_cached(done, monkeypatch):
 
 
 def test_a_change_recomputes_only_what_depends_on_it(done, monkeypatch):
-    import posttrain.pipeline
+    import posttrain.recipes.dpo
+    import posttrain.recipes.sft
 
     tmp, path = done
     wf = yaml.safe_load(path.read_text())
@@ -99,7 +101,7 @@ def test_a_change_recomputes_only_what_depends_on_it(done, monkeypatch):
     def no_sft(*a, **k):
         raise AssertionError("SFT was recomputed")
 
-    monkeypatch.setattr(posttrain.pipeline, "run_sft", no_sft)
+    monkeypatch.setattr(posttrain.recipes.sft, "run", no_sft)
     assert main(["run", str(path)]) == 0
     st = statuses(tmp)
     assert (st["sft"], st["dpo"], st["export"]) == ("cached", "ran", "ran")
@@ -107,15 +109,16 @@ def test_a_change_recomputes_only_what_depends_on_it(done, monkeypatch):
 
 
 def test_a_failed_stage_resumes_from_its_checkpoint(tiny_dir, tmp_path, monkeypatch):
-    import posttrain.pipeline
+    import posttrain.recipes.dpo
+    import posttrain.recipes.sft
 
     path = write_workflow(tmp_path, tiny_dir)
-    real_save, real_loop = posttrain.pipeline.save_trained, posttrain.pipeline.train_loop
+    real_save, real_loop = posttrain.recipes.sft.save_trained, posttrain.recipes.sft.train_loop
 
     def crash(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(posttrain.pipeline, "save_trained", crash)  # after the loop wrote checkpoints 1..3
+    monkeypatch.setattr(posttrain.recipes.sft, "save_trained", crash)  # after the loop wrote checkpoints 1..3
     with pytest.raises(RuntimeError, match="disk full"):
         main(["run", str(path)])
     assert statuses(tmp_path)["sft"] == "failed"
@@ -126,8 +129,8 @@ def test_a_failed_stage_resumes_from_its_checkpoint(tiny_dir, tmp_path, monkeypa
         resumed.append(resume)
         return real_loop(*a, resume=resume, **k)
 
-    monkeypatch.setattr(posttrain.pipeline, "save_trained", real_save)
-    monkeypatch.setattr(posttrain.pipeline, "train_loop", loop)
+    monkeypatch.setattr(posttrain.recipes.sft, "save_trained", real_save)
+    monkeypatch.setattr(posttrain.recipes.sft, "train_loop", loop)
     assert main(["run", str(path)]) == 0
     # the loop got the checked start of a resume (engine.resume.RunStart), with the checkpoint it continues from
     assert statuses(tmp_path)["sft"] == "resumed" and resumed[0].checkpoint is not None

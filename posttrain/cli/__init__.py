@@ -16,30 +16,26 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
 
 
-# Methods whose batches split across torchrun processes (online RL samples per process and is not split yet).
-DATA_PARALLEL = ("sft", "dpo", "reward")
-
-
 def _cmd_train(args: argparse.Namespace) -> int:
-    from posttrain import pipeline
     from posttrain.config import load_config
     from posttrain.engine import console
     from posttrain.engine.distributed import setup, shutdown, world
     from posttrain.engine.resume import Resume
     from posttrain.errors import ConfigError
+    from posttrain.recipes import RECIPES
 
     if args.extend_steps and not args.resume:
         raise ConfigError("--extend-steps changes the length of a resumed run; it goes with --resume")
     cfg = load_config(args.config, args.overrides, method=args.command)
     if cfg.method != args.command:
         raise ConfigError(f"{args.config} is a {cfg.method!r} config; run it with `posttrain {cfg.method}`")
-    if world().size > 1 and cfg.method not in DATA_PARALLEL:
+    if world().size > 1 and not RECIPES[cfg.method].data_parallel:
         raise ConfigError(f"{cfg.method} runs in one process; torchrun with several processes is for "
-                          f"{', '.join(DATA_PARALLEL)}")
+                          f"{', '.join(n for n, r in RECIPES.items() if r.data_parallel)}")
     w = setup()
     console.quiet = not w.main  # one log, from rank 0
     try:
-        getattr(pipeline, f"run_{args.command}")(cfg, resume=args.resume and Resume(extend_steps=args.extend_steps))
+        RECIPES[cfg.method].run(cfg, resume=args.resume and Resume(extend_steps=args.extend_steps))
     finally:
         shutdown()
     return 0
@@ -51,8 +47,8 @@ def _chat_messages(prompt: str, system: str | None) -> list[dict[str, str]]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from posttrain.pipeline import load_for_inference
     from posttrain.rollout import generate
+    from posttrain.runs import load_for_inference
 
     loaded = load_for_inference(args.model, args.adapter, dtype=args.dtype)
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
@@ -64,8 +60,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_chat(args: argparse.Namespace) -> int:
-    from posttrain.pipeline import load_for_inference
     from posttrain.rollout import generate
+    from posttrain.runs import load_for_inference
 
     loaded = load_for_inference(args.model, args.adapter, dtype=args.dtype)
     history = [{"role": "system", "content": args.system}] if args.system else []
@@ -94,7 +90,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from posttrain.data import eval_batches
     from posttrain.engine import console
     from posttrain.eval import heldout_loss, sample_generations
-    from posttrain.pipeline import load_for_inference, prepare_data, resolve_template
+    from posttrain.recipes import RECIPES
+    from posttrain.recipes._common import resolve_template
+    from posttrain.recipes.sft import prepare_data
+    from posttrain.runs import load_for_inference, trained_model_of
 
     target = Path(args.target)
     run_dir = target if target.is_dir() else None
@@ -104,15 +103,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             from posttrain.errors import ConfigError
 
             raise ConfigError(f"posttrain eval of a {cfg.method} job needs its run folder, not a config file")
-        from posttrain.pipeline import eval_preference_run
-
-        print(json.dumps(eval_preference_run(cfg, run_dir), indent=2))
+        print(json.dumps(RECIPES[cfg.method].evaluate_run(cfg, run_dir), indent=2))
         return 0
-    adapter = None
-    if not args.base and run_dir is not None and cfg.finetune == "lora":
-        adapter = str(run_dir)
-    model_name = str(run_dir / "model") if run_dir is not None and cfg.finetune == "full" and not args.base \
-        else cfg.model.name
+    model_name, adapter = trained_model_of(run_dir, cfg.finetune, cfg.model.name, use_base=args.base) \
+        if run_dir is not None else (cfg.model.name, None)
     loaded = load_for_inference(model_name, adapter, dtype=cfg.model.dtype, device=cfg.model.device)
     _, held, held_chats, lines = prepare_data(cfg.data, loaded.tokenizer)
     if not held:
@@ -134,7 +128,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
     from posttrain.config import load_config
     from posttrain.data import build_examples, highlight
     from posttrain.models import load_tokenizer
-    from posttrain.pipeline import resolve_template
+    from posttrain.recipes._common import resolve_template
 
     cfg = load_config(args.config, args.overrides, method="sft")
     tok = load_tokenizer(cfg.model.name)
@@ -203,16 +197,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from posttrain.recipes import RECIPES
+
     p = argparse.ArgumentParser(prog="posttrain", description="Post-training for causal language models.")
     sub = p.add_subparsers(dest="command", required=True)
 
-    for name, help_text in (("sft", "supervised fine-tuning (LoRA or full) from a YAML config"),
-                            ("dpo", "preference optimisation (DPO, IPO, SimPO, RPO) from a YAML config"),
-                            ("reward", "a Bradley-Terry reward model (backbone + scalar head) from a YAML config"),
-                            ("grpo", "GRPO with verifiable rewards (online RL) from a YAML config"),
-                            ("ppo", "PPO against a trained reward model; actor, critic, reward and reference share "
-                                    "one base")):
-        s = sub.add_parser(name, help=help_text)
+    for name, recipe in RECIPES.items():
+        s = sub.add_parser(name, help=recipe.help)
         s.add_argument("config")
         s.add_argument("overrides", nargs="*", help="dotted key=value, e.g. train.lr=1e-4 lora.r=8")
         s.add_argument("--resume", action="store_true",
@@ -287,10 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="a smaller run, for smoke tests")
     d.set_defaults(func=_cmd_demo)
 
-    from posttrain.data.curate_command import add_commands as add_data_commands
-    from posttrain.judge.command import add_commands as add_cai_commands
-    from posttrain.plan import add_commands as add_plan_commands
-    from posttrain.serve.command import add_commands as add_serve_commands
+    from posttrain.cli.cai import add_commands as add_cai_commands
+    from posttrain.cli.data import add_commands as add_data_commands
+    from posttrain.cli.plan import add_commands as add_plan_commands
+    from posttrain.cli.serve import add_commands as add_serve_commands
 
     add_data_commands(sub)
     add_cai_commands(sub)

@@ -1,30 +1,50 @@
-"""Row formats, chat rendering with assistant masks, packing, validation and splitting."""
+"""The data layer: read rows, turn them into validated chats, render them with loss masks, pack, collate and
+schedule them into batches, split off held-out sets, and read prompt files.
 
-from posttrain.data.dataset import (
-                                    BatchPlan,
-                                    DataReport,
-                                    build_examples,
-                                    eval_batches,
-                                    holdout_split,
-                                    load_messages,
-                                    load_prompt_chats,
+Modules: readers (files -> rows), formats (rows -> chat messages), render (chats -> tokens + mask), examples (SFT
+data sets), pairs (preference data sets), prompts (prompt files), packing (best fit), collate (tensor batches and
+their layouts), schedule (batches by optimizer step), split (held-out splits), mixing (mixing sources in).
+
+Layer 1: may import only posttrain.errors, posttrain.io and posttrain.data itself (not config, models or engine).
+"""
+
+from posttrain.data.collate import (
+    IGNORE,
+    PAD_BRANCH,
+    PairBatch,
+    RolloutBatch,
+    SFTBatch,
+    collate,
+    collate_pairs,
+    collate_rollouts,
+    eval_batches,
+    num_targets,
+    pad_branch_rows,
+    pair_batches,
 )
-from posttrain.data.formats import detect_format, row_to_messages, row_to_prompt, validate_messages
-from posttrain.data.packing import IGNORE, best_fit, collate, num_targets
-from posttrain.data.preference import (
-                                    Pair,
-                                    PairPlan,
-                                    PairReport,
-                                    build_pairs,
-                                    collate_pairs,
-                                    pair_batches,
-                                    parse_hh,
-                                    row_to_pair,
+from posttrain.data.examples import DataReport, build_examples, load_messages
+from posttrain.data.formats import (
+    Messages,
+    conversation,
+    detect_format,
+    parse_hh,
+    row_to_messages,
+    row_to_prompt,
+    validate_messages,
 )
+from posttrain.data.mixing import mix_counts, sample_rows
+from posttrain.data.packing import best_fit, row_len, shared_prefix
+from posttrain.data.pairs import Pair, PairReport, build_pairs, render_response, row_to_pair
+from posttrain.data.prompts import load_prompt_chats, load_prompts
 from posttrain.data.readers import read_rows
-from posttrain.data.render import Example, highlight, render_example, render_prompt
+from posttrain.data.render import Example, has_chat_template, highlight, render_example, render_prompt
+from posttrain.data.schedule import StepSchedule, pair_schedule, sft_schedule
+from posttrain.data.split import held_out, holdout_split
 
-__all__ = ["IGNORE", "BatchPlan", "DataReport", "Example", "Pair", "PairPlan", "PairReport",
-           "best_fit", "build_examples", "build_pairs", "collate", "collate_pairs", "detect_format",
-           "eval_batches", "highlight", "holdout_split", "load_messages", "load_prompt_chats", "num_targets", "pair_batches", "parse_hh",
-           "read_rows", "render_example", "render_prompt", "row_to_messages", "row_to_pair", "row_to_prompt", "validate_messages"]
+__all__ = ["IGNORE", "PAD_BRANCH", "DataReport", "Example", "Messages", "Pair", "PairBatch", "PairReport",
+           "RolloutBatch", "SFTBatch", "StepSchedule", "best_fit", "build_examples", "build_pairs", "collate",
+           "collate_pairs", "collate_rollouts", "conversation", "detect_format", "eval_batches", "has_chat_template",
+           "held_out", "highlight", "holdout_split", "load_messages", "load_prompt_chats", "load_prompts",
+           "mix_counts", "num_targets", "pad_branch_rows", "pair_batches", "pair_schedule", "parse_hh", "read_rows",
+           "render_example", "render_prompt", "render_response", "row_len", "row_to_messages", "row_to_pair",
+           "row_to_prompt", "sample_rows", "sft_schedule", "shared_prefix", "validate_messages"]

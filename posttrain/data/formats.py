@@ -1,10 +1,18 @@
-"""Row formats (OpenAI messages, Alpaca, prompt/completion) turned into validated chat messages."""
+"""Row formats (OpenAI messages, Alpaca, prompt/completion, preference conversations) turned into validated chat
+messages.
+
+Preference rows may hold whole conversations, as Anthropic HH text (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``) or
+message lists; ``conversation`` reads either, for pairs (``pairs.row_to_pair``) and for prompts alike.
+
+May import: posttrain.errors.
+"""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from posttrain.errors import DataError
+from posttrain.errors import BadPair, DataError
 
 Messages = list[dict[str, str]]
 ROLES = ("system", "user", "assistant")
@@ -160,9 +168,7 @@ def row_to_prompt(row: dict[str, Any], file: str, num: int, field: str = "prompt
             raise DataError(file, num, "messages", "no user turn to answer")
         chat = validate_messages(messages, file, num)[:-1]
     elif isinstance(row.get("chosen"), (str, list)):
-        from posttrain.data.preference import _conversation
-
-        chat = _conversation(row["chosen"], file, num, "chosen")[:-1]
+        chat = conversation(row["chosen"], file, num, "chosen")[:-1]
     else:
         chat = []
     if not chat or chat[-1]["role"] != "user":
@@ -175,3 +181,67 @@ def row_to_prompt(row: dict[str, Any], file: str, num: int, field: str = "prompt
     if system_prompt and chat[0]["role"] != "system":
         chat = [{"role": "system", "content": system_prompt}, *chat]
     return chat
+
+
+_HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):[ ]?")
+
+
+def parse_hh(text: str, file: str, num: int, fld: str) -> Messages:
+    """``"\\n\\nHuman: a\\n\\nAssistant: b ..."`` -> chat messages.
+
+    The released HH data has a few dialogues where one speaker has two turns in a row; they are joined into one
+    turn (nothing is dropped), since chat templates need alternating roles.
+    """
+    parts = _HH_TURN.split(text)
+    if len(parts) < 3 or parts[0].strip():
+        raise DataError(file, num, fld, "not in the HH format: expected '\\n\\nHuman: ...\\n\\nAssistant: ...'")
+    roles = {"Human": "user", "Assistant": "assistant"}
+    out: Messages = []
+    for who, said in zip(parts[1::2], parts[2::2]):
+        if out and out[-1]["role"] == roles[who]:
+            out[-1]["content"] += "\n\n" + said.strip()
+        else:
+            out.append({"role": roles[who], "content": said.strip()})
+    return out
+
+
+def conversation(value: Any, file: str, num: int, fld: str) -> Messages:
+    """A whole conversation (a preference row's ``chosen`` or ``rejected``): HH text or a list of messages, with
+    content parts joined into text; roles and order are left to validate_messages."""
+    if isinstance(value, str):
+        return parse_hh(value, file, num, fld)
+    if isinstance(value, list):
+        if not value:
+            raise BadPair(file, num, fld, "is empty")
+        return plain_messages(value, file, num, fld)
+    raise DataError(file, num, fld, f"expected text or a list of messages, got {type(value).__name__}")
+
+
+def plain_messages(messages: list, file: str, num: int, fld: str) -> list:
+    """Copies of the messages with content parts joined into text, so that chosen and rejected compare by what
+    they say; the rest is left to validate_messages."""
+    return [{**m, "content": content_text(m["content"], file, num, f"{fld}[{i}].content")}
+            if isinstance(m, dict) and "content" in m else m for i, m in enumerate(messages)]
+
+
+def response_messages(value: Any, file: str, num: int, fld: str) -> Messages:
+    """A preference row's response (``chosen`` / ``rejected`` next to a ``prompt``): text or a list of assistant
+    messages, as ``{role, content}`` assistant messages; raises BadPair for an empty one."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise BadPair(file, num, fld, "empty response")
+        return [{"role": "assistant", "content": value}]
+    if isinstance(value, list) and value:
+        for i, m in enumerate(value):
+            if not isinstance(m, dict) or m.get("role") != "assistant":
+                raise DataError(file, num, f"{fld}[{i}]", "a response list holds only assistant messages")
+            if "content" not in m:
+                raise DataError(file, num, f"{fld}[{i}].content", "missing field")
+        value = plain_messages(value, file, num, fld)
+        for i, m in enumerate(value):
+            if not m["content"].strip():
+                raise BadPair(file, num, f"{fld}[{i}].content", "empty response")
+        return [{"role": "assistant", "content": m["content"]} for m in value]
+    if isinstance(value, list):
+        raise BadPair(file, num, fld, "empty response")
+    raise DataError(file, num, fld, f"expected text or a list of assistant messages, got {type(value).__name__}")

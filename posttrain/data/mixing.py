@@ -19,7 +19,7 @@ def mix_counts(num_task: int, ratios: Sequence[float]) -> list[int]:
     return [round(r * total) for r in ratios]
 
 
-def draw(items: Sequence[T], count: int, seed: int) -> list[T]:
+def sample_rows(items: Sequence[T], count: int, seed: int) -> list[T]:
     """``count`` items without replacement (seeded), in their file order; all of them when there are fewer."""
     if count >= len(items):
         return list(items)

@@ -1,20 +1,16 @@
-"""Best-fit packing and collation into (B, T) batches whose segments cannot attend to each other.
+"""Best-fit packing of sequences into rows of a fixed capacity, and the tokens a preference pair takes in a row.
 
-Every row of a batch is a list of segments; positions restart at 0 in each segment. With no 2D attention
-mask, transformers builds a block-diagonal causal mask from those restarting position ids (for eager, SDPA
-and flash attention alike), so packed examples stay independent. Padding is one more segment with no loss.
-The tests check that a packed batch gives the same loss and gradients as the examples one by one.
+How packed rows become batches whose segments cannot attend to each other is ``collate``.
+
+May import: posttrain.data.render, pairs.
 """
 
 from __future__ import annotations
 
 import bisect
 
-import torch
-
+from posttrain.data.pairs import Pair
 from posttrain.data.render import Example
-
-IGNORE = -100
 
 
 def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -37,32 +33,15 @@ def best_fit(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def collate(rows: list[list[Example]], pad_id: int, pad_to: int | None = None) -> dict[str, torch.Tensor]:
-    """Batch rows of segments: ``input_ids``, ``labels`` (IGNORE where untrained) and ``position_ids``, all (B, T),
-    plus ``num_tokens``, the count of non-padding tokens (for throughput), and ``row_tokens`` (B,), each row's
-    non-padding tokens, which sit at the row's start."""
-    width = max(sum(len(e) for e in row) for row in rows)
-    width = max(width, pad_to or 0)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    pos = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, row in enumerate(rows):
-        at = 0
-        for ex in row:
-            n = len(ex)
-            t = torch.tensor(ex.input_ids, dtype=torch.long)
-            ids[r, at:at + n] = t
-            mask = torch.tensor(ex.trained, dtype=torch.bool)
-            mask[0] = False  # a segment's first token must not be predicted from the previous segment
-            labels[r, at:at + n] = torch.where(mask, t, IGNORE)
-            pos[r, at:at + n] = torch.arange(n)
-            at += n
-        pos[r, at:] = torch.arange(width - at)  # padding: its own segment
-    row_tokens = torch.tensor([sum(len(e) for e in row) for row in rows])
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "num_tokens": row_tokens.sum(),
-            "row_tokens": row_tokens}
+def shared_prefix(c: Example, r: Example) -> int:
+    """Leading tokens chosen and rejected have in common before either response starts: the rendered prompt."""
+    limit = min(c.trained.index(True), r.trained.index(True))
+    n = 0
+    while n < limit and c.input_ids[n] == r.input_ids[n]:
+        n += 1
+    return n
 
 
-def num_targets(batch: dict[str, torch.Tensor]) -> int:
-    """Trained tokens in a batch: the normaliser of the token-mean loss."""
-    return int((batch["labels"][:, 1:] != IGNORE).sum())
+def row_len(p: Pair, share_prompt: bool) -> int:
+    """Tokens a pair takes in a batch row."""
+    return len(p) - (shared_prefix(p.chosen, p.rejected) if share_prompt else 0)

@@ -30,7 +30,8 @@ def read_rows(path: str | Path) -> list[Row]:
     path = Path(path)
     kind = path.suffixes[-2] if path.suffix == ".gz" and len(path.suffixes) > 1 else path.suffix
     if kind not in _SUFFIXES:
-        raise DataError(path, None, None, f"unknown file type {kind or '(none)'!r}; expected one of {', '.join(_SUFFIXES)}")
+        raise DataError(path, None, None,
+                        f"unknown file type {kind or '(none)'!r}; expected one of {', '.join(_SUFFIXES)}")
     if not path.is_file():
         raise DataError(path, None, None, "file does not exist" if not path.exists() else "not a regular file")
     try:

@@ -1,7 +1,7 @@
 """Data parallelism across processes started by torchrun: the process group, the rank, gradient all-reduce.
 
 ``torchrun --nproc_per_node N -m posttrain sft CONFIG`` sets RANK/WORLD_SIZE/MASTER_ADDR; every process builds
-the same model and reads the same data, each takes its own micro-batches of an optimizer step (BatchPlan's
+the same model and reads the same data, each takes its own micro-batches of an optimizer step (StepSchedule's
 ``rank``/``world_size``), and the summed gradients are all-reduced once per step. Multi-node is torchrun's own
 rendezvous (``--nnodes``, ``--rdzv-endpoint``); nothing here depends on it.
 
@@ -21,6 +21,8 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+
+from posttrain.models.compile import decoder_layers
 
 
 @dataclass(frozen=True)
@@ -112,11 +114,6 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
             if p.grad is not None:
                 p.grad.mul_(scale)
     return norm
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated transformer blocks (LlamaDecoderLayer, Qwen2DecoderLayer, ...): FSDP2's sharding units."""
-    return [m for m in model.modules() if type(m).__name__.endswith(("DecoderLayer", "Block"))]
 
 
 def shard(model: torch.nn.Module) -> int:

@@ -18,7 +18,8 @@ class MetricsLog:
         # A resumed run drops records written after its checkpoint, so the file reads like one clean run.
         kept = []
         if resume_step and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            kept = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
         path.write_text("".join(ln + "\n" for ln in kept))
         self._tb = None
         if tensorboard:

@@ -12,7 +12,7 @@ import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterable, Protocol
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -22,16 +22,25 @@ from posttrain.engine.distributed import all_reduce_grads, barrier, clip_grad_no
 from posttrain.engine.logging import MetricsLog, console, format_line
 from posttrain.engine.resume import RunStart, resumed_schedule
 from posttrain.engine.schedule import Schedule
+from posttrain.models.forward import Batch
 
-Batch = dict[str, torch.Tensor]
+LossPart = tuple[torch.Tensor, dict[str, float]]  # (summed loss, metrics)
 
 
 class Method(Protocol):
+    """What the loop asks of a training method: its name, a batch's loss units, and a batch's summed loss.
+
+    ``loss_parts``: None (every method but PPO) means the batch's loss is one part, ``loss_sum``. A method with
+    several networks (PPO's actor and critic) sets it to a function yielding the loss in parts instead, each
+    backpropagated before the next is built, so only one part's activations are alive at a time. A method object
+    without the attribute counts as None."""
+
     name: str
+    loss_parts: Callable[[torch.nn.Module, Batch], Iterable[LossPart]] | None
 
     def count(self, batch: Batch) -> int: ...
 
-    def loss_sum(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def loss_sum(self, model: torch.nn.Module, batch: Batch) -> LossPart: ...
 
 
 class StepBatches(Protocol):
@@ -122,7 +131,7 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
                export: Callable[[Path], None] | None = None, resume: bool | RunStart = False) -> list[dict[str, Any]]:
     """Train for ``opts.total_steps`` optimizer steps; returns the logged records of this call.
 
-    ``resume``: a RunStart from engine.resume.check_resume (the pipeline's: its config goes into every checkpoint,
+    ``resume``: a RunStart from engine.resume.check_resume (a recipe's: its config goes into every checkpoint,
     and a resume continues from the checkpoint whose config it checked), or True for the last checkpoint unchecked.
     """
     params = [p for p in model.parameters() if p.requires_grad]
@@ -197,7 +206,8 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
             for batch in micro:
                 # A method with several networks (PPO's actor and critic) yields its loss in parts, each
                 # backpropagated before the next is built, so only one part's activations are alive at a time.
-                parts = method.loss_parts(model, batch) if hasattr(method, "loss_parts") else \
+                split = getattr(method, "loss_parts", None)
+                parts = split(model, batch) if split is not None else \
                     (method.loss_sum(model, batch) for _ in range(1))  # lazy, so it runs under amp()
                 for loss_sum, m in _under(amp, parts):
                     (loss_sum / max(units, 1.0)).backward()

@@ -6,22 +6,21 @@ import math
 
 import torch
 
+from posttrain.data.collate import num_targets
 from posttrain.data.formats import Messages
-from posttrain.data.packing import num_targets
 from posttrain.methods.sft import completion_loss_sum
+from posttrain.models.forward import evaluating
 from posttrain.rollout import generate
 
 
-@torch.no_grad()
-def heldout_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]], chunk_size: int = 1024) -> dict[str, float]:
+def heldout_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
+                 chunk_size: int = 1024) -> dict[str, float]:
     """Mean cross-entropy per trained (completion) token over all held-out batches, and its perplexity."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for batch in batches:
-        total += float(completion_loss_sum(model, batch, chunk_size))
-        count += num_targets(batch)
-    model.train(was_training)
+    with evaluating(model):
+        for batch in batches:
+            total += float(completion_loss_sum(model, batch, chunk_size))
+            count += num_targets(batch)
     loss = total / max(count, 1)
     return {"eval/loss": loss, "eval/ppl": math.exp(min(loss, 50.0)), "eval/tokens": count}
 

@@ -124,7 +124,8 @@ def rl_cai(model: torch.nn.Module, tokenizer, prompts: list[str], principles: li
                     (b, a, 1 - v.p_a_second, 1 - v.p_a_first)
                 rows.append({"prompt": prompt, "chosen": good, "rejected": bad,
                              "provenance": {"method": "rl-cai", "judge_model": judge_name,
-                                            "judge_calibrated": isinstance(judge, CalibratedJudge), "principle": pr.name,
+                                            "judge_calibrated": isinstance(judge, CalibratedJudge),
+                                            "principle": pr.name,
                                             "criterion": pr.criterion, "p_first_order": p_first,
                                             "p_second_order": p_second, "margin": margin, "sampling": sampling}})
     stats["kept"] = len(rows)

@@ -15,6 +15,7 @@ from typing import Literal, Protocol
 import torch
 
 from posttrain.data.render import has_chat_template, render_prompt
+from posttrain.models.forward import evaluating
 
 Verdict = Literal["a", "b", "tie", "inconsistent"]
 
@@ -94,10 +95,8 @@ class ModelJudge:
         rendered = render_prompt(self.tokenizer, [{"role": "user", "content": text}], self.chat_template)
         add_special = not has_chat_template(self.tokenizer, self.chat_template)
         ids = self.tokenizer(rendered, add_special_tokens=add_special, return_tensors="pt")["input_ids"]
-        was_training = self.model.training
-        self.model.eval()
-        logits = self.model(input_ids=ids.to(next(self.model.parameters()).device)).logits[0, -1].float()
-        self.model.train(was_training)
+        with evaluating(self.model):
+            logits = self.model(input_ids=ids.to(next(self.model.parameters()).device)).logits[0, -1].float()
         pair = torch.log_softmax(logits[self.choice_ids], dim=-1)
         return float(pair[0].exp())
 

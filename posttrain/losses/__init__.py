@@ -9,8 +9,8 @@ from posttrain.losses.cross_entropy import (
 )
 from posttrain.losses.preference import (
                                             PREFERENCE_LOSSES,
-                                            REFERENCE_FREE,
                                             PairLogps,
+                                            PreferenceLoss,
                                             PreferenceParams,
                                             bradley_terry,
                                             dpo_sigmoid,
@@ -19,6 +19,6 @@ from posttrain.losses.preference import (
                                             simpo,
 )
 
-__all__ = ["PREFERENCE_LOSSES", "REFERENCE_FREE", "PairLogps", "PreferenceParams", "bradley_terry", "dpo_sigmoid",
-           "ipo", "linear_cross_entropy_sum", "linear_kl_sum", "rpo", "simpo", "target_logps", "token_cross_entropy_sum",
-           "token_kl_sum"]
+__all__ = ["PREFERENCE_LOSSES", "PairLogps", "PreferenceLoss", "PreferenceParams", "bradley_terry", "dpo_sigmoid",
+           "ipo", "linear_cross_entropy_sum", "linear_kl_sum", "rpo", "simpo", "target_logps",
+           "token_cross_entropy_sum", "token_kl_sum"]

@@ -3,7 +3,7 @@
 Every function takes a ``PairLogps`` (summed log-probs of the response tokens of the chosen and rejected
 responses under the policy, under the reference where the loss has one, and the response lengths) and returns
 a (pairs,) tensor of losses plus the implicit rewards the loss defines; ``PREFERENCE_LOSSES`` is the table a
-config's ``loss`` name is looked up in.
+config's ``loss`` name is looked up in, each entry saying whether the loss needs a reference.
 """
 
 from __future__ import annotations
@@ -17,12 +17,13 @@ import torch.nn.functional as F
 
 @dataclass
 class PairLogps:
-    policy_chosen: torch.Tensor
-    policy_rejected: torch.Tensor
-    ref_chosen: torch.Tensor | None = None
-    ref_rejected: torch.Tensor | None = None
-    len_chosen: torch.Tensor | None = None
-    len_rejected: torch.Tensor | None = None
+    """Per pair, all (batch,): summed response log-probs under the policy and the reference, response lengths."""
+    policy_chosen: torch.Tensor  # (batch,)
+    policy_rejected: torch.Tensor  # (batch,)
+    ref_chosen: torch.Tensor | None = None  # (batch,); None for a reference-free loss
+    ref_rejected: torch.Tensor | None = None  # (batch,)
+    len_chosen: torch.Tensor | None = None  # (batch,) scored tokens of the chosen response
+    len_rejected: torch.Tensor | None = None  # (batch,)
 
 
 @dataclass
@@ -90,13 +91,23 @@ def rpo(x: PairLogps, p: PreferenceParams) -> LossOut:
     return loss - p.alpha * x.policy_chosen / x.len_chosen, chosen, rejected
 
 
-PREFERENCE_LOSSES: dict[str, Callable[[PairLogps, PreferenceParams], LossOut]] = {
-    "dpo": dpo_sigmoid,
-    "ipo": ipo,
-    "simpo": simpo,
-    "rpo": rpo,
+@dataclass(frozen=True)
+class PreferenceLoss:
+    """A loss of the table and what it needs: ``reference_free`` losses never read the reference log-probs (so a
+    run needs no reference model). Calling it calls ``fn``."""
+    fn: Callable[[PairLogps, PreferenceParams], LossOut]
+    reference_free: bool = False
+
+    def __call__(self, x: PairLogps, p: PreferenceParams) -> LossOut:
+        return self.fn(x, p)
+
+
+PREFERENCE_LOSSES: dict[str, PreferenceLoss] = {
+    "dpo": PreferenceLoss(dpo_sigmoid),
+    "ipo": PreferenceLoss(ipo),
+    "simpo": PreferenceLoss(simpo, reference_free=True),
+    "rpo": PreferenceLoss(rpo),
 }
-REFERENCE_FREE = {"simpo"}
 
 
 def bradley_terry(chosen: torch.Tensor, rejected: torch.Tensor, margin: torch.Tensor | float = 0.0,

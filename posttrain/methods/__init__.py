@@ -1,15 +1,7 @@
-"""Training methods: each turns a batch into a summed loss and its metrics."""
+"""Training methods, one file each (sft, dpo, reward, grpo, ppo): each turns a batch into a summed loss and its
+metrics. Layer 5: may import layers 0-4 (losses, data, models, engine, rollout, rewards, ...), never config."""
 
-from posttrain.methods.preference import (
-                                          AdapterOffReference,
-                                          FrozenCopyReference,
-                                          PrecomputedReference,
-                                          Preference,
-                                          precompute_reference,
-                                          preference_eval,
-                                          sequence_logps,
-)
-from posttrain.methods.sft import SFT, completion_loss_sum, unwrap
+from posttrain.methods.dpo import PreferenceMethod, precompute_reference, preference_eval
+from posttrain.methods.sft import SFT, completion_loss_sum
 
-__all__ = ["AdapterOffReference", "FrozenCopyReference", "PrecomputedReference", "Preference", "SFT",
-           "completion_loss_sum", "precompute_reference", "preference_eval", "sequence_logps", "unwrap"]
+__all__ = ["SFT", "PreferenceMethod", "completion_loss_sum", "precompute_reference", "preference_eval"]

@@ -1,9 +1,30 @@
-"""GRPO: group-relative advantages from verifiable rewards, a clipped ratio per token, and k3 KL to a reference.
+"""GRPO (Shao et al. 2024): group-relative advantages from verifiable rewards, a clipped ratio per token, k3 KL.
 
-Each optimizer step trains on one batch of rollouts; with ``mu`` > 1 the same rollouts serve ``mu`` consecutive
-steps, their old log-probs fixed when they were sampled (the ratio then moves away from 1 and the clip matters).
-``RolloutPlan`` is the engine's batch plan: it samples with the current policy, scores, and collates, so the one
-training loop (checkpoints, logging, evaluation) runs GRPO as it runs SFT and DPO.
+Per rollout: ``prompts_per_step`` prompts, G = ``group_size`` completions of each sampled from the current policy
+at ``temperature`` (and ``top_p``), one reward r_i per completion. Every token of completion i gets its group's
+
+  A_i = (r_i - mean_G(r)) / (std_G(r) + 1e-6),   std_G the population std (divides by G, not G - 1)
+
+(``losses.rl.group_advantages``; a group whose rewards are all equal has A = 0). Per completion token t, with
+log-probs under logits / temperature (the distribution sampled from):
+
+  loss_t = -min(rho_t A_i, clip(rho_t, 1 - clip_eps, 1 + clip_eps) A_i) + kl_coef * k3_t
+  rho_t = exp(log pi(t) - log pi_old(t)),   k3_t = exp(d_t) - d_t - 1,  d_t = log ref(t) - log pi(t)
+
+k3 is Schulman's KL(policy || reference) estimator; the reference is the policy with its LoRA adapters disabled
+(full fine-tuning: a frozen copy; ``models.reference.make_reference``), its log-probs computed once per rollout.
+Without a reference (the recipe passes none when kl_coef is 0) there is no KL term.
+
+The step's loss aggregates loss_t over the step's completions (``losses.reduce``, ``aggregation``):
+  grpo:    each completion's token sum / its own length, then summed / the number of completions;
+  dapo:    token sum / the number of completion tokens;
+  dr_grpo: token sum / (max_new_tokens * the number of completions).
+
+``mu``: each rollout serves ``mu`` consecutive optimizer steps. With mu = 1, pi_old is the policy itself
+(detached): rho = 1, the clip never binds, and the gradient is the plain policy gradient of -A log pi. With
+mu > 1, log pi_old is computed once when the rollout is sampled, before its first step, and kept fixed: on the
+later steps rho moves away from 1, and where it is past 1 + clip_eps (A > 0) or below 1 - clip_eps (A < 0) the
+token's loss is constant, so no gradient pushes the ratio further.
 """
 
 from __future__ import annotations
@@ -13,38 +34,11 @@ from typing import Any, Callable
 
 import torch
 
+from posttrain.losses.reduce import AGGREGATIONS
 from posttrain.losses.rl import clipped_surrogate, group_advantages, kl_k3
-from posttrain.methods.preference import AdapterOffReference, FrozenCopyReference
-from posttrain.rollout.batch import rollout_logps
-from posttrain.rollout.plan import RewardFn, RolloutSchedule, mean_scores, part_metrics
+from posttrain.models.forward import Batch, token_logps
 from posttrain.rollout.sample import sample_completions
-
-Batch = dict[str, torch.Tensor]
-
-
-def _seq_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-
-# How per-token losses become the step's loss: (summed loss of a micro-batch, its loss units); the loop divides
-# the step's summed loss by its summed units.
-def _agg_sequence(loss: torch.Tensor, mask: torch.Tensor, max_new: int) -> tuple[torch.Tensor, int]:
-    """GRPO as published: mean over each completion's tokens, then mean over completions."""
-    return _seq_mean(loss, mask).sum(), int(mask.shape[0])
-
-
-def _agg_token(loss: torch.Tensor, mask: torch.Tensor, max_new: int) -> tuple[torch.Tensor, int]:
-    """DAPO (Yu et al. 2025): mean over all tokens of the batch, so long completions are not down-weighted."""
-    return (loss * mask).sum(), int(mask.sum())
-
-
-def _agg_constant(loss: torch.Tensor, mask: torch.Tensor, max_new: int) -> tuple[torch.Tensor, int]:
-    """Dr. GRPO (Liu et al. 2025): token sum over a constant (max new tokens), removing the length bias."""
-    return (loss * mask).sum() / max_new, int(mask.shape[0])
-
-
-AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, int]]] = {
-    "grpo": _agg_sequence, "dapo": _agg_token, "dr_grpo": _agg_constant}
+from posttrain.rollout.schedule import RewardFn, RolloutSchedule, mean_scores, part_metrics
 
 
 @dataclass
@@ -59,9 +53,10 @@ class GRPOParams:
 
 
 class GRPO:
-    """The loss of one micro-batch of scored rollouts (see ``RolloutPlan`` for what a batch carries)."""
+    """The loss of one micro-batch of scored rollouts (see ``GRPOBatches`` for what a batch carries)."""
 
     name = "grpo"
+    loss_parts = None  # one part: loss_sum (engine.loop.Method)
 
     def __init__(self, params: GRPOParams, chunk_size: int = 1024):
         if params.aggregation not in AGGREGATIONS:
@@ -73,7 +68,7 @@ class GRPO:
         return self.agg(torch.zeros_like(mask), mask, self.p.max_new_tokens)[1]
 
     def loss_sum(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        logp = rollout_logps(model, batch, self.p.temperature, self.chunk_size)
+        logp = token_logps(model, batch, self.p.temperature, self.chunk_size)
         mask = batch["completion_mask"].to(logp.device, logp.dtype)
         old = batch["old_logp"].to(logp.device, logp.dtype) if "old_logp" in batch else logp.detach()
         adv = batch["advantages"].to(logp.device, logp.dtype)
@@ -88,29 +83,29 @@ class GRPO:
         return loss, metrics
 
 
-class RolloutPlan(RolloutSchedule):
-    """Per optimizer step: ``prompts_per_step`` prompts, ``group_size`` completions each, rewards, advantages,
-    reference (and, with mu > 1, old) log-probs, as micro-batches of ``micro_batch_size`` completions."""
+@dataclass(frozen=True, eq=False)
+class GRPOBatches:
+    """A ``RolloutSchedule``'s ``make_batches`` for GRPO. Per rollout: ``prompts_per_step`` prompts,
+    ``group_size`` completions each, rewards, advantages, reference (and, with mu > 1, old) log-probs, as
+    micro-batches of ``micro_batch_size`` completions."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, prompts: list[list[int]], rows: list[dict[str, Any]],
-                 chats: list[Any], reward: RewardFn, params: GRPOParams, *, prompts_per_step: int, mu: int,
-                 micro_batch_size: int, seed: int, reference: Callable[[torch.nn.Module, Batch], torch.Tensor] | None,
-                 top_p: float = 1.0, chunk_size: int = 1024, share_prompt: bool = True, watch: RewardFn | None = None):
-        super().__init__(model, tokenizer, prompts, rows, chats, prompts_per_step=prompts_per_step, mu=mu,
-                         micro_batch_size=micro_batch_size, seed=seed, share_prompt=share_prompt, watch=watch)
-        self.reward, self.p, self.reference, self.top_p, self.chunk_size = reward, params, reference, top_p, chunk_size
+    reward: RewardFn
+    params: GRPOParams
+    reference: Callable[[torch.nn.Module, Batch], torch.Tensor] | None
+    top_p: float = 1.0
+    chunk_size: int = 1024
 
-    def _rollout(self, rollout: int) -> list[Batch]:
-        g = self.p.group_size
-        idx, ro = self.sample(rollout, g, max_new_tokens=self.p.max_new_tokens, temperature=self.p.temperature,
-                              top_p=self.top_p, min_new_tokens=self.p.min_new_tokens)
-        scores = self.score(self.reward, idx, g, ro.texts)
+    def __call__(self, schedule: RolloutSchedule, rollout: int) -> list[Batch]:
+        p, g = self.params, self.params.group_size
+        idx, ro = schedule.sample(rollout, g, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                                  top_p=self.top_p, min_new_tokens=p.min_new_tokens)
+        scores = schedule.score(self.reward, idx, g, ro.texts)
         rewards = torch.tensor(scores, dtype=torch.float64)
         adv = group_advantages(rewards, g)
         metrics = {"m/reward": rewards.mean(), "m/reward_std": rewards.reshape(-1, g).std(1, correction=0).mean(),
-                   **part_metrics(self.reward, "m/reward"), **self.rollout_metrics(idx, g, ro)}
-        self.last_rollout = {"rollout": rollout, "prompts": idx, "texts": ro.texts, "rewards": scores}
-        batches = self.micro_batches(ro)
+                   **part_metrics(self.reward, "m/reward"), **schedule.rollout_metrics(idx, g, ro)}
+        schedule.last_rollout = {"rollout": rollout, "prompts": idx, "texts": ro.texts, "rewards": scores}
+        batches = schedule.micro_batches(ro)
         at = 0
         for b in batches:
             n = b["completion_mask"].shape[0]
@@ -118,17 +113,23 @@ class RolloutPlan(RolloutSchedule):
             at += n
             with torch.no_grad():
                 if self.reference is not None:
-                    b["ref_logp"] = self.reference(self.model, b)
-                if self.mu > 1:
-                    b["old_logp"] = rollout_logps(self.model, b, self.p.temperature, self.chunk_size)
+                    b["ref_logp"] = self.reference(schedule.model, b)
+                if schedule.mu > 1:
+                    b["old_logp"] = token_logps(schedule.model, b, p.temperature, self.chunk_size)
             b.update({k: v.float() for k, v in metrics.items()})
         return batches
 
 
-def token_reference(model: torch.nn.Module, lora: bool, temperature: float, chunk_size: int = 1024):
-    """Per-token reference log-probs: the adapter-off policy (LoRA) or a frozen copy (full fine-tuning)."""
-    logps = lambda m, b: rollout_logps(m, b, temperature, chunk_size)  # noqa: E731
-    return AdapterOffReference(logps=logps) if lora else FrozenCopyReference(model, logps=logps)
+def grpo_schedule(model: torch.nn.Module, tokenizer, prompts: list[list[int]], rows: list[dict[str, Any]],
+                  chats: list[Any], reward: RewardFn, params: GRPOParams, *, prompts_per_step: int, mu: int,
+                  micro_batch_size: int, seed: int, reference: Callable[[torch.nn.Module, Batch], torch.Tensor] | None,
+                  top_p: float = 1.0, chunk_size: int = 1024, share_prompt: bool = True,
+                  watch: RewardFn | None = None) -> RolloutSchedule:
+    """GRPO's rollout schedule: ``RolloutSchedule`` with ``GRPOBatches`` as its ``make_batches``."""
+    return RolloutSchedule(model, tokenizer, prompts, rows, chats,
+                           make_batches=GRPOBatches(reward, params, reference, top_p, chunk_size),
+                           prompts_per_step=prompts_per_step, mu=mu, micro_batch_size=micro_batch_size, seed=seed,
+                           share_prompt=share_prompt, watch=watch)
 
 
 @torch.no_grad()

@@ -9,24 +9,25 @@ memory; a role is a switch of the active adapter. Per rollout (derivations §7; 
   loss = clipped surrogate(A) + vf_coef * clipped value loss(V, R)
 
 V(s_t) is read where token t is predicted (the hidden state of the token before it), the score at the
-completion's own last token (as the reward model was trained to read it).
+completion's own last token (as the reward model was trained to read it). ``ppo_schedule`` is the engine's batch
+schedule (``rollout.schedule.RolloutSchedule`` with ``PPOBatches``): it samples, scores and collates each rollout.
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
 from posttrain.losses.rl import clipped_surrogate, clipped_value_loss, gae, kl_shaped_rewards, masked_mean, whiten
-from posttrain.methods.preference import pair_hidden
-from posttrain.rollout.batch import rollout_logps, scatter_tokens
-from posttrain.rollout.plan import RewardFn, RolloutSchedule, mean_scores
+from posttrain.models.forward import Batch, evaluating, pair_hidden, scatter_tokens, token_logps
+from posttrain.models.heads import load_head
 from posttrain.rollout.sample import sample_completions
+from posttrain.rollout.schedule import RewardFn, RolloutSchedule, mean_scores
 
-Batch = dict[str, torch.Tensor]
 ACTOR, CRITIC, REWARD = "default", "critic", "reward"
 
 
@@ -61,11 +62,11 @@ class SharedRoles(torch.nn.Module):
 
     def logps(self, batch: Batch, temperature: float, chunk_size: int = 1024) -> torch.Tensor:
         """(N, L) actor log-probs of the sampled tokens."""
-        return rollout_logps(self.policy, batch, temperature, chunk_size)
+        return token_logps(self.policy, batch, temperature, chunk_size)
 
     def ref_logps(self, batch: Batch, temperature: float, chunk_size: int = 1024) -> torch.Tensor:
         with self._trainable_kept(), self.policy.disable_adapter():
-            return rollout_logps(self.policy, batch, temperature, chunk_size)
+            return token_logps(self.policy, batch, temperature, chunk_size)
 
     def values(self, batch: Batch) -> torch.Tensor:
         """(N, L) critic values V(s_t), read at the position that predicts token t."""
@@ -79,6 +80,49 @@ class SharedRoles(torch.nn.Module):
         with self.role(REWARD) as m:
             hidden = pair_hidden(m, batch, decoder_only=True)
         return self.score_head(hidden[batch["last_index"].to(hidden.device)]).squeeze(-1).float()
+
+
+def attach_roles(policy: torch.nn.Module, reward_adapter: str | Path, score_head: str | Path, *,
+                 critic_from_reward: bool) -> SharedRoles:
+    """The four roles on ``policy`` (a PEFT model whose adapter ``default`` is the actor): the reward run's adapter
+    as ``reward`` (frozen) and as the critic's start (``critic``, trainable) when ``critic_from_reward``, else a
+    fresh critic adapter like the actor's; the score head from ``score_head``, the value head a copy of it (or
+    zeros). Only the actor's and critic's LoRA weights train."""
+    policy.load_adapter(str(reward_adapter), adapter_name=REWARD, is_trainable=False)
+    if critic_from_reward:
+        policy.load_adapter(str(reward_adapter), adapter_name=CRITIC, is_trainable=True)
+    else:
+        policy.add_adapter(CRITIC, policy.peft_config[ACTOR])
+    policy.set_adapter(ACTOR)
+    for name, p in policy.named_parameters():  # actor and critic adapters train; the base and the reward do not
+        p.requires_grad_("lora_" in name and (f".{ACTOR}." in name or f".{CRITIC}." in name))
+    param = next(policy.parameters())
+    score = load_head(score_head, param.dtype, param.device)
+    value = torch.nn.Linear(score.in_features, 1, dtype=param.dtype, device=param.device)
+    if critic_from_reward:
+        value.load_state_dict(score.state_dict())
+    else:
+        torch.nn.init.zeros_(value.weight)
+        torch.nn.init.zeros_(value.bias)
+    return SharedRoles(policy, value, score)
+
+
+def role_memory(roles: SharedRoles) -> dict[str, float]:
+    """Bytes of the shared base, of each adapter and head, and the weights four separate copies would hold."""
+    base = sum(p.numel() * p.element_size() for n, p in roles.policy.named_parameters() if "lora_" not in n)
+    adapters: dict[str, int] = {}
+    for n, p in roles.policy.named_parameters():
+        if "lora_" in n:
+            role = n.split(".")[-2]
+            adapters[role] = adapters.get(role, 0) + p.numel() * p.element_size()
+    heads = sum(p.numel() * p.element_size() for m in (roles.value_head, roles.score_head) for p in m.parameters())
+    mb = 2 ** 20
+    shared = base + sum(adapters.values()) + heads
+    four = 4 * base + adapters.get(ACTOR, 0) + adapters.get(CRITIC, 0) + heads
+    return {"base_weights_mb": round(base / mb, 1),
+            **{f"adapter_{k}_mb": round(v / mb, 1) for k, v in adapters.items()},
+            "heads_mb": round(heads / mb, 3), "shared_weights_mb": round(shared / mb, 1),
+            "four_copies_weights_mb": round(four / mb, 1)}
 
 
 @dataclass
@@ -137,32 +181,29 @@ class PPO:
         return total, metrics
 
 
-class PPOPlan(RolloutSchedule):
-    """Per rollout: sample, score with the reward adapter, old/reference log-probs and values, KL-shaped rewards,
-    GAE, whitened advantages over the whole rollout, then micro-batches."""
+@dataclass(frozen=True, eq=False)
+class PPOBatches:
+    """A ``RolloutSchedule``'s ``make_batches`` for PPO. Per rollout: sample, score with the reward adapter,
+    old/reference log-probs and values, KL-shaped rewards, GAE, whitened advantages over the whole rollout, then
+    micro-batches."""
 
-    def __init__(self, model: SharedRoles, tokenizer, prompts: list[list[int]], rows: list[dict[str, Any]],
-                 chats: list[Any], params: PPOParams, *, prompts_per_step: int, mu: int, micro_batch_size: int,
-                 seed: int, chunk_size: int = 1024, share_prompt: bool = True, watch: RewardFn | None = None):
-        super().__init__(model.policy, tokenizer, prompts, rows, chats, prompts_per_step=prompts_per_step, mu=mu,
-                         micro_batch_size=micro_batch_size, seed=seed, share_prompt=share_prompt, watch=watch)
-        self.roles, self.p, self.chunk_size = model, params, chunk_size
+    roles: SharedRoles
+    params: PPOParams
+    chunk_size: int = 1024
 
     @torch.no_grad()
-    def _rollout(self, rollout: int) -> list[Batch]:
-        p, n = self.p, self.p.samples_per_prompt
-        idx, ro = self.sample(rollout, n, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                              top_p=p.top_p, min_new_tokens=p.min_new_tokens)
-        batches = self.micro_batches(ro)
-        was_training = self.roles.training
-        self.roles.eval()
+    def __call__(self, schedule: RolloutSchedule, rollout: int) -> list[Batch]:
+        roles, p, n = self.roles, self.params, self.params.samples_per_prompt
+        idx, ro = schedule.sample(rollout, n, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                                  top_p=p.top_p, min_new_tokens=p.min_new_tokens)
+        batches = schedule.micro_batches(ro)
         parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("scores", "old", "ref", "values")}
-        for b in batches:
-            parts["scores"].append(self.roles.scores(b))
-            parts["old"].append(self.roles.logps(b, p.temperature, self.chunk_size))
-            parts["ref"].append(self.roles.ref_logps(b, p.temperature, self.chunk_size))
-            parts["values"].append(self.roles.values(b))
-        self.roles.train(was_training)
+        with evaluating(roles):
+            for b in batches:
+                parts["scores"].append(roles.scores(b))
+                parts["old"].append(roles.logps(b, p.temperature, self.chunk_size))
+                parts["ref"].append(roles.ref_logps(b, p.temperature, self.chunk_size))
+                parts["values"].append(roles.values(b))
         width = max(b["completion_mask"].shape[1] for b in batches)
         pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
         mask = torch.cat([pad(b["completion_mask"]) for b in batches]).float()
@@ -179,8 +220,8 @@ class PPOPlan(RolloutSchedule):
                    "m/score_shaped": scores.mean().double(), "m/kl": kl.mean().double(),
                    "m/non_score_reward": (-p.kl_coef * kl).mean().double(),
                    "m/value_mean": masked_mean(values, mask).double(),
-                   "m/return_mean": masked_mean(returns, mask).double(), **self.rollout_metrics(idx, n, ro)}
-        self.last_rollout = {"rollout": rollout, "prompts": idx, "texts": ro.texts, "rewards": raw.tolist()}
+                   "m/return_mean": masked_mean(returns, mask).double(), **schedule.rollout_metrics(idx, n, ro)}
+        schedule.last_rollout = {"rollout": rollout, "prompts": idx, "texts": ro.texts, "rewards": raw.tolist()}
         at = 0
         for b in batches:
             k, w = b["completion_mask"].shape
@@ -191,21 +232,30 @@ class PPOPlan(RolloutSchedule):
         return batches
 
 
+def ppo_schedule(model: SharedRoles, tokenizer, prompts: list[list[int]], rows: list[dict[str, Any]],
+                 chats: list[Any], params: PPOParams, *, prompts_per_step: int, mu: int, micro_batch_size: int,
+                 seed: int, chunk_size: int = 1024, share_prompt: bool = True,
+                 watch: RewardFn | None = None) -> RolloutSchedule:
+    """PPO's rollout schedule: ``RolloutSchedule`` over the actor (``model.policy``) with ``PPOBatches``."""
+    return RolloutSchedule(model.policy, tokenizer, prompts, rows, chats,
+                           make_batches=PPOBatches(model, params, chunk_size), prompts_per_step=prompts_per_step,
+                           mu=mu, micro_batch_size=micro_batch_size, seed=seed, share_prompt=share_prompt,
+                           watch=watch)
+
+
 @torch.no_grad()
 def ppo_eval(model: SharedRoles, tokenizer, prompts: list[list[int]], rows: list[dict[str, Any]], chats: list[Any],
              max_new_tokens: int, batch_size: int = 8, pad_id: int = 0, watch: RewardFn | None = None,
              share_prompt: bool = True) -> dict[str, float]:
     """Greedy answers to held-out prompts scored by the reward adapter (the proxy) and by the watch terms."""
-    from posttrain.rollout.batch import collate_rollouts
+    from posttrain.data.collate import collate_rollouts
 
     ro = sample_completions(model.policy, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0,
                             batch_size=batch_size)
-    was_training = model.training
-    model.eval()
-    scores = torch.cat([model.scores(collate_rollouts(ro.prompt_ids[k:k + batch_size],
-                                                      ro.completion_ids[k:k + batch_size], pad_id, share_prompt))
-                        for k in range(0, len(prompts), batch_size)])
-    model.train(was_training)
+    with evaluating(model):
+        scores = torch.cat([model.scores(collate_rollouts(ro.prompt_ids[k:k + batch_size],
+                                                          ro.completion_ids[k:k + batch_size], pad_id, share_prompt))
+                            for k in range(0, len(prompts), batch_size)])
     out = {"eval/reward": float(scores.mean()),
            "eval/completion_len": sum(len(c) for c in ro.completion_ids) / max(len(prompts), 1)}
     if watch is not None:

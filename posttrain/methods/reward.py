@@ -1,8 +1,14 @@
 """Reward models: the backbone with a scalar head on each sequence's last token, trained with Bradley-Terry.
 
-Batches are the packed preference batches of ``data.preference.collate_pairs``; a sequence's score is read at
-its last trained token (the response's end-of-turn), never at padding, so left/right padding and packing give
-the same score.
+Batches are the packed preference batches of ``data.collate.collate_pairs``; a sequence's score s is the
+``models.heads.ScoreModel`` head (hidden -> 1, zero-initialised, so every pair starts at loss ln 2) on the hidden
+state of its last trained token (the response's end-of-turn), never at padding, so left/right padding and packing
+give the same score. Per pair (Bradley & Terry 1952; Ouyang et al. 2022 eq. 1; ``losses.bradley_terry``):
+
+  loss = -log sigmoid(s_w - s_l - margin + length_coef * (|y_w| - |y_l|) / 100)
+
+with |y| the response's trained tokens. The loss unit is a pair: the loop divides the step's summed loss by its
+number of pairs. Accuracy counts a tie as 0.5.
 """
 
 from __future__ import annotations
@@ -12,39 +18,16 @@ import math
 import torch
 
 from posttrain.losses import bradley_terry
-from posttrain.methods.preference import pair_accuracy, pair_hidden
-from posttrain.methods.sft import unwrap
-
-Batch = dict[str, torch.Tensor]
-
-
-class ScoreModel(torch.nn.Module):
-    """A causal LM's decoder (LoRA-wrapped or not) plus a (hidden -> 1) score head."""
-
-    def __init__(self, lm: torch.nn.Module, head: torch.nn.Linear | None = None):
-        super().__init__()
-        self.lm = lm
-        hidden = unwrap(lm).config.hidden_size
-        param = next(lm.parameters())
-        # Zero init: every score starts at 0, so the first loss is exactly ln 2 and no pair starts out ranked.
-        self.head = head or torch.nn.Linear(hidden, 1, bias=True, device=param.device, dtype=param.dtype)
-        if head is None:
-            torch.nn.init.zeros_(self.head.weight)
-            torch.nn.init.zeros_(self.head.bias)
-
-    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scores and response lengths (trained tokens) of every sequence in segment order."""
-        hidden = pair_hidden(self.lm, batch, decoder_only=True)
-        lengths = torch.zeros(2 * int(batch["pair_index"].numel()), dtype=torch.long).index_add(
-            0, batch["score_seq"], torch.ones_like(batch["score_seq"]))
-        picked = hidden[batch["last_index"].to(hidden.device)]
-        return self.head(picked).squeeze(-1).float(), lengths.to(hidden.device)
+from posttrain.methods.dpo import pair_accuracy
+from posttrain.models.forward import Batch, evaluating
+from posttrain.models.heads import ScoreModel
 
 
 class RewardBT:
     """Bradley-Terry training of a ScoreModel; the loss unit is a pair."""
 
     name = "reward"
+    loss_parts = None  # one part: loss_sum (engine.loop.Method)
 
     def __init__(self, margin: float = 0.0, length_coef: float = 0.0):
         self.margin, self.length_coef = margin, length_coef
@@ -78,25 +61,23 @@ def pearson(x: list[float], y: list[float]) -> float:
     return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else float("nan")
 
 
-@torch.no_grad()
 def reward_eval(model: ScoreModel, method: RewardBT, batches: list[Batch], prefix: str = "eval") -> dict[str, float]:
     """Pairwise accuracy and loss on held-out pairs, the score distribution, and score-length correlation."""
-    was_training = model.training
-    model.eval()
     losses, acc, scores, lengths, chosen, rejected = [], [], [], [], [], []
-    for b in batches:
-        s, n = model(b)
-        loss, terms = method.terms(s, n)
-        losses += loss.tolist()
-        acc += terms["accuracy"].tolist()
-        scores += s.tolist()
-        lengths += n.float().tolist()
-        chosen += s[0::2].tolist()
-        rejected += s[1::2].tolist()
-    model.train(was_training)
+    with evaluating(model):
+        for b in batches:
+            s, n = model(b)
+            loss, terms = method.terms(s, n)
+            losses += loss.tolist()
+            acc += terms["accuracy"].tolist()
+            scores += s.tolist()
+            lengths += n.float().tolist()
+            chosen += s[0::2].tolist()
+            rejected += s[1::2].tolist()
     t = torch.tensor(scores)
     return {f"{prefix}/loss": sum(losses) / len(losses), f"{prefix}/accuracy": sum(acc) / len(acc),
             f"{prefix}/score_mean": float(t.mean()), f"{prefix}/score_std": float(t.std()) if len(t) > 1 else 0.0,
-            f"{prefix}/score_chosen": sum(chosen) / len(chosen), f"{prefix}/score_rejected": sum(rejected) / len(rejected),
+            f"{prefix}/score_chosen": sum(chosen) / len(chosen),
+            f"{prefix}/score_rejected": sum(rejected) / len(rejected),
             f"{prefix}/score_p10": float(t.quantile(0.1)), f"{prefix}/score_p90": float(t.quantile(0.9)),
             f"{prefix}/length_corr": pearson(scores, lengths)}

@@ -1,58 +1,34 @@
-"""Supervised fine-tuning: token cross-entropy on trained (assistant) tokens only."""
+"""Supervised fine-tuning: token cross-entropy on trained (assistant) tokens only.
+
+A batch is packed rows from ``data.collate.collate``; a token is trained when its label is not IGNORE (the
+assistant turns the chat template marks). The step's loss is
+
+  sum over trained tokens t of -log softmax(logits_{t-1})[x_t]  /  the step's number of trained tokens
+
+(all micro-batches and ranks: the loop divides the summed loss by the summed ``count``), so it is the same token
+mean however the step is split into micro-batches, accumulation steps or packed rows. With a plain LM head the
+head runs only on trained positions, a chunk at a time (``losses.linear_cross_entropy_sum``).
+
+``kl_to_base`` = c > 0 (LoRA only) adds c * KL(model || base) per trained token, the exact full-vocabulary KL of
+the next-token distributions, the base being the same model with its adapters disabled (one no-grad forward, no
+second copy of the weights); ``kl_to_base`` in the metrics is that KL's mean per trained token.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from posttrain.data.packing import IGNORE, num_targets
+from posttrain.data.collate import num_targets
 from posttrain.losses import linear_cross_entropy_sum, linear_kl_sum, token_cross_entropy_sum, token_kl_sum
-from posttrain.models.attention import Layout, segment_lengths, uses_segments
-from posttrain.models.lora import unwrap
+from posttrain.models.forward import Batch, model_inputs, plain_head
 
-__all__ = ["SFT", "completion_loss_sum", "kl_regularised_loss_sum", "model_inputs", "unwrap"]
-
-
-def _plain_head(model: torch.nn.Module) -> torch.nn.Linear | None:
-    """The LM head if logits are exactly hidden @ W.T (no bias, soft-capping or scaling), else None."""
-    cfg = model.config
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        return None
-    head = model.get_output_embeddings()
-    if type(head) is torch.nn.Linear and head.bias is None:
-        return head
-    return None
+__all__ = ["SFT", "completion_loss_sum", "kl_regularised_loss_sum"]
 
 
-def model_inputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
-    """(inner model, forward kwargs, next-token targets, target mask), on the model's device."""
-    inner = unwrap(model)
-    device = next(inner.parameters()).device
-    ids, labels, pos = batch["input_ids"], batch["labels"], batch["position_ids"]
-    segments = uses_segments(inner)
-    if segments:
-        ids, labels, pos = _one_row(ids, labels, pos, batch.get("row_tokens"))
-    targets = labels[:, 1:].to(device)
-    kwargs = {"input_ids": ids.to(device), "position_ids": pos.to(device), "use_cache": False}
-    if segments:
-        kwargs["packed_segments"] = Layout(segment_lengths(pos))  # where each packed example lies, for its attention
-    return inner, kwargs, targets, targets != IGNORE
-
-
-def _one_row(ids: torch.Tensor, labels: torch.Tensor, pos: torch.Tensor,
-             row_tokens: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-    """The rows' real tokens laid end to end in one row, padding dropped. With attention computed per example the
-    row boundaries mean nothing, and every padding position would cost a full pass through the layers. No target
-    crosses a join: each segment's first label is IGNORE (``collate``)."""
-    if row_tokens is None or (ids.shape[0] == 1 and int(row_tokens[0]) == ids.shape[1]):
-        return ids, labels, pos
-    real = torch.arange(ids.shape[1], device=ids.device) < row_tokens.to(ids.device)[:, None]
-    return ids[real][None], labels[real][None], pos[real][None]
-
-
-def completion_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024) -> torch.Tensor:
-    """Sum of cross-entropy over trained tokens of a (B, T) batch (see data.packing.collate)."""
+def completion_loss_sum(model: torch.nn.Module, batch: Batch, chunk_size: int = 1024) -> torch.Tensor:
+    """Sum of cross-entropy over trained tokens of a (B, T) batch (see data.collate.collate)."""
     inner, kwargs, targets, keep = model_inputs(model, batch)
-    head = _plain_head(inner)
+    head = plain_head(inner)
     if head is None:  # generic path: full logits, then select
         logits = inner(**kwargs).logits[:, :-1]
         return token_cross_entropy_sum(logits[keep], targets[keep])
@@ -60,13 +36,13 @@ def completion_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], 
     return linear_cross_entropy_sum(hidden[:, :-1][keep], head.weight, targets[keep], chunk_size)
 
 
-def kl_regularised_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor], kl_coef: float,
+def kl_regularised_loss_sum(model: torch.nn.Module, batch: Batch, kl_coef: float,
                             chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """(sum CE + kl_coef * sum KL(model || base), sum KL) over trained tokens, where the base is the same PEFT
     model with its adapters switched off: the regulariser against forgetting costs one no-grad forward and no
     second copy of the weights."""
     inner, kwargs, targets, keep = model_inputs(model, batch)
-    head = _plain_head(inner)
+    head = plain_head(inner)
 
     def outputs(m: torch.nn.Module) -> torch.Tensor:  # trained positions' hidden states, or logits without a plain head
         if head is None:
@@ -90,14 +66,15 @@ class SFT:
     ``kl_to_base`` > 0 adds that multiple of KL(model || adapter-off base) per trained token (LoRA only)."""
 
     name = "sft"
+    loss_parts = None  # one part: loss_sum (engine.loop.Method)
 
     def __init__(self, chunk_size: int = 1024, kl_to_base: float = 0.0):
         self.chunk_size, self.kl_to_base = chunk_size, kl_to_base
 
-    def count(self, batch: dict[str, torch.Tensor]) -> int:
+    def count(self, batch: Batch) -> int:
         return num_targets(batch)
 
-    def loss_sum(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_sum(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         if not self.kl_to_base:
             return completion_loss_sum(model, batch, self.chunk_size), {}
         loss, kl = kl_regularised_loss_sum(model, batch, self.kl_to_base, self.chunk_size)

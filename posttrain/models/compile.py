@@ -22,7 +22,12 @@ from collections.abc import Iterator
 
 import torch
 
-from posttrain.engine.distributed import decoder_layers
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated transformer blocks (LlamaDecoderLayer, Qwen2DecoderLayer, ...): what is compiled, and FSDP2's
+    sharding units."""
+    return [m for m in model.modules() if type(m).__name__.endswith(("DecoderLayer", "Block"))]
+
 
 # Variants per layer: gradient on or off (reference and rollout forwards), adapters on or off (the reference of
 # LoRA DPO/GRPO), first layer's input without gradient; the default limit of 8 would fall back to eager.

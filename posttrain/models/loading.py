@@ -31,7 +31,8 @@ _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("POSTTRAIN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "posttrain"
+    root = os.environ.get("POSTTRAIN_CACHE") or \
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "posttrain"
     return Path(root)
 
 
@@ -91,7 +92,8 @@ def resolve_model_path(name: str | None) -> str:
             raise FileNotFoundError(f"model file {path} does not exist")
         import hashlib
 
-        key = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+        stamp = f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}"
+        key = hashlib.sha256(stamp.encode()).hexdigest()[:12]
         dest = cache_dir() / f"gguf-{path.stem}-{key}"
         if not (dest / "config.json").exists():
             _convert_gguf(path, dest)
@@ -132,6 +134,11 @@ def load_tokenizer(name: str | None):
         # Padding positions never carry loss (masks come from the template), so reusing EOS is safe here.
         tok.pad_token = tok.eos_token
     return tok
+
+
+def pad_id(tokenizer) -> int:
+    """The id that pads a batch: the tokenizer's pad token, else its EOS (padding never carries loss)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def load_model(name: str | None = None, *, dtype: str = "auto", device: str = "auto",

@@ -13,7 +13,7 @@ import torch
 
 
 @dataclass
-class Reference:
+class ReferenceOutputs:
     """Per prompt: the prompt ids, the reference's greedy continuation, and its logits over both, (T, V)."""
     prompts: list[list[int]]
     continuations: list[list[int]]
@@ -40,13 +40,13 @@ def _logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
 
 
 def reference_outputs(model: torch.nn.Module, prompts: list[list[int]], *, max_new_tokens: int,
-                      stop_ids: list[int]) -> Reference:
+                      stop_ids: list[int]) -> ReferenceOutputs:
     model.eval()
     conts = [_greedy(model, p, max_new_tokens, stop_ids) for p in prompts]
-    return Reference(prompts, conts, [_logits(model, p + c) for p, c in zip(prompts, conts)])
+    return ReferenceOutputs(prompts, conts, [_logits(model, p + c) for p, c in zip(prompts, conts)])
 
 
-def compare(model: torch.nn.Module, ref: Reference, *, max_new_tokens: int, stop_ids: list[int]) -> dict:
+def compare(model: torch.nn.Module, ref: ReferenceOutputs, *, max_new_tokens: int, stop_ids: list[int]) -> dict:
     """Logit error along the reference's own token sequences, and how many greedy continuations are identical."""
     model.eval()
     max_abs = mean_abs = 0.0

@@ -5,11 +5,10 @@ Pure Python (no torch), so it answers for a 70B model on any machine.
 
 from posttrain.plan.advise import Decision, advise, choose_approach, choose_method
 from posttrain.plan.arch import PRESETS, Arch, arch_from_config, load_arch
-from posttrain.plan.command import add_commands
 from posttrain.plan.cost import CostPlan, plan_cost
 from posttrain.plan.memory import GPU_SIZES_GB, MemoryPlan, activation_bytes, nf4_bytes, plan_memory
 from posttrain.plan.params import LINEAR_MODULES, ParamCount, Trainable, count_params, trainable_params
 
 __all__ = ["GPU_SIZES_GB", "LINEAR_MODULES", "PRESETS", "Arch", "CostPlan", "Decision", "MemoryPlan", "ParamCount",
-           "Trainable", "activation_bytes", "add_commands", "advise", "arch_from_config", "choose_approach",
+           "Trainable", "activation_bytes", "advise", "arch_from_config", "choose_approach",
            "choose_method", "count_params", "load_arch", "nf4_bytes", "plan_cost", "plan_memory", "trainable_params"]

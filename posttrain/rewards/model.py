@@ -7,10 +7,10 @@ from typing import Sequence
 
 import torch
 
+from posttrain.data.collate import collate_pairs
 from posttrain.data.formats import Messages
-from posttrain.data.preference import Pair, collate_pairs, render_response
-
-HEAD_FILE = "score_head.safetensors"
+from posttrain.data.pairs import Pair, render_response
+from posttrain.runs import HEAD_FILE
 
 
 def _prompt_messages(prompt: str | Messages) -> Messages:
@@ -22,10 +22,9 @@ class RewardModel:
 
     def __init__(self, run_dir: str | Path, *, device: str = "auto", dtype: str = "auto"):
         import yaml
-        from safetensors.torch import load_file
 
-        from posttrain.methods.reward import ScoreModel
         from posttrain.models import load_adapter, load_model
+        from posttrain.models.heads import ScoreModel, load_head
 
         run = Path(run_dir)
         if not (run / HEAD_FILE).exists():
@@ -38,14 +37,11 @@ class RewardModel:
         lm = loaded.model
         if not full:
             if mcfg.get("init_adapter"):
-                from posttrain.pipeline import resolve_adapter
+                from posttrain.runs import resolve_adapter
 
                 lm = load_adapter(lm, str(resolve_adapter(mcfg["init_adapter"]))).merge_and_unload()
             lm = load_adapter(lm, str(run / "adapter")).merge_and_unload()
-        state = load_file(str(run / HEAD_FILE))
-        head = torch.nn.Linear(state["weight"].shape[1], 1, dtype=lm.dtype, device=loaded.device)
-        head.load_state_dict({k: v.to(lm.dtype) for k, v in state.items()})
-        self.model = ScoreModel(lm, head).eval()
+        self.model = ScoreModel(lm, load_head(run / HEAD_FILE, lm.dtype, loaded.device)).eval()
         self.tokenizer = loaded.tokenizer
         self.chat_template = (cfg.get("data") or {}).get("chat_template")
 

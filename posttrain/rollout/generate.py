@@ -7,6 +7,7 @@ import torch
 from posttrain.data.formats import Messages
 from posttrain.data.render import has_chat_template, render_prompt
 from posttrain.models.compile import eager
+from posttrain.models.forward import evaluating
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:
@@ -25,8 +26,6 @@ def generate(model: torch.nn.Module, tokenizer, chats: list[Messages], *, max_ne
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8,
              chat_template: str | None = None, seed: int | None = None) -> list[str]:
     """Complete each chat with one assistant turn; temperature 0 means greedy decoding."""
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     texts = [render_prompt(tokenizer, chat, chat_template) for chat in chats]
@@ -35,21 +34,21 @@ def generate(model: torch.nn.Module, tokenizer, chats: list[Messages], *, max_ne
     add_special = not has_chat_template(tokenizer, chat_template)
     if seed is not None:
         torch.manual_seed(seed)
-    for k in range(0, len(texts), batch_size):
-        enc = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts[k:k + batch_size]]
-        width = max(len(e) for e in enc)
-        ids = torch.full((len(enc), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(enc), width), dtype=torch.long)
-        for i, e in enumerate(enc):  # left padding keeps every prompt's end aligned for decoding
-            ids[i, width - len(e):] = torch.tensor(e)
-            mask[i, width - len(e):] = 1
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
-            {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
-        with eager():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer, model),
-                                 pad_token_id=pad_id, **sampling)
-        for row in out[:, width:]:
-            outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    model.train(was_training)
+    with evaluating(model):
+        for k in range(0, len(texts), batch_size):
+            enc = [tokenizer(t, add_special_tokens=add_special)["input_ids"] for t in texts[k:k + batch_size]]
+            width = max(len(e) for e in enc)
+            ids = torch.full((len(enc), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(enc), width), dtype=torch.long)
+            for i, e in enumerate(enc):  # left padding keeps every prompt's end aligned for decoding
+                ids[i, width - len(e):] = torch.tensor(e)
+                mask[i, width - len(e):] = 1
+            sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else \
+                {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+            with eager():
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     max_new_tokens=max_new_tokens, eos_token_id=stop_token_ids(tokenizer, model),
+                                     pad_token_id=pad_id, **sampling)
+            for row in out[:, width:]:
+                outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return outputs

@@ -14,6 +14,7 @@ from typing import Iterator
 import torch
 
 from posttrain.models.compile import eager
+from posttrain.models.forward import evaluating
 from posttrain.models.quant import is_quantized
 from posttrain.rollout.generate import stop_token_ids
 
@@ -137,15 +138,13 @@ def sample_completions(model: torch.nn.Module, tokenizer, prompt_ids: list[list[
     completions of ~100-token GSM8K prompts that removes most of the prefill. ``batch_size`` counts completions;
     a batch holds whole groups.
     """
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     stops = stop_token_ids(tokenizer, model)
     completions: list[list[int]] = []
     finished: list[bool] = []
     per_batch = max(1, batch_size // n)
-    with merged_for_generation(model), eager():
+    with evaluating(model), merged_for_generation(model), eager():
         for k in range(0, len(prompt_ids), per_batch):
             chunk = prompt_ids[k:k + per_batch]
             width = max(len(p) for p in chunk)
@@ -162,6 +161,5 @@ def sample_completions(model: torch.nn.Module, tokenizer, prompt_ids: list[list[
                 end = next((i for i, t in enumerate(row) if t in stops), None)
                 completions.append(row[:end + 1] if end is not None else row)
                 finished.append(end is not None)
-    model.train(was_training)
     texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
     return Rollout([p for p in prompt_ids for _ in range(n)], completions, texts, finished)

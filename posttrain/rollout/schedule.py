@@ -1,24 +1,25 @@
-"""The batch plan of online RL: which prompts each rollout samples, seeded sampling, and micro-batches.
+"""The batch schedule of online RL: which prompts each rollout samples, seeded sampling, and micro-batches.
 
-The engine asks a plan for the micro-batches of an optimizer step; an RL plan answers with rollouts sampled from
-the current policy. Rollout ``k`` serves optimizer steps ``k * mu`` .. ``k * mu + mu - 1``. Prompts are visited
-in a seeded permutation per epoch and sampling is seeded by the rollout number, so a run resumed at a rollout
-boundary samples what the uninterrupted run sampled. GRPO and PPO differ only in ``_rollout``: how completions
-become advantages.
+The engine asks a schedule for the micro-batches of an optimizer step; an RL schedule answers with rollouts
+sampled from the current policy. Rollout ``k`` serves optimizer steps ``k * mu`` .. ``k * mu + mu - 1``. Prompts
+are visited in a seeded permutation per epoch and sampling is seeded by the rollout number, so a run resumed at a
+rollout boundary samples what the uninterrupted run sampled. GRPO and PPO differ only in ``make_batches``: how a
+rollout's completions become scored micro-batches (``methods.grpo.grpo_schedule``, ``methods.ppo.ppo_schedule``).
+
+Layer 3 (rollout): imports data, models, rollout.
 """
 
 from __future__ import annotations
 
-import abc
 import random
 from typing import Any, Callable
 
 import torch
 
-from posttrain.rollout.batch import collate_rollouts
+from posttrain.data.collate import collate_rollouts
+from posttrain.models.forward import Batch
 from posttrain.rollout.sample import Rollout, sample_completions
 
-Batch = dict[str, torch.Tensor]
 RewardFn = Callable[..., list[float]]
 
 
@@ -28,10 +29,16 @@ def generation_batch(completions: int, micro_batch_size: int, cap: int = 64) -> 
     return max(micro_batch_size, min(completions, cap))
 
 
-class RolloutSchedule(abc.ABC):
+class RolloutSchedule:
+    """The engine's ``StepBatches`` for online RL. ``make_batches(schedule, rollout)`` returns the micro-batches of
+    one rollout, sampled (``sample``), scored (``score``), with everything the method's loss reads; it may record
+    the rollout in ``schedule.last_rollout``."""
+
     def __init__(self, model: torch.nn.Module, tokenizer, prompts: list[list[int]], rows: list[dict[str, Any]],
-                 chats: list[Any], *, prompts_per_step: int, mu: int, micro_batch_size: int, seed: int,
-                 share_prompt: bool = True, watch: RewardFn | None = None):
+                 chats: list[Any], *, make_batches: Callable[[RolloutSchedule, int], list[Batch]],
+                 prompts_per_step: int, mu: int, micro_batch_size: int, seed: int, share_prompt: bool = True,
+                 watch: RewardFn | None = None):
+        self.make_batches = make_batches
         self.model, self.tok, self.prompts, self.rows, self.chats = model, tokenizer, prompts, rows, chats
         self.per_step, self.mu, self.micro, self.seed = prompts_per_step, mu, micro_batch_size, seed
         self.share_prompt, self.watch = share_prompt, watch
@@ -47,12 +54,8 @@ class RolloutSchedule(abc.ABC):
     def step(self, step: int) -> list[Batch]:
         rollout = step // self.mu
         if self._cached is None or self._cached[0] != rollout:
-            self._cached = (rollout, self._rollout(rollout))
+            self._cached = (rollout, self.make_batches(self, rollout))
         return self._cached[1]
-
-    @abc.abstractmethod
-    def _rollout(self, rollout: int) -> list[Batch]:
-        """The micro-batches of one rollout: sampled, scored, with everything the method's loss reads."""
 
     def prompt_indices(self, rollout: int) -> list[int]:
         out = []

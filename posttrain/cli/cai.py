@@ -1,4 +1,7 @@
-"""``posttrain cai sl|rl``: Constitutional AI data, as SFT rows (critique + revise) or preference rows (AI judge)."""
+"""``posttrain cai sl|rl``: Constitutional AI data, as SFT rows (critique + revise) or preference rows (AI judge).
+
+Layer 9 (cli): may import any layer.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +11,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.markup import escape
 
+from posttrain.cli._output import console
+
 EMBEDDED_NAME = "SmolLM2-135M-Instruct (embedded)"
-
-
-def _console() -> Console:
-    # Made per call so it writes to the sys.stdout of the moment (a pipe, pytest's capture).
-    return Console(highlight=False, soft_wrap=True)
 
 
 def _name(model: str | None, adapter: str | None) -> str:
@@ -28,7 +27,7 @@ def _setup(args: argparse.Namespace):
     from posttrain.errors import DataError
     from posttrain.judge.cai import read_prompts
     from posttrain.judge.constitution import load_constitution
-    from posttrain.pipeline import load_for_inference
+    from posttrain.runs import load_for_inference
 
     if Path(args.out).suffix != ".jsonl":
         raise DataError(args.out, None, None, "the output is JSON lines: give it a .jsonl name")
@@ -44,7 +43,7 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]], stats: dict[str
     from posttrain.io import atomic_write_text
 
     atomic_write_text(Path(args.out), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    out = _console()
+    out = console()
     why = ", ".join(f"{stats[k]} {k.replace('_', ' ')}" for k in dropped if stats[k]) or "none"
     out.print(f"{stats['prompts']} prompts -> [bold]{len(rows)} rows written[/] to {escape(str(args.out))} "
               f"in {seconds:.1f} s; dropped: {why}")
@@ -65,14 +64,14 @@ def _cmd_sl(args: argparse.Namespace) -> int:
     code = _write(args, rows, stats, ["empty_revision"], time.perf_counter() - start,
                   "every revision was empty; try a higher --max-new-tokens or another --model")
     if stats["unchanged"]:
-        _console().print(f"note: {stats['unchanged']} revisions repeat the first answer word for word")
+        console().print(f"note: {stats['unchanged']} revisions repeat the first answer word for word")
     return code
 
 
 def _cmd_rl(args: argparse.Namespace) -> int:
     from posttrain.judge.cai import rl_cai
     from posttrain.judge.pairwise import CalibratedJudge, ModelJudge
-    from posttrain.pipeline import load_for_inference
+    from posttrain.runs import load_for_inference
 
     prompts, principles, loaded = _setup(args)
     if args.judge_model or args.judge_adapter:
@@ -91,7 +90,7 @@ def _cmd_rl(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     bias = stats["judge_p_slot_a"]
     if bias == bias:  # not NaN: some pair was judged
-        _console().print(f"judge's P(answer in slot A is better), both orders averaged: {bias:.2f} "
+        console().print(f"judge's P(answer in slot A is better), both orders averaged: {bias:.2f} "
                          "(0.50 = no position bias)")
     mostly_order = stats["inconsistent"] > stats["kept"] + stats["ties"]
     hint = ("the judge's verdicts mostly flip with the order of the answers (position bias): use a stronger "

@@ -1,5 +1,8 @@
 """``posttrain plan``: parameters and memory of a model (``plan MODEL``), prompt-vs-fine-tune cost
-(``plan cost``) and the method advisor (``plan advise``)."""
+(``plan cost``) and the method advisor (``plan advise``).
+
+Layer 9 (cli): may import any layer.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +12,10 @@ import sys
 from dataclasses import asdict
 
 from rich.columns import Columns
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from posttrain.cli._output import console
 from posttrain.plan.advise import advise
 from posttrain.plan.arch import PRESETS, load_arch
 from posttrain.plan.cost import HORIZON_DAYS, plan_cost
@@ -36,11 +39,6 @@ class _PlanParser(argparse.ArgumentParser):
         return super().parse_known_args(args, namespace)
 
 
-def _console() -> Console:
-    # Made per call so it writes to the sys.stdout of the moment (a pipe, pytest's capture).
-    return Console(highlight=False, soft_wrap=True)  # long lines wrap in the terminal, not mid-number
-
-
 def _short(n: float) -> str:
     for size, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= size:
@@ -60,7 +58,7 @@ def _cmd_show(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"arch": asdict(arch), **plan.to_dict()}, indent=2))
         return 0
-    out = _console()
+    out = console()
     t = plan.trainable
     out.print(f"[bold]{escape(arch.name)}[/]: {arch.num_layers} layers, hidden {arch.hidden_size}, "
               f"{arch.num_heads} heads ({arch.num_kv_heads} KV, head_dim {arch.head_dim}), "
@@ -115,7 +113,7 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
         return 0
-    out = _console()
+    out = console()
     out.print(f"prompt overhead: {plan.prompt_tokens:,} tokens x {plan.queries_per_day:,g} queries/day x "
               f"{plan.price_per_mtok:g} per 1M tokens = [bold]{plan.daily_overhead:,.2f} per day[/]")
     if plan.daily_premium:
@@ -140,7 +138,7 @@ def _cmd_advise(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([d.to_dict() for d in decisions], indent=2))
         return 0
-    out = _console()
+    out = console()
     for d in decisions:
         out.print(f"[bold]{d.question}: {escape(d.choice)}[/]")
         for reason in d.reasons:

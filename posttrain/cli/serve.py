@@ -1,4 +1,7 @@
-"""The ``posttrain serve`` subcommand."""
+"""The ``posttrain serve`` subcommand.
+
+Layer 9 (cli): may import any layer.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""``posttrain data ...``: dedup, contamination (with a gate), stratification audit, rater agreement, length bias."""
+"""``posttrain data ...``: dedup, contamination (with a gate), stratification audit, rater agreement, length bias.
+
+Layer 9 (cli): may import any layer.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +14,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from posttrain.data import curate
-
-
-def _console() -> Console:
-    # Made per call so it writes to the sys.stdout of the moment (a pipe, pytest's capture); the engine's console
-    # writes training logs to stderr, but these tables are the command's output.
-    return Console(highlight=False, soft_wrap=True)
+from posttrain import curate
+from posttrain.cli._output import console
 
 
 def _json(data: dict[str, Any]) -> None:
@@ -35,7 +33,7 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
     if args.json:
         _json(report.to_dict())
         return 0
-    out = _console()
+    out = console()
     out.print(f"{escape(report.file)}: {report.rows} rows, [bold]{report.kept} kept[/], {report.exact} exact and "
               f"{report.near} near duplicates removed (Jaccard of word {report.shingle}-grams >= {report.threshold})")
     if report.removed:
@@ -58,7 +56,7 @@ def _cmd_contamination(args: argparse.Namespace) -> int:
     if args.json:
         _json({**report.to_dict(), "failed": failed})
         return 1 if failed else 0
-    out = _console()
+    out = console()
     shown = leaks or sorted(report.rows, key=lambda r: -r.fraction)[:5]  # no leak: the closest rows
     table = Table(title="contaminated eval rows" if leaks else "eval rows closest to the training data")
     for col in ("eval row", "shared n-grams", "longest run (words)", "train rows (shared)", "shared text"):
@@ -84,7 +82,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if args.json:
         _json(report.to_dict())
         return 0
-    out = _console()
+    out = console()
     table = Table(title=f"{escape(report.file)}: {report.rows} rows by {escape(report.field)}")
     table.add_column("value")
     table.add_column("rows", justify="right")
@@ -105,7 +103,7 @@ def _cmd_agreement(args: argparse.Namespace) -> int:
     if args.json:
         _json(report.to_dict())
         return 0
-    out = _console()
+    out = console()
     table = Table(title="Cohen's kappa per pair of raters")
     for col in ("raters", "items", "skipped", "p_o", "p_e", "kappa", "Landis & Koch"):
         table.add_column(col, justify="left" if col in ("raters", "Landis & Koch") else "right")
@@ -135,7 +133,7 @@ def _cmd_length_bias(args: argparse.Namespace) -> int:
     if args.json:
         _json(report.to_dict())
         return 0
-    out = _console()
+    out = console()
     table = Table(title=f"{escape(report.file)}: {report.pairs} pairs, response length in {report.unit}")
     for col in ("", "mean", "median"):
         table.add_column(col, justify="right" if col else "left")

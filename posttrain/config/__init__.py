@@ -1,0 +1,51 @@
+"""Typed, validated run configs: YAML files plus dotted ``key=value`` overrides.
+
+Every section forbids unknown keys; a typo is an error that lists the keys that do exist
+(and the closest match), instead of a silently ignored setting.
+
+Layer 1: imports only errors, io, losses (and the stdlib, pydantic, pyyaml). Only recipes, runs, workflow, ship,
+demo and cli may import it. ``sections``: the parts of a job; ``jobs``: one schema per method; ``workflow``: the
+workflow file; ``loading``: YAML + overrides -> a validated config.
+"""
+
+from posttrain.config.jobs import (
+    CONFIGS,
+    WATCH_HELP,
+    DPOConfig,
+    DPOSection,
+    GRPOConfig,
+    GRPOSection,
+    JobConfig,
+    PPOConfig,
+    PPOSection,
+    RewardConfig,
+    RewardFnSpec,
+    RewardSection,
+    SFTConfig,
+)
+from posttrain.config.loading import dump_config, load_config, load_workflow, parse_overrides
+from posttrain.config.sections import (
+    DataConfig,
+    LoraConfig,
+    MixConfig,
+    ModelConfig,
+    PreferenceDataConfig,
+    PromptDataConfig,
+    ReplayConfig,
+    TrainConfig,
+)
+from posttrain.config.workflow import (
+    BaselineSpec,
+    EvalSetSpec,
+    GateRule,
+    GateSpec,
+    StageSpec,
+    SuiteSpec,
+    WorkflowConfig,
+)
+
+__all__ = ["CONFIGS", "WATCH_HELP", "BaselineSpec", "DPOConfig", "DPOSection", "DataConfig", "EvalSetSpec",
+           "GRPOConfig", "GRPOSection", "GateRule", "GateSpec", "JobConfig", "LoraConfig", "MixConfig", "ModelConfig",
+           "PPOConfig", "PPOSection", "PreferenceDataConfig", "PromptDataConfig", "ReplayConfig", "RewardConfig",
+           "RewardFnSpec", "RewardSection", "SFTConfig", "StageSpec", "SuiteSpec", "TrainConfig", "WorkflowConfig",
+           "dump_config", "load_config", "load_workflow", "parse_overrides"]

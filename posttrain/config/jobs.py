@@ -1,0 +1,207 @@
+"""The job configs, one per training method (sft, dpo, reward, grpo, ppo), and their cross-section checks.
+
+Layer 1 (config): imports only pydantic, the stdlib and ``config.sections``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from posttrain.config.sections import (
+    DataConfig,
+    LoraConfig,
+    ModelConfig,
+    PreferenceDataConfig,
+    PromptDataConfig,
+    Section,
+    TrainConfig,
+)
+
+
+class _Job(Section):
+    """What every training job has: its method, run folder, and the model it trains (LoRA or full)."""
+    method: str
+    output_dir: str
+    finetune: Literal["lora", "full"] = "lora"
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+
+    @model_validator(mode="after")
+    def _check_quantization(self) -> "_Job":
+        if self.model.quantization == "none":
+            return self
+        if self.finetune != "lora":
+            raise ValueError(f"model.quantization: {self.model.quantization} needs finetune: lora (4-bit weights "
+                             "are frozen; QLoRA trains adapters on top of them)")
+        if self.model.init_adapter:
+            raise ValueError("model.init_adapter with model.quantization: merging an adapter into a 4-bit base "
+                             "re-quantizes it and loses most of the update; run `posttrain merge ADAPTER --out DIR` "
+                             "and set model.name: DIR instead")
+        return self
+
+
+class SFTConfig(_Job):
+    method: Literal["sft"] = "sft"
+    output_dir: str = "runs/sft"
+    data: DataConfig
+    train: TrainConfig = TrainConfig()
+    eval_samples: int = Field(3, ge=0, description="held-out prompts to generate from at eval time")
+    kl_to_base: float = Field(0.0, ge=0.0, description="weight of KL(model || adapter-off base) per trained token, "
+                              "against forgetting (LoRA only: the base is the same weights with adapters off)")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SFTConfig":
+        if self.kl_to_base and self.finetune != "lora":
+            raise ValueError("kl_to_base needs finetune: lora (the base is the model with its adapters switched off; "
+                             "full fine-tuning would need a second copy of the weights)")
+        if self.data.mix and self.data.replay and self.data.mix.ratio + self.data.replay.ratio >= 1.0:
+            raise ValueError("data.mix.ratio + data.replay.ratio must stay below 1 (they are shares of the "
+                             "training set)")
+        if self.data.eval is None and self.data.eval_fraction == 0.0 and self.train.eval_every:
+            raise ValueError("train.eval_every is set but there is no held-out data (data.eval / data.eval_fraction)")
+        return self
+
+
+
+class DPOSection(Section):
+    loss: Literal["dpo", "ipo", "simpo", "rpo"] = "dpo"
+    beta: float = Field(0.1, gt=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
+    gamma: float = Field(0.5, description="SimPO target margin")
+    rpo_alpha: float = Field(1.0, ge=0.0, description="RPO: weight of the chosen responses' per-token NLL")
+    precompute_ref: bool = Field(False, description="one reference pass stored on disk; none during training")
+
+
+# A plain function so 4 jobs with unrelated data sections share it; pydantic collects it only as class attr `_share`.
+def _check_share_prompt(cfg: Any) -> Any:
+    if cfg.data.share_prompt and cfg.model.attn_implementation.startswith("flash"):
+        raise ValueError("data.share_prompt needs an attention that takes a custom mask (sdpa, eager); with "
+                         f"model.attn_implementation={cfg.model.attn_implementation!r} set data.share_prompt: false")
+    return cfg
+
+
+class DPOConfig(_Job):
+    method: Literal["dpo"] = "dpo"
+    output_dir: str = "runs/dpo"
+    data: PreferenceDataConfig
+    train: TrainConfig = TrainConfig(lr=5e-6, micro_batch_size=2)
+    dpo: DPOSection = DPOSection()
+
+    _share = model_validator(mode="after")(_check_share_prompt)
+
+
+class RewardSection(Section):
+    margin: float = Field(0.0, description="Bradley-Terry margin: the score gap a pair should have")
+    length_coef: float = Field(
+        0.0, description="weight of a fixed length term (per 100 tokens) in the BT logit, to counter length bias")
+    length_warn: float = Field(0.5, ge=0.0, le=1.0, description="warn when |corr(score, length)| exceeds this")
+
+
+class RewardConfig(_Job):
+    method: Literal["reward"] = "reward"
+    output_dir: str = "runs/reward"
+    data: PreferenceDataConfig
+    train: TrainConfig = TrainConfig(lr=1e-4, micro_batch_size=2)
+    reward: RewardSection = RewardSection()
+
+    _share = model_validator(mode="after")(_check_share_prompt)
+
+
+
+class GRPOSection(Section):
+    group_size: int = Field(4, ge=2, description="completions per prompt (G)")
+    prompts_per_step: int = Field(4, gt=0)
+    max_new_tokens: int = Field(128, gt=0)
+    min_new_tokens: int = Field(0, ge=0, description="end of turn is not sampled before this many tokens "
+                                "(benchmarks set it to max_new_tokens so every framework generates the same)")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    kl_coef: float = Field(0.04, ge=0.0, description="weight of k3 KL to the reference; 0 runs no reference")
+    mu: int = Field(1, gt=0, description="optimizer steps per batch of rollouts (old log-probs kept)")
+    aggregation: Literal["grpo", "dapo", "dr_grpo"] = Field(
+        "grpo", description="per-completion token mean (grpo), batch token mean (dapo), sum / max_new_tokens")
+
+
+class RewardFnSpec(Section):
+    name: str = Field(..., description="gsm8k_answer, regex, json_schema, length_penalty, or package.module:fn")
+    weight: float = 1.0
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the function")
+
+
+def _check_mu(cfg: Any, mu: int) -> None:
+    if mu > 1 and ((cfg.train.save_every or mu) % mu or (cfg.train.max_steps or mu) % mu):
+        raise ValueError(f"with mu={mu} optimizer steps per rollout, train.save_every and train.max_steps must be "
+                         "multiples of it (a checkpoint inside a rollout batch could not be resumed exactly)")
+
+
+WATCH_HELP = ("rewards scored on every rollout and eval but never trained on (a held-out verifier or a second "
+              "reward model), logged as watch/* and plotted next to the trained reward: the over-optimisation watch")
+
+
+class GRPOConfig(_Job):
+    method: Literal["grpo"] = "grpo"
+    output_dir: str = "runs/grpo"
+    data: PromptDataConfig
+    train: TrainConfig = TrainConfig(lr=2e-5, micro_batch_size=8)
+    grpo: GRPOSection = GRPOSection()
+    rewards: list[RewardFnSpec] = Field(..., min_length=1)
+    reward_reduce: Literal["sum", "min"] = "sum"
+    watch: list[RewardFnSpec] = Field(default_factory=list, description=WATCH_HELP)
+
+    _share = model_validator(mode="after")(_check_share_prompt)
+
+    @model_validator(mode="after")
+    def _check(self) -> "GRPOConfig":
+        _check_mu(self, self.grpo.mu)
+        return self
+
+
+class PPOSection(Section):
+    reward_model: str = Field(..., description="a `posttrain reward` run folder trained from the same base "
+                              "(model.name and model.init_adapter): its adapter joins the policy's base")
+    samples_per_prompt: int = Field(1, ge=1)
+    prompts_per_step: int = Field(8, gt=0)
+    max_new_tokens: int = Field(64, gt=0)
+    min_new_tokens: int = Field(0, ge=0)
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1.0)
+    kl_coef: float = Field(0.05, ge=0.0, description="per-token KL penalty folded into the reward")
+    gamma: float = Field(1.0, gt=0, le=1.0)
+    lam: float = Field(0.95, ge=0, le=1.0, description="GAE lambda")
+    clip_eps: float = Field(0.2, gt=0, lt=1)
+    value_clip: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0.0, description="weight of the critic's value loss in the summed loss")
+    whiten_advantages: bool = True
+    missing_eos_penalty: float = Field(0.0, ge=0.0, description="subtracted from the score of a completion cut "
+                                       "at max_new_tokens (a reward model reads a truncated answer poorly)")
+    critic_init: Literal["reward", "fresh"] = Field(
+        "reward", description="start the critic from the reward model's adapter and head, or a fresh adapter")
+    mu: int = Field(1, gt=0, description="optimizer steps per batch of rollouts (PPO epochs)")
+
+
+class PPOConfig(_Job):
+    method: Literal["ppo"] = "ppo"
+    output_dir: str = "runs/ppo"
+    data: PromptDataConfig
+    train: TrainConfig = TrainConfig(lr=1e-5, micro_batch_size=8)
+    ppo: PPOSection
+    watch: list[RewardFnSpec] = Field(default_factory=list, description=WATCH_HELP)
+
+    _share = model_validator(mode="after")(_check_share_prompt)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PPOConfig":
+        if self.finetune != "lora":
+            raise ValueError("ppo needs finetune: lora: actor, critic, reward model and reference share one frozen "
+                             "base as adapters (full fine-tuning would hold four copies of the model)")
+        _check_mu(self, self.ppo.mu)
+        return self
+
+
+JobConfig = SFTConfig | DPOConfig | RewardConfig | GRPOConfig | PPOConfig
+
+CONFIGS: dict[str, type[JobConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig,
+                                       "grpo": GRPOConfig, "ppo": PPOConfig}

@@ -1,0 +1,46 @@
+"""One file per ``posttrain <method>``: the whole story of a run, top to bottom, built from the blocks below it.
+
+``RECIPES`` is the one table of methods: the CLI's train commands, the workflow's stage kinds and the config
+schemas are checked against it (tests/test_layers.py). A recipe module is imported when it runs, not when the
+table is read, so ``posttrain --help`` does not load torch; tests patch ``posttrain.recipes.<name>.run``.
+
+Layer 7: recipes may import every layer below them, and posttrain.config.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Recipe:
+    module: str  # the recipe's module, which defines run(cfg, *, resume) and may define evaluate_run(cfg, run_dir)
+    help: str  # one line for `posttrain --help`
+    data_parallel: bool  # whether torchrun with several processes splits its batches (online RL samples per process)
+    generates: bool  # whether the result answers prompts (a reward model scores them instead)
+
+    @property
+    def run(self) -> Callable[..., dict[str, Any]]:
+        return importlib.import_module(self.module).run
+
+    @property
+    def evaluate_run(self) -> Callable[..., dict[str, Any]] | None:
+        return getattr(importlib.import_module(self.module), "evaluate_run", None)
+
+
+RECIPES: dict[str, Recipe] = {
+    "sft": Recipe("posttrain.recipes.sft", "supervised fine-tuning (LoRA or full) from a YAML config",
+                  data_parallel=True, generates=True),
+    "dpo": Recipe("posttrain.recipes.dpo", "preference optimisation (DPO, IPO, SimPO, RPO) from a YAML config",
+                  data_parallel=True, generates=True),
+    "reward": Recipe("posttrain.recipes.reward", "a Bradley-Terry reward model (backbone + scalar head) from a YAML "
+                     "config", data_parallel=True, generates=False),
+    "grpo": Recipe("posttrain.recipes.grpo", "GRPO with verifiable rewards (online RL) from a YAML config",
+                   data_parallel=False, generates=True),
+    "ppo": Recipe("posttrain.recipes.ppo", "PPO against a trained reward model; actor, critic, reward and reference "
+                  "share one base", data_parallel=False, generates=True),
+}
+
+__all__ = ["RECIPES", "Recipe"]

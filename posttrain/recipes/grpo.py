@@ -1,0 +1,89 @@
+"""`posttrain grpo`: GRPO with verifiable rewards, from a base model or an SFT adapter (``model.init_adapter``).
+
+What one optimizer step does, exactly:
+1. Rollout: ``grpo.prompts_per_step`` prompts, ``grpo.group_size`` (G) completions each, sampled from the current
+   policy at ``grpo.temperature`` / ``top_p``; each completion scored by the weighted ``rewards`` (``watch`` terms
+   are scored and logged, never trained on).
+2. Advantage: A_i = (r_i - mean_group(r)) / (std_group(r) + 1e-6) with the population std (divide by G, as in the
+   derivation); a group whose rewards are all equal gets A = 0. The same A for every token of a completion.
+3. Per-token loss: -min(rho A, clip(rho, 1 - clip_eps, 1 + clip_eps) A), rho = exp(logp - logp_old), plus
+   ``kl_coef`` * k3 KL to the reference, k3 = exp(ref - logp) - (ref - logp) - 1. The reference is the policy with
+   its LoRA adapters disabled (no copy), or a frozen copy under full fine-tuning; none when kl_coef is 0.
+   Log-probs are taken at the sampling temperature.
+4. Aggregation (``grpo.aggregation``, losses.reduce): ``grpo`` means each completion's tokens, then means over the
+   completions of the step; ``dapo`` divides the step's token sum by its number of completion tokens; ``dr_grpo``
+   divides the token sum by max_new_tokens per completion, then means over completions (no length bias).
+5. ``mu`` = 1: old = the current log-probs (detached), so rho = 1 and the clip never binds: one policy-gradient
+   step per rollout. ``mu`` > 1: the rollout serves mu consecutive steps, old log-probs are fixed when it is
+   sampled, rho drifts from 1 and the clip matters.
+In one process (the CLI refuses torchrun for RL: rollouts are not split across ranks yet, so no sharding and no
+rank-0 step here). Writes adapter/ or model/, summary.json, rewards.svg, report.html.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from posttrain.config import GRPOConfig, RewardFnSpec
+from posttrain.engine import console, train_loop
+from posttrain.engine.resume import Resume
+from posttrain.methods.grpo import GRPO, GRPOParams, grpo_eval, grpo_schedule
+from posttrain.models.reference import make_reference
+from posttrain.recipes._common import (
+    announce,
+    begin_run,
+    disable_dropout,
+    loop_options,
+    lora_export,
+    prepare_model,
+    save_config,
+    save_trained,
+    write_summary,
+)
+from posttrain.recipes._prompts import load_prompt_splits
+from posttrain.recipes._resume import check_resume
+from posttrain.report import write_watch_plot
+from posttrain.rewards import Combined
+from posttrain.rollout.schedule import generation_batch
+
+
+def run(cfg: GRPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
+    start = check_resume(cfg, resume)  # a changed config is refused here, before anything is loaded or written
+    job = begin_run(cfg)
+    tok = job.tokenizer
+    d, g, t = cfg.data, cfg.grpo, cfg.train
+    (prompts, rows, chats), (held_prompts, held_rows, held_chats), lines = load_prompt_splits(d, tok)
+    announce("data", lines)
+    reward, watch = combined(cfg.rewards, cfg.reward_reduce), combined(cfg.watch)
+    model, report = prepare_model(cfg, job.loaded)
+    disable_dropout(model, "GRPO")
+    params = GRPOParams(group_size=g.group_size, clip_eps=g.clip_eps, kl_coef=g.kl_coef, temperature=g.temperature,
+                        max_new_tokens=g.max_new_tokens, aggregation=g.aggregation, min_new_tokens=g.min_new_tokens)
+    reference = make_reference(model, lora=cfg.finetune == "lora", per_token=True, temperature=g.temperature,
+                               chunk_size=t.loss_chunk_size) if g.kl_coef > 0 else None
+    schedule = grpo_schedule(model, tok, prompts, rows, chats, reward, params, prompts_per_step=g.prompts_per_step,
+                             mu=g.mu, micro_batch_size=t.micro_batch_size, seed=t.seed, reference=reference,
+                             top_p=g.top_p, chunk_size=t.loss_chunk_size, share_prompt=d.share_prompt, watch=watch)
+    total = t.max_steps or schedule.steps_for(t.epochs)
+    console.print(f"training {total} steps: {g.prompts_per_step} prompts x {g.group_size} completions per rollout, "
+                  f"{g.mu} step(s) per rollout; reference: " + ("none (kl_coef 0)" if reference is None else
+                  "adapters disabled" if cfg.finetune == "lora" else "a frozen copy"))
+    evaluate = (lambda m: grpo_eval(m, tok, held_prompts, held_rows, held_chats, reward, g.max_new_tokens,
+                                    generation_batch(len(held_prompts), t.micro_batch_size), watch)) \
+        if held_prompts else None
+    save_config(job.out, cfg)
+    opts = loop_options(t, total, cfg.model, job.loaded)
+    records = train_loop(model, GRPO(params, t.loss_chunk_size), schedule, opts,
+                         job.out, evaluate=evaluate, export=lora_export(cfg.finetune, model), resume=start)
+    final_dir = save_trained(model, tok, job.out, cfg.finetune)
+    summary, evals = write_summary(job, total, report, lines, records, final_dir, "eval/reward")
+    if evals:
+        console.print(f"held-out reward (greedy) {evals[0]['eval/reward']:.3f} -> {evals[-1]['eval/reward']:.3f}")
+    plot = write_watch_plot(job.out, f"GRPO rewards: {job.out.name}")
+    console.print(f"saved {final_dir}" + (f"; curves in {plot}" if plot else ""))
+    return summary
+
+
+def combined(terms: list[RewardFnSpec], reduce: str = "sum") -> Combined | None:
+    """The configured reward functions as one scorer (None when there are none)."""
+    return Combined([(r.name, r.weight, r.options) for r in terms], reduce) if terms else None

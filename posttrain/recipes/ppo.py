@@ -1,0 +1,145 @@
+"""`posttrain ppo`: PPO against a trained reward model, with actor, critic, reward and reference on one base.
+
+prompts -> one base with three LoRA adapters (actor ``default`` trainable, ``critic`` trainable and started from the
+reward adapter or zeros, ``reward`` frozen) and two heads (value, score) -> methods.ppo.PPO: per-token reward
+-kl_coef (log pi_old - log pi_ref) plus the reward model's score on the last token, GAE(gamma, lambda) advantages
+whitened per rollout, clipped surrogate + vf_coef * clipped value loss (see methods/ppo.py for the equations)
+-> engine.train_loop -> adapter/ (the actor, a plain PEFT adapter), critic/, summary.json, rewards.svg.
+In one process (the CLI refuses torchrun for RL: rollouts are not split across ranks yet, so no sharding and no
+rank-0 step here).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import PPOConfig
+from posttrain.engine import console, train_loop
+from posttrain.engine.resume import Resume
+from posttrain.errors import ConfigError
+from posttrain.io import atomic_dir
+from posttrain.methods.ppo import ACTOR, CRITIC, PPO, PPOParams, attach_roles, ppo_eval, ppo_schedule, role_memory
+from posttrain.models import Loaded, format_trainable, trainable_report
+from posttrain.models.loading import resolve_model_path
+from posttrain.recipes._common import (
+    announce,
+    begin_run,
+    disable_dropout,
+    loop_options,
+    prepare_model,
+    save_config,
+    write_summary,
+)
+from posttrain.recipes._prompts import load_prompt_splits
+from posttrain.recipes._resume import check_resume
+from posttrain.recipes.grpo import combined
+from posttrain.report import write_watch_plot
+from posttrain.rollout.schedule import generation_batch
+from posttrain.runs import ADAPTER_DIR, CONFIG_FILE, CRITIC_DIR, HEAD_FILE, run_config_of
+
+
+def run(cfg: PPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
+    start = check_resume(cfg, resume)  # a changed config is refused here, before anything is loaded or written
+    job = begin_run(cfg)
+    rss_loaded = rss_mb()[0]
+    tok = job.tokenizer
+    d, p, t = cfg.data, cfg.ppo, cfg.train
+    (prompts, rows, chats), (held_prompts, held_rows, held_chats), lines = load_prompt_splits(d, tok)
+    announce("data", lines)
+    watch = combined(cfg.watch)
+    roles = build_roles(cfg, job.loaded)
+    report = trainable_report(roles)
+    report["numerics"] = job.loaded.numerics.as_dict() if job.loaded.numerics else None
+    console.print(format_trainable(report))
+    disable_dropout(roles, "PPO")
+    memory = role_memory(roles)
+    console.print(f"memory: one base {memory['base_weights_mb']} MB shared by actor, critic, reward and reference "
+                  f"({memory['shared_weights_mb']} MB of weights in all; four copies: "
+                  f"{memory['four_copies_weights_mb']} MB)")
+    params = PPOParams(samples_per_prompt=p.samples_per_prompt, max_new_tokens=p.max_new_tokens,
+                       min_new_tokens=p.min_new_tokens, temperature=p.temperature, top_p=p.top_p, kl_coef=p.kl_coef,
+                       gamma=p.gamma, lam=p.lam, clip_eps=p.clip_eps, value_clip=p.value_clip, vf_coef=p.vf_coef,
+                       whiten_advantages=p.whiten_advantages, missing_eos_penalty=p.missing_eos_penalty)
+    schedule = ppo_schedule(roles, tok, prompts, rows, chats, params, prompts_per_step=p.prompts_per_step, mu=p.mu,
+                            micro_batch_size=t.micro_batch_size, seed=t.seed, chunk_size=t.loss_chunk_size,
+                            share_prompt=d.share_prompt, watch=watch)
+    total = t.max_steps or schedule.steps_for(t.epochs)
+    console.print(f"training {total} steps: {p.prompts_per_step} prompts x {p.samples_per_prompt} per rollout, "
+                  f"{p.mu} step(s) per rollout; reward model {p.reward_model}")
+    pad = schedule.pad_id
+    evaluate = (lambda m: ppo_eval(m, tok, held_prompts, held_rows, held_chats, p.max_new_tokens,
+                                   generation_batch(len(held_prompts), t.micro_batch_size), pad, watch,
+                                   d.share_prompt)) if held_prompts else None
+
+    def export(path: Path) -> None:  # a checkpoint: the actor as a plain PEFT adapter, the critic beside it
+        roles.policy.save_pretrained(path, selected_adapters=[ACTOR])
+        save_critic(roles, path.parent / CRITIC_DIR)
+
+    save_config(job.out, cfg)
+    opts = loop_options(t, total, cfg.model, job.loaded)
+    records = train_loop(roles, PPO(params, t.loss_chunk_size), schedule, opts,
+                         job.out, evaluate=evaluate, export=export, resume=start)
+    final = atomic_dir(job.out / ADAPTER_DIR, lambda tmp: (roles.policy.save_pretrained(tmp, selected_adapters=[ACTOR]),
+                                                           tok.save_pretrained(tmp)))
+    atomic_dir(job.out / CRITIC_DIR, lambda tmp: save_critic(roles, tmp))
+    current, peak = rss_mb()
+    memory.update(peak_rss_mb=round(peak, 1), rss_after_model_load_mb=round(rss_loaded, 1))
+    summary, evals = write_summary(job, total, report, lines, records, final, "eval/reward", {"memory": memory})
+    if evals:
+        console.print(f"held-out reward-model score (greedy) {evals[0]['eval/reward']:.3f} -> "
+                      f"{evals[-1]['eval/reward']:.3f}")
+    console.print(f"peak memory {peak:.0f} MB (after loading the model: {rss_loaded:.0f} MB); four separate copies "
+                  f"would hold {memory['four_copies_weights_mb']} MB of weights alone")
+    plot = write_watch_plot(job.out, f"PPO rewards: {job.out.name}")
+    console.print(f"saved {final} (actor) and {job.out / CRITIC_DIR} (critic)"
+                  + (f"; curves in {plot}" if plot else ""))
+    return summary
+
+
+def build_roles(cfg: PPOConfig, loaded: Loaded) -> Any:
+    """The four roles on one base, from the reward run named by ``ppo.reward_model`` (checked to share the base)."""
+    rm = Path(cfg.ppo.reward_model)
+    if not (rm / HEAD_FILE).exists() or not (rm / CONFIG_FILE).exists():
+        raise FileNotFoundError(f"ppo.reward_model: {rm} is not a `posttrain reward` run folder (needs config.yaml, "
+                                f"adapter/ and {HEAD_FILE})")
+    check_reward_base(cfg, run_config_of(str(rm)))
+    policy, _ = prepare_model(cfg, loaded)
+    return attach_roles(policy, rm / ADAPTER_DIR, rm / HEAD_FILE, critic_from_reward=cfg.ppo.critic_init == "reward")
+
+
+def check_reward_base(cfg: PPOConfig, rm_cfg: dict) -> None:
+    """The reward adapter only means what it was trained to mean on the base it was trained on."""
+    mine = (resolve_model_path(cfg.model.name), cfg.model.init_adapter or None)
+    rm_model = rm_cfg.get("model") or {}
+    theirs = (resolve_model_path(rm_model.get("name")), rm_model.get("init_adapter") or None)
+    if mine != theirs or rm_cfg.get("finetune", "lora") != "lora":
+        raise ConfigError(f"ppo.reward_model {cfg.ppo.reward_model} was trained from {theirs[0]} + adapter "
+                          f"{theirs[1]} ({rm_cfg.get('finetune')}); this run's base is {mine[0]} + adapter {mine[1]}. "
+                          "The four PPO roles share one base, so train the reward model with finetune: lora from the "
+                          "same model.name and model.init_adapter")
+
+
+def save_critic(roles: Any, path: Path) -> None:
+    """A PEFT adapter folder for the critic, plus its value head."""
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    roles.policy.peft_config[CRITIC].save_pretrained(str(path))
+    save_file(get_peft_model_state_dict(roles.policy, adapter_name=CRITIC), str(path / "adapter_model.safetensors"))
+    save_file({k: v.contiguous() for k, v in roles.value_head.state_dict().items()},
+              str(path / "value_head.safetensors"))
+
+
+def rss_mb() -> tuple[float, float]:
+    """(current, peak) resident memory of this process in MB."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        current = int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
+    except OSError:
+        current = float("nan")
+    return current, peak
+

@@ -1,0 +1,138 @@
+"""Dependency-free SVG charts: a run's curves and a workflow's evals as pictures that any browser opens.
+
+Layer 6 (report): imports io, engine.logging and report.html.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from pathlib import Path
+from typing import Any, Sequence
+
+from posttrain.engine.logging import read_metrics
+from posttrain.io import atomic_write_text
+from posttrain.report.html import EM_DASH, number
+
+Series = Sequence[tuple[float, float]]
+COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def _ticks(lo: float, hi: float) -> list[float]:
+    return [lo + (hi - lo) * k / 4 for k in range(5)]
+
+
+def panels_svg(title: str, panels: dict[str, dict[str, Series]], width: int = 640, panel_height: int = 170) -> str:
+    """One panel per entry (shared x range), each with one or more named series; empty series are skipped."""
+    panels = {name: {k: list(v) for k, v in series.items() if v} for name, series in panels.items()}
+    panels = {name: series for name, series in panels.items() if series}
+    xs = [x for series in panels.values() for pts in series.values() for x, _ in pts]
+    if not xs:
+        raise ValueError(f"{title}: nothing to plot")
+    x0, x1 = min(xs), max(xs)
+    x1 = x1 if x1 > x0 else x0 + 1
+    left, right, top, gap = 64, 16, 36, 46
+    height = top + len(panels) * (panel_height + gap)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{escape(title)}</text>']
+    for k, (name, series) in enumerate(panels.items()):
+        y_top = top + k * (panel_height + gap) + 16
+        ys = [y for pts in series.values() for _, y in pts]
+        lo, hi = min(ys), max(ys)
+        if hi - lo < 1e-12:
+            lo, hi = lo - 0.5, hi + 0.5
+        px = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)  # noqa: E731
+        py = lambda y: y_top + (1 - (y - lo) / (hi - lo)) * panel_height  # noqa: E731
+        out.append(f'<text x="{left}" y="{y_top - 6}" font-weight="bold">{escape(name)}</text>')
+        out.append(f'<rect x="{left}" y="{y_top}" width="{width - left - right}" height="{panel_height}" '
+                   'fill="none" stroke="#bbb"/>')
+        for t in _ticks(lo, hi):
+            out.append(f'<text x="{left - 4}" y="{py(t) + 4:.1f}" text-anchor="end">{t:.3g}</text>')
+        for t in _ticks(x0, x1):
+            out.append(f'<text x="{px(t):.1f}" y="{y_top + panel_height + 14}" text-anchor="middle">{t:.3g}</text>')
+        for j, (label, pts) in enumerate(series.items()):
+            colour = COLOURS[j % len(COLOURS)]
+            path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
+            out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.6"/>')
+            if len(pts) < 40:
+                out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.2" fill="{colour}"/>' for x, y in pts]
+            out.append(f'<text x="{width - right - 4}" y="{y_top + 14 + 13 * j}" text-anchor="end" '
+                       f'fill="{colour}">{escape(label)}</text>')
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def _label_lines(label: str, width: int = 16) -> list[str]:
+    """A long metric name on two lines, broken after its last slash (names are like suite/metric)."""
+    if len(label) <= width or "/" not in label:
+        return [label]
+    head, _, tail = label.rpartition("/")
+    return [head + "/", tail]
+
+
+def eval_bars_svg(evals: dict[str, Any], width_per_bar: int = 22, height: int = 200) -> str:
+    """A grouped bar chart, one group per metric and one bar per column. Each metric is scaled by its own largest
+    magnitude (metrics have different units); the numbers are written on the bars."""
+    columns, rows = list(evals.get("columns") or []), dict(evals.get("rows") or {})
+    hib = evals.get("higher_is_better") or {}
+    if not columns or not rows:
+        return ""
+    values = {m: {c: number(cells.get(c)) for c in columns} for m, cells in rows.items()}
+    negative = any(v is not None and v < 0 for cells in values.values() for v in cells.values())
+    left, top = 16, 62
+    up = height / 2 if negative else height  # room above and below the zero line
+    zero = top + up
+    arrows = {True: " \u2191", False: " \u2193"}
+    labels = {m: _label_lines(str(m) + arrows.get(hib.get(m), "")) for m in values}
+    groups = [max(len(columns) * width_per_bar, 6.6 * max(map(len, labels[m]))) + 18 for m in values]
+    width = int(max(left * 2 + sum(groups), left + 110 * len(columns), 420))
+    total_h = int(zero + (height - up) + 40)
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total_h}" '
+           f'viewBox="0 0 {width} {total_h}" font-family="sans-serif" font-size="10">',
+           '<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{left}" y="18" font-size="14">held-out evals by stage</text>',
+           f'<text x="{left}" y="33" fill="#666">each metric scaled to its largest value; '
+           '\u2191 higher is better, \u2193 lower</text>']
+    for j, c in enumerate(columns):
+        x = left + 110 * j
+        out.append(f'<rect x="{x}" y="40" width="12" height="12" fill="{COLOURS[j % len(COLOURS)]}"/>'
+                   f'<text x="{x + 16}" y="50" font-size="12">{escape(str(c))}</text>')
+    out.append(f'<line x1="{left}" y1="{zero}" x2="{width - left}" y2="{zero}" stroke="#888"/>')
+    x_group = float(left)
+    for (metric, cells), group_w in zip(values.items(), groups):
+        x0 = x_group + (group_w - len(columns) * width_per_bar) / 2
+        scale = max((abs(v) for v in cells.values() if v is not None), default=0.0) or 1.0
+        for j, c in enumerate(columns):
+            x, v = x0 + j * width_per_bar, cells[c]
+            mid = x + (width_per_bar - 3) / 2
+            if v is None:
+                out.append(f'<text x="{mid:.1f}" y="{zero - 4}" text-anchor="middle">{EM_DASH}</text>')
+                continue
+            h = abs(v) / scale * (up - 14)
+            y = zero - h if v >= 0 else zero
+            out.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{width_per_bar - 3}" height="{max(h, 0.5):.1f}" '
+                       f'fill="{COLOURS[j % len(COLOURS)]}"><title>{escape(f"{metric} {c}: {v:.4g}")}</title></rect>')
+            out.append(f'<text x="{mid:.1f}" y="{y - 3 if v >= 0 else y + h + 10:.1f}" text-anchor="middle" '
+                       f'font-size="9">{v:.3g}</text>')
+        for k, line in enumerate(labels[metric]):
+            out.append(f'<text x="{x_group + group_w / 2:.1f}" y="{zero + (height - up) + 14 + 13 * k:.1f}" '
+                       f'text-anchor="middle" font-size="11">{escape(line)}</text>')
+        x_group += group_w
+    out.append("</svg>")
+    return "\n".join(out)
+
+
+def write_watch_plot(out: Path, title: str) -> Path | None:
+    """rewards.svg: the trained reward per step and held-out, next to the watch terms when configured."""
+    recs = read_metrics(out / "metrics.jsonl")
+    curve = lambda key: [(r["step"], r[key]) for r in recs if key in r]  # noqa: E731
+    watch_keys = sorted({k for r in recs for k in r if k.startswith("watch/")})
+    panels = {"reward (trained on), rollouts": {"mean": curve("reward")},
+              "watch (never trained on), rollouts": {"watch": curve("watch"), **{k: curve(k) for k in watch_keys}},
+              "held-out, greedy": {"reward": curve("eval/reward"), "watch": curve("eval/watch")}}
+    try:
+        svg = panels_svg(title, panels)
+    except ValueError:
+        return None
+    atomic_write_text(out / "rewards.svg", svg)
+    return out / "rewards.svg"
