@@ -141,13 +141,14 @@ def make_plan(pairs: list[Pair], batch: int, pad_id: int, packing: bool, max_len
 # Workers (run in subprocesses).
 
 def worker_posttrain(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    from posttrain.config import DPOSection, TrainConfig
     from posttrain.data import pair_batches
     from posttrain.engine import LoopOptions, read_metrics, train_loop
     from posttrain.losses import PreferenceParams
     from posttrain.methods import PreferenceMethod, precompute_reference
     from posttrain.models import apply_lora, load_model
     from posttrain.models.reference import AdapterOffReference
-    from posttrain.recipes._common import seed_everything
+    from posttrain.recipes._common import from_section, seed_everything
 
     seed_everything(SEED)
     loaded = load_model(args.model, dtype=posttrain_dtype(name), device="cpu")  # its default attention (sdpa_packed)
@@ -172,7 +173,7 @@ def worker_posttrain(args: argparse.Namespace, name: str) -> dict[str, Any]:
             batches = pair_batches(pairs, args.batch, tok.pad_token_id, share, args.max_len)
             reference = precompute_reference(reference, model, batches, len(pairs), Path(tmp) / "ref.pt")
         ref_seconds = time.perf_counter() - t0
-    method = PreferenceMethod("dpo", PreferenceParams(beta=BETA), reference)
+    method = PreferenceMethod("dpo", from_section(PreferenceParams, DPOSection(beta=BETA)), reference)
 
     counts: dict[int, tuple[int, int, int, int]] = {}
 
@@ -185,8 +186,9 @@ def worker_posttrain(args: argparse.Namespace, name: str) -> dict[str, Any]:
             return micro
 
     # min_lr_ratio=1 turns posttrain's warmup-cosine schedule into a constant lr, as TRL's "constant".
-    opts = LoopOptions(total_steps=args.warmup + args.steps, lr=args.lr, warmup_steps=0, min_lr_ratio=1.0,
-                       max_grad_norm=1.0, log_every=1, autocast=loaded.numerics.autocast)  # as a recipe run
+    opts = from_section(LoopOptions, TrainConfig(lr=args.lr, min_lr_ratio=1.0, max_grad_norm=1.0, log_every=1),
+                        total_steps=args.warmup + args.steps, warmup_steps=0, optimizer="adamw",
+                        autocast=loaded.numerics.autocast)  # as a recipe run
     with tempfile.TemporaryDirectory(prefix="bench-posttrain-") as out:
         train_loop(model, method, Counted(), opts, Path(out))
         records = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "tokens_per_s" in r]

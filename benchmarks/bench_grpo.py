@@ -145,11 +145,13 @@ def make_reward():
 def visit_order(tokenizer, n_prompts: int, per_step: int, total: int) -> list[int]:
     """The prompt index of each of the ``total * per_step`` prompts posttrain's grpo_schedule samples from, in order
     (its seeded permutation per epoch); TRL is fed exactly this sequence."""
+    from posttrain.config import GRPOSection
     from posttrain.methods.grpo import GRPOParams, grpo_schedule
+    from posttrain.recipes._common import from_section
 
     plan = grpo_schedule(None, tokenizer, [[0]] * n_prompts, [{}] * n_prompts, [None] * n_prompts, None,
-                         GRPOParams(), prompts_per_step=per_step, mu=MU, micro_batch_size=1, seed=SEED,
-                         reference=None)
+                         from_section(GRPOParams, GRPOSection()), prompts_per_step=per_step, mu=MU,
+                         micro_batch_size=1, seed=SEED, reference=None)
     return [i for r in range(total) for i in plan.prompt_indices(r)]
 
 
@@ -167,11 +169,12 @@ def micro_batch(args: argparse.Namespace) -> tuple[int, int]:
 # Workers (run in subprocesses).
 
 def worker_posttrain(args: argparse.Namespace, compiled: bool, dtype: str) -> dict[str, Any]:
+    from posttrain.config import TrainConfig
     from posttrain.engine import LoopOptions, read_metrics, train_loop
     from posttrain.methods.grpo import GRPO, GRPOParams, grpo_schedule
     from posttrain.models import apply_lora, load_model
     from posttrain.models.reference import make_reference
-    from posttrain.recipes._common import disable_dropout, seed_everything
+    from posttrain.recipes._common import disable_dropout, from_section, seed_everything
 
     seed_everything(SEED)
     loaded = load_model(args.model, dtype=dtype, device="cpu")  # its default attention (sdpa_packed)
@@ -188,7 +191,7 @@ def worker_posttrain(args: argparse.Namespace, compiled: bool, dtype: str) -> di
         compile_layers(model)
     micro, _ = micro_batch(args)
     params = GRPOParams(group_size=args.group, clip_eps=CLIP_EPS, kl_coef=BETA, temperature=TEMPERATURE,
-                        max_new_tokens=args.max_new, aggregation="grpo", min_new_tokens=args.max_new)
+                        max_new_tokens=args.max_new, aggregation="grpo", min_new_tokens=args.max_new)  # all set here
     reference = make_reference(model, lora=True, per_token=True, temperature=TEMPERATURE)
     plan = grpo_schedule(model, tok, prompts, rows, chats, make_reward(), params, prompts_per_step=args.per_step,
                          mu=MU, micro_batch_size=micro, seed=SEED, reference=reference, top_p=TOP_P)
@@ -207,8 +210,8 @@ def worker_posttrain(args: argparse.Namespace, compiled: bool, dtype: str) -> di
 
     # min_lr_ratio=1 turns posttrain's warmup-cosine schedule into a constant lr, as TRL's "constant".
     # autocast as a recipe run sets it; train_loop samples the rollouts under it too.
-    opts = LoopOptions(total_steps=total, lr=args.lr, warmup_steps=0, min_lr_ratio=1.0, max_grad_norm=1.0,
-                       log_every=1, autocast=loaded.numerics.autocast)
+    opts = from_section(LoopOptions, TrainConfig(lr=args.lr, min_lr_ratio=1.0, max_grad_norm=1.0, log_every=1),
+                        total_steps=total, warmup_steps=0, optimizer="adamw", autocast=loaded.numerics.autocast)
     with tempfile.TemporaryDirectory(prefix="bench-posttrain-") as out:
         train_loop(model, GRPO(params), Counted(), opts, Path(out))
         records = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "tokens_per_s" in r]

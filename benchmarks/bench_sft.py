@@ -171,13 +171,14 @@ def worker_posttrain(args, packing: bool, compiled: bool, dtype: str) -> dict:
     """``dtype``: posttrain's model.dtype (float32, bfloat16, auto or bf16_mixed)."""
     import torch
 
+    from posttrain.config import TrainConfig
     from posttrain.data import render_example, sft_schedule
     from posttrain.engine import LoopOptions, read_metrics, train_loop
     from posttrain.methods import SFT
     from posttrain.models import apply_lora, load_model, load_tokenizer
     from posttrain.models.attention import register
     from posttrain.models.numerics import choose_numerics
-    from posttrain.recipes._common import seed_everything
+    from posttrain.recipes._common import from_section, seed_everything
 
     seed_everything(SEED)
     numerics = choose_numerics(dtype, torch.device(args.device))  # what load_model and a recipe run choose
@@ -218,8 +219,8 @@ def worker_posttrain(args, packing: bool, compiled: bool, dtype: str) -> dict:
             return micro
 
     total = args.warmup + args.steps
-    opts = LoopOptions(total_steps=total, lr=args.lr, warmup_steps=0, max_grad_norm=1.0, log_every=1,
-                       autocast=numerics.autocast)  # as recipes._common.loop_options sets it
+    opts = from_section(LoopOptions, TrainConfig(lr=args.lr, max_grad_norm=1.0, log_every=1), total_steps=total,
+                        warmup_steps=0, optimizer="adamw", autocast=numerics.autocast)  # as a recipe sets it
     with tempfile.TemporaryDirectory(prefix="bench-posttrain-") as out:
         train_loop(model, SFT(), Counted(), opts, Path(out))
         records = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "tokens_per_s" in r]

@@ -15,7 +15,7 @@ import torch
 from posttrain.config import load_config
 from posttrain.methods.grpo import GRPO, GRPOParams, grpo_schedule
 from posttrain.models.reference import make_reference
-from posttrain.recipes._common import begin_run, disable_dropout, prepare_model
+from posttrain.recipes._common import begin_run, disable_dropout, from_section, prepare_model
 from posttrain.recipes._prompts import read_prompts as load_prompts
 from posttrain.recipes.grpo import combined
 
@@ -31,8 +31,7 @@ def main() -> None:
     prompts, rows, chats, _ = load_prompts(cfg.data.train, cfg.data, loaded.tokenizer, 256)
     model, _ = prepare_model(cfg, loaded)
     disable_dropout(model, "GRPO")
-    params = GRPOParams(group_size=g.group_size, clip_eps=g.clip_eps, kl_coef=g.kl_coef, temperature=g.temperature,
-                        max_new_tokens=g.max_new_tokens, min_new_tokens=g.max_new_tokens)
+    params = from_section(GRPOParams, g, min_new_tokens=g.max_new_tokens)
     reference = make_reference(model, lora=True, per_token=True, temperature=g.temperature,
                                chunk_size=t.loss_chunk_size)
     plan = grpo_schedule(model, loaded.tokenizer, prompts, rows, chats, combined(cfg.rewards, cfg.reward_reduce),

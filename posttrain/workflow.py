@@ -16,11 +16,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import StageSpec, SuiteSpec, WorkflowConfig, dump_config, load_config
+from posttrain.config import StageSpec, SuiteSpec, WorkflowConfig, dump_config, load_config, load_workflow
+from posttrain.curate import contamination
+from posttrain.data import holdout_split, read_rows
 from posttrain.engine import console
+from posttrain.engine.checkpoint import list_checkpoints
 from posttrain.errors import ConfigError
+from posttrain.eval.gate import Rule, check_gate, gate_table
+from posttrain.eval.suites import SUITE_OPTIONS, run_suite
 from posttrain.io import atomic_write_text, content_key, file_hash, read_json
+from posttrain.judge import ModelJudge
 from posttrain.recipes import RECIPES
+from posttrain.report import write_workflow_report
+from posttrain.runs import load_for_inference
+from posttrain.ship import export_run
 
 
 class GateBlocked(RuntimeError):
@@ -49,7 +58,6 @@ def _job_files(job: Any) -> list[str]:
 
 def check_suites(cfg: WorkflowConfig) -> None:
     """Unknown suite options are errors before anything runs, not after an hour of training."""
-    from posttrain.eval.suites import SUITE_OPTIONS
 
     for name, spec in cfg.evals.items():
         unknown = sorted(set(spec.options) - SUITE_OPTIONS[spec.kind])
@@ -74,7 +82,6 @@ class Workflow:
 
     # -- the held-out set ------------------------------------------------------------------------------------
     def eval_set(self) -> None:
-        from posttrain.data import holdout_split, read_rows
 
         spec, t0 = self.cfg.eval_set, time.perf_counter()
         if spec.file:
@@ -98,7 +105,6 @@ class Workflow:
         digest = file_hash(self.names["eval_set"])
         detail += f"; sha256 {digest}"
         if spec.check_contamination and "train_set" in self.names:
-            from posttrain.curate import contamination
 
             report = contamination(self.names["train_set"], self.names["eval_set"])
             leaks = [r.row for r in report.rows if r.contaminated]
@@ -117,8 +123,6 @@ class Workflow:
     def _judge_for(self, spec: SuiteSpec):
         name = spec.judge_model or self.cfg.model
         if name not in self._judges:
-            from posttrain.judge import ModelJudge
-            from posttrain.runs import load_for_inference
 
             loaded = load_for_inference(name, None)
             self._judges[name] = ModelJudge(loaded.model, loaded.tokenizer, name=name or "embedded")
@@ -127,7 +131,6 @@ class Workflow:
     def evaluate(self, label: str, model_key: str, load, system_prompt: str | None) -> bool:
         """Run every suite on one model (loaded only if some suite's cached result is stale); False when every
         result came from the cache."""
-        from posttrain.eval.suites import run_suite
 
         path = self.root / "evals" / f"{label}.json"
         cache = read_json(path) or {}
@@ -163,7 +166,6 @@ class Workflow:
 
     # -- stages ----------------------------------------------------------------------------------------------
     def baseline(self) -> None:
-        from posttrain.runs import load_for_inference
 
         t0 = time.perf_counter()
         prompt = self.cfg.baseline.system_prompt
@@ -193,7 +195,6 @@ class Workflow:
                            base=_substitute(tree, self.names))
 
     def train(self, st: StageSpec) -> str:
-        from posttrain.engine.checkpoint import list_checkpoints
 
         job = self._jobs[st.name] = self.job_of(st)
         settings = {k: v for k, v in job.model_dump(mode="json").items() if k != "output_dir"}
@@ -214,7 +215,6 @@ class Workflow:
         return "resumed" if resume else "ran"
 
     def evaluate_stage(self, st: StageSpec) -> None:
-        from posttrain.runs import load_for_inference
 
         job, folder = self._jobs[st.name], self.root / st.name
         if job.finetune == "full":
@@ -224,7 +224,6 @@ class Workflow:
         self.evaluate(st.name, self.keys[st.name], load, None)
 
     def gate(self, st: StageSpec) -> bool:
-        from posttrain.eval.gate import Rule, check_gate, gate_table
 
         g = st.gate
         base, better = self.metrics_of(g.baseline)
@@ -237,7 +236,6 @@ class Workflow:
         return bool(verdict["passed"])
 
     def export(self, st: StageSpec) -> str:
-        from posttrain.ship import export_run
 
         out = self.root / st.name
         key = content_key("export", self.keys[st.export])
@@ -305,7 +303,6 @@ class Workflow:
     def write_outputs(self) -> None:
         from rich.table import Table
 
-        from posttrain.report import write_workflow_report
 
         table = self.eval_table()
         summary = {"name": self.cfg.name, "eval_set_sha256": self.keys.get("eval_set"), "stages": self.stage_rows,
@@ -325,7 +322,6 @@ class Workflow:
 
 def run_workflow(path: str, overrides: list[str] | None = None) -> int:
     """Load, validate and run a workflow file; 0 when every gate passed, 1 when one blocked."""
-    from posttrain.config import load_workflow
 
     cfg = load_workflow(path, overrides)
     return Workflow(cfg, Path(path).read_text()).run()

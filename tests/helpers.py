@@ -116,3 +116,38 @@ def grpo_cfg(tiny_dir: str, tmp_path: Path, out: Path, *extra: str):
                                                         {"name": "gsm8k_answer", "weight": 0.5,
                                                          "options": {"strict": False}}],
                                             "watch": [{"name": "regex", "options": {"pattern": "[0-9]"}}]})
+
+
+# Settings dataclasses from their config sections, where the defaults are declared (as a run builds them).
+def preference_params(**kw):
+    from posttrain.config import DPOSection
+    from posttrain.losses import PreferenceParams
+    from posttrain.recipes._common import from_section
+
+    return from_section(PreferenceParams, DPOSection(**kw))
+
+
+def grpo_params(**kw):
+    from posttrain.config import GRPOSection
+    from posttrain.methods.grpo import GRPOParams
+    from posttrain.recipes._common import from_section
+
+    return from_section(GRPOParams, GRPOSection(**kw))
+
+
+def ppo_params(**kw):
+    from posttrain.config import PPOSection
+    from posttrain.methods.ppo import PPOParams
+    from posttrain.recipes._common import from_section
+
+    return from_section(PPOParams, PPOSection(reward_model="unused", **kw))
+
+
+def loop_opts(total_steps: int, **kw):
+    """LoopOptions for ``total_steps`` with TrainConfig's defaults, no warm-up, AdamW, no autocast."""
+    from posttrain.config import TrainConfig
+    from posttrain.engine import LoopOptions
+    from posttrain.recipes._common import from_section
+
+    return from_section(LoopOptions, TrainConfig(**kw), total_steps=total_steps, warmup_steps=0, optimizer="adamw",
+                        autocast=None)

@@ -9,12 +9,12 @@ from transformers import AutoModelForCausalLM
 from posttrain.config import load_config
 from posttrain.engine.resume import Resume
 from posttrain.errors import ConfigError
-from posttrain.methods.grpo import GRPO, GRPOParams, grpo_schedule
+from posttrain.methods.grpo import GRPO, grpo_schedule
 from posttrain.models import apply_lora
 from posttrain.models.forward import token_logps
 from posttrain.recipes.grpo import run as run_grpo
 from posttrain.rollout.sample import merged_for_generation, sample_completions
-from tests.helpers import grpo_cfg, step_records
+from tests.helpers import grpo_cfg, grpo_params, step_records
 
 
 def lora_model(tiny_dir):
@@ -69,7 +69,7 @@ def test_rollout_plan_batches_and_policy_gradient_direction(tiny_dir, tokenizer)
     model = lora_model(tiny_dir)
     prompts = prompt_ids(tokenizer, 4)
     rows = [{"id": i} for i in range(4)]
-    params = GRPOParams(group_size=4, kl_coef=0.0, max_new_tokens=10)
+    params = grpo_params(group_size=4, kl_coef=0.0, max_new_tokens=10)
     plan = grpo_schedule(model, tokenizer, prompts, rows, [[]] * 4, length_reward, params, prompts_per_step=2, mu=2,
                          micro_batch_size=3, seed=0, reference=None)
     batches = plan.step(0)
@@ -79,7 +79,7 @@ def test_rollout_plan_batches_and_policy_gradient_direction(tiny_dir, tokenizer)
     assert [b["input_ids"].shape[0] for b in batches] == [1, 2, 1]
     adv = torch.cat([b["advantages"] for b in batches])
     assert float(adv.reshape(2, 4).sum(1).abs().max()) < 1e-5  # group-relative: each group sums to zero
-    assert "old_logp" in batches[0] and float(batches[0]["m/reward"]) >= 0
+    assert "old_logp" in batches[0] and float(batches[0]["metrics"]["reward"]) >= 0
     # One step of the GRPO loss raises the log-prob of completions with positive advantage relative to the rest.
     method = GRPO(params)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)

@@ -153,3 +153,23 @@ def test_each_recipe_runs_and_says_what_it_does(name):
 
     module = importlib.import_module(RECIPES[name].module)
     assert callable(module.run) and len(module.__doc__.splitlines()) >= 3
+
+
+def test_settings_defaults_are_declared_once_in_the_config():
+    from dataclasses import MISSING, fields
+
+    from posttrain.config import DPOSection, GRPOSection, PPOSection, TrainConfig
+    from posttrain.engine import LoopOptions
+    from posttrain.losses import PreferenceParams
+    from posttrain.methods.grpo import GRPOParams
+    from posttrain.methods.ppo import PPOParams
+
+    derived = {LoopOptions: {"total_steps", "warmup_steps", "optimizer", "autocast"}}  # computed by the recipe
+    for cls, section in [(GRPOParams, GRPOSection), (PPOParams, PPOSection), (PreferenceParams, DPOSection),
+                         (LoopOptions, TrainConfig)]:
+        for f in fields(cls):
+            if f.name in derived.get(cls, set()):
+                continue
+            assert f.name in section.model_fields, f"{cls.__name__}.{f.name} has no {section.__name__} field"
+            assert f.default is MISSING and f.default_factory is MISSING, \
+                f"{cls.__name__}.{f.name} declares a default; {section.__name__} is where it lives"

@@ -9,14 +9,14 @@ import torch
 from posttrain.config import load_config
 from posttrain.engine.resume import Resume
 from posttrain.errors import ConfigError
-from posttrain.methods.ppo import ACTOR, CRITIC, REWARD, PPOParams, ppo_schedule
+from posttrain.methods.ppo import ACTOR, CRITIC, REWARD, ppo_schedule
 from posttrain.recipes._common import begin_run
 from posttrain.recipes._prompts import load_prompt_splits
 from posttrain.recipes.ppo import build_roles
 from posttrain.recipes.ppo import run as run_ppo
 from posttrain.recipes.reward import run as run_reward
 from posttrain.rewards import load_reward
-from tests.helpers import make_tiny, pair_rows, step_records, write_jsonl
+from tests.helpers import make_tiny, pair_rows, ppo_params, step_records, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def roles_and_plan(tiny_dir, tmp_path, reward_run, **params):
     roles = build_roles(cfg, loaded)
     (prompts, rows, chats), _, _ = load_prompt_splits(cfg.data, loaded.tokenizer)
     plan = ppo_schedule(roles, loaded.tokenizer, prompts, rows, chats,
-                        PPOParams(max_new_tokens=6, samples_per_prompt=2, **params),
+                        ppo_params(max_new_tokens=6, samples_per_prompt=2, **params),
                         prompts_per_step=3, mu=1, micro_batch_size=4, seed=0)
     return roles, plan, loaded
 

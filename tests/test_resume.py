@@ -23,7 +23,7 @@ from posttrain.errors import ConfigError
 from posttrain.recipes import RECIPES
 from posttrain.recipes._resume import BOOKKEEPING, check_resume, input_hashes
 from posttrain.recipes.sft import run as run_sft
-from tests.helpers import chat_rows, pair_rows, write_jsonl
+from tests.helpers import chat_rows, loop_opts, pair_rows, write_jsonl
 
 LR, MIN = 5e-3, 0.1
 BASE = ["train.max_steps=4", "train.save_every=2", "train.micro_batch_size=2", f"train.lr={LR}",
@@ -320,7 +320,7 @@ def test_unchecked_engine_resume_refuses_another_length(tiny_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from posttrain.data import collate
-    from posttrain.engine.loop import LoopOptions, train_loop
+    from posttrain.engine.loop import train_loop
     from posttrain.methods import SFT
     from tests.helpers import random_examples
 
@@ -329,11 +329,11 @@ def test_unchecked_engine_resume_refuses_another_length(tiny_dir, tmp_path):
             return [collate([[e] for e in random_examples(2, 49152, seed=step)], 0)]
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
-    train_loop(model, SFT(), Fixed(), LoopOptions(total_steps=2, lr=1e-3, save_every=1), tmp_path)
+    train_loop(model, SFT(), Fixed(), loop_opts(2, lr=1e-3, save_every=1), tmp_path)
     shutil.rmtree(list_checkpoints(tmp_path / "checkpoints")[-1])
     with pytest.raises(ConfigError, match="--extend-steps"):
-        train_loop(model, SFT(), Fixed(), LoopOptions(total_steps=4, lr=1e-3), tmp_path, resume=True)
-    train_loop(model, SFT(), Fixed(), LoopOptions(total_steps=2, lr=1e-3), tmp_path, resume=True)  # same length: fine
+        train_loop(model, SFT(), Fixed(), loop_opts(4, lr=1e-3), tmp_path, resume=True)
+    train_loop(model, SFT(), Fixed(), loop_opts(2, lr=1e-3), tmp_path, resume=True)  # same length: fine
     assert steps(tmp_path, "loss").keys() == {1, 2}
 
 

@@ -72,9 +72,9 @@ def test_runs_every_stage_and_writes_the_report(done):
 
 
 def test_rerun_is_all_cached(done, monkeypatch):
-    import posttrain.eval.suites
     import posttrain.recipes.dpo
     import posttrain.recipes.sft
+    import posttrain.workflow
 
     tmp, path = done
 
@@ -83,7 +83,7 @@ def test_rerun_is_all_cached(done, monkeypatch):
 
     monkeypatch.setattr(posttrain.recipes.sft, "run", boom)
     monkeypatch.setattr(posttrain.recipes.dpo, "run", boom)
-    monkeypatch.setattr(posttrain.eval.suites, "run_suite", boom)
+    monkeypatch.setattr(posttrain.workflow, "run_suite", boom)
     assert main(["run", str(path)]) == 0
     st = statuses(tmp)
     assert st["baseline"] == st["sft"] == st["dpo"] == st["export"] == "cached"

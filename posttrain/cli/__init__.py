@@ -1,4 +1,7 @@
-"""The ``posttrain`` command."""
+"""The ``posttrain`` command: argparse only. Each subcommand parses, calls one function of a lower layer and prints.
+
+Layer 9: may import anything; its imports sit inside the command functions so that ``posttrain --help`` starts
+without loading torch."""
 
 from __future__ import annotations
 

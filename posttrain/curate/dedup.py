@@ -18,6 +18,7 @@ from posttrain.curate.minhash import band_rows_for, estimate_jaccard, jaccard, m
 from posttrain.curate.text import check_fraction, ngrams, row_text
 from posttrain.data.readers import Row, read_rows
 from posttrain.errors import ConfigError, DataError
+from posttrain.io import atomic_write_text
 
 
 @dataclass
@@ -103,7 +104,6 @@ def dedup_rows(rows: list[Row], path: str | Path, *, threshold: float = 0.8, shi
 
 def write_jsonl(path: str | Path, rows: list[Row], source: str | Path) -> None:
     """The rows' JSON objects, one a line, written atomically (temporary name, then rename)."""
-    from posttrain.io import atomic_write_text
 
     lines = []
     for num, row in rows:
@@ -123,7 +123,6 @@ def dedup_file(path: str | Path, out: str | Path, *, threshold: float = 0.8, shi
     kept, report = dedup_rows(rows, path, threshold=threshold, shingle=shingle)
     write_jsonl(out, kept, path)
     if report_path is not None:
-        from posttrain.io import atomic_write_text
 
         atomic_write_text(Path(report_path), json.dumps(report.to_dict(), indent=2) + "\n")
     return report

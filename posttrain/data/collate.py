@@ -72,12 +72,13 @@ class _RolloutLayout(TypedDict):
 
 class RolloutBatch(_RolloutLayout, total=False):
     """What ``collate_rollouts`` lays out, plus what the RL methods add before training on it (each key only
-    where its method needs it). They also add 0-d float tensors ``"m/<metric>"`` (rollout metrics to log)."""
+    where its method needs it), and the rollout's metrics to log in a field of their own."""
     advantages: torch.Tensor  # float; (N,) per completion (GRPO's group advantages) or (N, L) per token (PPO's GAE)
     old_logp: torch.Tensor  # (N, L) float; log-probs under the sampling policy (GRPO with mu > 1, PPO)
     ref_logp: torch.Tensor  # (N, L) float; log-probs under the reference (GRPO with a KL term)
     old_values: torch.Tensor  # (N, L) float; the value head at rollout time (PPO)
     returns: torch.Tensor  # (N, L) float; GAE returns, the value targets (PPO)
+    metrics: dict[str, torch.Tensor]  # name -> 0-d float; the rollout's reward, lengths, watch terms (logged per step)
 
 
 def collate(rows: list[list[Example]], pad_id: int, pad_to: int | None = None) -> SFTBatch:

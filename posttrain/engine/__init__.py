@@ -1,4 +1,7 @@
-"""The training loop, schedule, checkpoints and metrics logging."""
+"""The training loop, schedule, checkpoints and metrics logging.
+
+Layer 3: the loop knows nothing of methods, data or configs; it imports io, errors and models (decoder layers,
+for FSDP2) only."""
 
 from posttrain.engine.checkpoint import list_checkpoints
 from posttrain.engine.logging import MetricsLog, console, read_metrics

@@ -49,18 +49,20 @@ class StepBatches(Protocol):
 
 @dataclass
 class LoopOptions:
+    """The loop's settings. The ones a config sets have no defaults here: a run takes them from
+    ``posttrain.config.TrainConfig``, where each default is declared once (``recipes._common.loop_options``)."""
     total_steps: int
     lr: float
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    max_grad_norm: float | None = 1.0
-    log_every: int = 1
-    eval_every: int | None = None
-    save_every: int | None = None
-    save_total_limit: int = 2
-    optimizer: str = "adamw"
+    warmup_steps: int
+    min_lr_ratio: float
+    weight_decay: float
+    adam_betas: tuple[float, float]
+    max_grad_norm: float | None
+    log_every: int
+    eval_every: int | None
+    save_every: int | None
+    save_total_limit: int
+    optimizer: str
     # bf16_mixed numerics: forwards (rollouts and evals included) under torch.autocast in this dtype, while weights,
     # gradients, optimizer state and the loss sum stay fp32. Backward follows the dtypes the forward chose.
     autocast: torch.dtype | None = None

@@ -1,4 +1,6 @@
-"""AI judges: pairwise judging in both orders, and Constitutional AI critique/revise data."""
+"""AI judges: pairwise judging in both orders, and Constitutional AI critique/revise data.
+
+Layer 4: may import data, models, rollout, engine, io, errors; never methods or config."""
 
 from posttrain.judge.cai import read_prompts, rl_cai, sl_cai
 from posttrain.judge.constitution import DEFAULT_CONSTITUTION, Principle, load_constitution

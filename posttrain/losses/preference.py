@@ -28,10 +28,11 @@ class PairLogps:
 
 @dataclass
 class PreferenceParams:
-    beta: float = 0.1
-    label_smoothing: float = 0.0  # conservative DPO: the probability that a label is flipped
-    gamma: float = 0.5  # SimPO's target reward margin
-    alpha: float = 1.0  # RPO: weight of the chosen responses' negative log-likelihood
+    """The preference losses' settings; their defaults are declared once, in ``posttrain.config.DPOSection``."""
+    beta: float
+    label_smoothing: float  # conservative DPO: the probability that a label is flipped
+    gamma: float  # SimPO's target reward margin
+    rpo_alpha: float  # RPO: weight of the chosen responses' negative log-likelihood
 
 
 LossOut = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (loss per pair, chosen reward, rejected reward)
@@ -88,7 +89,7 @@ def rpo(x: PairLogps, p: PreferenceParams) -> LossOut:
     if x.len_chosen is None:
         raise ValueError("RPO needs response lengths")
     loss, chosen, rejected = dpo_sigmoid(x, p)
-    return loss - p.alpha * x.policy_chosen / x.len_chosen, chosen, rejected
+    return loss - p.rpo_alpha * x.policy_chosen / x.len_chosen, chosen, rejected
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from posttrain.engine.logging import console
 from posttrain.io import atomic_write_bytes
 from posttrain.losses import PREFERENCE_LOSSES, PairLogps, PreferenceParams
 from posttrain.models.forward import Batch, evaluating, sequence_logps
@@ -52,7 +53,6 @@ def precompute_reference(reference: Reference, model: torch.nn.Module, batches: 
             return PrecomputedReference(saved["table"])
     from rich.progress import Progress
 
-    from posttrain.engine.logging import console
 
     table = torch.full((n_pairs, 2), float("nan"), dtype=torch.float64)
     with evaluating(model), Progress(console=console, transient=True, disable=not console.is_terminal) as bar:

@@ -43,13 +43,15 @@ from posttrain.rollout.schedule import RewardFn, RolloutSchedule, mean_scores, p
 
 @dataclass
 class GRPOParams:
-    group_size: int = 4
-    clip_eps: float = 0.2
-    kl_coef: float = 0.04
-    temperature: float = 1.0
-    max_new_tokens: int = 128
-    aggregation: str = "grpo"
-    min_new_tokens: int = 0
+    """GRPO's settings; no defaults here: a run takes them from ``posttrain.config.GRPOSection``, where each default
+    is declared once (``recipes._common.from_section``)."""
+    group_size: int
+    clip_eps: float
+    kl_coef: float
+    temperature: float
+    max_new_tokens: int
+    aggregation: str
+    min_new_tokens: int
 
 
 class GRPO:
@@ -79,7 +81,7 @@ class GRPO:
             per_token = per_token + self.p.kl_coef * kl
             metrics["kl"] = float((kl.detach() * mask).sum() / mask.sum().clamp(min=1))
         loss, _ = self.agg(per_token, mask, self.p.max_new_tokens)
-        metrics.update({k.removeprefix("m/"): float(v) for k, v in batch.items() if k.startswith("m/")})
+        metrics.update({k: float(v) for k, v in batch.get("metrics", {}).items()})
         return loss, metrics
 
 
@@ -102,8 +104,8 @@ class GRPOBatches:
         scores = schedule.score(self.reward, idx, g, ro.texts)
         rewards = torch.tensor(scores, dtype=torch.float64)
         adv = group_advantages(rewards, g)
-        metrics = {"m/reward": rewards.mean(), "m/reward_std": rewards.reshape(-1, g).std(1, correction=0).mean(),
-                   **part_metrics(self.reward, "m/reward"), **schedule.rollout_metrics(idx, g, ro)}
+        metrics = {"reward": rewards.mean(), "reward_std": rewards.reshape(-1, g).std(1, correction=0).mean(),
+                   **part_metrics(self.reward, "reward"), **schedule.rollout_metrics(idx, g, ro)}
         schedule.last_rollout = {"rollout": rollout, "prompts": idx, "texts": ro.texts, "rewards": scores}
         batches = schedule.micro_batches(ro)
         at = 0
@@ -116,7 +118,7 @@ class GRPOBatches:
                     b["ref_logp"] = self.reference(schedule.model, b)
                 if schedule.mu > 1:
                     b["old_logp"] = token_logps(schedule.model, b, p.temperature, self.chunk_size)
-            b.update({k: v.float() for k, v in metrics.items()})
+            b["metrics"] = {k: v.float() for k, v in metrics.items()}
         return batches
 
 

@@ -22,6 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
+from posttrain.data.collate import collate_rollouts
 from posttrain.losses.rl import clipped_surrogate, clipped_value_loss, gae, kl_shaped_rewards, masked_mean, whiten
 from posttrain.models.forward import Batch, evaluating, pair_hidden, scatter_tokens, token_logps
 from posttrain.models.heads import load_head
@@ -127,19 +128,21 @@ def role_memory(roles: SharedRoles) -> dict[str, float]:
 
 @dataclass
 class PPOParams:
-    samples_per_prompt: int = 1
-    max_new_tokens: int = 64
-    min_new_tokens: int = 0
-    temperature: float = 0.7
-    top_p: float = 1.0
-    kl_coef: float = 0.05
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_eps: float = 0.2
-    value_clip: float = 0.2
-    vf_coef: float = 0.1
-    whiten_advantages: bool = True
-    missing_eos_penalty: float = 0.0
+    """PPO's settings; no defaults here: a run takes them from ``posttrain.config.PPOSection``, where each default
+    is declared once (``recipes._common.from_section``)."""
+    samples_per_prompt: int
+    max_new_tokens: int
+    min_new_tokens: int
+    temperature: float
+    top_p: float
+    kl_coef: float
+    gamma: float
+    lam: float
+    clip_eps: float
+    value_clip: float
+    vf_coef: float
+    whiten_advantages: bool
+    missing_eos_penalty: float
 
 
 class PPO:
@@ -163,7 +166,7 @@ class PPO:
         metrics = {"policy_loss": float(masked_mean(pg.detach(), mask)),
                    "clip_fraction": float(masked_mean(clipped, mask)),
                    "approx_kl_old": float(masked_mean((old - logp).detach(), mask))}
-        metrics.update({k.removeprefix("m/"): float(v) for k, v in batch.items() if k.startswith("m/")})
+        metrics.update({k: float(v) for k, v in batch.get("metrics", {}).items()})
         yield (pg * mask).sum(), metrics
         del logp, pg
         values = model.values(batch)
@@ -216,18 +219,18 @@ class PPOBatches:
         if p.whiten_advantages:
             adv = whiten(adv, mask)
         kl = masked_mean(old - ref, mask, dim=1)
-        metrics = {"m/reward": raw.mean().double(), "m/reward_std": raw.std(correction=0).double(),
-                   "m/score_shaped": scores.mean().double(), "m/kl": kl.mean().double(),
-                   "m/non_score_reward": (-p.kl_coef * kl).mean().double(),
-                   "m/value_mean": masked_mean(values, mask).double(),
-                   "m/return_mean": masked_mean(returns, mask).double(), **schedule.rollout_metrics(idx, n, ro)}
+        metrics = {"reward": raw.mean().double(), "reward_std": raw.std(correction=0).double(),
+                   "score_shaped": scores.mean().double(), "kl": kl.mean().double(),
+                   "non_score_reward": (-p.kl_coef * kl).mean().double(),
+                   "value_mean": masked_mean(values, mask).double(),
+                   "return_mean": masked_mean(returns, mask).double(), **schedule.rollout_metrics(idx, n, ro)}
         schedule.last_rollout = {"rollout": rollout, "prompts": idx, "texts": ro.texts, "rewards": raw.tolist()}
         at = 0
         for b in batches:
             k, w = b["completion_mask"].shape
             for key, full in (("old_logp", old), ("old_values", values), ("advantages", adv), ("returns", returns)):
                 b[key] = full[at:at + k, :w].contiguous()
-            b.update({name: v.float() for name, v in metrics.items()})
+            b["metrics"] = {name: v.float() for name, v in metrics.items()}
             at += k
         return batches
 
@@ -248,7 +251,6 @@ def ppo_eval(model: SharedRoles, tokenizer, prompts: list[list[int]], rows: list
              max_new_tokens: int, batch_size: int = 8, pad_id: int = 0, watch: RewardFn | None = None,
              share_prompt: bool = True) -> dict[str, float]:
     """Greedy answers to held-out prompts scored by the reward adapter (the proxy) and by the watch terms."""
-    from posttrain.data.collate import collate_rollouts
 
     ro = sample_completions(model.policy, tokenizer, prompts, n=1, max_new_tokens=max_new_tokens, temperature=0.0,
                             batch_size=batch_size)

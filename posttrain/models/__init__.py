@@ -1,4 +1,7 @@
-"""Model loading, dtype/device choice, LoRA and full fine-tuning set-up."""
+"""Model loading, dtype/device choice, LoRA and full fine-tuning set-up, and the blocks that run a model on a batch
+(forward, reference, heads).
+
+Layer 2: may import data, losses, io and errors; never engine, methods or config."""
 
 from posttrain.models.loading import (
                                       Loaded,

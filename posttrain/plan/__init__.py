@@ -1,6 +1,8 @@
 """Before training: parameter counts, memory budgets, prompt-vs-fine-tune cost and a method advisor.
 
 Pure Python (no torch), so it answers for a 70B model on any machine.
+
+Layer 6: imports errors only (its command line is posttrain/cli/plan.py).
 """
 
 from posttrain.plan.advise import Decision, advise, choose_approach, choose_method

@@ -9,17 +9,17 @@ from __future__ import annotations
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
+from pydantic import BaseModel
 
 from posttrain.config import (
     DPOConfig,
-    GRPOConfig,
+    JobConfig,
     ModelConfig,
-    PPOConfig,
     RewardConfig,
     SFTConfig,
     TrainConfig,
@@ -46,7 +46,7 @@ from posttrain.models.kernels import apply_liger
 from posttrain.report import write_run_report
 from posttrain.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, quantization_of, resolve_adapter
 
-JobConfig = SFTConfig | DPOConfig | RewardConfig | GRPOConfig | PPOConfig
+T = TypeVar("T")
 
 
 @dataclass
@@ -143,13 +143,27 @@ def choose_optimizer(t: TrainConfig, mcfg: ModelConfig) -> str:
     return "paged_adamw_8bit" if mcfg.quantization != "none" and on_gpu else "adamw"
 
 
-def loop_options(t: TrainConfig, total: int, mcfg: ModelConfig, loaded: Loaded) -> LoopOptions:
-    return LoopOptions(total_steps=total, lr=t.lr, warmup_steps=round(t.warmup_ratio * total),
-                       min_lr_ratio=t.min_lr_ratio, weight_decay=t.weight_decay, adam_betas=t.adam_betas,
-                       max_grad_norm=t.max_grad_norm, log_every=t.log_every, eval_every=t.eval_every,
-                       save_every=t.save_every, save_total_limit=t.save_total_limit,
-                       optimizer=choose_optimizer(t, mcfg),
-                       autocast=loaded.numerics.autocast if loaded.numerics else None)  # chosen once, at load
+def from_section(cls: type[T], section: BaseModel, **given: Any) -> T:
+    """A plain settings dataclass (GRPOParams, LoopOptions, ...) filled from the config section of the same field
+    names, plus what is ``given`` (derived values). The defaults live in the config alone, so the two cannot
+    drift apart; a field that neither the section nor ``given`` has is an error here, not a silent default."""
+    values = {f.name: given[f.name] if f.name in given else getattr(section, f.name, MISSING)
+              for f in fields(cls) if f.init}
+    missing = [k for k, v in values.items() if v is MISSING and not _has_default(cls, k)]
+    if missing:
+        raise TypeError(f"{cls.__name__}: {type(section).__name__} has no {', '.join(missing)}; pass them")
+    return cls(**{k: v for k, v in values.items() if v is not MISSING})
+
+
+def _has_default(cls: type, name: str) -> bool:
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default is not MISSING or f.default_factory is not MISSING
+
+
+def loop_options(t: TrainConfig, total: int, mcfg: ModelConfig, loaded: Loaded | None = None) -> LoopOptions:
+    return from_section(LoopOptions, t, total_steps=total, warmup_steps=round(t.warmup_ratio * total),
+                        optimizer=choose_optimizer(t, mcfg),
+                        autocast=loaded.numerics.autocast if loaded and loaded.numerics else None)  # chosen at load
 
 
 def save_config(out: Path, cfg: JobConfig) -> None:

@@ -25,6 +25,7 @@ from posttrain.recipes._common import (
     announce,
     begin_run,
     disable_dropout,
+    from_section,
     load_base,
     loop_options,
     lora_export,
@@ -77,7 +78,7 @@ def run(cfg: DPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
 
 
 def preference_params(d: DPOSection) -> PreferenceParams:
-    return PreferenceParams(beta=d.beta, label_smoothing=d.label_smoothing, gamma=d.gamma, alpha=d.rpo_alpha)
+    return from_section(PreferenceParams, d)
 
 
 def build_reference(cfg: DPOConfig, model: torch.nn.Module, job: Job, train: list, held: list,

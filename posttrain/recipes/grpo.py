@@ -33,6 +33,7 @@ from posttrain.recipes._common import (
     announce,
     begin_run,
     disable_dropout,
+    from_section,
     loop_options,
     lora_export,
     prepare_model,
@@ -57,8 +58,7 @@ def run(cfg: GRPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     reward, watch = combined(cfg.rewards, cfg.reward_reduce), combined(cfg.watch)
     model, report = prepare_model(cfg, job.loaded)
     disable_dropout(model, "GRPO")
-    params = GRPOParams(group_size=g.group_size, clip_eps=g.clip_eps, kl_coef=g.kl_coef, temperature=g.temperature,
-                        max_new_tokens=g.max_new_tokens, aggregation=g.aggregation, min_new_tokens=g.min_new_tokens)
+    params = from_section(GRPOParams, g)
     reference = make_reference(model, lora=cfg.finetune == "lora", per_token=True, temperature=g.temperature,
                                chunk_size=t.loss_chunk_size) if g.kl_coef > 0 else None
     schedule = grpo_schedule(model, tok, prompts, rows, chats, reward, params, prompts_per_step=g.prompts_per_step,

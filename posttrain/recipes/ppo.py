@@ -26,6 +26,7 @@ from posttrain.recipes._common import (
     announce,
     begin_run,
     disable_dropout,
+    from_section,
     loop_options,
     prepare_model,
     save_config,
@@ -57,10 +58,7 @@ def run(cfg: PPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     console.print(f"memory: one base {memory['base_weights_mb']} MB shared by actor, critic, reward and reference "
                   f"({memory['shared_weights_mb']} MB of weights in all; four copies: "
                   f"{memory['four_copies_weights_mb']} MB)")
-    params = PPOParams(samples_per_prompt=p.samples_per_prompt, max_new_tokens=p.max_new_tokens,
-                       min_new_tokens=p.min_new_tokens, temperature=p.temperature, top_p=p.top_p, kl_coef=p.kl_coef,
-                       gamma=p.gamma, lam=p.lam, clip_eps=p.clip_eps, value_clip=p.value_clip, vf_coef=p.vf_coef,
-                       whiten_advantages=p.whiten_advantages, missing_eos_penalty=p.missing_eos_penalty)
+    params = from_section(PPOParams, p)
     schedule = ppo_schedule(roles, tok, prompts, rows, chats, params, prompts_per_step=p.prompts_per_step, mu=p.mu,
                             micro_batch_size=t.micro_batch_size, seed=t.seed, chunk_size=t.loss_chunk_size,
                             share_prompt=d.share_prompt, watch=watch)

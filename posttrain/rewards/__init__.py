@@ -1,4 +1,6 @@
-"""Rewards: trained reward models, and verifiable reward functions for online RL."""
+"""Rewards: trained reward models, and verifiable reward functions for online RL.
+
+Layer 4: may import runs, models, data, io and errors; never methods or config."""
 
 from posttrain.rewards.functions import REWARD_FUNCTIONS, Combined, call_reward, resolve_reward
 from posttrain.rewards.model import Ensemble, RewardModel, load_reward

@@ -14,6 +14,8 @@ import json
 import re
 from typing import Any, Callable, Sequence
 
+from posttrain.rewards.model import RewardModel
+
 RewardFn = Callable[..., list[float]]
 
 _NUMBER = r"-?[\d,]*\.?\d+"
@@ -112,7 +114,6 @@ def length_penalty(prompts: Sequence[Any], completions: Sequence[str], max_chars
 
 @functools.lru_cache(maxsize=4)
 def _load_reward_model(path: str, device: str, dtype: str):
-    from posttrain.rewards.model import RewardModel
 
     return RewardModel(path, device=device, dtype=dtype)
 

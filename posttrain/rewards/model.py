@@ -10,7 +10,9 @@ import torch
 from posttrain.data.collate import collate_pairs
 from posttrain.data.formats import Messages
 from posttrain.data.pairs import Pair, render_response
-from posttrain.runs import HEAD_FILE
+from posttrain.models import load_adapter, load_model
+from posttrain.models.heads import ScoreModel, load_head
+from posttrain.runs import HEAD_FILE, resolve_adapter
 
 
 def _prompt_messages(prompt: str | Messages) -> Messages:
@@ -23,8 +25,6 @@ class RewardModel:
     def __init__(self, run_dir: str | Path, *, device: str = "auto", dtype: str = "auto"):
         import yaml
 
-        from posttrain.models import load_adapter, load_model
-        from posttrain.models.heads import ScoreModel, load_head
 
         run = Path(run_dir)
         if not (run / HEAD_FILE).exists():
@@ -37,7 +37,6 @@ class RewardModel:
         lm = loaded.model
         if not full:
             if mcfg.get("init_adapter"):
-                from posttrain.runs import resolve_adapter
 
                 lm = load_adapter(lm, str(resolve_adapter(mcfg["init_adapter"]))).merge_and_unload()
             lm = load_adapter(lm, str(run / "adapter")).merge_and_unload()

@@ -8,6 +8,7 @@ from posttrain.data.formats import Messages
 from posttrain.data.render import has_chat_template, render_prompt
 from posttrain.models.compile import eager
 from posttrain.models.forward import evaluating
+from posttrain.models.loading import pad_id as pad_id_of
 
 
 def stop_token_ids(tokenizer, model) -> list[int]:
@@ -27,7 +28,7 @@ def generate(model: torch.nn.Module, tokenizer, chats: list[Messages], *, max_ne
              chat_template: str | None = None, seed: int | None = None) -> list[str]:
     """Complete each chat with one assistant turn; temperature 0 means greedy decoding."""
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     texts = [render_prompt(tokenizer, chat, chat_template) for chat in chats]
     outputs: list[str] = []
     # A chat template carries its own special tokens; plain prompts get the tokenizer's (e.g. BOS).

@@ -15,6 +15,7 @@ import torch
 
 from posttrain.models.compile import eager
 from posttrain.models.forward import evaluating
+from posttrain.models.loading import pad_id as pad_id_of
 from posttrain.models.quant import is_quantized
 from posttrain.rollout.generate import stop_token_ids
 
@@ -139,7 +140,7 @@ def sample_completions(model: torch.nn.Module, tokenizer, prompt_ids: list[list[
     a batch holds whole groups.
     """
     device = next(model.parameters()).device
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = pad_id_of(tokenizer)
     stops = stop_token_ids(tokenizer, model)
     completions: list[list[int]] = []
     finished: list[bool] = []

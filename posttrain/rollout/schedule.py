@@ -18,6 +18,7 @@ import torch
 
 from posttrain.data.collate import collate_rollouts
 from posttrain.models.forward import Batch
+from posttrain.models.loading import pad_id as pad_id_of
 from posttrain.rollout.sample import Rollout, sample_completions
 
 RewardFn = Callable[..., list[float]]
@@ -42,7 +43,7 @@ class RolloutSchedule:
         self.model, self.tok, self.prompts, self.rows, self.chats = model, tokenizer, prompts, rows, chats
         self.per_step, self.mu, self.micro, self.seed = prompts_per_step, mu, micro_batch_size, seed
         self.share_prompt, self.watch = share_prompt, watch
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_id_of(tokenizer)
         self._cached: tuple[int, list[Batch]] | None = None
         self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its prompt permutation)
         self.last_rollout: dict[str, Any] = {}
@@ -89,11 +90,11 @@ class RolloutSchedule:
     def rollout_metrics(self, idx: list[int], n: int, ro: Rollout) -> dict[str, torch.Tensor]:
         """Completion length, truncation, and the watch terms (scored, logged, never trained on)."""
         lengths = torch.tensor([len(c) for c in ro.completion_ids], dtype=torch.float64)
-        out = {"m/completion_len": lengths.mean(),
-               "m/truncated": 1.0 - torch.tensor(ro.finished, dtype=torch.float64).mean()}
+        out = {"completion_len": lengths.mean(),
+               "truncated": 1.0 - torch.tensor(ro.finished, dtype=torch.float64).mean()}
         if self.watch is not None:
-            out["m/watch"] = torch.tensor(self.score(self.watch, idx, n, ro.texts), dtype=torch.float64).mean()
-            out.update(part_metrics(self.watch, "m/watch"))
+            out["watch"] = torch.tensor(self.score(self.watch, idx, n, ro.texts), dtype=torch.float64).mean()
+            out.update(part_metrics(self.watch, "watch"))
         return out
 
     def micro_batches(self, ro: Rollout) -> list[Batch]:

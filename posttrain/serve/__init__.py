@@ -1,4 +1,6 @@
-"""OpenAI-compatible serving of one base model with many LoRA adapters, batched together in each forward."""
+"""OpenAI-compatible serving of one base model with many LoRA adapters, batched together in each forward.
+
+Layer 6: may import models, rollout, runs, io and errors; never config (its command line is posttrain/cli/serve.py)."""
 
 from posttrain.serve.api import Sampling, ServeError
 from posttrain.serve.engine import BASE, Engine

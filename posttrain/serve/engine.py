@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from posttrain.models.loading import pad_id as pad_id_of
 from posttrain.serve.api import ServeError
 from posttrain.serve.text import TextStream, sample_token
 
@@ -72,7 +73,7 @@ class Engine:
         self.adapters: dict[str, Adapter] = {}  # replaced on change, never mutated: handler threads read it bare
         self.max_len: int | None = getattr(model.config, "max_position_embeddings", None)
         self.eos = stop_ids(tokenizer, model)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_id_of(tokenizer)
         self._keys = itertools.count()
         self.rows: list[Row] = []
         self.cache = None

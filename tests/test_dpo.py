@@ -9,7 +9,6 @@ from transformers import AutoModelForCausalLM
 from posttrain.config import load_config
 from posttrain.data import build_pairs, collate_pairs, pair_batches, parse_hh, row_to_pair
 from posttrain.errors import DataError
-from posttrain.losses import PreferenceParams
 from posttrain.methods import PreferenceMethod, precompute_reference
 from posttrain.models import apply_lora
 from posttrain.models.attention import branch_segments
@@ -17,7 +16,7 @@ from posttrain.models.attention import register as register_packed_attention
 from posttrain.models.forward import sequence_logps
 from posttrain.models.reference import AdapterOffReference, FrozenCopyReference
 from posttrain.recipes.dpo import run as run_dpo
-from tests.helpers import pair_rows, write_jsonl
+from tests.helpers import pair_rows, preference_params, write_jsonl
 
 HH = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant: Blue.",
       "rejected": "\n\nHuman: Hi there\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant: I won't."}
@@ -132,7 +131,7 @@ def test_shared_prompt_equals_separate_sequences_in_loss_and_gradients(tiny_dir,
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
-    method = PreferenceMethod("dpo", PreferenceParams(beta=0.5), AdapterOffReference())
+    method = PreferenceMethod("dpo", preference_params(beta=0.5), AdapterOffReference())
     results = []
     for share in (False, True):
         batch = collate_pairs([pairs[:2], pairs[2:5], pairs[5:]], tokenizer.pad_token_id, share_prompt=share)
@@ -172,7 +171,7 @@ def test_precomputed_reference_gives_the_live_losses(tiny_dir, pairs, tokenizer,
             if "lora_B" in name:
                 p.normal_(0, 0.1)
     batch = collate_pairs([pairs[4:], pairs[:2]], tokenizer.pad_token_id)  # another order and packing
-    params = PreferenceParams(beta=0.1)
+    params = preference_params(beta=0.1)
     a, _ = PreferenceMethod("dpo", params, live).pair_terms(model, batch)
     b, _ = PreferenceMethod("dpo", params, table).pair_terms(model, batch)
     assert torch.allclose(a, b, atol=1e-5)
@@ -184,7 +183,7 @@ def test_precomputed_reference_gives_the_live_losses(tiny_dir, pairs, tokenizer,
 def test_dpo_step_raises_chosen_and_lowers_rejected(tiny_dir, pairs, tokenizer):
     model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32), r=4, alpha=8,
                        dropout=0.0, target_modules="all-linear")
-    method = PreferenceMethod("dpo", PreferenceParams(beta=0.5), AdapterOffReference())
+    method = PreferenceMethod("dpo", preference_params(beta=0.5), AdapterOffReference())
     batch = collate_pairs([[p] for p in pairs], tokenizer.pad_token_id)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     loss, metrics = method.loss_sum(model, batch)
