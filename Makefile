@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 
-.PHONY: demo test test-fast lock bench bench-dpo bench-grpo clean
+.PHONY: demo test test-fast lint lock bench bench-dpo bench-grpo clean
 
 # The venv gets exactly the versions in requirements.lock, the set the suite last passed with (`make lock` moves
 # them on purpose). Every package is installed with --no-deps: the lock is complete, so pip resolves nothing.
@@ -42,9 +42,13 @@ lock:
 demo: $(STAMP)
 	$(BIN)/posttrain demo
 
+# Lint first (seconds; pyproject's [tool.ruff]: pyflakes, pycodestyle errors, import order), then the suite.
 # pytest exits 5 when it collects no test; that is not a failure of the code under test.
-test: $(STAMP)
+test: $(STAMP) lint
 	$(BIN)/python -m pytest -q -ra; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
+
+lint: $(STAMP)
+	$(BIN)/ruff check posttrain tests benchmarks tools
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
