@@ -14,6 +14,7 @@ from posttrain.data.formats import Messages, detect_format, row_to_messages, row
 from posttrain.errors import DataError
 from posttrain.eval.common import SuiteArgs, SuiteResult, limited_rows
 from posttrain.eval.scorers import NO_REFERENCE, REFERENCE_FIELDS, SCORERS
+from posttrain.judge import both_orders, win_rate
 from posttrain.models.forward import evaluating
 from posttrain.rollout import generate
 
@@ -144,7 +145,6 @@ def judge_suite(model, tokenizer, path: str, a: SuiteArgs) -> SuiteResult:
     candidate's run needs them as its reference) but not judged; every pair is a tie, so win_rate is 0.5 and ties 1.
     A judge is required either way, so a missing one is caught on the baseline's run.
     """
-    from posttrain.judge import both_orders, win_rate
 
     if a.judge is None:
         raise ValueError("the judge suite needs a judge (e.g. posttrain.judge.ModelJudge); none was given")

@@ -13,7 +13,7 @@ from posttrain.data.render import has_chat_template, render_prompt
 from posttrain.errors import DataError
 from posttrain.eval.common import SuiteArgs, SuiteResult, limited_rows
 from posttrain.eval.heldout import heldout_loss
-from posttrain.models.forward import evaluating
+from posttrain.models.forward import evaluating, sequence_logps
 from posttrain.models.loading import pad_id
 
 
@@ -34,7 +34,6 @@ def loss_suite(model, tokenizer, path: str, a: SuiteArgs) -> SuiteResult:
 def preference_suite(model, tokenizer, path: str, a: SuiteArgs) -> SuiteResult:
     """Share of pairs whose chosen response has the higher summed log-probability, and the mean margin
     (log p(chosen) - log p(rejected), in nats)."""
-    from posttrain.models.forward import sequence_logps
 
     pairs, _ = build_pairs(path, tokenizer, max_seq_len=a.options.get("max_seq_len", 2048),
                            overlong=a.options.get("overlong", "error"), bad_pairs=a.options.get("bad_pairs", "error"),
