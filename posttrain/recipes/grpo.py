@@ -73,6 +73,7 @@ def run(cfg: GRPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
         if held_prompts else None
     save_config(job.out, cfg)
     opts = loop_options(t, total, cfg.model, job.loaded)
+    # No shard_if_asked / rank0_after here: the CLI refuses torchrun for RL (rollouts are not split across ranks).
     records = train_loop(model, GRPO(params, t.loss_chunk_size), schedule, opts,
                          job.out, evaluate=evaluate, export=lora_export(cfg.finetune, model), resume=start)
     final_dir = save_trained(model, tok, job.out, cfg.finetune)

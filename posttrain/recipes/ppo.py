@@ -76,6 +76,7 @@ def run(cfg: PPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
 
     save_config(job.out, cfg)
     opts = loop_options(t, total, cfg.model, job.loaded)
+    # No shard_if_asked / rank0_after here: the CLI refuses torchrun for RL (rollouts are not split across ranks).
     records = train_loop(roles, PPO(params, t.loss_chunk_size), schedule, opts,
                          job.out, evaluate=evaluate, export=export, resume=start)
     final = atomic_dir(job.out / ADAPTER_DIR, lambda tmp: (roles.policy.save_pretrained(tmp, selected_adapters=[ACTOR]),
