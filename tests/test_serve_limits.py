@@ -207,7 +207,10 @@ def test_client_hanging_up_mid_generation_stops_its_decoding(server, stream):
     body = {"model": "base", "prompt": "The sky is", "max_tokens": 1500, "temperature": 0, "stream": stream}
     before, after = _tokens_after_hanging_up(server, body, read_first=stream)
     print(f"tokens decoded before hanging up {before}, after {after}")
-    assert before < 1000 and after < 60, (before, after)  # unchecked, it decodes on to 1500
+    # Unchecked, it decodes on to 1500. The server looks for a closed socket every 50 ms, so what it decodes after
+    # the hang-up depends on the machine's speed (70 tokens on a loaded 2-core run); a quarter of the rest is a
+    # bound that holds on any CPU and still fails a server that never notices.
+    assert before < 1000 and after < 0.25 * (1500 - before), (before, after)
     # and the server still answers
     assert request(server, "POST", "/v1/completions", {"model": "base", "prompt": "x", "max_tokens": 2})[0] == 200
 
