@@ -28,7 +28,7 @@ from posttrain.io import atomic_write_text, content_key, file_hash, read_json
 from posttrain.judge import ModelJudge
 from posttrain.recipes import RECIPES
 from posttrain.report import write_workflow_report
-from posttrain.runs import load_for_inference
+from posttrain.runs import load_for_inference, trained_model_of
 from posttrain.ship import export_run
 
 
@@ -82,7 +82,6 @@ class Workflow:
 
     # -- the held-out set ------------------------------------------------------------------------------------
     def eval_set(self) -> None:
-
         spec, t0 = self.cfg.eval_set, time.perf_counter()
         if spec.file:
             self.names["eval_set"] = spec.file
@@ -166,7 +165,6 @@ class Workflow:
 
     # -- stages ----------------------------------------------------------------------------------------------
     def baseline(self) -> None:
-
         t0 = time.perf_counter()
         prompt = self.cfg.baseline.system_prompt
         self.keys["baseline"] = content_key(self.cfg.model, prompt)
@@ -195,7 +193,6 @@ class Workflow:
                            base=_substitute(tree, self.names))
 
     def train(self, st: StageSpec) -> str:
-
         job = self._jobs[st.name] = self.job_of(st)
         settings = {k: v for k, v in job.model_dump(mode="json").items() if k != "output_dir"}
         key = content_key(st.train, settings, [file_hash(p) for p in _job_files(job)],
@@ -215,16 +212,11 @@ class Workflow:
         return "resumed" if resume else "ran"
 
     def evaluate_stage(self, st: StageSpec) -> None:
-
         job, folder = self._jobs[st.name], self.root / st.name
-        if job.finetune == "full":
-            load = lambda: load_for_inference(str(folder / "model"), None)  # noqa: E731
-        else:
-            load = lambda: load_for_inference(None, str(folder))  # noqa: E731
-        self.evaluate(st.name, self.keys[st.name], load, None)
+        model_name, adapter = trained_model_of(folder, job.finetune, None)
+        self.evaluate(st.name, self.keys[st.name], lambda: load_for_inference(model_name, adapter), None)
 
     def gate(self, st: StageSpec) -> bool:
-
         g = st.gate
         base, better = self.metrics_of(g.baseline)
         cand, cand_better = self.metrics_of(g.candidate)
@@ -236,7 +228,6 @@ class Workflow:
         return bool(verdict["passed"])
 
     def export(self, st: StageSpec) -> str:
-
         out = self.root / st.name
         key = content_key("export", self.keys[st.export])
         if (read_json(out / "export_report.json") or {}).get("workflow_key") == key:

@@ -21,6 +21,7 @@ from posttrain.errors import ConfigError
 from posttrain.io import atomic_dir
 from posttrain.methods.ppo import ACTOR, CRITIC, PPO, PPOParams, attach_roles, ppo_eval, ppo_schedule, role_memory
 from posttrain.models import Loaded, format_trainable, trainable_report
+from posttrain.models.heads import save_head
 from posttrain.models.loading import resolve_model_path
 from posttrain.recipes._common import (
     announce,
@@ -127,8 +128,7 @@ def save_critic(roles: Any, path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
     roles.policy.peft_config[CRITIC].save_pretrained(str(path))
     save_file(get_peft_model_state_dict(roles.policy, adapter_name=CRITIC), str(path / "adapter_model.safetensors"))
-    save_file({k: v.contiguous() for k, v in roles.value_head.state_dict().items()},
-              str(path / "value_head.safetensors"))
+    save_head(roles.value_head, path / "value_head.safetensors")
 
 
 def rss_mb() -> tuple[float, float]:

@@ -114,7 +114,6 @@ def length_penalty(prompts: Sequence[Any], completions: Sequence[str], max_chars
 
 @functools.lru_cache(maxsize=4)
 def _load_reward_model(path: str, device: str, dtype: str):
-
     return RewardModel(path, device=device, dtype=dtype)
 
 
