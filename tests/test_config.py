@@ -10,6 +10,7 @@ from posttrain.config import (
     DPOSection,
     GRPOSection,
     ModelConfig,
+    RolloutSection,
     StageSpec,
     SuiteSpec,
     TrainConfig,
@@ -83,11 +84,15 @@ def test_variant_tables_agree():
     from posttrain.engine.loop import OPTIMIZERS
     from posttrain.eval.suites import SUITES
     from posttrain.losses import PREFERENCE_LOSSES
+    from posttrain.losses.offpolicy import IS_CORRECTIONS
     from posttrain.losses.reduce import AGGREGATIONS
     from posttrain.models.numerics import DTYPES
+    from posttrain.rollout.engines import ENGINES
 
     assert _literal(DPOSection, "loss") == set(PREFERENCE_LOSSES)
     assert _literal(GRPOSection, "aggregation") == set(AGGREGATIONS)
+    assert _literal(RolloutSection, "engine") == set(ENGINES)
+    assert _literal(RolloutSection, "is_correction") == set(IS_CORRECTIONS)
     assert _literal(SuiteSpec, "kind") == set(SUITES)
     assert _literal(TrainConfig, "optimizer") == set(OPTIMIZERS) | {"auto"}
     assert _literal(ModelConfig, "dtype") == set(DTYPES)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from posttrain.losses.offpolicy import IS_CORRECTIONS, importance_weights, logp_mismatch
+from posttrain.losses.offpolicy import IS_CORRECTIONS, Correction, corrected, importance_weights, logp_mismatch
 
 # Two completions; the second has one padding position. log ratios (train - engine): [ln 2, 0, ln 0.5] and [ln 4, 0].
 TRAIN = torch.tensor([[math.log(0.2), math.log(0.5), math.log(0.1)], [math.log(0.8), math.log(0.3), 0.0]])
@@ -57,3 +57,26 @@ def test_bad_settings_are_errors():
         importance_weights(TRAIN, ENGINE, MASK, "tis")
     with pytest.raises(ValueError, match="cap must be positive"):
         importance_weights(TRAIN, ENGINE, MASK, "token", cap=0.0)
+
+
+def test_corrected_weights_the_whole_per_token_loss_and_counts_the_capped():
+    per_token = torch.full((2, 3), 3.0)
+    out, m = corrected(per_token, TRAIN, ENGINE, MASK, Correction("token", 2.0))
+    # weights 2, 1, 0.5 | min(4, 2) = 2, 1, padding 0: the loss 3 times each
+    assert torch.allclose(out, 3.0 * torch.tensor([[2.0, 1.0, 0.5], [2.0, 1.0, 0.0]]))
+    assert m["mismatch/is_weight"] == pytest.approx((2 + 1 + 0.5 + 2 + 1) / 5)
+    assert m["mismatch/is_capped"] == pytest.approx(1 / 5)  # only the ratio 4 is cut (2 is at the cap, not past)
+    assert m["mismatch/abs_mean"] == pytest.approx(4 * math.log(2) / 5)
+    # sequence: products 2 * 1 * 0.5 = 1 and 4 * 1 = 4 -> weights 1 and min(4, 2) = 2; one of two completions cut
+    out, m = corrected(per_token, TRAIN, ENGINE, MASK, Correction("sequence", 2.0))
+    assert torch.allclose(out, 3.0 * torch.tensor([[1.0, 1.0, 1.0], [2.0, 2.0, 0.0]]))
+    assert m["mismatch/is_capped"] == pytest.approx(1 / 2)
+    assert m["mismatch/is_weight"] == pytest.approx((1 + 1 + 1 + 2 + 2) / 5)
+
+
+def test_no_correction_measures_only():
+    per_token = torch.randn(2, 3)
+    for correction in (None, Correction("none", 2.0)):
+        out, m = corrected(per_token, TRAIN, ENGINE, MASK, correction)
+        assert out is per_token
+        assert set(m) == {"mismatch/abs_mean", "mismatch/abs_max", "mismatch/kl"}

@@ -21,6 +21,7 @@ from posttrain.config.jobs import (
     RewardConfig,
     RewardFnSpec,
     RewardSection,
+    RolloutSection,
     SFTConfig,
 )
 from posttrain.config.loading import dump_config, load_config, load_workflow, parse_overrides
@@ -47,5 +48,5 @@ from posttrain.config.workflow import (
 __all__ = ["CONFIGS", "WATCH_HELP", "BaselineSpec", "DPOConfig", "DPOSection", "DataConfig", "EvalSetSpec",
            "GRPOConfig", "GRPOSection", "GateRule", "GateSpec", "JobConfig", "LoraConfig", "MixConfig", "ModelConfig",
            "PPOConfig", "PPOSection", "PreferenceDataConfig", "PromptDataConfig", "ReplayConfig", "RewardConfig",
-           "RewardFnSpec", "RewardSection", "SFTConfig", "StageSpec", "SuiteSpec", "TrainConfig", "WorkflowConfig",
-           "dump_config", "load_config", "load_workflow", "parse_overrides"]
+           "RewardFnSpec", "RewardSection", "RolloutSection", "SFTConfig", "StageSpec", "SuiteSpec", "TrainConfig",
+           "WorkflowConfig", "dump_config", "load_config", "load_workflow", "parse_overrides"]

@@ -125,6 +125,28 @@ class GRPOSection(Section):
         "grpo", description="per-completion token mean (grpo), batch token mean (dapo), sum / max_new_tokens")
 
 
+class RolloutSection(Section):
+    """Where GRPO's and PPO's completions are sampled (``rollout.engines``), and the train-inference correction."""
+    engine: Literal["hf", "server", "vllm"] = Field(
+        "hf", description="hf: posttrain's own sampler on the training model; server: an OpenAI-compatible server "
+        "that hot-loads LoRA adapters (posttrain serve, vllm serve) at server_url; vllm: vLLM in this process, or a "
+        "managed `vllm serve` started from vllm_python")
+    server_url: str | None = Field(None, description="server: its OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
+    served_model: str = Field("base", description="server: the base model's served name")
+    api_key: str | None = Field(None, description="server: sent as 'Authorization: Bearer KEY'")
+    vllm_python: str | None = Field(None, description="vllm: an interpreter that imports vllm (its own venv, e.g. "
+                                    ".vllm-venv/bin/python from `make vllm-venv`); posttrain starts `vllm serve` "
+                                    "with it, so vLLM's pins never meet posttrain's")
+    vllm_args: list[str] = Field(default_factory=list, description="vllm: extra `vllm serve` arguments")
+    port: int = Field(0, ge=0, lt=65536, description="vllm_python: the managed server's port (0: a free one)")
+    start_timeout_s: float = Field(600.0, gt=0, description="vllm_python: how long the server may take to start")
+    request_timeout_s: float = Field(600.0, gt=0, description="server, vllm: how long one rollout request may take")
+    is_correction: Literal["none", "token", "sequence"] = Field(
+        "none", description="truncated importance sampling against the engine's log-probs: none (only measured), "
+        "token (w_t = min(p_train/p_engine, is_cap)), sequence (one weight per completion)")
+    is_cap: float = Field(2.0, gt=0, description="the truncation C of the importance weights (TIS uses 2)")
+
+
 class RewardFnSpec(Section):
     name: str = Field(..., description="gsm8k_answer, regex, json_schema, length_penalty, or package.module:fn")
     weight: float = 1.0
@@ -147,6 +169,7 @@ class GRPOConfig(_Job):
     data: PromptDataConfig
     train: TrainConfig = TrainConfig(lr=2e-5, micro_batch_size=8)
     grpo: GRPOSection = GRPOSection()
+    rollout: RolloutSection = RolloutSection()
     rewards: list[RewardFnSpec] = Field(..., min_length=1)
     reward_reduce: Literal["sum", "min"] = "sum"
     watch: list[RewardFnSpec] = Field(default_factory=list, description=WATCH_HELP)
@@ -188,6 +211,7 @@ class PPOConfig(_Job):
     data: PromptDataConfig
     train: TrainConfig = TrainConfig(lr=1e-5, micro_batch_size=8)
     ppo: PPOSection
+    rollout: RolloutSection = RolloutSection()
     watch: list[RewardFnSpec] = Field(default_factory=list, description=WATCH_HELP)
 
     _share = model_validator(mode="after")(_check_share_prompt)

@@ -76,6 +76,7 @@ class RolloutBatch(_RolloutLayout, total=False):
     advantages: torch.Tensor  # float; (N,) per completion (GRPO's group advantages) or (N, L) per token (PPO's GAE)
     old_logp: torch.Tensor  # (N, L) float; log-probs under the sampling policy (GRPO with mu > 1, PPO)
     ref_logp: torch.Tensor  # (N, L) float; log-probs under the reference (GRPO with a KL term)
+    engine_logp: torch.Tensor  # (N, L) float; the rollout engine's log-probs of the sampled tokens (0 on padding)
     old_values: torch.Tensor  # (N, L) float; the value head at rollout time (PPO)
     returns: torch.Tensor  # (N, L) float; GAE returns, the value targets (PPO)
     metrics: dict[str, torch.Tensor]  # name -> 0-d float; the rollout's reward, lengths, watch terms (logged per step)

@@ -23,6 +23,8 @@ Imports only torch.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -69,3 +71,38 @@ def importance_weights(train_logp: torch.Tensor, engine_logp: torch.Tensor, mask
         raise ValueError(f"the truncation cap must be positive, got {cap}")
     mask = mask.to(train_logp.dtype)
     return IS_CORRECTIONS[kind]((train_logp - engine_logp).detach(), mask, cap)
+
+
+@dataclass(frozen=True)
+class Correction:
+    """Which importance correction (a key of ``IS_CORRECTIONS``) and its truncation C; no defaults here
+    (``config.RolloutSection`` declares them)."""
+    kind: str
+    cap: float
+
+
+def corrected(per_token: torch.Tensor, sampling_logp: torch.Tensor, engine_logp: torch.Tensor, mask: torch.Tensor,
+              correction: Correction | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """The per-token loss re-weighted by ``importance_weights(sampling_logp, engine_logp)`` (the whole per-token
+    loss, KL term included: every term is an expectation over tokens the engine sampled), and the mismatch metrics.
+
+    ``sampling_logp`` is the trainer's log-prob of each token under the policy the rollout was sampled from (the
+    old log-probs; with one step per rollout, the current ones, detached). ``correction`` None or ``none``: the loss
+    is returned unchanged and only the mismatch is measured. Also reported: ``mismatch/is_weight``, the mean weight
+    over completion tokens, and ``mismatch/is_capped``, the share of tokens (``token``) or completions
+    (``sequence``) whose weight was cut at C."""
+    metrics = logp_mismatch(sampling_logp, engine_logp, mask)
+    if correction is None or correction.kind == "none":
+        return per_token, metrics
+    w = importance_weights(sampling_logp, engine_logp, mask, correction.kind, correction.cap)
+    m = mask.to(w.dtype)
+    n = m.sum().clamp(min=1)
+    metrics["mismatch/is_weight"] = float((w * m).sum() / n)
+    log_ratio = (sampling_logp - engine_logp).detach() * m
+    log_cap = math.log(correction.cap)
+    if correction.kind == "sequence":
+        rows = (m.sum(1) > 0)
+        metrics["mismatch/is_capped"] = float(((log_ratio.sum(1) > log_cap) & rows).sum() / rows.sum().clamp(min=1))
+    else:
+        metrics["mismatch/is_capped"] = float(((log_ratio > log_cap) & (m > 0)).sum() / n)
+    return per_token * w.to(per_token.dtype), metrics

@@ -34,9 +34,11 @@ from typing import Any, Callable
 
 import torch
 
+from posttrain.losses.offpolicy import Correction, corrected
 from posttrain.losses.reduce import AGGREGATIONS
 from posttrain.losses.rl import clipped_surrogate, group_advantages, kl_k3
 from posttrain.models.forward import Batch, token_logps
+from posttrain.rollout.interface import RolloutEngine
 from posttrain.rollout.sample import sample_completions
 from posttrain.rollout.schedule import RewardFn, RolloutSchedule, mean_scores, part_metrics
 
@@ -55,15 +57,18 @@ class GRPOParams:
 
 
 class GRPO:
-    """The loss of one micro-batch of scored rollouts (see ``GRPOBatches`` for what a batch carries)."""
+    """The loss of one micro-batch of scored rollouts (see ``GRPOBatches`` for what a batch carries). Where a batch
+    carries the rollout engine's log-probs, the train-inference mismatch is logged and, with a ``correction``, the
+    per-token loss is importance-weighted (``losses.offpolicy.corrected``)."""
 
     name = "grpo"
     loss_parts = None  # one part: loss_sum (engine.loop.Method)
 
-    def __init__(self, params: GRPOParams, chunk_size: int = 1024):
+    def __init__(self, params: GRPOParams, chunk_size: int = 1024, correction: Correction | None = None):
         if params.aggregation not in AGGREGATIONS:
             raise ValueError(f"unknown aggregation {params.aggregation!r}; known: {', '.join(AGGREGATIONS)}")
         self.p, self.chunk_size, self.agg = params, chunk_size, AGGREGATIONS[params.aggregation]
+        self.correction = correction
 
     def count(self, batch: Batch) -> int:
         mask = batch["completion_mask"].float()
@@ -80,6 +85,10 @@ class GRPO:
             kl = kl_k3(logp, batch["ref_logp"].to(logp.device, logp.dtype))
             per_token = per_token + self.p.kl_coef * kl
             metrics["kl"] = float((kl.detach() * mask).sum() / mask.sum().clamp(min=1))
+        if "engine_logp" in batch:
+            per_token, mismatch = corrected(per_token, old, batch["engine_logp"].to(logp.device, logp.dtype), mask,
+                                            self.correction)
+            metrics.update(mismatch)
         loss, _ = self.agg(per_token, mask, self.p.max_new_tokens)
         metrics.update({k: float(v) for k, v in batch.get("metrics", {}).items()})
         return loss, metrics
@@ -126,12 +135,12 @@ def grpo_schedule(model: torch.nn.Module, tokenizer, prompts: list[list[int]], r
                   chats: list[Any], reward: RewardFn, params: GRPOParams, *, prompts_per_step: int, mu: int,
                   micro_batch_size: int, seed: int, reference: Callable[[torch.nn.Module, Batch], torch.Tensor] | None,
                   top_p: float = 1.0, chunk_size: int = 1024, share_prompt: bool = True,
-                  watch: RewardFn | None = None) -> RolloutSchedule:
+                  watch: RewardFn | None = None, engine: RolloutEngine | None = None) -> RolloutSchedule:
     """GRPO's rollout schedule: ``RolloutSchedule`` with ``GRPOBatches`` as its ``make_batches``."""
     return RolloutSchedule(model, tokenizer, prompts, rows, chats,
                            make_batches=GRPOBatches(reward, params, reference, top_p, chunk_size),
                            prompts_per_step=prompts_per_step, mu=mu, micro_batch_size=micro_batch_size, seed=seed,
-                           share_prompt=share_prompt, watch=watch)
+                           share_prompt=share_prompt, watch=watch, engine=engine)
 
 
 @torch.no_grad()

@@ -23,9 +23,11 @@ from typing import Any, Iterator
 import torch
 
 from posttrain.data.collate import collate_rollouts
+from posttrain.losses.offpolicy import Correction, corrected
 from posttrain.losses.rl import clipped_surrogate, clipped_value_loss, gae, kl_shaped_rewards, masked_mean, whiten
 from posttrain.models.forward import Batch, evaluating, pair_hidden, scatter_tokens, token_logps
 from posttrain.models.heads import load_head
+from posttrain.rollout.interface import RolloutEngine
 from posttrain.rollout.sample import sample_completions
 from posttrain.rollout.schedule import RewardFn, RolloutSchedule, mean_scores
 
@@ -147,12 +149,14 @@ class PPOParams:
 
 class PPO:
     """The loss of one micro-batch of scored rollouts: clipped policy loss plus the weighted clipped value loss,
-    summed over completion tokens (the loop divides by the step's token count)."""
+    summed over completion tokens (the loop divides by the step's token count). With the rollout engine's log-probs
+    in the batch, the mismatch is logged and a ``correction`` importance-weights the policy loss (the value loss
+    regresses on returns and is left as it is)."""
 
     name = "ppo"
 
-    def __init__(self, params: PPOParams, chunk_size: int = 1024):
-        self.p, self.chunk_size = params, chunk_size
+    def __init__(self, params: PPOParams, chunk_size: int = 1024, correction: Correction | None = None):
+        self.p, self.chunk_size, self.correction = params, chunk_size, correction
 
     def count(self, batch: Batch) -> int:
         return int(batch["completion_mask"].sum())
@@ -163,7 +167,10 @@ class PPO:
         mask = batch["completion_mask"].to(logp.device, logp.dtype)
         old = batch["old_logp"].to(logp.device, logp.dtype)
         pg, clipped = clipped_surrogate(logp, old, batch["advantages"].to(logp.device, logp.dtype), self.p.clip_eps)
-        metrics = {"policy_loss": float(masked_mean(pg.detach(), mask)),
+        mismatch = {}
+        if "engine_logp" in batch:
+            pg, mismatch = corrected(pg, old, batch["engine_logp"].to(logp.device, logp.dtype), mask, self.correction)
+        metrics = {**mismatch, "policy_loss": float(masked_mean(pg.detach(), mask)),
                    "clip_fraction": float(masked_mean(clipped, mask)),
                    "approx_kl_old": float(masked_mean((old - logp).detach(), mask))}
         metrics.update({k: float(v) for k, v in batch.get("metrics", {}).items()})
@@ -238,12 +245,12 @@ class PPOBatches:
 def ppo_schedule(model: SharedRoles, tokenizer, prompts: list[list[int]], rows: list[dict[str, Any]],
                  chats: list[Any], params: PPOParams, *, prompts_per_step: int, mu: int, micro_batch_size: int,
                  seed: int, chunk_size: int = 1024, share_prompt: bool = True,
-                 watch: RewardFn | None = None) -> RolloutSchedule:
+                 watch: RewardFn | None = None, engine: RolloutEngine | None = None) -> RolloutSchedule:
     """PPO's rollout schedule: ``RolloutSchedule`` over the actor (``model.policy``) with ``PPOBatches``."""
     return RolloutSchedule(model.policy, tokenizer, prompts, rows, chats,
                            make_batches=PPOBatches(model, params, chunk_size), prompts_per_step=prompts_per_step,
                            mu=mu, micro_batch_size=micro_batch_size, seed=seed, share_prompt=share_prompt,
-                           watch=watch)
+                           watch=watch, engine=engine)
 
 
 @torch.no_grad()

@@ -1,14 +1,17 @@
-"""Prompts as the two online-RL recipes (grpo, ppo) read them: train and held-out prompt ids, rows and chats.
-Layer 7, like the recipes."""
+"""What the two online-RL recipes (grpo, ppo) share: their prompts (train and held-out prompt ids, rows and chats)
+and their rollout engine. Layer 7, like the recipes."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from posttrain.config import PromptDataConfig
 from posttrain.data import holdout_split
 from posttrain.data.prompts import load_prompts
-from posttrain.recipes._common import resolve_template
+from posttrain.engine import console
+from posttrain.models.loading import resolve_model_path
+from posttrain.recipes._common import from_section, resolve_template
 
 Prompts = tuple[list[list[int]], list[dict[str, Any]], list[Any]]  # (token ids, rows, chats), one entry per prompt
 
@@ -34,3 +37,23 @@ def load_prompt_splits(d: PromptDataConfig, tokenizer: Any) -> tuple[Prompts, Pr
     if hold:
         lines.append(f"held out {len(hold)} prompts (eval_fraction={d.eval_fraction}, split_seed={d.split_seed})")
     return train, held, lines
+
+
+def start_engine(cfg: Any, model: Any, tokenizer: Any, out: Path, probe: list[int], temperature: float) -> Any:
+    """The configured rollout engine (``cfg.rollout``), checked against the trainer on ``probe`` (a prompt) before
+    the first step where it is not the trainer's own sampler, and the importance correction to apply."""
+    from posttrain.losses.offpolicy import Correction
+    from posttrain.rollout.client import check_base
+    from posttrain.rollout.engines import EngineSettings, make_engine
+
+    r = cfg.rollout
+    engine = make_engine(model, tokenizer, from_section(EngineSettings, r), out, resolve_model_path(cfg.model.name))
+    if r.engine != "hf":
+        try:
+            gap = check_base(engine, model, tokenizer, probe, temperature)
+        except BaseException:
+            engine.close()
+            raise
+        console.print(f"rollout engine {r.engine}: mean |logp_engine - logp_train| = {gap:.2e} on a probe; "
+                      f"importance correction: {r.is_correction}")
+    return engine, Correction(r.is_correction, r.is_cap)

@@ -41,7 +41,7 @@ from posttrain.recipes._common import (
     save_trained,
     write_summary,
 )
-from posttrain.recipes._prompts import load_prompt_splits
+from posttrain.recipes._prompts import load_prompt_splits, start_engine
 from posttrain.recipes._resume import check_resume
 from posttrain.report import write_watch_plot
 from posttrain.rewards import Combined
@@ -61,21 +61,27 @@ def run(cfg: GRPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     params = from_section(GRPOParams, g)
     reference = make_reference(model, lora=cfg.finetune == "lora", per_token=True, temperature=g.temperature,
                                chunk_size=t.loss_chunk_size) if g.kl_coef > 0 else None
-    schedule = grpo_schedule(model, tok, prompts, rows, chats, reward, params, prompts_per_step=g.prompts_per_step,
-                             mu=g.mu, micro_batch_size=t.micro_batch_size, seed=t.seed, reference=reference,
-                             top_p=g.top_p, chunk_size=t.loss_chunk_size, share_prompt=d.share_prompt, watch=watch)
-    total = t.max_steps or schedule.steps_for(t.epochs)
-    console.print(f"training {total} steps: {g.prompts_per_step} prompts x {g.group_size} completions per rollout, "
-                  f"{g.mu} step(s) per rollout; reference: " + ("none (kl_coef 0)" if reference is None else
-                  "adapters disabled" if cfg.finetune == "lora" else "a frozen copy"))
-    evaluate = (lambda m: grpo_eval(m, tok, held_prompts, held_rows, held_chats, reward, g.max_new_tokens,
-                                    generation_batch(len(held_prompts), t.micro_batch_size), watch)) \
-        if held_prompts else None
-    save_config(job.out, cfg)
-    opts = loop_options(t, total, cfg.model, job.loaded)
-    # No shard_if_asked / rank0_after here: the CLI refuses torchrun for RL (rollouts are not split across ranks).
-    records = train_loop(model, GRPO(params, t.loss_chunk_size), schedule, opts,
-                         job.out, evaluate=evaluate, export=lora_export(cfg.finetune, model), resume=start)
+    engine, correction = start_engine(cfg, model, tok, job.out, prompts[0], g.temperature)
+    try:
+        schedule = grpo_schedule(model, tok, prompts, rows, chats, reward, params, prompts_per_step=g.prompts_per_step,
+                                 mu=g.mu, micro_batch_size=t.micro_batch_size, seed=t.seed, reference=reference,
+                                 top_p=g.top_p, chunk_size=t.loss_chunk_size, share_prompt=d.share_prompt,
+                                 watch=watch, engine=engine)
+        total = t.max_steps or schedule.steps_for(t.epochs)
+        console.print(f"training {total} steps: {g.prompts_per_step} prompts x {g.group_size} completions per "
+                      f"rollout, {g.mu} step(s) per rollout, sampled by the {engine.name} engine; reference: "
+                      + ("none (kl_coef 0)" if reference is None else
+                         "adapters disabled" if cfg.finetune == "lora" else "a frozen copy"))
+        evaluate = (lambda m: grpo_eval(m, tok, held_prompts, held_rows, held_chats, reward, g.max_new_tokens,
+                                        generation_batch(len(held_prompts), t.micro_batch_size), watch)) \
+            if held_prompts else None
+        save_config(job.out, cfg)
+        opts = loop_options(t, total, cfg.model, job.loaded)
+        # No shard_if_asked / rank0_after here: the CLI refuses torchrun for RL (rollouts are not split across ranks).
+        records = train_loop(model, GRPO(params, t.loss_chunk_size, correction), schedule, opts,
+                             job.out, evaluate=evaluate, export=lora_export(cfg.finetune, model), resume=start)
+    finally:
+        engine.close()
     final_dir = save_trained(model, tok, job.out, cfg.finetune)
     summary, evals = write_summary(job, total, report, lines, records, final_dir, "eval/reward")
     if evals:

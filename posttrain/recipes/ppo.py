@@ -33,7 +33,7 @@ from posttrain.recipes._common import (
     save_config,
     write_summary,
 )
-from posttrain.recipes._prompts import load_prompt_splits
+from posttrain.recipes._prompts import load_prompt_splits, start_engine
 from posttrain.recipes._resume import check_resume
 from posttrain.recipes.grpo import combined
 from posttrain.report import write_watch_plot
@@ -60,26 +60,31 @@ def run(cfg: PPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
                   f"({memory['shared_weights_mb']} MB of weights in all; four copies: "
                   f"{memory['four_copies_weights_mb']} MB)")
     params = from_section(PPOParams, p)
-    schedule = ppo_schedule(roles, tok, prompts, rows, chats, params, prompts_per_step=p.prompts_per_step, mu=p.mu,
-                            micro_batch_size=t.micro_batch_size, seed=t.seed, chunk_size=t.loss_chunk_size,
-                            share_prompt=d.share_prompt, watch=watch)
-    total = t.max_steps or schedule.steps_for(t.epochs)
-    console.print(f"training {total} steps: {p.prompts_per_step} prompts x {p.samples_per_prompt} per rollout, "
-                  f"{p.mu} step(s) per rollout; reward model {p.reward_model}")
-    pad = schedule.pad_id
-    evaluate = (lambda m: ppo_eval(m, tok, held_prompts, held_rows, held_chats, p.max_new_tokens,
-                                   generation_batch(len(held_prompts), t.micro_batch_size), pad, watch,
-                                   d.share_prompt)) if held_prompts else None
+    engine, correction = start_engine(cfg, roles.policy, tok, job.out, prompts[0], p.temperature)
+    try:
+        schedule = ppo_schedule(roles, tok, prompts, rows, chats, params, prompts_per_step=p.prompts_per_step,
+                                mu=p.mu, micro_batch_size=t.micro_batch_size, seed=t.seed,
+                                chunk_size=t.loss_chunk_size, share_prompt=d.share_prompt, watch=watch, engine=engine)
+        total = t.max_steps or schedule.steps_for(t.epochs)
+        console.print(f"training {total} steps: {p.prompts_per_step} prompts x {p.samples_per_prompt} per rollout, "
+                      f"{p.mu} step(s) per rollout, sampled by the {engine.name} engine; reward model "
+                      f"{p.reward_model}")
+        pad = schedule.pad_id
+        evaluate = (lambda m: ppo_eval(m, tok, held_prompts, held_rows, held_chats, p.max_new_tokens,
+                                       generation_batch(len(held_prompts), t.micro_batch_size), pad, watch,
+                                       d.share_prompt)) if held_prompts else None
 
-    def export(path: Path) -> None:  # a checkpoint: the actor as a plain PEFT adapter, the critic beside it
-        roles.policy.save_pretrained(path, selected_adapters=[ACTOR])
-        save_critic(roles, path.parent / CRITIC_DIR)
+        def export(path: Path) -> None:  # a checkpoint: the actor as a plain PEFT adapter, the critic beside it
+            roles.policy.save_pretrained(path, selected_adapters=[ACTOR])
+            save_critic(roles, path.parent / CRITIC_DIR)
 
-    save_config(job.out, cfg)
-    opts = loop_options(t, total, cfg.model, job.loaded)
-    # No shard_if_asked / rank0_after here: the CLI refuses torchrun for RL (rollouts are not split across ranks).
-    records = train_loop(roles, PPO(params, t.loss_chunk_size), schedule, opts,
-                         job.out, evaluate=evaluate, export=export, resume=start)
+        save_config(job.out, cfg)
+        opts = loop_options(t, total, cfg.model, job.loaded)
+        # No shard_if_asked / rank0_after here: the CLI refuses torchrun for RL (rollouts are not split across ranks).
+        records = train_loop(roles, PPO(params, t.loss_chunk_size, correction), schedule, opts,
+                             job.out, evaluate=evaluate, export=export, resume=start)
+    finally:
+        engine.close()
     final = atomic_dir(job.out / ADAPTER_DIR, lambda tmp: (roles.policy.save_pretrained(tmp, selected_adapters=[ACTOR]),
                                                            tok.save_pretrained(tmp)))
     atomic_dir(job.out / CRITIC_DIR, lambda tmp: save_critic(roles, tmp))

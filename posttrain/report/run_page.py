@@ -54,6 +54,12 @@ FIGURES: _Spec = [
         ("completion length", ["completion_len", "eval/completion_len"]),
         ("clipped and truncated fraction", ["clip_fraction", "truncated"]),
     ]),
+    ("rollout engine", [  # rollout.engines; losses.offpolicy
+        ("train-inference mismatch |logp_train - logp_engine|", ["mismatch/abs_mean", "mismatch/abs_max"]),
+        ("mismatch KL(engine || train)", ["mismatch/kl"]),
+        ("importance weights (mean, share cut at the cap)", ["mismatch/is_weight", "mismatch/is_capped"]),
+        ("sampling and weight-sync seconds per rollout", ["rollout/sample_s", "rollout/sync_s"]),
+    ]),
     ("optimisation and throughput", [
         ("gradient norm", ["grad_norm"]),
         ("tokens per second", ["tokens_per_s"]),
@@ -62,7 +68,7 @@ FIGURES: _Spec = [
 
 
 def _kl_panels(keys: list[str]) -> list[tuple[str, list[str | Matcher]]]:
-    names = dict.fromkeys(k.removeprefix("eval/") for k in keys if "kl" in k.lower())
+    names = dict.fromkeys(k.removeprefix("eval/") for k in keys if "kl" in k.lower() and not k.startswith("mismatch/"))
     return [(name, [name, f"eval/{name}"]) for name in names]
 
 

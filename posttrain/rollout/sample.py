@@ -48,7 +48,11 @@ class Rollout:
     prompt_ids: list[list[int]]  # one per completion
     completion_ids: list[list[int]]  # sampled tokens, ending with the stop token when the completion finished
     texts: list[str]
-    finished: list[bool]  # False: cut at max_new_tokens
+    finished: list[bool]  # True: ended by a stop token (finish reason "stop"); False: cut at max_new_tokens ("length")
+    # The sampling engine's log-prob of each sampled token under softmax(logits / temperature), as the trainer
+    # scores it (no top-p cut, no min_new_tokens mask); the raw distribution at temperature 0 (greedy).
+    logprobs: list[list[float]]
+    version: int = 0  # the policy version (rollout engine sync) the completions were sampled from
 
 
 def _prefilled_cache(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor):
@@ -87,6 +91,13 @@ def draw(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)
 
 
+def token_logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(B,) float32 log-prob of ``tokens`` under softmax(logits / temperature) (temperature 0: the raw logits'), the
+    distribution the trainer scores a completion under (``models.forward.token_logps``)."""
+    scaled = logits.float() / (temperature or 1.0)
+    return scaled.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(scaled, dim=-1)
+
+
 def _static_cache(model: torch.nn.Module, prefilled, n: int, length: int):
     """A preallocated cache of ``length`` positions holding ``prefilled``'s prompts, each repeated ``n`` times.
     Decoding then writes one position per step in place; a growing cache concatenates every layer's keys and
@@ -101,10 +112,11 @@ def _static_cache(model: torch.nn.Module, prefilled, n: int, length: int):
 
 
 def _decode(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, prefilled, n: int, *, max_new_tokens: int,
-            min_new_tokens: int, stops: list[int], pad_id: int, temperature: float, top_p: float) -> torch.Tensor:
+            min_new_tokens: int, stops: list[int], pad_id: int, temperature: float,
+            top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(B * n, <= max_new_tokens) new tokens for ``n`` samples of each left-padded prompt, ``pad_id`` after a row's
-    stop token; ``prefilled`` caches every prompt token but the last, once per prompt (None for one-token
-    prompts)."""
+    stop token, and each token's ``token_logprob`` (taken before the min_new_tokens mask); ``prefilled`` caches every
+    prompt token but the last, once per prompt (None for one-token prompts)."""
     rows, width = ids.shape[0] * n, ids.shape[1]
     cache = _static_cache(model, prefilled, n, width + max_new_tokens)
     attn = torch.zeros(rows, width + max_new_tokens, dtype=mask.dtype, device=mask.device)
@@ -113,20 +125,24 @@ def _decode(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, prefi
     cur = ids[:, -1:].repeat_interleave(n, 0)
     stop = torch.tensor(stops, dtype=torch.long, device=ids.device)
     alive = torch.ones(rows, dtype=torch.bool, device=ids.device)
-    out = []
+    out, logps = [], []
     for t in range(max_new_tokens):
         logits = model(input_ids=cur, attention_mask=attn, position_ids=pos, past_key_values=cache,
                        use_cache=True).logits[:, -1]
+        raw = logits.clone() if t < min_new_tokens else logits
         if t < min_new_tokens:
             logits[:, stop] = float("-inf")
         tok = torch.where(alive, draw(logits, temperature, top_p), pad_id)
         out.append(tok)
+        logps.append(token_logprob(raw, tok, temperature))
         alive &= ~torch.isin(tok, stop)
         if not bool(alive.any()):
             break
         cur, pos = tok[:, None], pos + 1
         attn[:, width + t] = 1
-    return torch.stack(out, dim=1) if out else ids.new_zeros(rows, 0)
+    if not out:
+        return ids.new_zeros(rows, 0), torch.zeros(rows, 0)
+    return torch.stack(out, dim=1), torch.stack(logps, dim=1)
 
 
 @torch.no_grad()
@@ -143,6 +159,7 @@ def sample_completions(model: torch.nn.Module, tokenizer, prompt_ids: list[list[
     pad_id = pad_id_of(tokenizer)
     stops = stop_token_ids(tokenizer, model)
     completions: list[list[int]] = []
+    logprobs: list[list[float]] = []
     finished: list[bool] = []
     per_batch = max(1, batch_size // n)
     with evaluating(model), merged_for_generation(model), eager():
@@ -156,11 +173,14 @@ def sample_completions(model: torch.nn.Module, tokenizer, prompt_ids: list[list[
                 mask[i, width - len(p):] = 1
             ids, mask = ids.to(device), mask.to(device)
             cache = _prefilled_cache(model, ids, mask) if width > 1 else None
-            out = _decode(model, ids, mask, cache, n, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                          stops=stops, pad_id=pad_id, temperature=temperature, top_p=top_p)
-            for row in out.tolist():
+            out, logps = _decode(model, ids, mask, cache, n, max_new_tokens=max_new_tokens,
+                                 min_new_tokens=min_new_tokens, stops=stops, pad_id=pad_id, temperature=temperature,
+                                 top_p=top_p)
+            for row, row_logps in zip(out.tolist(), logps.tolist()):
                 end = next((i for i, t in enumerate(row) if t in stops), None)
-                completions.append(row[:end + 1] if end is not None else row)
+                length = end + 1 if end is not None else len(row)
+                completions.append(row[:length])
+                logprobs.append(row_logps[:length])
                 finished.append(end is not None)
     texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
-    return Rollout([p for p in prompt_ids for _ in range(n)], completions, texts, finished)
+    return Rollout([p for p in prompt_ids for _ in range(n)], completions, texts, finished, logprobs)

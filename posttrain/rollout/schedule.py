@@ -5,6 +5,7 @@ sampled from the current policy. Rollout ``k`` serves optimizer steps ``k * mu``
 are visited in a seeded permutation per epoch and sampling is seeded by the rollout number, so a run resumed at a
 rollout boundary samples what the uninterrupted run sampled. GRPO and PPO differ only in ``make_batches``: how a
 rollout's completions become scored micro-batches (``methods.grpo.grpo_schedule``, ``methods.ppo.ppo_schedule``).
+The completions come from a rollout engine (``rollout.engines``), synced to the policy before each rollout.
 
 Layer 3 (rollout): imports data, models, rollout.
 """
@@ -19,7 +20,8 @@ import torch
 from posttrain.data.collate import collate_rollouts
 from posttrain.models.forward import Batch
 from posttrain.models.loading import pad_id as pad_id_of
-from posttrain.rollout.sample import Rollout, sample_completions
+from posttrain.rollout.interface import HFEngine, RolloutEngine, Timer
+from posttrain.rollout.sample import Rollout
 
 RewardFn = Callable[..., list[float]]
 
@@ -33,13 +35,15 @@ def generation_batch(completions: int, micro_batch_size: int, cap: int = 64) -> 
 class RolloutSchedule:
     """The engine's ``StepBatches`` for online RL. ``make_batches(schedule, rollout)`` returns the micro-batches of
     one rollout, sampled (``sample``), scored (``score``), with everything the method's loss reads; it may record
-    the rollout in ``schedule.last_rollout``."""
+    the rollout in ``schedule.last_rollout``. ``engine`` samples (default: posttrain's own sampler on ``model``)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, prompts: list[list[int]], rows: list[dict[str, Any]],
                  chats: list[Any], *, make_batches: Callable[[RolloutSchedule, int], list[Batch]],
                  prompts_per_step: int, mu: int, micro_batch_size: int, seed: int, share_prompt: bool = True,
-                 watch: RewardFn | None = None):
+                 watch: RewardFn | None = None, engine: RolloutEngine | None = None):
         self.make_batches = make_batches
+        self.engine = engine or HFEngine(model, tokenizer)
+        self.timing: dict[str, float] = {}
         self.model, self.tok, self.prompts, self.rows, self.chats = model, tokenizer, prompts, rows, chats
         self.per_step, self.mu, self.micro, self.seed = prompts_per_step, mu, micro_batch_size, seed
         self.share_prompt, self.watch = share_prompt, watch
@@ -70,16 +74,14 @@ class RolloutSchedule:
         return out
 
     def sample(self, rollout: int, n: int, **sampling: Any) -> tuple[list[int], Rollout]:
-        """This rollout's prompt indices and ``n`` completions of each, sampled from a generator seeded by the
-        rollout number (the global RNG is left as it was)."""
+        """This rollout's prompt indices and ``n`` completions of each, from the engine synced to the current
+        policy (version = the rollout number) and seeded by the rollout number."""
         idx = self.prompt_indices(rollout)
-        rng_state = torch.get_rng_state()
-        torch.manual_seed(self.seed * 1_000_003 + rollout)
-        try:
-            ro = sample_completions(self.model, self.tok, [self.prompts[i] for i in idx], n=n,
+        self.engine.sync(self.model, rollout)
+        with Timer() as took:
+            ro = self.engine.sample([self.prompts[i] for i in idx], n=n, seed=self.seed * 1_000_003 + rollout,
                                     batch_size=generation_batch(len(idx) * n, self.micro), **sampling)
-        finally:
-            torch.set_rng_state(rng_state)
+        self.timing = {"rollout/sample_s": took.s, "rollout/sync_s": self.engine.sync_s}
         return idx, ro
 
     def score(self, fn: RewardFn, idx: list[int], n: int, texts: list[str]) -> list[float]:
@@ -91,15 +93,25 @@ class RolloutSchedule:
         """Completion length, truncation, and the watch terms (scored, logged, never trained on)."""
         lengths = torch.tensor([len(c) for c in ro.completion_ids], dtype=torch.float64)
         out = {"completion_len": lengths.mean(),
-               "truncated": 1.0 - torch.tensor(ro.finished, dtype=torch.float64).mean()}
+               "truncated": 1.0 - torch.tensor(ro.finished, dtype=torch.float64).mean(),
+               **{k: torch.tensor(v, dtype=torch.float64) for k, v in self.timing.items()}}
         if self.watch is not None:
             out["watch"] = torch.tensor(self.score(self.watch, idx, n, ro.texts), dtype=torch.float64).mean()
             out.update(part_metrics(self.watch, "watch"))
         return out
 
     def micro_batches(self, ro: Rollout) -> list[Batch]:
-        return [collate_rollouts(ro.prompt_ids[k:k + self.micro], ro.completion_ids[k:k + self.micro], self.pad_id,
-                                 self.share_prompt) for k in range(0, len(ro.texts), self.micro)]
+        """The rollout as collated micro-batches, each with the engine's log-probs as ``engine_logp`` (N, L)."""
+        out = []
+        for k in range(0, len(ro.texts), self.micro):
+            b = collate_rollouts(ro.prompt_ids[k:k + self.micro], ro.completion_ids[k:k + self.micro], self.pad_id,
+                                 self.share_prompt)
+            engine_logp = torch.zeros(b["completion_mask"].shape)
+            for i, lp in enumerate(ro.logprobs[k:k + self.micro]):
+                engine_logp[i, :len(lp)] = torch.tensor(lp)
+            b["engine_logp"] = engine_logp
+            out.append(b)
+        return out
 
 
 def part_metrics(fn: RewardFn, prefix: str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,137 @@
+"""The rollout-engine seam: the engines' per-token log-probs are the trainer's, and the managed vLLM server's
+start-up failures name their cause (no vLLM needed: fake interpreters fail the way a real one does)."""
+
+import stat
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from posttrain.data.collate import collate_rollouts
+from posttrain.errors import ConfigError
+from posttrain.models import apply_lora
+from posttrain.models.forward import evaluating, token_logps
+from posttrain.rollout.engines import ENGINES, make_engine
+from posttrain.rollout.interface import EngineSettings, HFEngine
+from posttrain.rollout.vllm import ManagedVLLM, free_port, lora_rank, serve_command
+
+
+def settings(**kw) -> EngineSettings:
+    from posttrain.config import RolloutSection
+    from posttrain.recipes._common import from_section
+
+    return from_section(EngineSettings, RolloutSection(**kw))
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_dir):
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_dir), r=4, alpha=8, dropout=0.0,
+                       target_modules="all-linear")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
+
+
+def trainer_logps(model, tokenizer, ro, temperature):
+    batch = collate_rollouts(ro.prompt_ids, ro.completion_ids, tokenizer.pad_token_id)
+    with evaluating(model), torch.no_grad():
+        return token_logps(model, batch, temperature), batch["completion_mask"]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_hf_engine_logprobs_are_the_trainers(policy, tokenizer, temperature):
+    """Recorded while decoding (merged LoRA, KV cache, min_new_tokens mask on) and recomputed by a teacher-forced
+    forward (unmerged, no cache), the sampled tokens' log-probs agree: the hf engine has no mismatch but rounding."""
+    prompts = [tokenizer("Name three colours.")["input_ids"], tokenizer("Count to five, slowly")["input_ids"]]
+    engine = HFEngine(policy, tokenizer)
+    ro = engine.sample(prompts, n=3, max_new_tokens=10, temperature=temperature, top_p=1.0, min_new_tokens=3,
+                       seed=5, batch_size=6)
+    assert [len(lp) for lp in ro.logprobs] == [len(c) for c in ro.completion_ids]
+    train, mask = trainer_logps(policy, tokenizer, ro, temperature)
+    engine_logp = torch.zeros_like(train)
+    for i, lp in enumerate(ro.logprobs):
+        engine_logp[i, :len(lp)] = torch.tensor(lp)
+    assert float(((train - engine_logp).abs() * mask).max()) < 1e-4
+    again = engine.sample(prompts, n=3, max_new_tokens=10, temperature=temperature, top_p=1.0, min_new_tokens=3,
+                          seed=5, batch_size=6)
+    assert again.completion_ids == ro.completion_ids  # seeded: repeatable
+
+
+def test_engine_table_and_unknown_name(policy, tokenizer, tmp_path):
+    assert set(ENGINES) == {"hf", "server", "vllm"}
+    assert isinstance(make_engine(policy, tokenizer, settings(), tmp_path, "unused"), HFEngine)
+    with pytest.raises(ConfigError, match="rollout.server_url"):
+        make_engine(policy, tokenizer, settings(engine="server"), tmp_path, "unused")
+
+
+def test_server_engines_need_lora(tiny_dir, tokenizer, tmp_path):
+    full = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    with pytest.raises(ConfigError, match="needs finetune: lora"):
+        make_engine(full, tokenizer, settings(engine="server", server_url="http://127.0.0.1:9/v1"), tmp_path, "x")
+    with pytest.raises(ConfigError, match="needs finetune: lora"):
+        make_engine(full, tokenizer, settings(engine="vllm", vllm_python=sys.executable), tmp_path, "x")
+
+
+def test_vllm_without_vllm_or_an_interpreter_says_how_to_get_it(policy, tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
+    with pytest.raises(ConfigError, match="make vllm-venv"):
+        make_engine(policy, tokenizer, settings(engine="vllm"), tmp_path, "x")
+
+
+def test_the_serve_command_asks_for_processed_logprobs_and_runtime_lora(policy):
+    cmd = serve_command("/py", "/base", 8123, torch.float32, lora_rank(policy), ["--enforce-eager"])
+    assert cmd[:3] == ["/py", "-m", "vllm.entrypoints.openai.api_server"]
+    joined = " ".join(cmd)
+    for part in ("--model /base", "--port 8123", "--dtype float32", "--enable-lora", "--max-lora-rank 8",
+                 "--logprobs-mode processed_logprobs", "--served-model-name base"):
+        assert part in joined
+    assert cmd[-1] == "--enforce-eager"
+
+
+def fake_python(tmp_path, body: str) -> str:
+    """An 'interpreter' that ignores its arguments and runs ``body`` (a shell script)."""
+    path = tmp_path / "fake-python"
+    path.write_text("#!/bin/sh\n" + textwrap.dedent(body))
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return str(path)
+
+
+@pytest.mark.parametrize("body, cause", [
+    ("echo 'ModuleNotFoundError: No module named vllm' >&2; exit 1", "cannot import vllm"),
+    ("echo 'OSError: [Errno 98] Address already in use'; exit 1", "port is already in use"),
+    ("echo 'RuntimeError: CUDA out of memory. Tried to allocate'; exit 1", "ran out of memory"),
+    ("echo 'something else broke'; exit 3", "exited with code 3"),
+])
+def test_a_server_that_dies_while_starting_names_the_cause(policy, tokenizer, tmp_path, body, cause):
+    s = settings(engine="vllm", vllm_python=fake_python(tmp_path, body), start_timeout_s=30)
+    with pytest.raises(ConfigError, match=cause) as info:
+        ManagedVLLM.launch(policy, tokenizer, s, tmp_path / "run", "/base")
+    assert "vllm_server.log" in str(info.value)
+
+
+def test_the_real_interpreter_without_vllm_is_named(policy, tokenizer, tmp_path):
+    s = settings(engine="vllm", vllm_python=sys.executable, start_timeout_s=60)
+    with pytest.raises(ConfigError, match="cannot import vllm"):
+        ManagedVLLM.launch(policy, tokenizer, s, tmp_path / "run", "/base")
+
+
+def test_a_server_that_never_answers_times_out_and_is_stopped(policy, tokenizer, tmp_path):
+    s = settings(engine="vllm", vllm_python=fake_python(tmp_path, "exec sleep 60"), start_timeout_s=1.5)
+    with pytest.raises(ConfigError, match="did not answer within rollout.start_timeout_s=2 s"):
+        ManagedVLLM.launch(policy, tokenizer, s, tmp_path / "run", "/base")
+
+
+def test_a_port_in_use_is_refused_before_anything_starts():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        with pytest.raises(ConfigError, match=f"rollout.port: {s.getsockname()[1]} is already in use"):
+            free_port(s.getsockname()[1])
+    assert free_port(0) > 0
