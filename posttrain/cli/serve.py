@@ -16,7 +16,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                  api_key=args.api_key or os.environ.get("POSTTRAIN_API_KEY"), served_name=args.served_name,
                  max_batch=args.max_batch, dtype=args.dtype, timeout_s=args.timeout,
                  quantization=args.quantization, header_timeout_s=args.header_timeout,
-                 body_timeout_s=args.body_timeout, max_connections=args.max_connections)
+                 body_timeout_s=args.body_timeout, max_connections=args.max_connections,
+                 logprobs_mode=args.logprobs_mode)
 
 
 def add_commands(sub) -> None:
@@ -47,4 +48,7 @@ def add_commands(sub) -> None:
                    help="seconds for a request body to arrive (408)")
     s.add_argument("--max-connections", type=int, default=128,
                    help="open connections at most (one thread each); more get 503")
+    s.add_argument("--logprobs-mode", choices=["raw_logprobs", "processed_logprobs"], default="raw_logprobs",
+                   help="vLLM's flag: which distribution reported logprobs come from; raw_logprobs: the model's "
+                        "log_softmax, processed_logprobs: after temperature (top_p is applied in neither)")
     s.set_defaults(func=_cmd_serve)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from posttrain.serve import logprobs
 
 DEFAULT_MAX_TOKENS = 512  # when a request names none; the context limit still applies
 
@@ -34,23 +36,29 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    min_tokens: int = 0  # vLLM's: no stop token (EOS, end of turn, stop_token_ids) before this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # vLLM's: more tokens that end a choice (finish_reason "stop"), listed
+    logprobs: int | None = None  # alternatives to report per token; None: no logprobs are computed for the row
 
 
 @dataclass
 class GenerationRequest:
     kind: str  # "chat" or "completion"
     model: str
-    prompts: list  # chat: one list of messages; completion: one or more strings (one choice each)
+    prompts: list  # chat: one list of messages; completion: strings or token-id lists (n choices each)
     max_tokens: int | None
     sampling: dict = field(default_factory=dict)  # Sampling's fields but max_tokens, known once prompts are tokens
     stream: bool = False
     include_usage: bool = False
+    n: int = 1
+    tokens_as_ids: bool = False  # vLLM's return_tokens_as_token_ids: logprobs' tokens written "token_id:{id}"
+    return_token_ids: bool = False  # vLLM's: the sampled ids on each choice, the prompt's beside them
 
 
 # Fields this server does not implement; accepting them silently would return something other than was asked.
 # Each maps to a test of "the client left it at its default".
 _UNSUPPORTED = {
-    "logprobs": lambda v: not v, "top_logprobs": lambda v: not v, "echo": lambda v: not v,
+    "echo": lambda v: not v,
     "suffix": lambda v: not v, "logit_bias": lambda v: not v, "tools": lambda v: not v,
     "functions": lambda v: not v, "best_of": lambda v: v in (None, 1),
     "presence_penalty": lambda v: not v, "frequency_penalty": lambda v: not v,
@@ -94,17 +102,67 @@ def _messages(body: dict) -> list[dict]:
     return out[:-1] if asked else out
 
 
-def _prompts(body: dict) -> list[str]:
+def _prompts(body: dict, vocab_size: int | None) -> list:
+    """The prompts: strings, or token-id lists (vLLM's and OpenAI's forms), which are used as they are."""
     p = body.get("prompt")
     if isinstance(p, str):
         return [p]
-    if isinstance(p, list) and p and all(isinstance(x, str) for x in p):
-        return p
-    raise ServeError(400, "'prompt' is required: a string or a non-empty list of strings (token ids are not "
-                          "supported)", param="prompt")
+    if isinstance(p, list) and p:
+        if all(isinstance(x, str) for x in p):
+            return p
+        if all(isinstance(x, list) for x in p):
+            return [_token_ids(x, f"prompt[{i}]", vocab_size) for i, x in enumerate(p)]
+        if not any(isinstance(x, (str, list)) for x in p):
+            return [_token_ids(p, "prompt", vocab_size)]
+    raise ServeError(400, "'prompt' is required: a string, a non-empty list of strings, a list of token ids or a "
+                          "list of lists of token ids", param="prompt")
 
 
-def parse_generation(body: Any, kind: str) -> GenerationRequest:
+def _token_ids(ids: list, name: str, vocab_size: int | None) -> list[int]:
+    if not ids:
+        raise ServeError(400, f"'{name}' is empty: a token-id prompt needs at least one id", param=name)
+    hi = vocab_size if vocab_size is not None else float("inf")
+    for j, t in enumerate(ids):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < hi:
+            bound = f"in [0, {vocab_size})" if vocab_size is not None else ">= 0"
+            raise ServeError(400, f"'{name}[{j}]' must be a token id, an integer {bound}; got {t!r}",
+                             param=f"{name}[{j}]")
+    return ids
+
+
+def _flag(body: dict, name: str) -> bool:
+    v = body.get(name)
+    if v is not None and not isinstance(v, bool):
+        raise ServeError(400, f"'{name}' must be true or false, got {v!r}", param=name)
+    return bool(v)
+
+
+def _logprobs(body: dict, kind: str) -> int | None:
+    """How many alternatives to report per token, or None for no logprobs. Completions ask with ``logprobs: k``;
+    chat with ``logprobs: true`` and ``top_logprobs: k`` (which needs the former, as vLLM and OpenAI say)."""
+    if kind == "completion":
+        if body.get("top_logprobs"):
+            raise ServeError(400, "'top_logprobs' is a chat field; a completion asks with 'logprobs': k",
+                             param="top_logprobs")
+        return _number(body, "logprobs", None, lo=0, hi=20, integer=True)
+    wanted = _flag(body, "logprobs")
+    k = _number(body, "top_logprobs", None, lo=0, hi=20, integer=True)
+    if k and not wanted:
+        raise ServeError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return (k or 0) if wanted else None
+
+
+def _stop_token_ids(body: dict, vocab_size: int | None) -> tuple[int, ...]:
+    v = body.get("stop_token_ids")
+    if not v:
+        return ()
+    if not isinstance(v, list):
+        raise ServeError(400, "'stop_token_ids' must be a list of token ids", param="stop_token_ids")
+    return tuple(_token_ids(v, "stop_token_ids", vocab_size))
+
+
+def parse_generation(body: Any, kind: str, vocab_size: int | None = None) -> GenerationRequest:
+    """The request, checked. ``vocab_size`` bounds token-id prompts (the server passes its tokenizer's)."""
     if not isinstance(body, dict):
         raise ServeError(400, "the request body must be a JSON object")
     model = body.get("model")
@@ -113,9 +171,7 @@ def parse_generation(body: Any, kind: str) -> GenerationRequest:
     for name, is_default in _UNSUPPORTED.items():
         if name in body and not is_default(body[name]):
             raise ServeError(400, f"'{name}' is not supported by this server", param=name)
-    if body.get("n") not in (None, 1):
-        raise ServeError(400, f"only n=1 is supported, got n={body['n']!r}", param="n")
-    prompts = [_messages(body)] if kind == "chat" else _prompts(body)
+    prompts = [_messages(body)] if kind == "chat" else _prompts(body, vocab_size)
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = _number(body, name, None, lo=1, hi=10 ** 9, integer=True)
     stop = body.get("stop")
@@ -131,10 +187,23 @@ def parse_generation(body: Any, kind: str) -> GenerationRequest:
     top_p = _number(body, "top_p", 1.0, lo=0.0, hi=1.0)
     if top_p == 0:
         raise ServeError(400, "'top_p' must be greater than 0", param="top_p")
+    logprobs = _logprobs(body, kind)
+    return_ids = _flag(body, "return_token_ids")
+    # A streamed chunk's text is cut where the text is stable, not at token boundaries: tokens and their logprobs
+    # would not line up with the pieces. Refused rather than sent in another shape than vLLM's.
+    if stream and logprobs is not None:
+        raise ServeError(400, "'logprobs' cannot be combined with 'stream' on this server", param="logprobs")
+    if stream and return_ids:
+        raise ServeError(400, "'return_token_ids' cannot be combined with 'stream' on this server",
+                         param="return_token_ids")
     sampling = {"temperature": float(_number(body, "temperature", 1.0, lo=0.0, hi=2.0)), "top_p": float(top_p),
-                "seed": _number(body, "seed", None, lo=-2 ** 63, hi=2 ** 64 - 1, integer=True), "stop": tuple(stop)}
+                "seed": _number(body, "seed", None, lo=-2 ** 63, hi=2 ** 64 - 1, integer=True), "stop": tuple(stop),
+                "min_tokens": _number(body, "min_tokens", 0, lo=0, hi=10 ** 9, integer=True), "logprobs": logprobs,
+                "stop_token_ids": _stop_token_ids(body, vocab_size)}
     return GenerationRequest(kind=kind, model=model, prompts=prompts, max_tokens=max_tokens, sampling=sampling,
-                             stream=stream, include_usage=bool(stream and options.get("include_usage")))
+                             stream=stream, include_usage=bool(stream and options.get("include_usage")),
+                             n=_number(body, "n", 1, lo=1, hi=64, integer=True),
+                             tokens_as_ids=_flag(body, "return_tokens_as_token_ids"), return_token_ids=return_ids)
 
 
 def sampling_for(req: GenerationRequest, prompt_len: int, max_len: int | None) -> Sampling:
@@ -152,8 +221,19 @@ def sampling_for(req: GenerationRequest, prompt_len: int, max_len: int | None) -
                               f"context of {max_len} tokens", param="max_tokens")
     else:
         max_tokens = req.max_tokens
+    if req.sampling["min_tokens"] > max_tokens:
+        raise ServeError(400, f"'min_tokens' ({req.sampling['min_tokens']}) exceeds max_tokens ({max_tokens})",
+                         param="min_tokens")
     seed = req.sampling["seed"]
     return Sampling(max_tokens=max_tokens, **{**req.sampling, "seed": None if seed is None else seed % 2 ** 63})
+
+
+def choice_sampling(sampling: Sampling, j: int) -> Sampling:
+    """Choice ``j`` of a prompt's n: with a request seed s its generator is seeded with (s + j) mod 2**63 (vLLM's
+    rule for its n child requests), so the whole response repeats for the same request while the n choices draw
+    different samples; without a seed each row draws its own random seed. Seeds s and s + 1 share n - 1 choices'
+    generators: a client that wants fresh samples per request spaces its seeds at least n apart."""
+    return sampling if sampling.seed is None else replace(sampling, seed=(sampling.seed + j) % 2 ** 63)
 
 
 def chars_per_token_bound(tokenizer) -> int:
@@ -195,16 +275,39 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def response(kind: str, rid: str, model: str, texts: list[str], reasons: list[str], use: dict) -> dict:
-    if kind == "chat":
-        choices = [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": r, "logprobs": None}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
-        obj = "chat.completion"
-    else:
-        choices = [{"index": i, "text": t, "finish_reason": r, "logprobs": None}
-                   for i, (t, r) in enumerate(zip(texts, reasons))]
-        obj = "text_completion"
-    return {"id": rid, "object": obj, "created": int(time.time()), "model": model, "choices": choices, "usage": use}
+@dataclass
+class Choice:
+    """What one choice received: its text pieces joined, then its done event's finish and tokens."""
+    prompt_ids: list[int]
+    text: str = ""
+    finish_reason: str = "stop"
+    token_ids: list[int] = field(default_factory=list)
+    steps: list | None = None  # logprobs.Step per token, when asked
+
+
+def response(gen: GenerationRequest, rid: str, choices: list[Choice], use: dict, tokenizer) -> dict:
+    """The whole answer. vLLM's extensions: with return_token_ids each choice has ``token_ids``, and the prompt's ids
+    are ``prompt_token_ids`` on each completion choice, on the response for chat (vLLM >= 0.10.2)."""
+    k, chat = gen.sampling["logprobs"], gen.kind == "chat"
+    out = []
+    for i, c in enumerate(choices):
+        lp = None
+        if k is not None:
+            lp = (logprobs.chat_logprobs(c.steps, tokenizer, k, gen.tokens_as_ids) if chat
+                  else logprobs.completion_logprobs(c.steps, tokenizer, gen.tokens_as_ids))
+        item = {"index": i, "message": {"role": "assistant", "content": c.text}} if chat else \
+            {"index": i, "text": c.text}
+        item.update(finish_reason=c.finish_reason, logprobs=lp)
+        if gen.return_token_ids:
+            item["token_ids"] = c.token_ids
+            if not chat:
+                item["prompt_token_ids"] = c.prompt_ids
+        out.append(item)
+    body = {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+            "model": gen.model, "choices": out, "usage": use}
+    if chat and gen.return_token_ids:
+        body["prompt_token_ids"] = choices[0].prompt_ids
+    return body
 
 
 def chunk(kind: str, rid: str, model: str, index: int | None, *, text: str | None = None,

@@ -7,6 +7,9 @@ while a batch is running joins it between steps: its prompt is prefilled alone, 
 caches is left-padded to the other's width. Padding columns are masked, so a row's tokens do not depend on
 its neighbours (up to float rounding).
 
+Rows that ask for logprobs get them from the same logits they are sampled from (serve/logprobs.py); the others pay
+nothing for it. min_tokens masks the stop tokens in a row's logits until it has that many tokens.
+
 Not thread-safe: one scheduler thread owns an Engine (see scheduler.py).
 """
 
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 
 from posttrain.models.loading import pad_id as pad_id_of
+from posttrain.serve import logprobs
 from posttrain.serve.api import ServeError
 from posttrain.serve.text import TextStream, sample_token
 
@@ -59,13 +63,18 @@ class Row:
         self.prompt: list[int] = request.prompt_ids
         self.text = TextStream(tokenizer, s.stop)
         self.generator = torch.Generator().manual_seed(s.seed if s.seed is not None else random.getrandbits(63))
+        self.tokens: list[int] = []  # every sampled id, the stop token included
+        self.steps: list[logprobs.Step] | None = [] if s.logprobs is not None else None
         self.num_generated = 0
         self.last: int | None = None
         self.done = False
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, tokenizer, *, base_path: str = ""):
+    def __init__(self, model: torch.nn.Module, tokenizer, *, base_path: str = "", logprobs_mode: str = logprobs.RAW):
+        if logprobs_mode not in logprobs.MODES:
+            raise ValueError(f"logprobs_mode must be one of {', '.join(logprobs.MODES)}, got {logprobs_mode!r}")
+        self.logprobs_mode = logprobs_mode
         self.base = model.eval()
         self.peft = None  # a PeftModel around self.base while at least one adapter is loaded
         self.tokenizer, self.base_path = tokenizer, base_path
@@ -73,6 +82,9 @@ class Engine:
         self.adapters: dict[str, Adapter] = {}  # replaced on change, never mutated: handler threads read it bare
         self.max_len: int | None = getattr(model.config, "max_position_embeddings", None)
         self.eos = stop_ids(tokenizer, model)
+        self._eos_index = torch.tensor(sorted(self.eos), dtype=torch.long, device=self.device)
+        # Ids a prompt may hold: the tokenizer must decode them and the embedding must have a row for them.
+        self.vocab_size = min(len(tokenizer), model.get_input_embeddings().num_embeddings)
         self.pad_id = pad_id_of(tokenizer)
         self._keys = itertools.count()
         self.rows: list[Row] = []
@@ -244,17 +256,36 @@ class Engine:
         self.rows = self.rows + rows
 
     def _advance(self, rows: list[Row], logits: torch.Tensor) -> None:
-        for row, row_logits in zip(rows, logits):
-            s = row.sampling
-            token = sample_token(row_logits, temperature=s.temperature, top_p=s.top_p,
-                                 generator=row.generator)
+        # A log_softmax over the vocabulary per row and step costs time: only for the rows that asked.
+        want = [i for i, r in enumerate(rows) if r.steps is not None]
+        temps = [rows[i].sampling.temperature for i in want]
+        raw = logprobs.distribution(logits[want], temps, logprobs.RAW) \
+            if want and self.logprobs_mode == logprobs.RAW else None
+        self._hold_stop_tokens(rows, logits)
+        tokens = [sample_token(row_logits, temperature=r.sampling.temperature, top_p=r.sampling.top_p,
+                               generator=r.generator) for r, row_logits in zip(rows, logits)]
+        if want:
+            logp = raw if raw is not None else logprobs.distribution(logits[want], temps, logprobs.PROCESSED)
+            picked = logprobs.steps(logp, [tokens[i] for i in want], [rows[i].sampling.logprobs for i in want])
+            for i, step in zip(want, picked):
+                rows[i].steps.append(step)
+        for row, token in zip(rows, tokens):
             self._push(row, token)
+
+    def _hold_stop_tokens(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """min_tokens: the stop tokens cannot be sampled by a row that has fewer tokens than it asked for."""
+        for i, r in enumerate(rows):
+            if r.num_generated < r.sampling.min_tokens:
+                held = self._eos_index if not r.sampling.stop_token_ids else \
+                    torch.tensor(sorted(self.eos | set(r.sampling.stop_token_ids)), device=logits.device)
+                logits[i, held] = float("-inf")
 
     def _push(self, row: Row, token: int) -> None:
         row.num_generated += 1
+        row.tokens.append(token)
         row.last = token
         self.stats["tokens"] += 1
-        if token in self.eos:
+        if token in self.eos or token in row.sampling.stop_token_ids:
             return self._finish(row, "stop")
         piece, stopped = row.text.push(token)
         if piece:
@@ -269,7 +300,7 @@ class Engine:
         if piece:
             row.request.emit("text", text=piece)
         row.request.emit("done", finish_reason=reason, prompt_tokens=len(row.prompt),
-                         completion_tokens=row.num_generated)
+                         completion_tokens=row.num_generated, token_ids=row.tokens, logprobs=row.steps)
         row.done = True
 
     def _drop_finished(self) -> None:

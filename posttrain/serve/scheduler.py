@@ -26,7 +26,8 @@ log = logging.getLogger("posttrain.serve")
 @dataclass
 class Request:
     """One prompt to complete. Events go to ``events`` as (index, kind, data): kind "text" (data["text"]),
-    then exactly one of "done" (finish_reason, token counts) or "error" (status, message)."""
+    then exactly one of "done" (finish_reason, token counts, the sampled token_ids, and logprobs: a list of
+    logprobs.Step when the sampling asked for them, else None) or "error" (status, message)."""
     prompt_ids: list[int]
     model: str
     sampling: Sampling

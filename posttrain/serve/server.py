@@ -137,6 +137,8 @@ class Server:
         """Each prompt's token ids. A prompt too long for the context by its length in characters alone is refused
         before it is tokenized (which takes seconds for megabytes)."""
         tok = self.engine.tokenizer
+        if gen.kind == "completion" and isinstance(gen.prompts[0], list):
+            return gen.prompts  # token ids, used as they are: no BOS added, no re-tokenizing
         if gen.kind == "completion":
             texts, special = gen.prompts, True
         else:
@@ -274,7 +276,7 @@ class Handler(JSONHandler):
         self._generate(api.parse_generation(body, "chat"))
 
     def completions(self, path, body):
-        self._generate(api.parse_generation(body, "completion"))
+        self._generate(api.parse_generation(body, "completion", self.app.engine.vocab_size))
 
     def _generate(self, gen: api.GenerationRequest) -> None:
         app = self.app
@@ -284,28 +286,29 @@ class Handler(JSONHandler):
                              code="model_not_found")
         prompt_ids = app.encode(gen)
         events: queue.Queue = queue.Queue()
-        requests = [Request(prompt_ids=ids, model=gen.model, events=events, index=i,
-                            sampling=api.sampling_for(gen, len(ids), app.engine.max_len))
-                    for i, ids in enumerate(prompt_ids)]
+        samplings = [api.sampling_for(gen, len(ids), app.engine.max_len) for ids in prompt_ids]
+        # OpenAI's order: choice p * n + j is prompt p's j-th.
+        requests = [Request(prompt_ids=ids, model=gen.model, events=events, index=p * gen.n + j,
+                            sampling=api.choice_sampling(s, j))
+                    for p, (ids, s) in enumerate(zip(prompt_ids, samplings)) for j in range(gen.n)]
         for r in requests:
             app.scheduler.submit(r)
         rid = api.new_id(gen.kind)
-        (self._stream if gen.stream else self._complete)(gen, rid, requests, events)
+        prompt_tokens = sum(map(len, prompt_ids))  # once per prompt, however many choices it has (as OpenAI)
+        (self._stream if gen.stream else self._complete)(gen, rid, requests, events, prompt_tokens)
 
-    def _complete(self, gen, rid, requests, events) -> None:
-        texts = [""] * len(requests)
-        reasons = ["stop"] * len(requests)
-        completion_tokens = 0
+    def _complete(self, gen, rid, requests, events, prompt_tokens: int) -> None:
+        choices = [api.Choice(prompt_ids=r.prompt_ids) for r in requests]
         for index, kind, data in self._events(requests, events):
+            c = choices[index]
             if kind == "text":
-                texts[index] += data["text"]
+                c.text += data["text"]
             else:
-                reasons[index] = data["finish_reason"]
-                completion_tokens += data["completion_tokens"]
-        use = api.usage(sum(len(r.prompt_ids) for r in requests), completion_tokens)
-        self.send_json(200, api.response(gen.kind, rid, gen.model, texts, reasons, use))
+                c.finish_reason, c.token_ids, c.steps = data["finish_reason"], data["token_ids"], data["logprobs"]
+        use = api.usage(prompt_tokens, sum(len(c.token_ids) for c in choices))
+        self.send_json(200, api.response(gen, rid, choices, use, self.app.engine.tokenizer))
 
-    def _stream(self, gen, rid, requests, events) -> None:
+    def _stream(self, gen, rid, requests, events, prompt_tokens: int) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
@@ -315,7 +318,8 @@ class Handler(JSONHandler):
         completion_tokens = 0
         try:
             if kind == "chat":
-                self.send_event(api.chunk(kind, rid, model, 0, first=True))
+                for r in requests:
+                    self.send_event(api.chunk(kind, rid, model, r.index, first=True))
             for index, event, data in self._events(requests, events):
                 if event == "text":
                     self.send_event(api.chunk(kind, rid, model, index, text=data["text"]))
@@ -323,7 +327,7 @@ class Handler(JSONHandler):
                     completion_tokens += data["completion_tokens"]
                     self.send_event(api.chunk(kind, rid, model, index, finish_reason=data["finish_reason"]))
             if gen.include_usage:
-                use = api.usage(sum(len(r.prompt_ids) for r in requests), completion_tokens)
+                use = api.usage(prompt_tokens, completion_tokens)
                 self.send_event(api.chunk(kind, rid, model, None, use=use))
         except ServeError as exc:  # the status line is gone: report in-band, as OpenAI-compatible servers do
             self.send_event(exc.body())
@@ -339,15 +343,16 @@ class Handler(JSONHandler):
 def serve(*, model: str | None, adapter_dir: str, host: str = "127.0.0.1", port: int = 8000,
           api_key: str | None = None, served_name: str = "base", max_batch: int = 16, dtype: str = "auto",
           timeout_s: float = 600.0, quantization: str = "none", header_timeout_s: float = 10.0,
-          body_timeout_s: float = 10.0, max_connections: int = 128) -> int:
-    """Load the base, the adapters in ``adapter_dir``, and serve until interrupted."""
+          body_timeout_s: float = 10.0, max_connections: int = 128, logprobs_mode: str = "raw_logprobs") -> int:
+    """Load the base, the adapters in ``adapter_dir``, and serve until interrupted. ``logprobs_mode`` is vLLM's
+    --logprobs-mode: which distribution reported logprobs come from (serve/logprobs.py)."""
     from posttrain.models import Quantization, load_model
 
     adapter_root = Path(adapter_dir)
     if not adapter_root.is_dir():
         raise FileNotFoundError(f"adapter directory {adapter_dir} does not exist (create it, even empty)")
     loaded = load_model(model, dtype=dtype, quantization=None if quantization == "none" else Quantization(quantization))
-    engine = Engine(loaded.model, loaded.tokenizer, base_path=loaded.path)
+    engine = Engine(loaded.model, loaded.tokenizer, base_path=loaded.path, logprobs_mode=logprobs_mode)
     try:
         server = Server(engine, adapter_root, served_name=served_name, host=host, port=port, api_key=api_key,
                         max_batch=max_batch, timeout_s=timeout_s, header_timeout_s=header_timeout_s,
