@@ -1,4 +1,5 @@
-"""torchrun with 2 CPU processes (gloo) gives the loss curve of one process with the same global batch."""
+"""torchrun with 2 CPU processes (gloo) gives the loss curve of one process with the same global batch: SFT, DPO and
+reward (batches split by rank), GRPO and PPO (rollouts split by prompt group)."""
 
 import json
 import subprocess
@@ -63,13 +64,53 @@ def test_two_processes_equal_one_with_the_same_global_batch(method, parallel, ti
     _same_curve(tmp_path / "one", tmp_path / "part", keys, train_only=True)
 
 
-def test_online_rl_refuses_several_processes(tmp_path, tiny_dir, monkeypatch, capsys):
-    from posttrain.cli import main
+@pytest.mark.parametrize("method", ["grpo", "ppo"])
+def test_online_rl_on_two_processes_equals_one(method, tiny_dir, tmp_path):
+    """Each process samples and scores its half of every rollout's prompt groups (each completion from its own
+    generator, seeded by its prompt's place in the rollout), so two processes see exactly the completions one
+    process sees; the loss count and the gradients are summed over them (and PPO whitens over the whole rollout)."""
+    rows = [{"prompt": f"Say a number bigger than {i}.", "answer": f"#### {i + 1}"} for i in range(12)]
+    data = write_jsonl(tmp_path / "q.jsonl", rows)
+    common = (f"model: {{name: {tiny_dir}}}\ndata: {{train: {data}, eval_fraction: 0.2}}\nlora: {{r: 4}}\n"
+              "train: {max_steps: 3, micro_batch_size: 2, lr: 0.01, eval_every: 3, min_lr_ratio: 1.0}\n")
+    if method == "grpo":
+        body = ("grpo: {group_size: 2, prompts_per_step: 4, max_new_tokens: 6, temperature: 1.0}\n"
+                "rewards: [{name: regex, options: {pattern: '[0-9]'}}, {name: length_penalty, weight: 0.1}]\n")
+        keys = ["loss", "grad_norm", "loss_units", "reward", "kl", "clip_fraction", "completion_len", "eval/reward"]
+    else:
+        from posttrain.config import load_config
+        from posttrain.recipes.reward import run as run_reward
+
+        pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(12))
+        run_reward(load_config(None, [f"model.name={tiny_dir}", f"data.train={pairs}", "lora.r=4",
+                                      f"output_dir={tmp_path / 'rm'}", "train.max_steps=2", "train.lr=5e-3"],
+                               method="reward"))
+        body = (f"ppo: {{reward_model: {tmp_path / 'rm'}, prompts_per_step: 4, samples_per_prompt: 2, "
+                "max_new_tokens: 6, temperature: 1.0}\n")
+        keys = ["loss", "grad_norm", "loss_units", "reward", "kl", "policy_loss", "value_loss", "return_mean",
+                "eval/reward"]
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"method: {method}\n{common}{body}")
+    _launch(1, method, cfg, tmp_path / "one")
+    _launch(2, method, cfg, tmp_path / "two")
+    _same_curve(tmp_path / "one", tmp_path / "two", keys)
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    steps = [r for r in _records(tmp_path / "two") if "loss" in r]
+    assert steps and all(r["loss_units"] > 0 for r in steps)
+
+
+def test_online_rl_refuses_sharded_weights(tmp_path, tiny_dir, monkeypatch):
+    from posttrain.config import load_config
+    from posttrain.errors import ConfigError
+    from posttrain.recipes.grpo import run
 
     data = write_jsonl(tmp_path / "q.jsonl", [{"prompt": f"Say {i}."} for i in range(4)])
-    cfg = tmp_path / "grpo.yaml"
-    cfg.write_text(f"method: grpo\nmodel: {{name: {tiny_dir}}}\ndata: {{train: {data}}}\n"
-                   "rewards: [{name: regex, options: {pattern: '1'}}]\n")
+    cfg = load_config(None, [f"model.name={tiny_dir}", f"data.train={data}", "train.distributed=fsdp"],
+                      method="grpo", base={"rewards": [{"name": "regex", "options": {"pattern": "1"}}]})
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it; refused before any process group is joined
-    assert main(["grpo", str(cfg)]) == 2
-    assert "torchrun with several processes is for sft, dpo, reward" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="train.distributed: fsdp is not supported by grpo"):
+        run(cfg)

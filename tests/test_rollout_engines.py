@@ -50,7 +50,7 @@ def test_hf_engine_logprobs_are_the_trainers(policy, tokenizer, temperature):
     prompts = [tokenizer("Name three colours.")["input_ids"], tokenizer("Count to five, slowly")["input_ids"]]
     engine = HFEngine(policy, tokenizer)
     ro = engine.sample(prompts, n=3, max_new_tokens=10, temperature=temperature, top_p=1.0, min_new_tokens=3,
-                       seed=5, batch_size=6)
+                       seeds=[5, 6], batch_size=6)
     assert [len(lp) for lp in ro.logprobs] == [len(c) for c in ro.completion_ids]
     train, mask = trainer_logps(policy, tokenizer, ro, temperature)
     engine_logp = torch.zeros_like(train)
@@ -58,7 +58,7 @@ def test_hf_engine_logprobs_are_the_trainers(policy, tokenizer, temperature):
         engine_logp[i, :len(lp)] = torch.tensor(lp)
     assert float(((train - engine_logp).abs() * mask).max()) < 1e-4
     again = engine.sample(prompts, n=3, max_new_tokens=10, temperature=temperature, top_p=1.0, min_new_tokens=3,
-                          seed=5, batch_size=6)
+                          seeds=[5, 6], batch_size=6)
     assert again.completion_ids == ro.completion_ids  # seeded: repeatable
 
 

@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 def _cmd_train(args: argparse.Namespace) -> int:
     from posttrain.config import load_config
     from posttrain.engine import console
-    from posttrain.engine.distributed import setup, shutdown, world
+    from posttrain.engine.distributed import setup, shutdown
     from posttrain.engine.resume import Resume
     from posttrain.errors import ConfigError
     from posttrain.recipes import RECIPES
@@ -32,9 +32,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, method=args.command)
     if cfg.method != args.command:
         raise ConfigError(f"{args.config} is a {cfg.method!r} config; run it with `posttrain {cfg.method}`")
-    if world().size > 1 and not RECIPES[cfg.method].data_parallel:
-        raise ConfigError(f"{cfg.method} runs in one process; torchrun with several processes is for "
-                          f"{', '.join(n for n, r in RECIPES.items() if r.data_parallel)}")
     w = setup()
     console.quiet = not w.main  # one log, from rank 0
     try:

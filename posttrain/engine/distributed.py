@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -175,6 +175,24 @@ def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 
         return distribute_tensor(full.to(param.device, param.dtype), param.device_mesh, param.placements)
     return full
+
+
+def sum_over_ranks(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+    """Each value summed over the processes (as float64); the values themselves in one process."""
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        return t.tolist()
+    return values
+
+
+def from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` on every process (picklable); the value itself in one process."""
+    if dist.is_available() and dist.is_initialized():
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
 
 
 def barrier() -> None:

@@ -18,7 +18,7 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from posttrain.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, trainer_state
-from posttrain.engine.distributed import all_reduce_grads, barrier, clip_grad_norm, unsharded, world
+from posttrain.engine.distributed import all_reduce_grads, barrier, clip_grad_norm, sum_over_ranks, unsharded, world
 from posttrain.engine.logging import MetricsLog, console, format_line
 from posttrain.engine.resume import RunStart, resumed_schedule
 from posttrain.engine.schedule import Schedule
@@ -82,18 +82,6 @@ OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw_8bit": _bnb_optimizer("AdamW8bit"),
     "paged_adamw_8bit": _bnb_optimizer("PagedAdamW8bit"),
 }
-
-
-def _all_reduce_sum(value: float, device: torch.device) -> float:
-    return float(_all_reduce_sums([value], device)[0])
-
-
-def _all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor(values, dtype=torch.float64, device=device)
-        torch.distributed.all_reduce(t)
-        return t.tolist()
-    return values
 
 
 def keep_freed_cpu_memory() -> bool:
@@ -202,7 +190,7 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
         for step in range(start, opts.total_steps):
             with amp():  # an RL method samples its rollouts here
                 micro = batches.step(step)
-            units = _all_reduce_sum(float(sum(method.count(b) for b in micro)), device)
+            units = sum_over_ranks([float(sum(method.count(b) for b in micro))], device)[0]
             loss_total = torch.zeros((), dtype=torch.float64, device=device)
             metrics: dict[str, float] = {}
             for batch in micro:
@@ -233,7 +221,7 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
                 # Every rank's share: the loss sums to the global one, token counts to the global throughput,
                 # and per-micro-batch means average over ranks.
                 keys = sorted(metrics)
-                global_loss, window_tokens, *vals = _all_reduce_sums(
+                global_loss, window_tokens, *vals = sum_over_ranks(
                     [float(loss_total), float(window_tokens), *(metrics[k] for k in keys)], device)
                 metrics = {k: v / w.size for k, v in zip(keys, vals)}
                 loss = global_loss / max(units, 1.0)

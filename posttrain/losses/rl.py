@@ -47,10 +47,15 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked entries (PPO's advantage whitening); padding stays 0."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+           moments: tuple[float, float] | None = None) -> torch.Tensor:
+    """(x - mean) / std over the masked entries (PPO's advantage whitening); padding stays 0. ``moments``: the
+    (mean, variance) to use instead of this tensor's own, e.g. over a rollout split across processes."""
+    if moments is None:
+        mean = masked_mean(x, mask)
+        var = masked_mean((x - mean) ** 2, mask)
+    else:
+        mean, var = (torch.tensor(v, dtype=x.dtype, device=x.device) for v in moments)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

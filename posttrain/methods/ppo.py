@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import torch
 
 from posttrain.data.collate import collate_rollouts
+from posttrain.engine.distributed import sum_over_ranks
 from posttrain.losses.offpolicy import Correction, corrected
 from posttrain.losses.rl import clipped_surrogate, clipped_value_loss, gae, kl_shaped_rewards, masked_mean, whiten
 from posttrain.models.forward import Batch, evaluating, pair_hidden, scatter_tokens, token_logps
@@ -224,7 +225,7 @@ class PPOBatches:
         rewards = kl_shaped_rewards(scores, old, ref, mask, p.kl_coef)
         adv, returns = gae(rewards, values, mask, p.gamma, p.lam)
         if p.whiten_advantages:
-            adv = whiten(adv, mask)
+            adv = whiten(adv, mask, moments=rollout_moments(adv, mask))
         kl = masked_mean(old - ref, mask, dim=1)
         metrics = {"reward": raw.mean().double(), "reward_std": raw.std(correction=0).double(),
                    "score_shaped": scores.mean().double(), "kl": kl.mean().double(),
@@ -240,6 +241,15 @@ class PPOBatches:
             b["metrics"] = {name: v.float() for name, v in metrics.items()}
             at += k
         return batches
+
+
+def rollout_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
+    """Mean and variance of the masked entries over the whole rollout: under torchrun each process holds a share of
+    it, so the sums are taken over processes (whitening then equals one process's on the whole rollout)."""
+    total, count = sum_over_ranks([float((x * mask).sum()), float(mask.sum())])
+    mean = total / max(count, 1.0)
+    (squares,) = sum_over_ranks([float((((x - mean) ** 2) * mask).sum())])
+    return mean, squares / max(count, 1.0)
 
 
 def ppo_schedule(model: SharedRoles, tokenizer, prompts: list[list[int]], rows: list[dict[str, Any]],

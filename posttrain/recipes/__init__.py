@@ -18,7 +18,6 @@ from typing import Any, Callable
 class Recipe:
     module: str  # the recipe's module, which defines run(cfg, *, resume) and may define evaluate_run(cfg, run_dir)
     help: str  # one line for `posttrain --help`
-    data_parallel: bool  # whether torchrun with several processes splits its batches (online RL samples per process)
     generates: bool  # whether the result answers prompts (a reward model scores them instead)
 
     @property
@@ -32,15 +31,15 @@ class Recipe:
 
 RECIPES: dict[str, Recipe] = {
     "sft": Recipe("posttrain.recipes.sft", "supervised fine-tuning (LoRA or full) from a YAML config",
-                  data_parallel=True, generates=True),
+                  generates=True),
     "dpo": Recipe("posttrain.recipes.dpo", "preference optimisation (DPO, IPO, SimPO, RPO) from a YAML config",
-                  data_parallel=True, generates=True),
+                  generates=True),
     "reward": Recipe("posttrain.recipes.reward", "a Bradley-Terry reward model (backbone + scalar head) from a YAML "
-                     "config", data_parallel=True, generates=False),
+                     "config", generates=False),
     "grpo": Recipe("posttrain.recipes.grpo", "GRPO with verifiable rewards (online RL) from a YAML config",
-                   data_parallel=False, generates=True),
+                   generates=True),
     "ppo": Recipe("posttrain.recipes.ppo", "PPO against a trained reward model; actor, critic, reward and reference "
-                  "share one base", data_parallel=False, generates=True),
+                  "share one base", generates=True),
 }
 
 __all__ = ["RECIPES", "Recipe"]

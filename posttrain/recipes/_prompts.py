@@ -10,6 +10,8 @@ from posttrain.config import PromptDataConfig
 from posttrain.data import holdout_split
 from posttrain.data.prompts import load_prompts
 from posttrain.engine import console
+from posttrain.engine.distributed import world
+from posttrain.errors import ConfigError
 from posttrain.models.loading import resolve_model_path
 from posttrain.recipes._common import from_section, resolve_template
 
@@ -57,3 +59,11 @@ def start_engine(cfg: Any, model: Any, tokenizer: Any, out: Path, probe: list[in
         console.print(f"rollout engine {r.engine}: mean |logp_engine - logp_train| = {gap:.2e} on a probe; "
                       f"importance correction: {r.is_correction}")
     return engine, Correction(r.is_correction, r.is_cap)
+
+
+def check_processes(cfg: Any) -> None:
+    """Online RL under torchrun replicates the weights (gradients all-reduced, as DDP): each process decodes its
+    share of the rollout with the whole model, which sharded layers would make one gather per decoded token."""
+    if world().size > 1 and cfg.train.distributed == "fsdp":
+        raise ConfigError(f"train.distributed: fsdp is not supported by {cfg.method} under torchrun: every process "
+                          "samples its rollouts with the whole model; use train.distributed: ddp")

@@ -16,8 +16,9 @@ What one optimizer step does, exactly:
 5. ``mu`` = 1: old = the current log-probs (detached), so rho = 1 and the clip never binds: one policy-gradient
    step per rollout. ``mu`` > 1: the rollout serves mu consecutive steps, old log-probs are fixed when it is
    sampled, rho drifts from 1 and the clip matters.
-In one process (the CLI refuses torchrun for RL: rollouts are not split across ranks yet, so no sharding and no
-rank-0 step here). Writes adapter/ or model/, summary.json, rewards.svg, report.html.
+Under torchrun each process samples and scores its share of the prompt groups (rollout.schedule), gradients are
+all-reduced, and rank 0 writes; the weights are replicated, never sharded (``check_processes``). Writes adapter/ or
+model/, summary.json, rewards.svg, report.html.
 """
 
 from __future__ import annotations
@@ -37,11 +38,12 @@ from posttrain.recipes._common import (
     loop_options,
     lora_export,
     prepare_model,
+    rank0_after,
     save_config,
     save_trained,
     write_summary,
 )
-from posttrain.recipes._prompts import load_prompt_splits, start_engine
+from posttrain.recipes._prompts import check_processes, load_prompt_splits, start_engine
 from posttrain.recipes._resume import check_resume
 from posttrain.report import write_watch_plot
 from posttrain.rewards import Combined
@@ -50,6 +52,7 @@ from posttrain.rollout.schedule import generation_batch
 
 def run(cfg: GRPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     start = check_resume(cfg, resume)  # a changed config is refused here, before anything is loaded or written
+    check_processes(cfg)
     job = begin_run(cfg)
     tok = job.tokenizer
     d, g, t = cfg.data, cfg.grpo, cfg.train
@@ -77,11 +80,12 @@ def run(cfg: GRPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
             if held_prompts else None
         save_config(job.out, cfg)
         opts = loop_options(t, total, cfg.model, job.loaded)
-        # No shard_if_asked / rank0_after here: the CLI refuses torchrun for RL (rollouts are not split across ranks).
         records = train_loop(model, GRPO(params, t.loss_chunk_size, correction), schedule, opts,
                              job.out, evaluate=evaluate, export=lora_export(cfg.finetune, model), resume=start)
     finally:
         engine.close()
+    if not rank0_after(model, sharded=False):  # rank 0 writes the results; the others hold the same weights
+        return {}
     final_dir = save_trained(model, tok, job.out, cfg.finetune)
     summary, evals = write_summary(job, total, report, lines, records, final_dir, "eval/reward")
     if evals:

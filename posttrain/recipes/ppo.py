@@ -5,8 +5,8 @@ reward adapter or zeros, ``reward`` frozen) and two heads (value, score) -> meth
 -kl_coef (log pi_old - log pi_ref) plus the reward model's score on the last token, GAE(gamma, lambda) advantages
 whitened per rollout, clipped surrogate + vf_coef * clipped value loss (see methods/ppo.py for the equations)
 -> engine.train_loop -> adapter/ (the actor, a plain PEFT adapter), critic/, summary.json, rewards.svg.
-In one process (the CLI refuses torchrun for RL: rollouts are not split across ranks yet, so no sharding and no
-rank-0 step here).
+Under torchrun each process samples and scores its share of the prompts, advantages are whitened over the whole
+rollout (statistics summed over processes), gradients are all-reduced, and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from posttrain.recipes._common import (
     from_section,
     loop_options,
     prepare_model,
+    rank0_after,
     save_config,
     write_summary,
 )
-from posttrain.recipes._prompts import load_prompt_splits, start_engine
+from posttrain.recipes._prompts import check_processes, load_prompt_splits, start_engine
 from posttrain.recipes._resume import check_resume
 from posttrain.recipes.grpo import combined
 from posttrain.report import write_watch_plot
@@ -43,6 +44,7 @@ from posttrain.runs import ADAPTER_DIR, CONFIG_FILE, CRITIC_DIR, HEAD_FILE, run_
 
 def run(cfg: PPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     start = check_resume(cfg, resume)  # a changed config is refused here, before anything is loaded or written
+    check_processes(cfg)
     job = begin_run(cfg)
     rss_loaded = rss_mb()[0]
     tok = job.tokenizer
@@ -80,11 +82,12 @@ def run(cfg: PPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
 
         save_config(job.out, cfg)
         opts = loop_options(t, total, cfg.model, job.loaded)
-        # No shard_if_asked / rank0_after here: the CLI refuses torchrun for RL (rollouts are not split across ranks).
         records = train_loop(roles, PPO(params, t.loss_chunk_size, correction), schedule, opts,
                              job.out, evaluate=evaluate, export=export, resume=start)
     finally:
         engine.close()
+    if not rank0_after(roles, sharded=False):  # rank 0 writes the results; the others hold the same weights
+        return {}
     final = atomic_dir(job.out / ADAPTER_DIR, lambda tmp: (roles.policy.save_pretrained(tmp, selected_adapters=[ACTOR]),
                                                            tok.save_pretrained(tmp)))
     atomic_dir(job.out / CRITIC_DIR, lambda tmp: save_critic(roles, tmp))

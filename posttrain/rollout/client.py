@@ -4,9 +4,9 @@ The protocol is vLLM's, so one client drives ``vllm serve`` and ``posttrain serv
 - sync: the policy's LoRA adapter is written as a new version folder (``save_pretrained`` of the adapter only, a
   few MB, written atomically), loaded with ``POST /v1/load_lora_adapter {lora_name, lora_path}``, and the previous
   version unloaded and deleted. The base weights are never sent (no merge, no full copy; a 4-bit base stays 4-bit).
-- sample: ``POST /v1/completions`` with the prompts as token ids (no re-tokenization), ``n``, ``seed``,
-  ``min_tokens``, ``logprobs: 0`` and ``return_tokens_as_token_ids``, so every sampled token comes back as
-  ``token_id:N`` with its log-prob.
+- sample: ``POST /v1/completions`` per prompt, all at once, with the prompt as token ids (no re-tokenization), ``n``,
+  the prompt's ``seed``, ``min_tokens``, ``logprobs: 0`` and ``return_tokens_as_token_ids``, so every sampled token
+  comes back as ``token_id:N`` with its log-prob.
 
 The server must report log-probs under softmax(logits / temperature), the distribution the trainer scores under:
 start it with ``--logprobs-mode processed_logprobs`` (both servers take that flag). ``check_base`` probes that on
@@ -17,17 +17,20 @@ Layer 3 (rollout): imports io, errors, models, rollout.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import shutil
+import sys
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from posttrain.data.collate import collate_rollouts
+from posttrain.engine.distributed import barrier, world
 from posttrain.errors import ConfigError
 from posttrain.io import atomic_dir
 from posttrain.models.forward import evaluating, token_logps
@@ -38,6 +41,7 @@ from posttrain.rollout.sample import Rollout
 
 PUBLISH_DIR = "rollout_adapters"  # in the run folder, unless the server needs another (rollout.adapter_dir)
 PROBE_TOLERANCE = 0.5  # mean |logp_server - logp_train| on the probe above which the server is refused
+PROBE_WARNING = 0.05  # above this, a warning: more than bf16-vs-fp32 kernels explain
 
 
 class ServerError(RuntimeError):
@@ -56,7 +60,8 @@ class ServerEngine:
         self.stops = stops or []
         self.current: tuple[str, Path] | None = None  # (adapter name, folder) the next sample uses
         self.version, self.sync_s = 0, 0.0
-        self.prefix = f"policy-{os.getpid()}"  # two runs on one server do not unload each other's adapters
+        # The same on every process of a run, different between runs sharing one server.
+        self.prefix = "policy-" + hashlib.sha1(str(self.publish_dir.resolve()).encode()).hexdigest()[:10]
 
     @classmethod
     def connect(cls, model: torch.nn.Module, tokenizer, settings: EngineSettings, run_dir: Path) -> "ServerEngine":
@@ -101,17 +106,31 @@ class ServerEngine:
     # ---- the engine interface ----
 
     def sync(self, model: torch.nn.Module, version: int) -> None:
+        """Under torchrun rank 0 publishes (the weights are the same on every process) and the others wait for it,
+        then every process samples from the new version."""
         if self.current is not None and self.version == version:  # already published (the start-up probe's)
             self.sync_s = 0.0
             return
+        name, folder = f"{self.prefix}-v{version}", self.publish_dir / f"v{version:06d}"
         with Timer() as took:
-            name = f"{self.prefix}-v{version}"
-            folder = atomic_dir(self.publish_dir / f"v{version:06d}", lambda tmp: save_adapter(model, tmp))
-            self.request("POST", "/load_lora_adapter", {"lora_name": name, "lora_path": str(folder.resolve())})
-            if self.current is not None and self.current[0] != name:
-                self.drop(*self.current)
-            self.current, self.version = (name, folder), version
-        self.sync_s = took.s
+            if world().main:
+                atomic_dir(folder, lambda tmp: save_adapter(model, tmp))
+                self.load(name, folder)
+                if self.current is not None and self.current[0] != name:
+                    self.drop(*self.current)
+            barrier()
+        self.current, self.version, self.sync_s = (name, folder), version, took.s
+
+    def load(self, name: str, folder: Path) -> None:
+        body = {"lora_name": name, "lora_path": str(folder.resolve())}
+        try:
+            self.request("POST", "/load_lora_adapter", body)
+        except ServerError as exc:
+            if "already" not in str(exc):
+                raise
+            # left loaded by an interrupted run of this folder (a resume): replace it
+            self.request("POST", "/unload_lora_adapter", {"lora_name": name})
+            self.request("POST", "/load_lora_adapter", body)
 
     def drop(self, name: str, folder: Path) -> None:
         try:
@@ -120,17 +139,25 @@ class ServerEngine:
             shutil.rmtree(folder, ignore_errors=True)
 
     def sample(self, prompt_ids: list[list[int]], *, n: int, max_new_tokens: int, temperature: float, top_p: float,
-               min_new_tokens: int, seed: int, batch_size: int) -> Rollout:
+               min_new_tokens: int, seeds: list[int], batch_size: int) -> Rollout:
+        """One request per prompt (a request has one seed), all in flight at once: the server batches them."""
         model = self.current[0] if self.current else self.base_name
-        body = {"model": model, "prompt": prompt_ids, "n": n, "max_tokens": max_new_tokens,
-                "min_tokens": min_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed,
-                "logprobs": 0, "return_tokens_as_token_ids": True, "stop_token_ids": self.stops}
-        choices = sorted(self.request("POST", "/completions", body)["choices"], key=lambda c: c["index"])
-        if len(choices) != len(prompt_ids) * n:
-            raise ServerError(f"{self.url}/completions returned {len(choices)} choices for {len(prompt_ids)} "
-                              f"prompts x n={n}")
+
+        def one(prompt: list[int], seed: int) -> list[dict]:
+            # Servers seed choice j of a request seeded s with s + j (vLLM's rule): seeds n apart share nothing.
+            body = {"model": model, "prompt": prompt, "n": n, "max_tokens": max_new_tokens,
+                    "min_tokens": min_new_tokens, "temperature": temperature, "top_p": top_p,
+                    "seed": (seed * n) % 2 ** 63,
+                    "logprobs": 0, "return_tokens_as_token_ids": True, "stop_token_ids": self.stops}
+            choices = sorted(self.request("POST", "/completions", body)["choices"], key=lambda c: c["index"])
+            if len(choices) != n:
+                raise ServerError(f"{self.url}/completions returned {len(choices)} choices for n={n}")
+            return choices
+
+        with ThreadPoolExecutor(max_workers=min(len(prompt_ids), 64)) as pool:
+            per_prompt = list(pool.map(one, prompt_ids, seeds))
         completions, logprobs, finished = [], [], []
-        for c in choices:
+        for c in (c for choices in per_prompt for c in choices):
             ids, lps = read_choice(c, self.url)
             completions.append(ids)
             logprobs.append(lps)
@@ -140,6 +167,8 @@ class ServerEngine:
                        version=self.version)
 
     def close(self) -> None:
+        if not world().main:
+            return
         if self.current is not None:
             try:
                 self.drop(*self.current)
@@ -180,7 +209,7 @@ def save_adapter(model: torch.nn.Module, folder: Path) -> None:
 def probe_mismatch(engine: Any, model: torch.nn.Module, tokenizer, prompt: list[int], temperature: float) -> float:
     """Mean |logp_engine - logp_train| over one sampled completion of ``prompt`` (8 tokens at ``temperature``)."""
     ro = engine.sample([prompt], n=1, max_new_tokens=8, temperature=temperature, top_p=1.0, min_new_tokens=0,
-                       seed=0, batch_size=1)
+                       seeds=[0], batch_size=1)
     batch = collate_rollouts(ro.prompt_ids, ro.completion_ids, pad_id(tokenizer))
     with evaluating(model):
         train = token_logps(model, batch, temperature)[0, :len(ro.logprobs[0])].float()
@@ -198,4 +227,8 @@ def check_base(engine: Any, model: torch.nn.Module, tokenizer, prompt: list[int]
                           f"mean |logp_engine - logp_train| = {gap:.3f} on a probe (tolerance {PROBE_TOLERANCE}). It "
                           "serves another base model (serve this run's model.name), or reports raw log-probs "
                           "(start it with --logprobs-mode processed_logprobs)")
+    if gap > PROBE_WARNING:
+        print(f"warning: the rollout engine's log-probs are {gap:.3f} from the trainer's on average on a probe; if "
+              "the server does not report them after temperature (--logprobs-mode processed_logprobs), the "
+              "mismatch metrics and the importance correction are wrong", file=sys.stderr)
     return gap

@@ -52,8 +52,9 @@ class RolloutEngine(Protocol):
         """Make the next ``sample`` draw from ``model``'s current weights, published as policy ``version``."""
 
     def sample(self, prompt_ids: list[list[int]], *, n: int, max_new_tokens: int, temperature: float, top_p: float,
-               min_new_tokens: int, seed: int, batch_size: int) -> Rollout:
-        """``n`` completions of each prompt, repeatable for a given ``seed``."""
+               min_new_tokens: int, seeds: list[int], batch_size: int) -> Rollout:
+        """``n`` completions of each prompt; prompt i's are repeatable from ``seeds[i]`` alone, whichever other
+        prompts share the call (so a rollout split over processes samples what one process samples)."""
 
     def close(self) -> None:
         """Stop what the engine started (servers, published adapters)."""
@@ -72,17 +73,12 @@ class HFEngine:
         self.model, self.version, self.sync_s = model, version, 0.0
 
     def sample(self, prompt_ids: list[list[int]], *, n: int, max_new_tokens: int, temperature: float, top_p: float,
-               min_new_tokens: int, seed: int, batch_size: int) -> Rollout:
-        # Seeded from its own number, with the global RNG left as it was: a resumed run samples what the
-        # uninterrupted one sampled, whatever else consumed random numbers in between.
-        rng_state = torch.get_rng_state()
-        torch.manual_seed(seed)
-        try:
-            ro = sample_completions(self.model, self.tokenizer, prompt_ids, n=n, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, top_p=top_p, min_new_tokens=min_new_tokens,
-                                    batch_size=batch_size)
-        finally:
-            torch.set_rng_state(rng_state)
+               min_new_tokens: int, seeds: list[int], batch_size: int) -> Rollout:
+        # Per-completion generators leave the global RNG as it was: a resumed run samples what the uninterrupted
+        # one sampled, whatever else consumed random numbers in between.
+        ro = sample_completions(self.model, self.tokenizer, prompt_ids, n=n, max_new_tokens=max_new_tokens,
+                                temperature=temperature, top_p=top_p, min_new_tokens=min_new_tokens,
+                                batch_size=batch_size, seeds=seeds)
         ro.version = self.version
         return ro
 

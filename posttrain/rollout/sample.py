@@ -77,18 +77,26 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter_(-1, order, sorted_probs * keep)
 
 
-def draw(logits: torch.Tensor, temperature: float, top_p: float = 1.0) -> torch.Tensor:
+def draw(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
+         uniform: torch.Tensor | None = None) -> torch.Tensor:
     """One token per row of (B, V) logits: argmax at temperature 0, else a draw from softmax(logits / temperature)
     cut to its top-p nucleus (the token that crosses ``top_p`` included).
 
-    Drawn by inverting the cumulative distribution with one uniform number per row. ``torch.multinomial`` (what
-    ``generate`` uses) draws an exponential variate for every vocabulary entry of every row: 16 x 49k of them,
-    ~18 ms of a ~150 ms decode step on the 2-core CPU."""
+    Drawn by inverting the cumulative distribution with one uniform number per row (``uniform`` (B,), else from the
+    global generator). ``torch.multinomial`` (what ``generate`` uses) draws an exponential variate for every
+    vocabulary entry of every row: 16 x 49k of them, ~18 ms of a ~150 ms decode step on the 2-core CPU."""
     if temperature == 0:
         return logits.argmax(-1)
     cdf = nucleus(torch.softmax(logits.float() / temperature, dim=-1), top_p).cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, device=cdf.device) * cdf[:, -1:]
+    u = torch.rand(cdf.shape[0], 1, device=cdf.device) if uniform is None else uniform.reshape(-1, 1).to(cdf.device)
+    u = u * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True)[:, 0].clamp_(max=cdf.shape[1] - 1)
+
+
+def row_generators(seeds: list[int], n: int) -> list[torch.Generator]:
+    """One generator per completion: sample j of the prompt seeded ``seed`` draws from (seed, j) alone, so a
+    completion does not depend on which other prompts share its batch, its process, or its position."""
+    return [torch.Generator().manual_seed((seed * 65_537 + j) % 2 ** 63) for seed in seeds for j in range(n)]
 
 
 def token_logprob(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -112,8 +120,8 @@ def _static_cache(model: torch.nn.Module, prefilled, n: int, length: int):
 
 
 def _decode(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, prefilled, n: int, *, max_new_tokens: int,
-            min_new_tokens: int, stops: list[int], pad_id: int, temperature: float,
-            top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+            min_new_tokens: int, stops: list[int], pad_id: int, temperature: float, top_p: float,
+            generators: list[torch.Generator] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(B * n, <= max_new_tokens) new tokens for ``n`` samples of each left-padded prompt, ``pad_id`` after a row's
     stop token, and each token's ``token_logprob`` (taken before the min_new_tokens mask); ``prefilled`` caches every
     prompt token but the last, once per prompt (None for one-token prompts)."""
@@ -132,7 +140,8 @@ def _decode(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, prefi
         raw = logits.clone() if t < min_new_tokens else logits
         if t < min_new_tokens:
             logits[:, stop] = float("-inf")
-        tok = torch.where(alive, draw(logits, temperature, top_p), pad_id)
+        uniform = None if generators is None else torch.cat([torch.rand(1, generator=g) for g in generators])
+        tok = torch.where(alive, draw(logits, temperature, top_p, uniform), pad_id)
         out.append(tok)
         logps.append(token_logprob(raw, tok, temperature))
         alive &= ~torch.isin(tok, stop)
@@ -148,8 +157,9 @@ def _decode(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, prefi
 @torch.no_grad()
 def sample_completions(model: torch.nn.Module, tokenizer, prompt_ids: list[list[int]], *, n: int,
                        max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-                       batch_size: int = 16, min_new_tokens: int = 0) -> Rollout:
-    """Sample ``n`` completions per prompt with a KV cache, stopping at end of turn.
+                       batch_size: int = 16, min_new_tokens: int = 0, seeds: list[int] | None = None) -> Rollout:
+    """Sample ``n`` completions per prompt with a KV cache, stopping at end of turn. With ``seeds`` (one per
+    prompt), each completion draws from its own generator (``row_generators``); without, from the global one.
 
     A prompt goes through the model once for all its ``n`` samples (its cache is copied ``n`` times): with G = 8
     completions of ~100-token GSM8K prompts that removes most of the prefill. ``batch_size`` counts completions;
@@ -162,6 +172,8 @@ def sample_completions(model: torch.nn.Module, tokenizer, prompt_ids: list[list[
     logprobs: list[list[float]] = []
     finished: list[bool] = []
     per_batch = max(1, batch_size // n)
+    if seeds is not None and len(seeds) != len(prompt_ids):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
     with evaluating(model), merged_for_generation(model), eager():
         for k in range(0, len(prompt_ids), per_batch):
             chunk = prompt_ids[k:k + per_batch]
@@ -175,7 +187,8 @@ def sample_completions(model: torch.nn.Module, tokenizer, prompt_ids: list[list[
             cache = _prefilled_cache(model, ids, mask) if width > 1 else None
             out, logps = _decode(model, ids, mask, cache, n, max_new_tokens=max_new_tokens,
                                  min_new_tokens=min_new_tokens, stops=stops, pad_id=pad_id, temperature=temperature,
-                                 top_p=top_p)
+                                 top_p=top_p,
+                                 generators=None if seeds is None else row_generators(seeds[k:k + per_batch], n))
             for row, row_logps in zip(out.tolist(), logps.tolist()):
                 end = next((i for i, t in enumerate(row) if t in stops), None)
                 length = end + 1 if end is not None else len(row)

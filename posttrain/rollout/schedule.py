@@ -7,6 +7,11 @@ rollout boundary samples what the uninterrupted run sampled. GRPO and PPO differ
 rollout's completions become scored micro-batches (``methods.grpo.grpo_schedule``, ``methods.ppo.ppo_schedule``).
 The completions come from a rollout engine (``rollout.engines``), synced to the policy before each rollout.
 
+Under torchrun each process samples and scores its share of the rollout's prompts, whole groups only (its
+contiguous slice of the prompt order), so group advantages need no communication; the loop all-reduces the
+gradients and the loss count. Each completion draws from its own generator, seeded by its prompt's place in the
+rollout, so N processes sample exactly what one process samples.
+
 Layer 3 (rollout): imports data, models, rollout.
 """
 
@@ -18,6 +23,8 @@ from typing import Any, Callable
 import torch
 
 from posttrain.data.collate import collate_rollouts
+from posttrain.engine.distributed import world
+from posttrain.errors import ConfigError
 from posttrain.models.forward import Batch
 from posttrain.models.loading import pad_id as pad_id_of
 from posttrain.rollout.interface import HFEngine, RolloutEngine, Timer
@@ -48,6 +55,11 @@ class RolloutSchedule:
         self.per_step, self.mu, self.micro, self.seed = prompts_per_step, mu, micro_batch_size, seed
         self.share_prompt, self.watch = share_prompt, watch
         self.pad_id = pad_id_of(tokenizer)
+        w = world()
+        self.rank, self.ranks = w.rank, w.size
+        if prompts_per_step % self.ranks:
+            raise ConfigError(f"prompts_per_step ({prompts_per_step}) must split evenly over the {self.ranks} "
+                              "processes: each samples whole prompt groups")
         self._cached: tuple[int, list[Batch]] | None = None
         self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its prompt permutation)
         self.last_rollout: dict[str, Any] = {}
@@ -74,12 +86,16 @@ class RolloutSchedule:
         return out
 
     def sample(self, rollout: int, n: int, **sampling: Any) -> tuple[list[int], Rollout]:
-        """This rollout's prompt indices and ``n`` completions of each, from the engine synced to the current
-        policy (version = the rollout number) and seeded by the rollout number."""
+        """This process's share of the rollout's prompt indices and ``n`` completions of each, from the engine
+        synced to the current policy (version = the rollout number); each prompt seeded by its place in the run."""
         idx = self.prompt_indices(rollout)
+        share = len(idx) // self.ranks
+        lo = self.rank * share
+        idx = idx[lo:lo + share]
+        seeds = [self.seed * 1_000_003 + rollout * self.per_step + lo + k for k in range(share)]
         self.engine.sync(self.model, rollout)
         with Timer() as took:
-            ro = self.engine.sample([self.prompts[i] for i in idx], n=n, seed=self.seed * 1_000_003 + rollout,
+            ro = self.engine.sample([self.prompts[i] for i in idx], n=n, seeds=seeds,
                                     batch_size=generation_batch(len(idx) * n, self.micro), **sampling)
         self.timing = {"rollout/sample_s": took.s, "rollout/sync_s": self.engine.sync_s}
         return idx, ro

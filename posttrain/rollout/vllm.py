@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from posttrain.engine.distributed import from_rank0, world
 from posttrain.errors import ConfigError
 from posttrain.rollout.client import PUBLISH_DIR, ServerEngine, ServerError, require_lora
 from posttrain.rollout.generate import stop_token_ids
@@ -43,8 +44,18 @@ _CAUSES = (("No module named 'vllm'", "the interpreter cannot import vllm (build
 
 
 def vllm_engine(model: torch.nn.Module, tokenizer, settings: EngineSettings, run_dir: Path, base_dir: str) -> Any:
+    """Under torchrun, rank 0 starts one managed server and every process samples from it: one engine batches all
+    the processes' requests together (continuous batching), where one engine per process would split a GPU's
+    memory N ways and load the base N times. In-process vLLM runs one engine per process, on its own device."""
     if settings.vllm_python:
-        return ManagedVLLM.launch(model, tokenizer, settings, run_dir, base_dir)
+        engine = ManagedVLLM.launch(model, tokenizer, settings, run_dir, base_dir) if world().main else None
+        url = from_rank0(engine.url if engine is not None else None)
+        if engine is None:
+            require_lora(model, "vllm with rollout.vllm_python")
+            engine = ServerEngine(tokenizer, url, "base", run_dir / PUBLISH_DIR, timeout_s=settings.request_timeout_s,
+                                  stops=stop_token_ids(tokenizer, model))
+            engine.name = "vllm"
+        return engine
     try:
         import vllm  # noqa: F401
     except ImportError:

@@ -1,0 +1,137 @@
+"""rollout.engine: server against posttrain serve in a thread: the whole client path a vLLM server takes (adapter
+versions published and hot-loaded, token-id prompts, per-token logprobs), on CPU, in make test."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from posttrain.data.collate import collate_rollouts
+from posttrain.errors import ConfigError
+from posttrain.models import apply_lora, load_tokenizer
+from posttrain.models.forward import evaluating, token_logps
+from posttrain.rollout.client import PUBLISH_DIR, ServerEngine, check_base
+from posttrain.serve import Engine, Server
+from tests.helpers import grpo_cfg, make_tiny
+
+
+def start_server(model_dir: str, adapter_dir, mode: str = "processed_logprobs") -> Server:
+    engine = Engine(AutoModelForCausalLM.from_pretrained(model_dir), load_tokenizer(model_dir), base_path=model_dir,
+                    logprobs_mode=mode)
+    return Server(engine, adapter_dir, port=0, batch_wait_s=0.01, timeout_s=120).start()
+
+
+def engine_settings(url: str):
+    from posttrain.config import RolloutSection
+    from posttrain.recipes._common import from_section
+    from posttrain.rollout.interface import EngineSettings
+
+    return from_section(EngineSettings, RolloutSection(engine="server", server_url=url))
+
+
+def perturbed_policy(model_dir: str, seed: int):
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(model_dir), r=4, alpha=8, dropout=0.0,
+                       target_modules="all-linear")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model
+
+
+def gap_to(model, tokenizer, ro, temperature: float) -> float:
+    batch = collate_rollouts(ro.prompt_ids, ro.completion_ids, tokenizer.pad_token_id)
+    with evaluating(model), torch.no_grad():
+        train = token_logps(model, batch, temperature)
+    engine = torch.zeros_like(train)
+    for i, lp in enumerate(ro.logprobs):
+        engine[i, :len(lp)] = torch.tensor(lp)
+    mask = batch["completion_mask"].float()
+    return float(((train - engine).abs() * mask).sum() / mask.sum())
+
+
+def test_sync_publishes_the_adapter_and_the_server_samples_from_it(tiny_dir, tokenizer, tmp_path):
+    srv = start_server(tiny_dir, tmp_path)
+    try:
+        policy = perturbed_policy(tiny_dir, seed=3)
+        engine = ServerEngine.connect(policy, tokenizer, engine_settings(srv.url), tmp_path / "run")
+        prompts = [tokenizer("Name three colours.")["input_ids"], tokenizer("Count to five")["input_ids"]]
+        engine.sync(policy, 0)
+        assert [a for a in srv.engine.adapters] == [engine.current[0]]
+        ro = engine.sample(prompts, n=3, max_new_tokens=8, temperature=0.7, top_p=1.0, min_new_tokens=2,
+                           seeds=[11, 12], batch_size=6)
+        assert len(ro.completion_ids) == 6 and all(len(c) >= 2 for c in ro.completion_ids)
+        assert gap_to(policy, tokenizer, ro, 0.7) < 1e-4  # the server's numbers are the trainer's
+        with policy.disable_adapter():
+            assert gap_to(policy, tokenizer, ro, 0.7) > 1e-2  # and not the base's: the adapter is in use
+        again = engine.sample(prompts, n=3, max_new_tokens=8, temperature=0.7, top_p=1.0, min_new_tokens=2,
+                              seeds=[11, 12], batch_size=6)
+        assert again.completion_ids == ro.completion_ids  # seeded
+        assert len({tuple(c) for c in ro.completion_ids}) > 1  # the n choices and the prompts draw apart
+        # A new version replaces the old one on the server and on disk
+        first = engine.current
+        engine.sync(policy, 1)
+        assert list(srv.engine.adapters) == [engine.current[0]] and not first[1].exists()
+        assert engine.sync_s > 0
+        engine.close()
+        assert not srv.engine.adapters and not (tmp_path / "run" / PUBLISH_DIR).exists()
+    finally:
+        srv.stop()
+
+
+def test_a_server_with_another_base_is_refused(tiny_dir, tokenizer, tmp_path):
+    other = make_tiny(tmp_path / "other", tokenizer, seed=7)
+    model = AutoModelForCausalLM.from_pretrained(other)
+    with torch.no_grad():  # a base that differs the way two real checkpoints do, not two near-uniform random ones
+        model.get_input_embeddings().weight.mul_(30)
+    model.save_pretrained(other)
+    srv = start_server(other, tmp_path)
+    try:
+        policy = perturbed_policy(tiny_dir, seed=3)
+        engine = ServerEngine.connect(policy, tokenizer, engine_settings(srv.url), tmp_path / "run")
+        prompt = tokenizer("Name three colours.")["input_ids"]
+        with pytest.raises(ConfigError, match="disagrees with the trainer"):
+            check_base(engine, policy, tokenizer, prompt, 1.0)
+        engine.close()
+        with pytest.raises(ConfigError, match="rollout.served_model: 'nope' is not served"):
+            settings = engine_settings(srv.url)
+            settings.served_model = "nope"
+            ServerEngine.connect(policy, tokenizer, settings, tmp_path / "run")
+    finally:
+        srv.stop()
+
+
+def test_an_unreachable_server_is_named():
+    from posttrain.rollout.client import ServerError
+
+    engine = ServerEngine(None, "http://127.0.0.1:9/v1", "base", "/tmp/unused")
+    with pytest.raises(ServerError, match="http://127.0.0.1:9/v1/models: cannot reach the rollout server"):
+        engine.check_served()
+
+
+def test_grpo_with_the_server_engine_trains_and_logs_the_mismatch(tiny_dir, tmp_path):
+    """posttrain grpo rollout.engine=server: every rollout from the server with the current adapter; mismatch ~0
+    (the same model and kernels), the sync timed, the importance weights ~1, nothing left on the server or disk."""
+    from posttrain.recipes.grpo import run
+
+    srv = start_server(tiny_dir, tmp_path)
+    out = tmp_path / "run"
+    try:
+        cfg = grpo_cfg(tiny_dir, tmp_path, out, "rollout.engine=server", f"rollout.server_url={srv.url}",
+                       "grpo.temperature=0.8", "rollout.is_correction=token", "train.log_every=1")
+        run(cfg)
+    finally:
+        srv.stop()
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(steps) == 4
+    for r in steps:
+        assert r["mismatch/abs_mean"] < 1e-4 and r["mismatch/abs_max"] < 1e-3
+        assert r["mismatch/is_weight"] == pytest.approx(1.0, abs=1e-3) and r["mismatch/is_capped"] == 0.0
+        assert r["rollout/sample_s"] > 0
+    # version 0 was published by the start-up probe; every later rollout publishes the updated adapter
+    assert steps[0]["rollout/sync_s"] == 0.0 and all(r["rollout/sync_s"] > 0 for r in steps[1:])
+    assert not srv.engine.adapters and not (out / PUBLISH_DIR).exists()
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert "train-inference mismatch" in (out / "report.html").read_text()
