@@ -16,6 +16,11 @@ Configurations:
              end of the previous step's log to this step's, so s = fed tokens / tokens_per_s, as in bench_dpo)
   posttrain-compile  posttrain with ``model.compile`` (each decoder layer through torch.compile, compiled in the
              warm-up step; sampling runs eagerly)
+  posttrain-server  posttrain with ``rollout.engine: server`` against ``posttrain serve`` in a thread of the worker
+             (its own copy of the base, ``--logprobs-mode processed_logprobs``): the adapter is published and
+             hot-loaded before every rollout, prompts go as token ids over HTTP
+  posttrain-vllm  posttrain with ``rollout.engine: vllm``: a managed ``vllm serve`` from .vllm-venv (``make
+             vllm-venv``), started before the timed steps, adapter-only sync before every rollout
   trl        TRL GRPOTrainer with ``peft_config`` (its reference is the policy with the adapter disabled);
              timed by a TrainerCallback between ``on_step_end`` calls
 Each also runs as ``<config>-bf16`` and posttrain's as ``<config>-auto`` (see benchmarks/_common.py; -bf16 is
@@ -100,7 +105,10 @@ from _common import (  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parents[2] / "shared/data/gsm8k/train.jsonl"
 EXAMPLE = REPO / "examples" / "grpo-gsm8k.yaml"
-CONFIGS = expand(("posttrain", "posttrain-compile"), ("trl",))
+CONFIGS = expand(("posttrain", "posttrain-compile", "posttrain-server", "posttrain-vllm"), ("trl",))
+ENGINES = {"posttrain": "hf", "posttrain-compile": "hf", "posttrain-server": "server", "posttrain-vllm": "vllm"}
+VLLM_PYTHON = REPO / ".vllm-venv" / "bin" / "python"
+VLLM_ARGS = ["--gpu-memory-utilization", "0.15"]  # on CPU: the share of host RAM vLLM reserves for its KV cache
 DEFAULT_CONFIGS = ("posttrain", "posttrain-auto", "trl", "trl-bf16")
 LORA = dict(r=16, alpha=32, dropout=0.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                   "down_proj"])
@@ -168,7 +176,33 @@ def micro_batch(args: argparse.Namespace) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------------
 # Workers (run in subprocesses).
 
-def worker_posttrain(args: argparse.Namespace, compiled: bool, dtype: str) -> dict[str, Any]:
+def rollout_engine(kind: str, model, tok, loaded, out: Path):
+    """The rollout engine of a posttrain configuration, and what to stop afterwards (a server thread)."""
+    from posttrain.config import RolloutSection
+    from posttrain.recipes._common import from_section
+    from posttrain.rollout.engines import make_engine
+    from posttrain.rollout.interface import EngineSettings
+
+    if kind == "hf":
+        return None, None
+    server = None
+    if kind == "server":
+        from posttrain.models import load_model
+        from posttrain.serve import Engine, Server
+
+        base = load_model(loaded.path, dtype=str(loaded.dtype).removeprefix("torch."), device="cpu")
+        server = Server(Engine(base.model, base.tokenizer, base_path=loaded.path, logprobs_mode="processed_logprobs"),
+                        out, port=0, timeout_s=3600).start()
+        section = RolloutSection(engine="server", server_url=server.url)
+    else:
+        if not VLLM_PYTHON.exists():
+            raise SystemExit(f"posttrain-vllm needs {VLLM_PYTHON}: run `make vllm-venv` first")
+        section = RolloutSection(engine="vllm", vllm_python=str(VLLM_PYTHON), vllm_args=VLLM_ARGS)
+    engine = make_engine(model, tok, from_section(EngineSettings, section), out, loaded.path)
+    return engine, server
+
+
+def worker_posttrain(args: argparse.Namespace, compiled: bool, dtype: str, engine_kind: str = "hf") -> dict[str, Any]:
     from posttrain.config import TrainConfig
     from posttrain.engine import LoopOptions, read_metrics, train_loop
     from posttrain.methods.grpo import GRPO, GRPOParams, grpo_schedule
@@ -193,8 +227,10 @@ def worker_posttrain(args: argparse.Namespace, compiled: bool, dtype: str) -> di
     params = GRPOParams(group_size=args.group, clip_eps=CLIP_EPS, kl_coef=BETA, temperature=TEMPERATURE,
                         max_new_tokens=args.max_new, aggregation="grpo", min_new_tokens=args.max_new)  # all set here
     reference = make_reference(model, lora=True, per_token=True, temperature=TEMPERATURE)
+    workdir = Path(tempfile.mkdtemp(prefix="bench-posttrain-"))
+    engine, server = rollout_engine(engine_kind, model, tok, loaded, workdir)
     plan = grpo_schedule(model, tok, prompts, rows, chats, make_reward(), params, prompts_per_step=args.per_step,
-                         mu=MU, micro_batch_size=micro, seed=SEED, reference=reference, top_p=TOP_P)
+                         mu=MU, micro_batch_size=micro, seed=SEED, reference=reference, top_p=TOP_P, engine=engine)
     total = args.warmup + args.steps
     expected = visit_order(tok, len(prompts), args.per_step, total)
 
@@ -212,9 +248,14 @@ def worker_posttrain(args: argparse.Namespace, compiled: bool, dtype: str) -> di
     # autocast as a recipe run sets it; train_loop samples the rollouts under it too.
     opts = from_section(LoopOptions, TrainConfig(lr=args.lr, min_lr_ratio=1.0, max_grad_norm=1.0, log_every=1),
                         total_steps=total, warmup_steps=0, optimizer="adamw", autocast=loaded.numerics.autocast)
-    with tempfile.TemporaryDirectory(prefix="bench-posttrain-") as out:
-        train_loop(model, GRPO(params), Counted(), opts, Path(out))
-        records = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "tokens_per_s" in r]
+    try:
+        train_loop(model, GRPO(params), Counted(), opts, workdir / "run")
+        records = [r for r in read_metrics(workdir / "run" / "metrics.jsonl") if "tokens_per_s" in r]
+    finally:
+        plan.engine.close()
+        if server is not None:
+            server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     steps = []
     for r in records:
         s = r["step"]
@@ -229,7 +270,8 @@ def worker_posttrain(args: argparse.Namespace, compiled: bool, dtype: str) -> di
         # rewards, reference, forward/backward of every micro-batch, clipping and the optimizer step.
         steps.append({"step": s, "seconds": fed[s] / r["tokens_per_s"], "completions": n,
                       "completion_len": completion_len, "tokens": tokens, "fed_tokens": fed[s], "loss": r["loss"],
-                      "reward": r.get("reward"), "kl": r.get("kl")})
+                      "reward": r.get("reward"), "kl": r.get("kl"), "sample_s": r.get("rollout/sample_s"),
+                      "sync_s": r.get("rollout/sync_s"), "mismatch": r.get("mismatch/abs_mean")})
     return {"steps": steps, "n_params": n_params, "data": data, "prompts": len(prompts), "micro_batch": micro,
             "order_matches": visited == expected, "order": visited,
             "numerics": f"posttrain {loaded.numerics.describe()}"}
@@ -346,13 +388,19 @@ def run_worker(args: argparse.Namespace) -> None:
     name = args.worker
     compiled = base_config(name) == "posttrain-compile"
     result = (worker_trl(args, bf16=precision(name) == "bf16") if name.startswith("trl") else
-              worker_posttrain(args, compiled=compiled, dtype=posttrain_dtype(name)))
+              worker_posttrain(args, compiled=compiled, dtype=posttrain_dtype(name),
+                               engine_kind=ENGINES[base_config(name)]))
     measured = [s for s in result["steps"] if s["step"] > args.warmup]
     if not measured:
         raise RuntimeError("no timed step: --steps must be at least 1")
     seconds = sum(s["seconds"] for s in measured)
     n = len(measured)
     lens = [s["completion_len"] for s in result["steps"] if s["completion_len"] is not None]
+    shares = {k: sum(s[k] for s in measured) / seconds for k in ("sample_s", "sync_s")
+              if all(s.get(k) is not None for s in measured)}
+    mismatch = [s["mismatch"] for s in measured if s.get("mismatch") is not None]
+    result.update(sample_share=shares.get("sample_s"), sync_share=shares.get("sync_s"),
+                  mismatch=sum(mismatch) / len(mismatch) if mismatch else None)
     result.update(config=name, threads=torch.get_num_threads(), peak_rss_mb=peak_rss_mb(), measured_steps=n,
                   seconds=seconds, s_per_step=seconds / n,
                   completions_per_step=sum(s["completions"] for s in measured) / n,
@@ -371,24 +419,32 @@ def table(results: dict[str, list[dict]], ceiling: float, args: argparse.Namespa
     med = medians(results, keys)
     best = best_trl(med, "s_per_step", higher_is_better=False)
     n_params = next(rs for rs in results.values() if rs)[0]["n_params"]
-    lines = ["| config | s/step | vs best TRL (s/step) | peak RSS MB | completions/step | completion len | "
-             "tokens/step | runs (s/step) | FLOP ceiling fraction |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| config | s/step | vs best TRL (s/step) | sampling share | sync share | mismatch | peak RSS MB | "
+             "completions/step | completion len | tokens/step | runs (s/step) | FLOP ceiling fraction |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def share(c: str, key: str, fmt: str) -> str:
+        vals = [r[key] for r in results[c] if r.get(key) is not None]
+        return format(sorted(vals)[len(vals) // 2], fmt) if vals else "-"
+
     for c, m in med.items():
         ratio = f"{m['s_per_step'] / med[best]['s_per_step']:.2f}" if best else "-"
         frac = m["tokens_per_step"] * 8 * n_params / m["s_per_step"] / (ceiling * 1e9)
         runs = ", ".join(f"{r['s_per_step']:.2f}" for r in results[c])
-        lines.append(f"| {c} | {m['s_per_step']:.2f} | {ratio} | {m['peak_rss_mb']:.0f} | "
+        lines.append(f"| {c} | {m['s_per_step']:.2f} | {ratio} | {share(c, 'sample_share', '.0%')} | "
+                     f"{share(c, 'sync_share', '.1%')} | {share(c, 'mismatch', '.1e')} | {m['peak_rss_mb']:.0f} | "
                      f"{m['completions_per_step']:.0f} | {m['completion_len']:.1f} | {m['tokens_per_step']:.0f} | "
                      f"{runs} | {100 * frac:.1f}% |")
-    lines += skipped_rows(skip, 9)
+    lines += skipped_rows(skip, 12)
     notes = [f"Medians over runs (the 'runs' column lists each run's s/step); {args.steps} timed optimizer steps "
              f"after {args.warmup} warm-up steps per run; a step = {args.per_step} prompts x {args.group} "
              f"completions of {args.max_new} new tokens, micro-batch "
              f"{min(args.micro_batch, args.per_step * args.group)}. "
              "'vs best TRL' = s/step / the best TRL configuration's s/step (target <= 0.5). "
              f"completion len = mean generated tokens per completion over all steps (forced to --max-new); "
-             f"tokens/step = prompt + completion tokens of every completion trained.",
+             f"tokens/step = prompt + completion tokens of every completion trained. sampling / sync share = "
+             "rollout/sample_s and rollout/sync_s over the step time (posttrain); mismatch = the mean "
+             "|logp_train - logp_engine| over completion tokens.",
              f"FLOP ceiling: fp32 2048x2048 matmul at {ceiling:.1f} GFLOP/s; 8 x N = 8 x {n_params / 1e6:.1f} M "
              f"FLOPs per token (sample, reference, policy forward and backward), attention left out."]
     for c, rs in results.items():
