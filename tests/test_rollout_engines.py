@@ -15,7 +15,7 @@ from posttrain.models import apply_lora
 from posttrain.models.forward import evaluating, token_logps
 from posttrain.rollout.engines import ENGINES, make_engine
 from posttrain.rollout.interface import EngineSettings, HFEngine
-from posttrain.rollout.vllm import ManagedVLLM, free_port, lora_rank, serve_command
+from posttrain.rollout.vllm import ManagedVLLM, free_port, lora_rank, serve_command, server_env
 
 
 def settings(**kw) -> EngineSettings:
@@ -90,7 +90,13 @@ def test_the_serve_command_asks_for_processed_logprobs_and_runtime_lora(policy):
     for part in ("--model /base", "--port 8123", "--dtype float32", "--enable-lora", "--max-lora-rank 8",
                  "--logprobs-mode processed_logprobs", "--served-model-name base"):
         assert part in joined
-    assert cmd[-1] == "--enforce-eager"
+    assert cmd[-1] == "--enforce-eager" and "--gpu-memory-utilization" not in cmd
+    # on a CPU the KV cache is a share of host RAM: a modest one unless the arguments size it
+    assert "--gpu-memory-utilization 0.15" in " ".join(serve_command("/py", "/b", 1, torch.float32, 8, [], True))
+    own = serve_command("/py", "/b", 1, torch.float32, 8, ["--kv-cache-memory-bytes", "1000000000"], True)
+    assert "--gpu-memory-utilization" not in own
+    env = server_env(on_cpu=True)
+    assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and "VLLM_CPU_OMP_THREADS_BIND" in env
 
 
 def fake_python(tmp_path, body: str) -> str:
@@ -107,23 +113,29 @@ def fake_python(tmp_path, body: str) -> str:
     ("echo 'RuntimeError: CUDA out of memory. Tried to allocate'; exit 1", "ran out of memory"),
     ("echo 'something else broke'; exit 3", "exited with code 3"),
 ])
-def test_a_server_that_dies_while_starting_names_the_cause(policy, tokenizer, tmp_path, body, cause):
+def test_a_server_that_dies_while_starting_names_the_cause(policy, tokenizer, tiny_dir, tmp_path, body, cause):
     s = settings(engine="vllm", vllm_python=fake_python(tmp_path, body), start_timeout_s=30)
     with pytest.raises(ConfigError, match=cause) as info:
-        ManagedVLLM.launch(policy, tokenizer, s, tmp_path / "run", "/base")
+        ManagedVLLM.launch(policy, tokenizer, s, tmp_path / "run", tiny_dir)
     assert "vllm_server.log" in str(info.value)
 
 
-def test_the_real_interpreter_without_vllm_is_named(policy, tokenizer, tmp_path):
+def test_the_real_interpreter_without_vllm_is_named(policy, tokenizer, tiny_dir, tmp_path):
     s = settings(engine="vllm", vllm_python=sys.executable, start_timeout_s=60)
     with pytest.raises(ConfigError, match="cannot import vllm"):
-        ManagedVLLM.launch(policy, tokenizer, s, tmp_path / "run", "/base")
+        ManagedVLLM.launch(policy, tokenizer, s, tmp_path / "run", tiny_dir)
 
 
-def test_a_server_that_never_answers_times_out_and_is_stopped(policy, tokenizer, tmp_path):
+def test_a_server_that_never_answers_times_out_and_is_stopped(policy, tokenizer, tiny_dir, tmp_path):
     s = settings(engine="vllm", vllm_python=fake_python(tmp_path, "exec sleep 60"), start_timeout_s=1.5)
     with pytest.raises(ConfigError, match="did not answer within rollout.start_timeout_s=2 s"):
-        ManagedVLLM.launch(policy, tokenizer, s, tmp_path / "run", "/base")
+        ManagedVLLM.launch(policy, tokenizer, s, tmp_path / "run", tiny_dir)
+
+
+def test_a_base_that_is_not_a_local_folder_is_refused_before_starting(policy, tokenizer, tmp_path):
+    s = settings(engine="vllm", vllm_python=sys.executable)
+    with pytest.raises(ConfigError, match="has no config.json"):
+        ManagedVLLM.launch(policy, tokenizer, s, tmp_path / "run", str(tmp_path / "nowhere"))
 
 
 def test_a_port_in_use_is_refused_before_anything_starts():

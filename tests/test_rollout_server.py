@@ -135,3 +135,47 @@ def test_grpo_with_the_server_engine_trains_and_logs_the_mismatch(tiny_dir, tmp_
     assert not srv.engine.adapters and not (out / PUBLISH_DIR).exists()
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert "train-inference mismatch" in (out / "report.html").read_text()
+
+
+def test_the_managed_server_lifecycle_with_posttrain_serve_standing_in_for_vllm(tiny_dir, tokenizer, tmp_path):
+    """ManagedVLLM's own work (start, wait for it, sync, sample, restart once when it dies, stop) against an
+    'interpreter' that runs posttrain serve on the port and model vllm serve would get: the real vLLM runs the same
+    client code in `make test-vllm`."""
+    import os
+    import signal
+    import stat
+    import sys
+
+    from posttrain.rollout.client import ServerError
+    from posttrain.rollout.vllm import ManagedVLLM
+
+    fake = tmp_path / "vllm-python"
+    fake.write_text(f"""#!/bin/sh
+while [ $# -gt 0 ]; do case "$1" in --port) port=$2; shift;; --model) model=$2; shift;; esac; shift; done
+exec {sys.executable} -m posttrain serve --model "$model" --adapter-dir / --port "$port" \\
+    --logprobs-mode processed_logprobs
+""")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    settings = engine_settings("unused")
+    settings.engine, settings.vllm_python, settings.start_timeout_s = "vllm", str(fake), 120
+    policy = perturbed_policy(tiny_dir, seed=3)
+    engine = ManagedVLLM.launch(policy, tokenizer, settings, tmp_path / "run", tiny_dir)
+    prompts = [tokenizer("Name three colours.")["input_ids"]]
+    try:
+        engine.sync(policy, 0)
+        ro = engine.sample(prompts, n=2, max_new_tokens=6, temperature=1.0, top_p=1.0, min_new_tokens=0, seeds=[1],
+                           batch_size=2)
+        assert gap_to(policy, tokenizer, ro, 1.0) < 1e-4
+        os.killpg(engine.proc.pid, signal.SIGKILL)  # the server dies mid-run
+        engine.proc.wait(10)
+        again = engine.sample(prompts, n=2, max_new_tokens=6, temperature=1.0, top_p=1.0, min_new_tokens=0,
+                              seeds=[1], batch_size=2)
+        assert engine.restarts == 1 and again.completion_ids == ro.completion_ids  # restarted, adapter reloaded
+        os.killpg(engine.proc.pid, signal.SIGKILL)
+        engine.proc.wait(10)
+        with pytest.raises(ServerError, match="cannot reach the rollout server"):  # only once
+            engine.sample(prompts, n=2, max_new_tokens=6, temperature=1.0, top_p=1.0, min_new_tokens=0, seeds=[1],
+                          batch_size=2)
+    finally:
+        engine.close()
+    assert engine.proc.poll() is not None  # stopped at the end

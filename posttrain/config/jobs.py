@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from posttrain.config.sections import (
     DataConfig,
@@ -145,6 +145,13 @@ class RolloutSection(Section):
         "none", description="truncated importance sampling against the engine's log-probs: none (only measured), "
         "token (w_t = min(p_train/p_engine, is_cap)), sequence (one weight per completion)")
     is_cap: float = Field(2.0, gt=0, description="the truncation C of the importance weights (TIS uses 2)")
+
+    @field_validator("vllm_args", mode="before")
+    @classmethod
+    def _args_as_text(cls, v: Any) -> Any:
+        # `rollout.vllm_args=[--max-model-len,1024]` on the command line reads 1024 as a number; it is an argv word
+        return [str(x) if isinstance(x, (int, float)) and not isinstance(x, bool) else x for x in v] \
+            if isinstance(v, list) else v
 
 
 class RewardFnSpec(Section):
