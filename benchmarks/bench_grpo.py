@@ -129,16 +129,32 @@ def example_config() -> dict[str, Any]:
     return yaml.safe_load(EXAMPLE.read_text())
 
 
-def load_data(n: int, tokenizer) -> tuple[list[list[int]], list[dict[str, Any]], list[Any], str]:
+def load_data(n: int, tokenizer, path: Path = DATA) -> tuple[list[list[int]], list[dict[str, Any]], list[Any], str]:
     """(prompt ids, rows, chats, description) of the first ``n`` GSM8K questions, as a posttrain run reads them."""
     from posttrain.config import PromptDataConfig
     from posttrain.recipes._prompts import read_prompts as load_prompts
 
     d = example_config()["data"]
     keys = ("prompt_field", "system_prompt", "chat_template", "max_prompt_len", "overlong")
-    dcfg = PromptDataConfig(train=str(DATA), **{k: d[k] for k in keys if k in d})
-    prompts, rows, chats, lines = load_prompts(str(DATA), dcfg, tokenizer, n)
-    return prompts, rows, chats, f"{DATA.name}: " + lines[0].split(": ", 1)[-1]
+    dcfg = PromptDataConfig(train=str(path), **{k: d[k] for k in keys if k in d})
+    prompts, rows, chats, lines = load_prompts(str(path), dcfg, tokenizer, n)
+    return prompts, rows, chats, f"{path.name}: " + lines[0].split(": ", 1)[-1]
+
+
+def random_model(arch: str, tokenizer_dir: str, out: Path) -> str:
+    """A random-initialised model of a real architecture (``gpu_check.ARCHS``) with the given tokenizer, saved as an
+    HF folder: no hub on the GPU machines, and throughput does not depend on the weights' values."""
+    import torch
+    from gpu_check import arch_config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = arch_config(arch)
+    cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.bos_token_id, tok.eos_token_id, tok.pad_token_id
+    torch.manual_seed(SEED)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
 
 
 def make_reward():
@@ -211,9 +227,9 @@ def worker_posttrain(args: argparse.Namespace, compiled: bool, dtype: str, engin
     from posttrain.recipes._common import disable_dropout, from_section, seed_everything
 
     seed_everything(SEED)
-    loaded = load_model(args.model, dtype=dtype, device="cpu")  # its default attention (sdpa_packed)
+    loaded = load_model(args.model, dtype=dtype, device=args.device)  # its default attention (sdpa_packed)
     tok = loaded.tokenizer
-    prompts, rows, chats, data = load_data(args.prompts, tok)
+    prompts, rows, chats, data = load_data(args.prompts, tok, Path(args.data))
     n_params = base_param_count(loaded.model)
     seed_everything(SEED)
     model = apply_lora(loaded.model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
@@ -291,11 +307,13 @@ def worker_trl(args: argparse.Namespace, bf16: bool) -> dict[str, Any]:
     transformers.utils.logging.disable_progress_bar()
     transformers.set_seed(SEED)
     tok = load_tokenizer(args.model)  # posttrain's loader (AutoTokenizer + EOS as pad if none): the same prompts
-    prompts, rows, chats, data = load_data(args.prompts, tok)
+    prompts, rows, chats, data = load_data(args.prompts, tok, Path(args.data))
     total = args.warmup + args.steps
     order = visit_order(tok, len(prompts), args.per_step, total)
     ds = Dataset.from_list([{"prompt": chats[i], "answer": rows[i]["answer"], "idx": i} for i in order])
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
+    if args.device != "cpu":
+        model.to(args.device)
     n_params = base_param_count(model)
     peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
                              target_modules=LORA["targets"], bias="none", task_type="CAUSAL_LM")
@@ -310,7 +328,7 @@ def worker_trl(args: argparse.Namespace, bf16: bool) -> dict[str, Any]:
     cfg = GRPOConfig(
         output_dir=out, max_steps=total, per_device_train_batch_size=micro, gradient_accumulation_steps=accum,
         learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
-        seed=SEED, data_seed=SEED, bf16=bf16, fp16=False, use_cpu=True, gradient_checkpointing=False,
+        seed=SEED, data_seed=SEED, bf16=bf16, fp16=False, use_cpu=args.device == "cpu", gradient_checkpointing=False,
         num_generations=args.group, max_completion_length=args.max_new, temperature=TEMPERATURE, top_p=TOP_P,
         top_k=0, generation_kwargs={"min_new_tokens": args.max_new}, shuffle_dataset=False,
         beta=BETA, num_iterations=MU, epsilon=CLIP_EPS, loss_type="grpo", scale_rewards="group",
@@ -401,6 +419,8 @@ def run_worker(args: argparse.Namespace) -> None:
     mismatch = [s["mismatch"] for s in measured if s.get("mismatch") is not None]
     result.update(sample_share=shares.get("sample_s"), sync_share=shares.get("sync_s"),
                   mismatch=sum(mismatch) / len(mismatch) if mismatch else None)
+    if args.device != "cpu":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
     result.update(config=name, threads=torch.get_num_threads(), peak_rss_mb=peak_rss_mb(), measured_steps=n,
                   seconds=seconds, s_per_step=seconds / n,
                   completions_per_step=sum(s["completions"] for s in measured) / n,
@@ -473,19 +493,28 @@ def main() -> None:
     p.add_argument("--micro-batch", type=int, default=8,
                    help="completions per forward/backward; the rest of the step is gradient accumulation")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (benchmarks/gpu_suite.sh)")
+    p.add_argument("--data", default=str(DATA), help="a GSM8K-format JSONL (question, answer)")
+    p.add_argument("--arch", default=None, help="instead of --model: a random-initialised model of this architecture "
+                   "(benchmarks/gpu_check.py ARCHS) with --tokenizer's tokenizer, as on the GPU machines")
+    p.add_argument("--tokenizer", default=None, help="with --arch: a tokenizer folder")
     args, configs = start(p, CONFIGS, DEFAULT_CONFIGS, run_worker, __file__)
     if configs is None:
         return
-    if not DATA.exists():
-        sys.exit(f"missing {DATA} (GSM8K in ../shared/data/gsm8k/)")
+    if not Path(args.data).exists():
+        sys.exit(f"missing {args.data} (GSM8K in ../shared/data/gsm8k/, or --data)")
+    if args.arch:
+        if not args.tokenizer:
+            sys.exit("--arch needs --tokenizer (a tokenizer folder)")
+        args.model = random_model(args.arch, args.tokenizer, Path(tempfile.mkdtemp(prefix=f"bench-{args.arch}-")))
     if args.group < 2:
         sys.exit("--group must be at least 2 (group advantages)")
     micro_batch(args)  # fail early on a step that does not split into micro-batches
 
-    common = ["--model", args.model, "--prompts", str(args.prompts), "--group", str(args.group), "--per-step",
-              str(args.per_step), "--max-new", str(args.max_new), "--warmup", str(args.warmup), "--steps",
-              str(args.steps), "--micro-batch", str(args.micro_batch), "--lr", str(args.lr), "--threads",
-              str(args.threads)]
+    common = ["--model", args.model, "--device", args.device, "--data", args.data, "--prompts", str(args.prompts),
+              "--group", str(args.group), "--per-step", str(args.per_step), "--max-new", str(args.max_new),
+              "--warmup", str(args.warmup), "--steps", str(args.steps), "--micro-batch", str(args.micro_batch),
+              "--lr", str(args.lr), "--threads", str(args.threads)]
 
     def describe(r: dict[str, Any]) -> str:
         s1 = r["steps"][0]

@@ -179,3 +179,29 @@ exec {sys.executable} -m posttrain serve --model "$model" --adapter-dir / --port
     finally:
         engine.close()
     assert engine.proc.poll() is not None  # stopped at the end
+
+
+def test_async_ahead_samples_one_update_old_and_the_correction_sees_it(tiny_dir, tmp_path):
+    """rollout.async_ahead: rollout k + 1 is sampled from the policy of rollout k while k trains, so from the second
+    rollout on the samples are one update old (rollout/lag 1) and the engine's log-probs differ from the trainer's
+    by that update, which the importance weights then correct; the hf engine cannot run ahead."""
+    from posttrain.recipes.grpo import run
+
+    with pytest.raises(ConfigError, match="async_ahead needs an engine of its own"):
+        run(grpo_cfg(tiny_dir, tmp_path, tmp_path / "hf", "rollout.async_ahead=true"))
+    srv = start_server(tiny_dir, tmp_path)
+    out = tmp_path / "run"
+    try:
+        cfg = grpo_cfg(tiny_dir, tmp_path, out, "rollout.engine=server", f"rollout.server_url={srv.url}",
+                       "rollout.async_ahead=true", "rollout.is_correction=token", "train.lr=0.05", "train.log_every=1")
+        # a reward that differs within groups of the tiny model's random text, so every step updates the policy
+        cfg.rewards = [type(cfg.rewards[0])(name="regex", options={"pattern": "[aeiou]{2}"})]
+        run(cfg)
+    finally:
+        srv.stop()
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert [r["rollout/lag"] for r in steps] == [0.0, 1.0, 1.0, 1.0]
+    assert all(r["grad_norm"] > 0 for r in steps)
+    assert steps[0]["mismatch/abs_mean"] < 1e-4  # sampled from the policy it trains
+    assert all(r["mismatch/abs_mean"] > 1e-3 for r in steps[1:])  # one update stale: the lag is measured
+    assert not srv.engine.adapters and not (out / PUBLISH_DIR).exists()

@@ -141,6 +141,8 @@ class RolloutSection(Section):
     port: int = Field(0, ge=0, lt=65536, description="vllm_python: the managed server's port (0: a free one)")
     start_timeout_s: float = Field(600.0, gt=0, description="vllm_python: how long the server may take to start")
     request_timeout_s: float = Field(600.0, gt=0, description="server, vllm: how long one rollout request may take")
+    async_ahead: bool = Field(False, description="server, vllm: sample rollout k + 1 while training on rollout k "
+                              "(its samples one update old, rollout/lag; the importance correction accounts for it)")
     is_correction: Literal["none", "token", "sequence"] = Field(
         "none", description="truncated importance sampling against the engine's log-probs: none (only measured), "
         "token (w_t = min(p_train/p_engine, is_cap)), sequence (one weight per completion)")

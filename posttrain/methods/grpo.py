@@ -135,12 +135,13 @@ def grpo_schedule(model: torch.nn.Module, tokenizer, prompts: list[list[int]], r
                   chats: list[Any], reward: RewardFn, params: GRPOParams, *, prompts_per_step: int, mu: int,
                   micro_batch_size: int, seed: int, reference: Callable[[torch.nn.Module, Batch], torch.Tensor] | None,
                   top_p: float = 1.0, chunk_size: int = 1024, share_prompt: bool = True,
-                  watch: RewardFn | None = None, engine: RolloutEngine | None = None) -> RolloutSchedule:
+                  watch: RewardFn | None = None, engine: RolloutEngine | None = None,
+                  ahead: bool = False) -> RolloutSchedule:
     """GRPO's rollout schedule: ``RolloutSchedule`` with ``GRPOBatches`` as its ``make_batches``."""
     return RolloutSchedule(model, tokenizer, prompts, rows, chats,
                            make_batches=GRPOBatches(reward, params, reference, top_p, chunk_size),
                            prompts_per_step=prompts_per_step, mu=mu, micro_batch_size=micro_batch_size, seed=seed,
-                           share_prompt=share_prompt, watch=watch, engine=engine)
+                           share_prompt=share_prompt, watch=watch, engine=engine, ahead=ahead)
 
 
 @torch.no_grad()

@@ -255,12 +255,13 @@ def rollout_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:
 def ppo_schedule(model: SharedRoles, tokenizer, prompts: list[list[int]], rows: list[dict[str, Any]],
                  chats: list[Any], params: PPOParams, *, prompts_per_step: int, mu: int, micro_batch_size: int,
                  seed: int, chunk_size: int = 1024, share_prompt: bool = True,
-                 watch: RewardFn | None = None, engine: RolloutEngine | None = None) -> RolloutSchedule:
+                 watch: RewardFn | None = None, engine: RolloutEngine | None = None,
+                 ahead: bool = False) -> RolloutSchedule:
     """PPO's rollout schedule: ``RolloutSchedule`` over the actor (``model.policy``) with ``PPOBatches``."""
     return RolloutSchedule(model.policy, tokenizer, prompts, rows, chats,
                            make_batches=PPOBatches(model, params, chunk_size), prompts_per_step=prompts_per_step,
                            mu=mu, micro_batch_size=micro_batch_size, seed=seed, share_prompt=share_prompt,
-                           watch=watch, engine=engine)
+                           watch=watch, engine=engine, ahead=ahead)
 
 
 @torch.no_grad()

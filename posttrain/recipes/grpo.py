@@ -23,6 +23,7 @@ model/, summary.json, rewards.svg, report.html.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from posttrain.config import GRPOConfig, RewardFnSpec
@@ -65,12 +66,15 @@ def run(cfg: GRPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     reference = make_reference(model, lora=cfg.finetune == "lora", per_token=True, temperature=g.temperature,
                                chunk_size=t.loss_chunk_size) if g.kl_coef > 0 else None
     engine, correction = start_engine(cfg, model, tok, job.out, prompts[0], g.temperature)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(engine.close)
         schedule = grpo_schedule(model, tok, prompts, rows, chats, reward, params, prompts_per_step=g.prompts_per_step,
                                  mu=g.mu, micro_batch_size=t.micro_batch_size, seed=t.seed, reference=reference,
                                  top_p=g.top_p, chunk_size=t.loss_chunk_size, share_prompt=d.share_prompt,
-                                 watch=watch, engine=engine)
+                                 watch=watch, engine=engine, ahead=cfg.rollout.async_ahead)
+        stack.callback(schedule.drain)
         total = t.max_steps or schedule.steps_for(t.epochs)
+        schedule.total_rollouts = -(-total // g.mu)
         console.print(f"training {total} steps: {g.prompts_per_step} prompts x {g.group_size} completions per "
                       f"rollout, {g.mu} step(s) per rollout, sampled by the {engine.name} engine; reference: "
                       + ("none (kl_coef 0)" if reference is None else
@@ -82,8 +86,6 @@ def run(cfg: GRPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
         opts = loop_options(t, total, cfg.model, job.loaded)
         records = train_loop(model, GRPO(params, t.loss_chunk_size, correction), schedule, opts,
                              job.out, evaluate=evaluate, export=lora_export(cfg.finetune, model), resume=start)
-    finally:
-        engine.close()
     if not rank0_after(model, sharded=False):  # rank 0 writes the results; the others hold the same weights
         return {}
     final_dir = save_trained(model, tok, job.out, cfg.finetune)

@@ -11,6 +11,7 @@ rollout (statistics summed over processes), gradients are all-reduced, and rank 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -63,11 +64,15 @@ def run(cfg: PPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
                   f"{memory['four_copies_weights_mb']} MB)")
     params = from_section(PPOParams, p)
     engine, correction = start_engine(cfg, roles.policy, tok, job.out, prompts[0], p.temperature)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(engine.close)
         schedule = ppo_schedule(roles, tok, prompts, rows, chats, params, prompts_per_step=p.prompts_per_step,
                                 mu=p.mu, micro_batch_size=t.micro_batch_size, seed=t.seed,
-                                chunk_size=t.loss_chunk_size, share_prompt=d.share_prompt, watch=watch, engine=engine)
+                                chunk_size=t.loss_chunk_size, share_prompt=d.share_prompt, watch=watch, engine=engine,
+                                ahead=cfg.rollout.async_ahead)
+        stack.callback(schedule.drain)
         total = t.max_steps or schedule.steps_for(t.epochs)
+        schedule.total_rollouts = -(-total // p.mu)
         console.print(f"training {total} steps: {p.prompts_per_step} prompts x {p.samples_per_prompt} per rollout, "
                       f"{p.mu} step(s) per rollout, sampled by the {engine.name} engine; reward model "
                       f"{p.reward_model}")
@@ -84,8 +89,6 @@ def run(cfg: PPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
         opts = loop_options(t, total, cfg.model, job.loaded)
         records = train_loop(roles, PPO(params, t.loss_chunk_size, correction), schedule, opts,
                              job.out, evaluate=evaluate, export=export, resume=start)
-    finally:
-        engine.close()
     if not rank0_after(roles, sharded=False):  # rank 0 writes the results; the others hold the same weights
         return {}
     final = atomic_dir(job.out / ADAPTER_DIR, lambda tmp: (roles.policy.save_pretrained(tmp, selected_adapters=[ACTOR]),

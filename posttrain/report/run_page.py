@@ -59,6 +59,7 @@ FIGURES: _Spec = [
         ("mismatch KL(engine || train)", ["mismatch/kl"]),
         ("importance weights (mean, share cut at the cap)", ["mismatch/is_weight", "mismatch/is_capped"]),
         ("sampling and weight-sync seconds per rollout", ["rollout/sample_s", "rollout/sync_s"]),
+        ("policy updates between sampling and training (async_ahead)", ["rollout/lag"]),
     ]),
     ("optimisation and throughput", [
         ("gradient norm", ["grad_norm"]),

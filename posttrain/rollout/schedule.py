@@ -18,6 +18,7 @@ Layer 3 (rollout): imports data, models, rollout.
 from __future__ import annotations
 
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import torch
@@ -47,9 +48,16 @@ class RolloutSchedule:
     def __init__(self, model: torch.nn.Module, tokenizer, prompts: list[list[int]], rows: list[dict[str, Any]],
                  chats: list[Any], *, make_batches: Callable[[RolloutSchedule, int], list[Batch]],
                  prompts_per_step: int, mu: int, micro_batch_size: int, seed: int, share_prompt: bool = True,
-                 watch: RewardFn | None = None, engine: RolloutEngine | None = None):
+                 watch: RewardFn | None = None, engine: RolloutEngine | None = None, ahead: bool = False):
         self.make_batches = make_batches
         self.engine = engine or HFEngine(model, tokenizer)
+        if ahead and self.engine.name == "hf":
+            raise ConfigError("rollout.async_ahead needs an engine of its own (rollout.engine: server or vllm): the hf "
+                              "sampler decodes with the very weights being trained")
+        # ahead: rollout k + 1 is sampled (from the policy of rollout k) while the trainer works on rollout k
+        self.ahead, self.total_rollouts = ahead, None  # the recipe sets total_rollouts: no prefetch past the end
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="posttrain-rollout") if ahead else None
+        self._pending: dict[int, Future] = {}
         self.timing: dict[str, float] = {}
         self.model, self.tok, self.prompts, self.rows, self.chats = model, tokenizer, prompts, rows, chats
         self.per_step, self.mu, self.micro, self.seed = prompts_per_step, mu, micro_batch_size, seed
@@ -85,20 +93,53 @@ class RolloutSchedule:
             out.append(self._order[1][i])
         return out
 
+    def share(self, rollout: int) -> tuple[list[int], list[int]]:
+        """This process's share of the rollout's prompt indices, and each prompt's seed (its place in the run)."""
+        idx = self.prompt_indices(rollout)
+        size = len(idx) // self.ranks
+        lo = self.rank * size
+        return idx[lo:lo + size], [self.seed * 1_000_003 + rollout * self.per_step + lo + k for k in range(size)]
+
+    def _submit(self, rollout: int, n: int, sampling: dict[str, Any]) -> Future:
+        idx, seeds = self.share(rollout)
+        call = lambda: self.engine.sample([self.prompts[i] for i in idx], n=n, seeds=seeds,  # noqa: E731
+                                          batch_size=generation_batch(len(idx) * n, self.micro), **sampling)
+        if self._pool is not None:
+            return self._pool.submit(call)
+        done: Future = Future()
+        done.set_result(call())
+        return done
+
     def sample(self, rollout: int, n: int, **sampling: Any) -> tuple[list[int], Rollout]:
         """This process's share of the rollout's prompt indices and ``n`` completions of each, from the engine
-        synced to the current policy (version = the rollout number); each prompt seeded by its place in the run."""
-        idx = self.prompt_indices(rollout)
-        share = len(idx) // self.ranks
-        lo = self.rank * share
-        idx = idx[lo:lo + share]
-        seeds = [self.seed * 1_000_003 + rollout * self.per_step + lo + k for k in range(share)]
-        self.engine.sync(self.model, rollout)
+        synced to the current policy (version = the rollout number).
+
+        With ``ahead``, the completions were sampled while the previous rollout trained, from the policy one update
+        older (the first rollout, and the first after a resume, are sampled now); rollout k + 1 is then started
+        from the current policy before this returns. ``rollout/lag`` logs how many updates old the samples are."""
+        sync_s = 0.0
         with Timer() as took:
-            ro = self.engine.sample([self.prompts[i] for i in idx], n=n, seeds=seeds,
-                                    batch_size=generation_batch(len(idx) * n, self.micro), **sampling)
-        self.timing = {"rollout/sample_s": took.s, "rollout/sync_s": self.engine.sync_s}
-        return idx, ro
+            pending = self._pending.pop(rollout, None)
+            if pending is None:
+                self.engine.sync(self.model, rollout)
+                sync_s += self.engine.sync_s
+                pending = self._submit(rollout, n, sampling)
+            ro = pending.result()
+            if self.ahead and (self.total_rollouts is None or rollout + 1 < self.total_rollouts):
+                self.engine.sync(self.model, rollout)  # a no-op when this rollout was sampled just now
+                sync_s += self.engine.sync_s
+                self._pending[rollout + 1] = self._submit(rollout + 1, n, sampling)
+        self.timing = {"rollout/sample_s": took.s - sync_s, "rollout/sync_s": sync_s,
+                       "rollout/lag": float(rollout - ro.version)}
+        return self.share(rollout)[0], ro
+
+    def drain(self) -> None:
+        """Wait for a rollout still being sampled (ahead), so the engine can be stopped."""
+        for future in self._pending.values():
+            future.cancel() or future.exception()
+        self._pending.clear()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
     def score(self, fn: RewardFn, idx: list[int], n: int, texts: list[str]) -> list[float]:
         """A reward function on the completions, with each prompt's chat and row columns repeated n times."""
