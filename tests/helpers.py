@@ -151,3 +151,36 @@ def loop_opts(total_steps: int, **kw):
 
     return from_section(LoopOptions, TrainConfig(**kw), total_steps=total_steps, warmup_steps=0, optimizer="adamw",
                         autocast=None)
+
+
+def lora_policy(base_dir: str, *, seed: int, scale: float, r: int = 4):
+    """A LoRA policy on ``base_dir`` whose B matrices are random (times ``scale``), so it differs from its base."""
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.models import apply_lora
+
+    model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), r=r, alpha=2 * r, dropout=0.0,
+                       target_modules="all-linear")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def engine_gap(model, tokenizer, ro, temperature: float, reduce: str = "mean") -> float:
+    """Mean (or max) |logp_train - logp_engine| over a rollout's completion tokens, the trainer's log-probs from a
+    teacher-forced forward of ``model`` at ``temperature``."""
+    from posttrain.data.collate import collate_rollouts
+    from posttrain.models.forward import evaluating, token_logps
+
+    batch = collate_rollouts(ro.prompt_ids, ro.completion_ids, tokenizer.pad_token_id)
+    with evaluating(model), torch.no_grad():
+        train = token_logps(model, batch, temperature)
+    engine = torch.zeros_like(train)
+    for i, lp in enumerate(ro.logprobs):
+        engine[i, :len(lp)] = torch.tensor(lp)
+    mask = batch["completion_mask"].float()
+    diff = (train - engine).abs() * mask
+    return float(diff.max() if reduce == "max" else diff.sum() / mask.sum())

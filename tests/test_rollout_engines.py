@@ -9,13 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from posttrain.data.collate import collate_rollouts
 from posttrain.errors import ConfigError
-from posttrain.models import apply_lora
-from posttrain.models.forward import evaluating, token_logps
 from posttrain.rollout.engines import ENGINES, make_engine
 from posttrain.rollout.interface import EngineSettings, HFEngine
 from posttrain.rollout.vllm import ManagedVLLM, free_port, lora_rank, serve_command, server_env
+from tests.helpers import engine_gap, lora_policy
 
 
 def settings(**kw) -> EngineSettings:
@@ -27,20 +25,7 @@ def settings(**kw) -> EngineSettings:
 
 @pytest.fixture(scope="module")
 def policy(tiny_dir):
-    model = apply_lora(AutoModelForCausalLM.from_pretrained(tiny_dir), r=4, alpha=8, dropout=0.0,
-                       target_modules="all-linear")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
-
-
-def trainer_logps(model, tokenizer, ro, temperature):
-    batch = collate_rollouts(ro.prompt_ids, ro.completion_ids, tokenizer.pad_token_id)
-    with evaluating(model), torch.no_grad():
-        return token_logps(model, batch, temperature), batch["completion_mask"]
+    return lora_policy(tiny_dir, seed=0, scale=0.3)
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -52,11 +37,7 @@ def test_hf_engine_logprobs_are_the_trainers(policy, tokenizer, temperature):
     ro = engine.sample(prompts, n=3, max_new_tokens=10, temperature=temperature, top_p=1.0, min_new_tokens=3,
                        seeds=[5, 6], batch_size=6)
     assert [len(lp) for lp in ro.logprobs] == [len(c) for c in ro.completion_ids]
-    train, mask = trainer_logps(policy, tokenizer, ro, temperature)
-    engine_logp = torch.zeros_like(train)
-    for i, lp in enumerate(ro.logprobs):
-        engine_logp[i, :len(lp)] = torch.tensor(lp)
-    assert float(((train - engine_logp).abs() * mask).max()) < 1e-4
+    assert engine_gap(policy, tokenizer, ro, temperature, reduce="max") < 1e-4
     again = engine.sample(prompts, n=3, max_new_tokens=10, temperature=temperature, top_p=1.0, min_new_tokens=3,
                           seeds=[5, 6], batch_size=6)
     assert again.completion_ids == ro.completion_ids  # seeded: repeatable

@@ -7,13 +7,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from posttrain.data.collate import collate_rollouts
 from posttrain.errors import ConfigError
-from posttrain.models import apply_lora, load_tokenizer
-from posttrain.models.forward import evaluating, token_logps
+from posttrain.models import load_tokenizer
 from posttrain.rollout.client import PUBLISH_DIR, ServerEngine, check_base
 from posttrain.serve import Engine, Server
-from tests.helpers import grpo_cfg, make_tiny
+from tests.helpers import engine_gap, grpo_cfg, lora_policy, make_tiny
 
 
 def start_server(model_dir: str, adapter_dir, mode: str = "processed_logprobs") -> Server:
@@ -30,32 +28,10 @@ def engine_settings(url: str):
     return from_section(EngineSettings, RolloutSection(engine="server", server_url=url))
 
 
-def perturbed_policy(model_dir: str, seed: int):
-    model = apply_lora(AutoModelForCausalLM.from_pretrained(model_dir), r=4, alpha=8, dropout=0.0,
-                       target_modules="all-linear")
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return model
-
-
-def gap_to(model, tokenizer, ro, temperature: float) -> float:
-    batch = collate_rollouts(ro.prompt_ids, ro.completion_ids, tokenizer.pad_token_id)
-    with evaluating(model), torch.no_grad():
-        train = token_logps(model, batch, temperature)
-    engine = torch.zeros_like(train)
-    for i, lp in enumerate(ro.logprobs):
-        engine[i, :len(lp)] = torch.tensor(lp)
-    mask = batch["completion_mask"].float()
-    return float(((train - engine).abs() * mask).sum() / mask.sum())
-
-
 def test_sync_publishes_the_adapter_and_the_server_samples_from_it(tiny_dir, tokenizer, tmp_path):
     srv = start_server(tiny_dir, tmp_path)
     try:
-        policy = perturbed_policy(tiny_dir, seed=3)
+        policy = lora_policy(tiny_dir, seed=3, scale=0.5)
         engine = ServerEngine.connect(policy, tokenizer, engine_settings(srv.url), tmp_path / "run")
         prompts = [tokenizer("Name three colours.")["input_ids"], tokenizer("Count to five")["input_ids"]]
         engine.sync(policy, 0)
@@ -63,9 +39,9 @@ def test_sync_publishes_the_adapter_and_the_server_samples_from_it(tiny_dir, tok
         ro = engine.sample(prompts, n=3, max_new_tokens=8, temperature=0.7, top_p=1.0, min_new_tokens=2,
                            seeds=[11, 12], batch_size=6)
         assert len(ro.completion_ids) == 6 and all(len(c) >= 2 for c in ro.completion_ids)
-        assert gap_to(policy, tokenizer, ro, 0.7) < 1e-4  # the server's numbers are the trainer's
+        assert engine_gap(policy, tokenizer, ro, 0.7) < 1e-4  # the server's numbers are the trainer's
         with policy.disable_adapter():
-            assert gap_to(policy, tokenizer, ro, 0.7) > 1e-2  # and not the base's: the adapter is in use
+            assert engine_gap(policy, tokenizer, ro, 0.7) > 1e-2  # and not the base's: the adapter is in use
         again = engine.sample(prompts, n=3, max_new_tokens=8, temperature=0.7, top_p=1.0, min_new_tokens=2,
                               seeds=[11, 12], batch_size=6)
         assert again.completion_ids == ro.completion_ids  # seeded
@@ -89,7 +65,7 @@ def test_a_server_with_another_base_is_refused(tiny_dir, tokenizer, tmp_path):
     model.save_pretrained(other)
     srv = start_server(other, tmp_path)
     try:
-        policy = perturbed_policy(tiny_dir, seed=3)
+        policy = lora_policy(tiny_dir, seed=3, scale=0.5)
         engine = ServerEngine.connect(policy, tokenizer, engine_settings(srv.url), tmp_path / "run")
         prompt = tokenizer("Name three colours.")["input_ids"]
         with pytest.raises(ConfigError, match="disagrees with the trainer"):
@@ -158,14 +134,14 @@ exec {sys.executable} -m posttrain serve --model "$model" --adapter-dir / --port
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     settings = engine_settings("unused")
     settings.engine, settings.vllm_python, settings.start_timeout_s = "vllm", str(fake), 120
-    policy = perturbed_policy(tiny_dir, seed=3)
+    policy = lora_policy(tiny_dir, seed=3, scale=0.5)
     engine = ManagedVLLM.launch(policy, tokenizer, settings, tmp_path / "run", tiny_dir)
     prompts = [tokenizer("Name three colours.")["input_ids"]]
     try:
         engine.sync(policy, 0)
         ro = engine.sample(prompts, n=2, max_new_tokens=6, temperature=1.0, top_p=1.0, min_new_tokens=0, seeds=[1],
                            batch_size=2)
-        assert gap_to(policy, tokenizer, ro, 1.0) < 1e-4
+        assert engine_gap(policy, tokenizer, ro, 1.0) < 1e-4
         os.killpg(engine.proc.pid, signal.SIGKILL)  # the server dies mid-run
         engine.proc.wait(10)
         again = engine.sample(prompts, n=2, max_new_tokens=6, temperature=1.0, top_p=1.0, min_new_tokens=0,

@@ -5,39 +5,12 @@ import json
 import os
 
 import pytest
-import torch
-from transformers import AutoModelForCausalLM
 
-from posttrain.data.collate import collate_rollouts
-from posttrain.models import apply_lora
-from posttrain.models.forward import evaluating, token_logps
 from posttrain.rollout.client import PUBLISH_DIR
-from tests.helpers import write_jsonl
+from tests.helpers import engine_gap, lora_policy, write_jsonl
 
 VLLM_PYTHON = os.environ.get("POSTTRAIN_VLLM_PYTHON")
 pytestmark = pytest.mark.skipif(not VLLM_PYTHON, reason="needs vLLM's venv: `make test-vllm` runs these")
-
-
-def policy_of(base_dir: str):
-    model = apply_lora(AutoModelForCausalLM.from_pretrained(base_dir), r=8, alpha=16, dropout=0.0,
-                       target_modules="all-linear")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return model
-
-
-def gap(model, tokenizer, ro, temperature: float) -> float:
-    batch = collate_rollouts(ro.prompt_ids, ro.completion_ids, tokenizer.pad_token_id)
-    with evaluating(model), torch.no_grad():
-        train = token_logps(model, batch, temperature)
-    engine = torch.zeros_like(train)
-    for i, lp in enumerate(ro.logprobs):
-        engine[i, :len(lp)] = torch.tensor(lp)
-    mask = batch["completion_mask"].float()
-    return float(((train - engine).abs() * mask).sum() / mask.sum())
 
 
 def test_vllm_samples_from_the_published_adapter_with_the_trainers_logprobs(embedded_dir, tokenizer, tmp_path):
@@ -46,7 +19,7 @@ def test_vllm_samples_from_the_published_adapter_with_the_trainers_logprobs(embe
     from posttrain.rollout.interface import EngineSettings
     from posttrain.rollout.vllm import vllm_engine
 
-    policy = policy_of(embedded_dir)
+    policy = lora_policy(embedded_dir, seed=0, scale=0.02, r=8)
     settings = from_section(EngineSettings, RolloutSection(engine="vllm", vllm_python=VLLM_PYTHON))
     engine = vllm_engine(policy, tokenizer, settings, tmp_path, embedded_dir)
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
@@ -57,9 +30,9 @@ def test_vllm_samples_from_the_published_adapter_with_the_trainers_logprobs(embe
         kw = dict(n=4, max_new_tokens=24, temperature=0.8, top_p=1.0, min_new_tokens=0, seeds=[3, 4], batch_size=8)
         ro = engine.sample(prompts, **kw)
         assert len(ro.completion_ids) == 8
-        assert gap(policy, tokenizer, ro, 0.8) < 1e-3  # fp32 kernels on both sides: rounding only
+        assert engine_gap(policy, tokenizer, ro, 0.8) < 1e-3  # fp32 kernels on both sides: rounding only
         with policy.disable_adapter():
-            assert gap(policy, tokenizer, ro, 0.8) > 1e-2  # vLLM used the adapter, not the base
+            assert engine_gap(policy, tokenizer, ro, 0.8) > 1e-2  # vLLM used the adapter, not the base
         assert engine.sample(prompts, **kw).completion_ids == ro.completion_ids  # seeded
         stops = set(engine.stops)
         for ids, done in zip(ro.completion_ids, ro.finished):
