@@ -92,6 +92,7 @@ def fake_python(tmp_path, body: str) -> str:
     ("echo 'ModuleNotFoundError: No module named vllm' >&2; exit 1", "cannot import vllm"),
     ("echo 'OSError: [Errno 98] Address already in use'; exit 1", "port is already in use"),
     ("echo 'RuntimeError: CUDA out of memory. Tried to allocate'; exit 1", "ran out of memory"),
+    ("echo \"RuntimeError: less than requested memory for kv (-0.88/0.75 GiB)\"; exit 1", "KV cache does not fit"),
     ("echo 'something else broke'; exit 3", "exited with code 3"),
 ])
 def test_a_server_that_dies_while_starting_names_the_cause(policy, tokenizer, tiny_dir, tmp_path, body, cause):
@@ -128,3 +129,18 @@ def test_a_port_in_use_is_refused_before_anything_starts():
         with pytest.raises(ConfigError, match=f"rollout.port: {s.getsockname()[1]} is already in use"):
             free_port(s.getsockname()[1])
     assert free_port(0) > 0
+
+
+def test_the_merged_base_a_managed_vllm_serves_is_the_policys_base(policy, tokenizer, tmp_path):
+    """With model.init_adapter the policy's base is the merged model: written as a plain HF folder (no adapter
+    layers, the weights' own names), it gives the adapter-off policy's logits."""
+    from posttrain.recipes._prompts import write_base
+
+    folder = write_base(policy, tokenizer, tmp_path / "rollout_base")
+    plain = AutoModelForCausalLM.from_pretrained(folder)
+    ids = torch.tensor([tokenizer("Name three colours.")["input_ids"]])
+    with torch.no_grad(), policy.disable_adapter():
+        want = policy(input_ids=ids).logits
+    assert not any("lora" in k for k in plain.state_dict())
+    assert torch.allclose(plain(input_ids=ids).logits, want, atol=1e-5)
+    assert write_base(policy, tokenizer, tmp_path / "rollout_base") == folder  # once per run

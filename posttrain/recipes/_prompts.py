@@ -12,6 +12,7 @@ from posttrain.data.prompts import load_prompts
 from posttrain.engine import console
 from posttrain.engine.distributed import world
 from posttrain.errors import ConfigError
+from posttrain.io import atomic_dir
 from posttrain.models.loading import resolve_model_path
 from posttrain.recipes._common import from_section, resolve_template
 
@@ -49,7 +50,11 @@ def start_engine(cfg: Any, model: Any, tokenizer: Any, out: Path, probe: list[in
     from posttrain.rollout.engines import EngineSettings, make_engine
 
     r = cfg.rollout
-    engine = make_engine(model, tokenizer, from_section(EngineSettings, r), out, resolve_model_path(cfg.model.name))
+    base_dir = resolve_model_path(cfg.model.name)
+    if r.engine == "vllm" and cfg.model.init_adapter:  # the policy's base is the merged model, not model.name
+        base_dir = str(write_base(model, tokenizer, out / ROLLOUT_BASE))
+        console.print(f"rollout engine vllm: serving the base with {cfg.model.init_adapter} merged ({base_dir})")
+    engine = make_engine(model, tokenizer, from_section(EngineSettings, r), out, base_dir)
     if r.engine != "hf":
         try:
             gap = check_base(engine, model, tokenizer, probe, temperature)
@@ -59,6 +64,21 @@ def start_engine(cfg: Any, model: Any, tokenizer: Any, out: Path, probe: list[in
         console.print(f"rollout engine {r.engine}: mean |logp_engine - logp_train| = {gap:.2e} on a probe; "
                       f"importance correction: {r.is_correction}")
     return engine, Correction(r.is_correction, r.is_cap)
+
+
+ROLLOUT_BASE = "rollout_base"  # in the run folder: the merged base a managed vLLM serves (model.init_adapter)
+
+
+def write_base(model: Any, tokenizer: Any, dest: Path) -> Path:
+    """The LoRA policy's frozen base (with model.init_adapter already merged into it) as a plain HF folder: the
+    weights under their own names, no adapter layers. Written once per run, atomically."""
+    def write(tmp: Path) -> None:
+        inner = model.get_base_model()
+        state = {k.replace(".base_layer.", "."): v for k, v in inner.state_dict().items() if "lora_" not in k}
+        inner.save_pretrained(tmp, state_dict=state)
+        tokenizer.save_pretrained(tmp)
+
+    return dest if (dest / "config.json").exists() else atomic_dir(dest, write)
 
 
 def check_processes(cfg: Any) -> None:

@@ -42,7 +42,12 @@ _CAUSES = (("No module named 'vllm'", "the interpreter cannot import vllm (build
            ("out of memory", "it ran out of memory (lower the KV cache: rollout.vllm_args "
                              "[--gpu-memory-utilization, 0.1], or VLLM_CPU_KVCACHE_SPACE on CPU)"),
            ("OutOfMemory", "it ran out of memory (lower --gpu-memory-utilization in rollout.vllm_args)"),
-           ("Cannot allocate memory", "it ran out of memory (lower --gpu-memory-utilization in rollout.vllm_args)"))
+           ("Cannot allocate memory", "it ran out of memory (lower --gpu-memory-utilization in rollout.vllm_args)"),
+           # vLLM's own KV-cache sizing refusals (CPU and GPU): too little left for the cache, or for one sequence
+           ("requested memory for kv", "its KV cache does not fit the memory left (change --gpu-memory-utilization "
+                                       "or VLLM_CPU_KVCACHE_SPACE)"),
+           ("larger than the available KV cache memory", "its KV cache cannot hold one max-length sequence (raise "
+                                                         "--gpu-memory-utilization or lower --max-model-len)"))
 
 
 def vllm_engine(model: torch.nn.Module, tokenizer, settings: EngineSettings, run_dir: Path, base_dir: str) -> Any:
