@@ -13,8 +13,12 @@ from posttrain.engine import console
 from posttrain.engine.distributed import world
 from posttrain.errors import ConfigError
 from posttrain.io import atomic_dir
+from posttrain.losses.offpolicy import Correction
 from posttrain.models.loading import resolve_model_path
 from posttrain.recipes._common import from_section, resolve_template
+from posttrain.rollout.client import check_base
+from posttrain.rollout.engines import make_engine
+from posttrain.rollout.interface import EngineSettings
 
 Prompts = tuple[list[list[int]], list[dict[str, Any]], list[Any]]  # (token ids, rows, chats), one entry per prompt
 
@@ -45,10 +49,6 @@ def load_prompt_splits(d: PromptDataConfig, tokenizer: Any) -> tuple[Prompts, Pr
 def start_engine(cfg: Any, model: Any, tokenizer: Any, out: Path, probe: list[int], temperature: float) -> Any:
     """The configured rollout engine (``cfg.rollout``), checked against the trainer on ``probe`` (a prompt) before
     the first step where it is not the trainer's own sampler, and the importance correction to apply."""
-    from posttrain.losses.offpolicy import Correction
-    from posttrain.rollout.client import check_base
-    from posttrain.rollout.engines import EngineSettings, make_engine
-
     r = cfg.rollout
     base_dir = resolve_model_path(cfg.model.name)
     if r.engine == "vllm" and cfg.model.init_adapter:  # the policy's base is the merged model, not model.name

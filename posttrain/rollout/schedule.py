@@ -57,7 +57,7 @@ class RolloutSchedule:
         # ahead: rollout k + 1 is sampled (from the policy of rollout k) while the trainer works on rollout k
         self.ahead, self.total_rollouts = ahead, None  # the recipe sets total_rollouts: no prefetch past the end
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="posttrain-rollout") if ahead else None
-        self._pending: dict[int, Future] = {}
+        self._pending: dict[int, tuple[list[int], Future]] = {}
         self.timing: dict[str, float] = {}
         self.model, self.tok, self.prompts, self.rows, self.chats = model, tokenizer, prompts, rows, chats
         self.per_step, self.mu, self.micro, self.seed = prompts_per_step, mu, micro_batch_size, seed
@@ -100,15 +100,16 @@ class RolloutSchedule:
         lo = self.rank * size
         return idx[lo:lo + size], [self.seed * 1_000_003 + rollout * self.per_step + lo + k for k in range(size)]
 
-    def _submit(self, rollout: int, n: int, sampling: dict[str, Any]) -> Future:
+    def _submit(self, rollout: int, n: int, sampling: dict[str, Any]) -> tuple[list[int], Future]:
+        """The rollout's prompt indices (this process's share) and its completions, being sampled (ahead) or done."""
         idx, seeds = self.share(rollout)
         call = lambda: self.engine.sample([self.prompts[i] for i in idx], n=n, seeds=seeds,  # noqa: E731
                                           batch_size=generation_batch(len(idx) * n, self.micro), **sampling)
         if self._pool is not None:
-            return self._pool.submit(call)
+            return idx, self._pool.submit(call)
         done: Future = Future()
         done.set_result(call())
-        return done
+        return idx, done
 
     def sample(self, rollout: int, n: int, **sampling: Any) -> tuple[list[int], Rollout]:
         """This process's share of the rollout's prompt indices and ``n`` completions of each, from the engine
@@ -124,18 +125,19 @@ class RolloutSchedule:
                 self.engine.sync(self.model, rollout)
                 sync_s += self.engine.sync_s
                 pending = self._submit(rollout, n, sampling)
-            ro = pending.result()
+            idx, future = pending
+            ro = future.result()
             if self.ahead and (self.total_rollouts is None or rollout + 1 < self.total_rollouts):
                 self.engine.sync(self.model, rollout)  # a no-op when this rollout was sampled just now
                 sync_s += self.engine.sync_s
                 self._pending[rollout + 1] = self._submit(rollout + 1, n, sampling)
         self.timing = {"rollout/sample_s": took.s - sync_s, "rollout/sync_s": sync_s,
                        "rollout/lag": float(rollout - ro.version)}
-        return self.share(rollout)[0], ro
+        return idx, ro
 
     def drain(self) -> None:
         """Wait for a rollout still being sampled (ahead), so the engine can be stopped."""
-        for future in self._pending.values():
+        for _, future in self._pending.values():
             future.cancel() or future.exception()
         self._pending.clear()
         if self._pool is not None:
