@@ -219,7 +219,7 @@ def rollout_engine(kind: str, model, tok, loaded, out: Path):
 
 
 def worker_posttrain(args: argparse.Namespace, compiled: bool, dtype: str, engine_kind: str = "hf") -> dict[str, Any]:
-    from posttrain.config import TrainConfig
+    from posttrain.config import GRPOSection, TrainConfig
     from posttrain.engine import LoopOptions, read_metrics, train_loop
     from posttrain.methods.grpo import GRPO, GRPOParams, grpo_schedule
     from posttrain.models import apply_lora, load_model
@@ -240,8 +240,9 @@ def worker_posttrain(args: argparse.Namespace, compiled: bool, dtype: str, engin
 
         compile_layers(model)
     micro, _ = micro_batch(args)
-    params = GRPOParams(group_size=args.group, clip_eps=CLIP_EPS, kl_coef=BETA, temperature=TEMPERATURE,
-                        max_new_tokens=args.max_new, aggregation="grpo", min_new_tokens=args.max_new)  # all set here
+    params = from_section(GRPOParams, GRPOSection(  # as TRL's loss_type grpo, scale_rewards group, k3 uncorrected
+        group_size=args.group, clip_eps=CLIP_EPS, kl_coef=BETA, temperature=TEMPERATURE, max_new_tokens=args.max_new,
+        aggregation="grpo", min_new_tokens=args.max_new, kl_ratio_corrected=False))
     reference = make_reference(model, lora=True, per_token=True, temperature=TEMPERATURE)
     workdir = Path(tempfile.mkdtemp(prefix="bench-posttrain-"))
     engine, server = rollout_engine(engine_kind, model, tok, loaded, workdir)

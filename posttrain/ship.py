@@ -43,8 +43,8 @@ CHECK_PROMPTS = [
 
 def _check_mergeable(adapter: str) -> None:
     method = run_config_of(adapter).get("method")
-    if method == "reward":
-        raise ConfigError(f"{adapter} is a reward model (adapter + score head): it scores, it does not generate; "
+    if method in ("reward", "prm"):
+        raise ConfigError(f"{adapter} is a {method} model (adapter + score head): it scores, it does not generate; "
                           "there is nothing to merge into a causal LM")
 
 

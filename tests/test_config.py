@@ -84,13 +84,18 @@ def test_variant_tables_agree():
     from posttrain.engine.loop import OPTIMIZERS
     from posttrain.eval.suites import SUITES
     from posttrain.losses import PREFERENCE_LOSSES
+    from posttrain.losses.advantages import ADVANTAGES, GROUP_FILTERS, STD_NORMS, TRUNCATED
     from posttrain.losses.offpolicy import IS_CORRECTIONS
+    from posttrain.losses.policy import KL_ESTIMATORS, POLICY_LOSSES
     from posttrain.losses.reduce import AGGREGATIONS
     from posttrain.models.numerics import DTYPES
     from posttrain.rollout.engines import ENGINES
 
     assert _literal(DPOSection, "loss") == set(PREFERENCE_LOSSES)
     assert _literal(GRPOSection, "aggregation") == set(AGGREGATIONS)
+    for key, table in [("advantage", ADVANTAGES), ("std", STD_NORMS), ("policy_loss", POLICY_LOSSES),
+                       ("kl_estimator", KL_ESTIMATORS), ("dynamic_sampling", GROUP_FILTERS), ("truncated", TRUNCATED)]:
+        assert _literal(GRPOSection, key) == set(table), key
     assert _literal(RolloutSection, "engine") == set(ENGINES)
     assert _literal(RolloutSection, "is_correction") == set(IS_CORRECTIONS)
     assert _literal(SuiteSpec, "kind") == set(SUITES)

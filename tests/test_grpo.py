@@ -127,3 +127,68 @@ def test_grpo_config_checks(tiny_dir, tmp_path):
         grpo_cfg(tiny_dir, tmp_path, tmp_path / "x", "grpo.mu=2", "train.max_steps=3")
     with pytest.raises(ConfigError, match="rewards"):
         load_config(None, ["data.train=x.jsonl"], method="grpo")
+
+
+def half_constant_reward(prompts, completions, id, **row):
+    """Prompts with an odd id always score 1 (a group without signal); even ones score their length."""
+    return [1.0 if i % 2 else float(len(c)) for c, i in zip(completions, id)]
+
+
+def _dynamic_plan(tiny_dir, tokenizer, reward, **kw):
+    model = lora_model(tiny_dir)
+    prompts = prompt_ids(tokenizer, 6)
+    params = grpo_params(group_size=2, kl_coef=0.0, max_new_tokens=6, dynamic_sampling="drop_equal", **kw)
+    # 4 of the 6 prompts per rollout: every draw holds an odd one, which is dropped
+    return grpo_schedule(model, tokenizer, prompts, [{"id": i} for i in range(6)], [[]] * 6, reward, params,
+                         prompts_per_step=4, mu=1, micro_batch_size=4, seed=0, reference=None)
+
+
+def test_dynamic_sampling_keeps_only_groups_with_signal(tiny_dir, tokenizer):
+    plan = _dynamic_plan(tiny_dir, tokenizer, half_constant_reward, max_draws=8)
+    batches = plan.step(0)
+    m = batches[0]["metrics"]
+    assert all(i % 2 == 0 for i in plan.last_rollout["prompts"]) and len(plan.last_rollout["prompts"]) == 4
+    assert 0 < float(m["dynamic/dropped_share"]) < 1 and float(m["dynamic/fallback"]) == 0.0
+    assert float(m["dynamic/draws"]) >= 2
+    adv = torch.cat([b["advantages"] for b in batches]).reshape(4, 2)
+    assert bool((adv.abs().sum(1) > 0).all())  # every kept group carries signal
+    again = _dynamic_plan(tiny_dir, tokenizer, half_constant_reward, max_draws=8)
+    again.step(0)
+    assert again.last_rollout == plan.last_rollout  # the extra draws are seeded
+
+
+def test_dynamic_sampling_falls_back_after_max_draws(tiny_dir, tokenizer):
+    plan = _dynamic_plan(tiny_dir, tokenizer, lambda p, c, **row: [1.0] * len(c), max_draws=2)
+    m = plan.step(0)[0]["metrics"]
+    assert float(m["dynamic/draws"]) == 2.0 and float(m["dynamic/fallback"]) == 1.0
+    assert float(m["dynamic/dropped_share"]) == 1.0 and len(plan.last_rollout["prompts"]) == 4
+
+
+def test_masked_truncated_completions_carry_no_loss(tiny_dir, tokenizer):
+    model = lora_model(tiny_dir)
+    prompts = prompt_ids(tokenizer, 2)
+    counts = {}
+    for truncated in ("train", "mask"):
+        # 2 new tokens from a random 49k vocabulary: every completion is cut at max_new_tokens
+        params = grpo_params(group_size=2, kl_coef=0.0, max_new_tokens=2, truncated=truncated, aggregation="dapo")
+        plan = grpo_schedule(model, tokenizer, prompts, [{"id": 0}, {"id": 1}], [[]] * 2, length_reward, params,
+                             prompts_per_step=2, mu=1, micro_batch_size=4, seed=0, reference=None)
+        (batch,) = plan.step(0)
+        assert float(batch["metrics"]["truncated"]) == 1.0
+        method = GRPO(params)
+        loss, metrics = method.loss_sum(model, batch)
+        counts[truncated] = (method.count(batch), float(loss.detach()), metrics["entropy"])
+    assert counts["train"][0] == 8 and counts["mask"][:2] == (0, 0.0)  # dapo's unit: tokens that carry loss
+    assert counts["mask"][2] == pytest.approx(counts["train"][2]) and counts["mask"][2] > 0  # still logged
+
+
+def test_grpo_variant_config_checks(tiny_dir, tmp_path):
+    with pytest.raises(ConfigError, match="grpo.std applies to advantage: grpo only"):
+        grpo_cfg(tiny_dir, tmp_path, tmp_path / "x", "grpo.advantage=rloo", "grpo.std=population")
+    with pytest.raises(ConfigError, match="async_ahead"):
+        grpo_cfg(tiny_dir, tmp_path, tmp_path / "x", "grpo.dynamic_sampling=drop_equal", "rollout.engine=server",
+                 "rollout.server_url=http://127.0.0.1:1/v1", "rollout.async_ahead=true")
+    assert grpo_params(advantage="dr_grpo").aggregation_name == "dr_grpo"
+    assert grpo_params(advantage="dr_grpo", aggregation="dapo").aggregation_name == "dapo"
+    pg = grpo_params(clip_eps=0.2, clip_eps_high=0.28).policy_gradient()
+    assert (pg.clip.low, pg.clip.high, pg.kl_estimator, pg.kl_ratio_corrected) == (0.2, 0.28, "k3", True)

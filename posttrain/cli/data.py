@@ -1,4 +1,5 @@
-"""``posttrain data ...``: dedup, contamination (with a gate), stratification audit, rater agreement, length bias.
+"""``posttrain data ...``: dedup, contamination (with a gate), stratification audit, rater agreement, length bias,
+Math-Shepherd step labels for a PRM.
 
 Layer 9 (cli): may import any layer.
 """
@@ -16,6 +17,7 @@ from rich.table import Table
 
 from posttrain import curate
 from posttrain.cli._output import console
+from posttrain.curate.prm_labels import LABELS, STEP_SPLITS
 
 
 def _json(data: dict[str, Any]) -> None:
@@ -151,6 +153,46 @@ def _cmd_length_bias(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_prm_labels(args: argparse.Namespace) -> int:
+    from posttrain.curate.prm_labels import PRMSettings, label_file, meta_path, prepare
+    from posttrain.models.loading import load_model
+    from posttrain.rollout.interface import HFEngine
+
+    settings = PRMSettings(model=args.model, k=args.k, temperature=args.temperature,
+                           max_new_tokens=args.max_new_tokens, seed=args.seed, label=args.label,
+                           step_split=args.step_split, batch_size=args.batch_size)
+    # The input and an existing output are checked before the model loads: a bad row fails in a second.
+    job = prepare(args.input, args.out, settings, question_field=args.question_field, answer_field=args.answer_field,
+                  system_prompt=args.system_prompt, limit=args.limit, resume=args.resume)
+    out = console()
+    if job.torn:
+        _warn(out, f"{args.out} ended in a torn row (an interrupted write); it was dropped and is labelled again")
+    if job.resumed:
+        out.print(f"resuming {escape(str(args.out))}: {job.resumed} rows written, "
+                  f"{len(job.questions) - job.start} input rows to go")
+    loaded = load_model(args.model, dtype=args.dtype, device=args.device)
+    report = label_file(job, HFEngine(loaded.model, loaded.tokenizer), loaded.tokenizer,
+                        progress=None if args.json else lambda line: out.print(escape(line)))
+    if args.json:
+        _json(report.to_dict())
+        return 0
+    out.print(f"{report.questions} questions labelled in {report.wall_s:.1f} s ({report.s_per_row:.1f} s a row): "
+              f"{report.steps} steps, {report.rollouts} rollouts, {report.generated_tokens} tokens sampled; "
+              f"{report.steps_reaching_answer} steps reach the answer, {report.solutions_correct} solutions are right")
+    if report.skipped_empty:
+        _warn(out, f"{len(report.skipped_empty)} empty solutions (no step) skipped, input rows "
+                   f"{', '.join(map(str, report.skipped_empty))}")
+    out.print(f"[bold]{report.rows} rows[/] in {escape(report.out)}; cost record: {escape(str(meta_path(report.out)))}")
+    return 0
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number above 0 (K rollouts need sampling), got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 1.0:
@@ -161,7 +203,7 @@ def _fraction(text: str) -> float:
 def add_commands(sub) -> None:
     """Add ``data`` and its subcommands to the main parser's subcommands."""
     data = sub.add_parser("data", help="data curation: dedup, contamination gate, stratification audit, rater "
-                                       "agreement, length bias")
+                                       "agreement, length bias, PRM step labels")
     dsub = data.add_subparsers(dest="data_command", required=True)
 
     d = dsub.add_parser("dedup", help="drop exact and near duplicates (MinHash over word n-grams), keep the first")
@@ -205,4 +247,31 @@ def add_commands(sub) -> None:
     b.add_argument("--unit", choices=sorted(curate.UNITS), default="words")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_cmd_length_bias)
+
+    r = dsub.add_parser("prm-labels", help="step labels for a process reward model (Math-Shepherd): K rollouts from "
+                                           "every step of a sampled solution, checked against the reference")
+    r.add_argument("input", help="JSONL of questions with a reference answer ('... #### 72')")
+    r.add_argument("--out", required=True, help="JSONL of labelled solutions, a row appended as each is done")
+    r.add_argument("--resume", action="store_true", help="continue an existing --out written with the same "
+                                                         "settings (without it, an existing --out is refused)")
+    r.add_argument("--model", default="embedded", help="model folder, GGUF file or hub id (default: the embedded "
+                                                       "SmolLM2-135M-Instruct)")
+    r.add_argument("--k", type=int, default=4, help="rollouts from every step prefix")
+    r.add_argument("--temperature", type=_positive, default=0.8)
+    r.add_argument("--max-new-tokens", type=int, default=128, help="budget of the solution and of every rollout")
+    r.add_argument("--label", choices=sorted(LABELS), default="hard",
+                   help="hard: 1 when any rollout reaches the answer; soft: the share that do")
+    r.add_argument("--step-split", choices=sorted(STEP_SPLITS), default="line",
+                   help="steps are non-empty lines, or blank-line separated paragraphs")
+    r.add_argument("--limit", type=int, default=None, help="the first N input rows")
+    r.add_argument("--seed", type=int, default=0, help="with the row number, seeds every sample of a row")
+    r.add_argument("--question-field", default="question")
+    r.add_argument("--answer-field", default="answer")
+    r.add_argument("--system-prompt", default=None, help="put before every question (then a row's prompt is the "
+                                                         "chat messages)")
+    r.add_argument("--batch-size", type=int, default=64, help="completions per forward pass")
+    r.add_argument("--dtype", default="auto")
+    r.add_argument("--device", default="auto")
+    r.add_argument("--json", action="store_true", help="print the cost record as JSON")
+    r.set_defaults(func=_cmd_prm_labels)
 

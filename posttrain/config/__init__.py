@@ -18,6 +18,8 @@ from posttrain.config.jobs import (
     JobConfig,
     PPOConfig,
     PPOSection,
+    PRMConfig,
+    PRMSection,
     RewardConfig,
     RewardFnSpec,
     RewardSection,
@@ -33,6 +35,7 @@ from posttrain.config.sections import (
     PreferenceDataConfig,
     PromptDataConfig,
     ReplayConfig,
+    StepDataConfig,
     TrainConfig,
 )
 from posttrain.config.workflow import (
@@ -47,6 +50,7 @@ from posttrain.config.workflow import (
 
 __all__ = ["CONFIGS", "WATCH_HELP", "BaselineSpec", "DPOConfig", "DPOSection", "DataConfig", "EvalSetSpec",
            "GRPOConfig", "GRPOSection", "GateRule", "GateSpec", "JobConfig", "LoraConfig", "MixConfig", "ModelConfig",
-           "PPOConfig", "PPOSection", "PreferenceDataConfig", "PromptDataConfig", "ReplayConfig", "RewardConfig",
-           "RewardFnSpec", "RewardSection", "RolloutSection", "SFTConfig", "StageSpec", "SuiteSpec", "TrainConfig",
-           "WorkflowConfig", "dump_config", "load_config", "load_workflow", "parse_overrides"]
+           "PPOConfig", "PPOSection", "PRMConfig", "PRMSection", "PreferenceDataConfig", "PromptDataConfig",
+           "ReplayConfig", "RewardConfig", "RewardFnSpec", "RewardSection", "RolloutSection", "SFTConfig", "StageSpec",
+           "StepDataConfig", "SuiteSpec", "TrainConfig", "WorkflowConfig", "dump_config", "load_config",
+           "load_workflow", "parse_overrides"]

@@ -1,4 +1,4 @@
-"""The job configs, one per training method (sft, dpo, reward, grpo, ppo), and their cross-section checks.
+"""The job configs, one per training method (sft, dpo, reward, prm, grpo, ppo), and their cross-section checks.
 
 Layer 1 (config): imports only pydantic, the stdlib and ``config.sections``.
 """
@@ -16,6 +16,7 @@ from posttrain.config.sections import (
     PreferenceDataConfig,
     PromptDataConfig,
     Section,
+    StepDataConfig,
     TrainConfig,
 )
 
@@ -109,6 +110,21 @@ class RewardConfig(_Job):
     _share = model_validator(mode="after")(_check_share_prompt)
 
 
+class PRMSection(Section):
+    neutral: Literal["skip", "positive", "negative"] = Field(
+        "skip", description="how a null (neutral) step label is trained: skip (left out of the loss), positive "
+        "(as a correct step), negative (as an incorrect one)")
+    step_separator: str = Field("\n", description="the text between steps in the assistant message")
+
+
+class PRMConfig(_Job):
+    method: Literal["prm"] = "prm"
+    output_dir: str = "runs/prm"
+    data: StepDataConfig
+    train: TrainConfig = TrainConfig(lr=1e-4, micro_batch_size=4)
+    prm: PRMSection = PRMSection()
+
+
 
 class GRPOSection(Section):
     group_size: int = Field(4, ge=2, description="completions per prompt (G)")
@@ -118,11 +134,41 @@ class GRPOSection(Section):
                                 "(benchmarks set it to max_new_tokens so every framework generates the same)")
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1.0)
-    clip_eps: float = Field(0.2, gt=0, lt=1)
-    kl_coef: float = Field(0.04, ge=0.0, description="weight of k3 KL to the reference; 0 runs no reference")
+    clip_eps: float = Field(0.2, gt=0, lt=1, description="the ratio's clip, both sides unless clip_eps_low/high")
+    clip_eps_low: float | None = Field(None, gt=0, lt=1, description="lower clip 1 - eps (default clip_eps)")
+    clip_eps_high: float | None = Field(None, gt=0, description="upper clip 1 + eps (default clip_eps); DAPO's "
+                                        "clip-higher: 0.28 with clip_eps 0.2")
+    dual_clip: float | None = Field(None, gt=1, description="dual clip c for negative advantages: the loss is capped "
+                                    "at -c A (Ye et al. 2020; verl's clip_ratio_c, e.g. 3)")
+    policy_loss: Literal["ppo_clip", "gspo"] = Field(
+        "ppo_clip", description="ppo_clip: a ratio per token; gspo: one length-normalised ratio per completion")
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = Field(
+        "grpo", description="the advantage estimator (losses.advantages)")
+    std: Literal["sample", "population", "none"] = Field(
+        "sample", description="advantage grpo: the group std divided by (sample: TRL's and verl's)")
+    kl_coef: float = Field(0.04, ge=0.0, description="weight of the KL to the reference; 0 runs no reference")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k3", description="the per-token KL estimate (losses.policy)")
+    kl_ratio_corrected: bool = Field(True, description="the KL estimate times pi / pi_old: its gradient is then "
+                                     "the reverse KL's (TRL's use_bias_correction_kl)")
     mu: int = Field(1, gt=0, description="optimizer steps per batch of rollouts (old log-probs kept)")
-    aggregation: Literal["grpo", "dapo", "dr_grpo"] = Field(
-        "grpo", description="per-completion token mean (grpo), batch token mean (dapo), sum / max_new_tokens")
+    aggregation: Literal["grpo", "dapo", "dr_grpo"] | None = Field(
+        None, description="per-completion token mean (grpo), batch token mean (dapo), sum / max_new_tokens "
+        "(dr_grpo); default: the advantage estimator's published one (dr_grpo for dr_grpo, else grpo)")
+    dynamic_sampling: Literal["none", "drop_equal"] = Field(
+        "none", description="drop_equal: groups whose rewards are all equal are dropped and more prompts drawn "
+        "until the rollout is full (DAPO)")
+    max_draws: int = Field(3, ge=1, description="dynamic_sampling: draws per rollout at most; then the rollout is "
+                           "filled up with dropped groups, counted as dynamic/fallback")
+    truncated: Literal["train", "mask"] = Field(
+        "train", description="completions cut at max_new_tokens: trained on, or masked from the loss (TRL's "
+        "mask_truncated_completions)")
+
+    @model_validator(mode="after")
+    def _check_variants(self) -> "GRPOSection":
+        if "std" in self.model_fields_set and self.advantage != "grpo":
+            raise ValueError(f"grpo.std applies to advantage: grpo only; {self.advantage} fixes its own "
+                             "normalisation (losses.advantages)")
+        return self
 
 
 class RolloutSection(Section):
@@ -157,7 +203,8 @@ class RolloutSection(Section):
 
 
 class RewardFnSpec(Section):
-    name: str = Field(..., description="gsm8k_answer, regex, json_schema, length_penalty, or package.module:fn")
+    name: str = Field(..., description="gsm8k_answer, regex, json_schema, length_penalty, overlong, reward_model, "
+                      "or package.module:fn")
     weight: float = 1.0
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the function")
 
@@ -188,6 +235,12 @@ class GRPOConfig(_Job):
     @model_validator(mode="after")
     def _check(self) -> "GRPOConfig":
         _check_mu(self, self.grpo.mu)
+        if self.grpo.dynamic_sampling != "none" and self.rollout.async_ahead:
+            raise ValueError("grpo.dynamic_sampling draws more prompts after scoring; it cannot run with "
+                             "rollout.async_ahead, which samples the next rollout before this one is scored")
+        for term in [*self.rewards, *self.watch]:  # the overlong reward's budget is the generation budget
+            if term.name == "overlong" and "max_tokens" not in term.options:
+                term.options["max_tokens"] = self.grpo.max_new_tokens
         return self
 
 
@@ -234,7 +287,7 @@ class PPOConfig(_Job):
         return self
 
 
-JobConfig = SFTConfig | DPOConfig | RewardConfig | GRPOConfig | PPOConfig
+JobConfig = SFTConfig | DPOConfig | RewardConfig | PRMConfig | GRPOConfig | PPOConfig
 
 CONFIGS: dict[str, type[JobConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig,
-                                       "grpo": GRPOConfig, "ppo": PPOConfig}
+                                       "prm": PRMConfig, "grpo": GRPOConfig, "ppo": PPOConfig}

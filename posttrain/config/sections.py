@@ -1,4 +1,4 @@
-"""The sections of a job config: model, LoRA, data (SFT, preference, prompt) and training schedule.
+"""The sections of a job config: model, LoRA, data (SFT, preference, prompt, labelled steps) and training schedule.
 
 Layer 1 (config): imports only pydantic and the stdlib. ``Section`` is the base of every schema here and in
 ``jobs``/``workflow``: unknown keys are an error, never a silently ignored setting.
@@ -146,3 +146,20 @@ class PromptDataConfig(Section):
     overlong: Literal["error", "drop"] = "error"
     share_prompt: bool = Field(
         True, description="in training forwards a prompt goes through the model once for all its completions")
+
+
+class StepDataConfig(Section):
+    """Process-reward rows: a prompt, its solution's steps and one label per step (``data.steps``)."""
+    train: str = Field(..., description="rows of prompt / steps / labels, e.g. from `posttrain data prm-labels`")
+    eval: str | None = Field(None, description="held-out rows; when null, eval_fraction of train is held out")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    eval_limit: int | None = Field(None, gt=0, description="held-out rows scored at each eval (null: all)")
+    limit: int | None = Field(None, gt=0, description="read only the first N rows of train (and of eval)")
+    system_prompt: str | None = None
+    chat_template: str | None = None
+    max_seq_len: int = Field(1024, gt=1, description="tokens of prompt + steps, up to the last step's end")
+    overlong: Literal["error", "truncate", "drop"] = Field(
+        "error", description="a longer row: stop; keep the steps that fit (the cut ones counted in the data "
+        "report); or drop the row (counted)")
+    packing: bool = True

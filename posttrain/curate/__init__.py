@@ -3,8 +3,10 @@ audit, inter-rater agreement (Cohen's kappa) and the length bias of preference p
 
 Everything works on the normalised words of a row (see ``row_text``), so no tokenizer is needed and the numbers are
 the same on every machine. Hashes are blake2b, never Python's ``hash()``, which is salted per process.
+``curate.prm_labels`` (Math-Shepherd step labels for a PRM) is the exception: it samples from a model, and is
+imported from its module.
 
-Layer 6 (curate): may import posttrain.data, models, errors and io; never config.
+Layer 6 (curate): may import posttrain.data, models, rollout, rewards, errors and io; never config.
 """
 
 from posttrain.curate.agreement import LANDIS_KOCH, AgreementReport, Kappa, agreement, cohen_kappa, landis_koch

@@ -3,7 +3,8 @@ schedule them into batches, split off held-out sets, and read prompt files.
 
 Modules: readers (files -> rows), formats (rows -> chat messages), render (chats -> tokens + mask), examples (SFT
 data sets), pairs (preference data sets), prompts (prompt files), packing (best fit), collate (tensor batches and
-their layouts), schedule (batches by optimizer step), split (held-out splits), mixing (mixing sources in).
+their layouts), schedule (batches by optimizer step), split (held-out splits), mixing (mixing sources in), steps
+(process-reward data: labelled steps, the token ending each, their batches).
 
 Layer 1: may import only posttrain.errors, posttrain.io and posttrain.data itself (not config, models or engine).
 """
@@ -40,6 +41,18 @@ from posttrain.data.readers import read_rows
 from posttrain.data.render import Example, has_chat_template, highlight, render_example, render_prompt
 from posttrain.data.schedule import StepSchedule, pair_schedule, sft_schedule
 from posttrain.data.split import held_out, holdout_split
+from posttrain.data.steps import (
+    StepBatch,
+    StepExample,
+    StepReport,
+    build_steps,
+    collate_steps,
+    parse_label,
+    render_steps,
+    row_to_steps,
+    step_batches,
+    step_schedule,
+)
 
 __all__ = ["IGNORE", "PAD_BRANCH", "DataReport", "Example", "Messages", "Pair", "PairBatch", "PairReport",
            "RolloutBatch", "SFTBatch", "StepSchedule", "best_fit", "build_examples", "build_pairs", "collate",
@@ -47,4 +60,6 @@ __all__ = ["IGNORE", "PAD_BRANCH", "DataReport", "Example", "Messages", "Pair", 
            "held_out", "highlight", "holdout_split", "load_messages", "load_prompt_chats", "load_prompts",
            "mix_counts", "num_targets", "pad_branch_rows", "pair_batches", "pair_schedule", "parse_hh", "read_rows",
            "render_example", "render_prompt", "render_response", "row_len", "row_to_messages", "row_to_pair",
-           "row_to_prompt", "sample_rows", "sft_schedule", "shared_prefix", "validate_messages"]
+           "row_to_prompt", "sample_rows", "sft_schedule", "shared_prefix", "validate_messages",
+           "StepBatch", "StepExample", "StepReport", "build_steps", "collate_steps", "parse_label", "render_steps",
+           "row_to_steps", "step_batches", "step_schedule"]

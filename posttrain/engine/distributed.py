@@ -186,6 +186,16 @@ def sum_over_ranks(values: list[float], device: torch.device | str = "cpu") -> l
     return values
 
 
+def gather_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Every process's ``values`` (the same shape on each), concatenated in rank order along dim 0; the values
+    themselves in one process."""
+    if dist.is_available() and dist.is_initialized():
+        parts = [torch.empty_like(values) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, values.contiguous())
+        return torch.cat(parts)
+    return values
+
+
 def from_rank0(value: Any) -> Any:
     """Rank 0's ``value`` on every process (picklable); the value itself in one process."""
     if dist.is_available() and dist.is_initialized():

@@ -20,7 +20,8 @@ from posttrain.losses.preference import (
                                             rpo,
                                             simpo,
 )
+from posttrain.losses.process import NEUTRAL_TARGETS, counted_steps, step_bce
 
-__all__ = ["PREFERENCE_LOSSES", "PairLogps", "PreferenceLoss", "PreferenceParams", "bradley_terry", "dpo_sigmoid",
-           "ipo", "linear_cross_entropy_sum", "linear_kl_sum", "rpo", "simpo", "target_logps",
-           "token_cross_entropy_sum", "token_kl_sum"]
+__all__ = ["NEUTRAL_TARGETS", "PREFERENCE_LOSSES", "PairLogps", "PreferenceLoss", "PreferenceParams", "bradley_terry",
+           "counted_steps", "dpo_sigmoid", "ipo", "linear_cross_entropy_sum", "linear_kl_sum", "rpo", "simpo",
+           "step_bce", "target_logps", "token_cross_entropy_sum", "token_kl_sum"]

@@ -68,26 +68,36 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, weight: torch.Tensor, targets
 
 class _TargetLogps(torch.autograd.Function):
     """log softmax(h @ W.T / tau)[t] per row for a frozen W, with d/dh = (W[t] - softmax @ W) / tau formed in the
-    forward: the (rows x vocab) probabilities are used there and dropped, and backward is one scaling."""
+    forward: the (rows x vocab) probabilities are used there and dropped, and backward is one scaling. With
+    ``entropy`` it also returns each row's entropy -sum p log p (not differentiated), from the same log-probs."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
-                dtype: torch.dtype, temperature: float):
+                dtype: torch.dtype, temperature: float, entropy: bool):
         out = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)
+        ent = torch.zeros(hidden.shape[0] if entropy else 0, dtype=dtype, device=hidden.device)
         dlogp = torch.empty_like(hidden)
         for s in range(0, hidden.shape[0], chunk_size):
             t = targets[s:s + chunk_size]
             logp = torch.log_softmax((hidden[s:s + chunk_size] @ weight.t()).to(dtype).div_(temperature), -1)
             out[s:s + chunk_size] = logp.gather(1, t[:, None])[:, 0]
+            if entropy:
+                ent[s:s + chunk_size] = row_entropy(logp)
             probs = logp.exp_().to(hidden.dtype)
             dlogp[s:s + chunk_size] = torch.sub(weight[t], probs @ weight).div_(temperature)
         ctx.save_for_backward(dlogp)
-        return out
+        ctx.mark_non_differentiable(ent)
+        return out, ent
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
+    def backward(ctx, grad_out: torch.Tensor, grad_ent: torch.Tensor):
         (dlogp,) = ctx.saved_tensors
-        return dlogp * grad_out.to(dlogp.dtype)[:, None], None, None, None, None, None
+        return dlogp * grad_out.to(dlogp.dtype)[:, None], None, None, None, None, None, None
+
+
+def row_entropy(logp: torch.Tensor) -> torch.Tensor:
+    """(rows,) -sum_v p log p of (rows, V) log-probs, as one batched dot product (no (rows x V) product buffer)."""
+    return -(logp.exp()[:, None, :] @ logp[:, :, None])[:, 0, 0]
 
 
 def target_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
@@ -95,15 +105,27 @@ def target_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     """log softmax(hidden @ W.T / temperature)[target] per row, a chunk of rows at a time in ``dtype``, so the
     (rows x vocab) logits exist one chunk at a time. With a frozen head (LoRA) the gradient for ``hidden`` is
     formed chunk by chunk in the forward (``_TargetLogps``); a trained head keeps each chunk's logits for autograd."""
+    return target_logps_entropy(hidden, weight, targets, chunk_size, dtype, temperature, entropy=False)[0]
+
+
+def target_logps_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                         dtype: torch.dtype, temperature: float = 1.0,
+                         entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``target_logps`` and each row's entropy of softmax(hidden @ W.T / temperature) (detached; empty when
+    ``entropy`` is False), from the same chunked log-probs."""
     if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=dtype)
+        return hidden.new_zeros(0, dtype=dtype), hidden.new_zeros(0, dtype=dtype)
     if torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad:
-        return _TargetLogps.apply(hidden, weight, targets, chunk_size, dtype, temperature)
-    parts = []
+        return _TargetLogps.apply(hidden, weight, targets, chunk_size, dtype, temperature, entropy)
+    parts, ents = [], []
     for s in range(0, hidden.shape[0], chunk_size):
         logits = (hidden[s:s + chunk_size] @ weight.t()).to(dtype) / temperature
-        parts.append(torch.log_softmax(logits, -1).gather(1, targets[s:s + chunk_size, None])[:, 0])
-    return torch.cat(parts)
+        logp = torch.log_softmax(logits, -1)
+        parts.append(logp.gather(1, targets[s:s + chunk_size, None])[:, 0])
+        if entropy:
+            with torch.no_grad():
+                ents.append(row_entropy(logp))
+    return torch.cat(parts), torch.cat(ents) if entropy else hidden.new_zeros(0, dtype=dtype)
 
 
 def token_kl_sum(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Online-RL pieces (GRPO and PPO) as pure functions of per-token tensors.
+"""Online-RL pieces for PPO (rewards, GAE, whitening, the value loss) as pure functions of per-token tensors; the
+policy losses, KL estimators and advantage estimators are tables in losses.policy and losses.advantages.
 
 Shapes: a batch of completions is (N, T) with a float ``mask`` that is 1 on completion tokens and 0 on padding;
 per-sequence quantities are (N,). Nothing here runs a model.
@@ -7,38 +8,6 @@ per-sequence quantities are (N,). Nothing here runs a model.
 from __future__ import annotations
 
 import torch
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO (Shao et al. 2024, DeepSeekMath section 4.1.2): A_i = (r_i - mean(r)) / (std(r) + eps) within each group
-    of ``group_size`` consecutive completions of one prompt. The population std (divide by G) is the one of the
-    derivation; a group whose rewards are all equal gets zero advantages (it carries no signal)."""
-    if rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    g = rewards.reshape(-1, group_size).double()
-    adv = (g - g.mean(1, keepdim=True)) / (g.std(1, correction=0, keepdim=True) + eps)
-    return adv.reshape(-1).to(rewards.dtype)
-
-
-def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
-                      clip_eps: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped objective per token (Schulman et al. 2017, eq. 7), as a loss to minimise:
-    -min(rho A, clip(rho, 1 - eps, 1 + eps) A), rho = exp(logp - old_logp). Where the clip is the smaller term
-    (rho past 1 + eps with A > 0, or under 1 - eps with A < 0) the loss is constant in logp: no gradient pushes
-    the ratio further. Returns (per-token loss, per-token 1.0 where the clip was active)."""
-    if advantages.dim() == logp.dim() - 1:
-        advantages = advantages[:, None]
-    ratio = torch.exp(logp - old_logp)
-    unclipped = ratio * advantages
-    clipped = ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantages
-    return -torch.minimum(unclipped, clipped), (clipped < unclipped).to(logp.dtype)
-
-
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(policy || reference) estimate from samples of the policy, Schulman's k3:
-    exp(ref - logp) - (ref - logp) - 1. Non-negative, unbiased, zero where the two agree."""
-    d = ref_logp - logp
-    return torch.exp(d) - d - 1
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:

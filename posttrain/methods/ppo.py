@@ -25,7 +25,8 @@ import torch
 from posttrain.data.collate import collate_rollouts
 from posttrain.engine.distributed import sum_over_ranks
 from posttrain.losses.offpolicy import Correction, corrected
-from posttrain.losses.rl import clipped_surrogate, clipped_value_loss, gae, kl_shaped_rewards, masked_mean, whiten
+from posttrain.losses.policy import ppo_clip_loss
+from posttrain.losses.rl import clipped_value_loss, gae, kl_shaped_rewards, masked_mean, whiten
 from posttrain.models.forward import Batch, evaluating, pair_hidden, scatter_tokens, token_logps
 from posttrain.models.heads import load_head
 from posttrain.rollout.interface import RolloutEngine
@@ -167,7 +168,7 @@ class PPO:
         logp = model.logps(batch, self.p.temperature, self.chunk_size)
         mask = batch["completion_mask"].to(logp.device, logp.dtype)
         old = batch["old_logp"].to(logp.device, logp.dtype)
-        pg, clipped = clipped_surrogate(logp, old, batch["advantages"].to(logp.device, logp.dtype), self.p.clip_eps)
+        pg, clipped = ppo_clip_loss(logp, old, batch["advantages"].to(logp.device, logp.dtype), self.p.clip_eps)
         mismatch = {}
         if "engine_logp" in batch:
             pg, mismatch = corrected(pg, old, batch["engine_logp"].to(logp.device, logp.dtype), mask, self.correction)
@@ -279,5 +280,5 @@ def ppo_eval(model: SharedRoles, tokenizer, prompts: list[list[int]], rows: list
     out = {"eval/reward": float(scores.mean()),
            "eval/completion_len": sum(len(c) for c in ro.completion_ids) / max(len(prompts), 1)}
     if watch is not None:
-        out.update(mean_scores(watch, "eval/watch", chats, ro.texts, rows))
+        out.update(mean_scores(watch, "eval/watch", chats, ro, rows))
     return out

@@ -8,7 +8,7 @@ from typing import Iterator
 import torch
 
 from posttrain.data.collate import IGNORE
-from posttrain.losses import target_logps
+from posttrain.losses.cross_entropy import row_entropy, target_logps_entropy
 from posttrain.models.attention import Layout, branch_segments, segment_lengths, uses_segments
 from posttrain.models.lora import unwrap
 
@@ -110,6 +110,13 @@ def scored_logps(model: torch.nn.Module, batch: Batch, temperature: float = 1.0,
     """(S,) log-probs of a batch's scored tokens under logits / temperature: token ``score_target[s]``, predicted at
     the flat position ``score_index[s]``, in at least fp32 (bf16 logits lose log-prob digits). With a plain LM head
     the head runs only on the scored positions, ``chunk_size`` rows at a time; otherwise the model's full logits."""
+    return scored_logps_entropy(model, batch, temperature, chunk_size, entropy=False)[0]
+
+
+def scored_logps_entropy(model: torch.nn.Module, batch: Batch, temperature: float = 1.0, chunk_size: int = 1024,
+                         entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``scored_logps`` and, with ``entropy``, the (S,) entropy of the distribution each scored token was drawn
+    from (detached; empty otherwise), from the same log-probs."""
     inner = unwrap(model)
     head = plain_head(inner)
     param = next(inner.parameters())
@@ -119,9 +126,19 @@ def scored_logps(model: torch.nn.Module, batch: Batch, temperature: float = 1.0,
         logits = pair_hidden(model, batch, decoder_only=False)[src].to(up)
         if temperature != 1.0:  # x / 1.0 is x: skipping it saves a (S x V) copy and changes no bit
             logits = logits / temperature
-        return torch.log_softmax(logits, -1).gather(1, tgt[:, None])[:, 0]
-    return target_logps(pair_hidden(model, batch, decoder_only=True)[src], head.weight, tgt, chunk_size, up,
-                        temperature)
+        logp = torch.log_softmax(logits, -1)
+        with torch.no_grad():
+            ent = row_entropy(logp) if entropy else logp.new_zeros(0)
+        return logp.gather(1, tgt[:, None])[:, 0], ent
+    return target_logps_entropy(pair_hidden(model, batch, decoder_only=True)[src], head.weight, tgt, chunk_size, up,
+                                temperature, entropy)
+
+
+def token_logps_entropy(model: torch.nn.Module, batch: Batch, temperature: float = 1.0,
+                        chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_logps`` and the (N, L) entropy of the sampling distribution at each completion token (detached)."""
+    logp, ent = scored_logps_entropy(model, batch, temperature, chunk_size)
+    return scatter_tokens(logp, batch), scatter_tokens(ent, batch)
 
 
 def sequence_logps(model: torch.nn.Module, batch: Batch, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,9 @@
-"""Scalar heads on a causal LM: the reward model's score model, and saving/loading a (hidden -> 1) head.
+"""Scalar heads on a causal LM: the reward model's score model (one score per sequence), the process reward
+model's (one per step), and saving/loading a (hidden -> 1) head.
 
 A head file is a safetensors state dict of one ``torch.nn.Linear(hidden, 1)`` (``weight`` (1, hidden), ``bias``
-(1,)); a reward run keeps its score head beside its adapter (``runs.HEAD_FILE``) and PPO loads it as the
-reward role's score head and, optionally, the critic's value head.
+(1,)); reward and prm runs keep their score head beside the adapter (``runs.HEAD_FILE``), and PPO loads a reward
+run's as the reward role's score head and, optionally, the critic's value head.
 
 Layer 2 (models): imports torch, safetensors, models.forward, models.lora.
 """
@@ -38,6 +39,15 @@ class ScoreModel(torch.nn.Module):
             0, batch["score_seq"], torch.ones_like(batch["score_seq"]))
         picked = hidden[batch["last_index"].to(hidden.device)]
         return self.head(picked).squeeze(-1).float(), lengths.to(hidden.device)
+
+
+class StepScoreModel(ScoreModel):
+    """A process reward model: the score head read at the end token of every step (``data.steps.StepBatch``)."""
+
+    def forward(self, batch: Batch) -> torch.Tensor:  # type: ignore[override]
+        """(S,) float logits, one per step in batch order (p = sigmoid: the probability the step is good)."""
+        hidden = pair_hidden(self.lm, batch, decoder_only=True)
+        return self.head(hidden[batch["step_index"].to(hidden.device)]).squeeze(-1).float()
 
 
 def save_head(head: torch.nn.Linear, path: str | Path) -> None:

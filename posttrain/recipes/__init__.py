@@ -36,6 +36,8 @@ RECIPES: dict[str, Recipe] = {
                   generates=True),
     "reward": Recipe("posttrain.recipes.reward", "a Bradley-Terry reward model (backbone + scalar head) from a YAML "
                      "config", generates=False),
+    "prm": Recipe("posttrain.recipes.prm", "a process reward model (backbone + a score at every step's end) from "
+                  "a YAML config", generates=False),
     "grpo": Recipe("posttrain.recipes.grpo", "GRPO with verifiable rewards (online RL) from a YAML config",
                    generates=True),
     "ppo": Recipe("posttrain.recipes.ppo", "PPO against a trained reward model; actor, critic, reward and reference "

@@ -4,15 +4,17 @@ What one optimizer step does, exactly:
 1. Rollout: ``grpo.prompts_per_step`` prompts, ``grpo.group_size`` (G) completions each, sampled from the current
    policy at ``grpo.temperature`` / ``top_p``; each completion scored by the weighted ``rewards`` (``watch`` terms
    are scored and logged, never trained on).
-2. Advantage: A_i = (r_i - mean_group(r)) / (std_group(r) + 1e-6) with the population std (divide by G, as in the
-   derivation); a group whose rewards are all equal gets A = 0. The same A for every token of a completion.
-3. Per-token loss: -min(rho A, clip(rho, 1 - clip_eps, 1 + clip_eps) A), rho = exp(logp - logp_old), plus
-   ``kl_coef`` * k3 KL to the reference, k3 = exp(ref - logp) - (ref - logp) - 1. The reference is the policy with
-   its LoRA adapters disabled (no copy), or a frozen copy under full fine-tuning; none when kl_coef is 0.
-   Log-probs are taken at the sampling temperature.
-4. Aggregation (``grpo.aggregation``, losses.reduce): ``grpo`` means each completion's tokens, then means over the
-   completions of the step; ``dapo`` divides the step's token sum by its number of completion tokens; ``dr_grpo``
-   divides the token sum by max_new_tokens per completion, then means over completions (no length bias).
+2. Dynamic sampling (``grpo.dynamic_sampling: drop_equal``): groups whose rewards are all equal are dropped and
+   more prompts drawn, up to ``grpo.max_draws`` draws (methods.grpo.GRPOBatches).
+3. Advantage (``grpo.advantage``, losses.advantages): grpo A_i = (r_i - mean_group(r)) / (std_group(r) + 1e-6) with
+   the sample std by default (``grpo.std``, as TRL and verl); dr_grpo, rloo, reinforce_pp(_baseline). The same A for
+   every token of a completion; ``grpo.truncated: mask`` takes completions cut at max_new_tokens out of the loss.
+4. Per-token loss (``grpo.policy_loss``, losses.policy): ppo_clip -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A),
+   rho = exp(logp - logp_old) per token, or gspo with one length-normalised ratio per completion; optional dual
+   clip; plus ``kl_coef`` * the KL estimate (``grpo.kl_estimator``, k3 by default, times rho by default) to the
+   reference, the policy with its LoRA adapters disabled (no copy), or a frozen copy under full fine-tuning; none
+   when kl_coef is 0. Log-probs are taken at the sampling temperature. Aggregation (``grpo.aggregation``,
+   losses.reduce): grpo, dapo or dr_grpo; by default the advantage estimator's published one.
 5. ``mu`` = 1: old = the current log-probs (detached), so rho = 1 and the clip never binds: one policy-gradient
    step per rollout. ``mu`` > 1: the rollout serves mu consecutive steps, old log-probs are fixed when it is
    sampled, rho drifts from 1 and the clip matters.

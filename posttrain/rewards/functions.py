@@ -112,6 +112,22 @@ def length_penalty(prompts: Sequence[Any], completions: Sequence[str], max_chars
     return [-per_char * max(0, len(c) - max_chars) for c in completions]
 
 
+def overlong(prompts: Sequence[Any], completions: Sequence[str], completion_tokens: Sequence[int] | None = None,
+             max_tokens: int | None = None, cache: int | None = None, **row: Any) -> list[float]:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), by tokens: 0 up to ``max_tokens - cache``, then
+    ((max_tokens - cache) - len) / cache falling linearly to -1 at ``max_tokens``, and -1 beyond. ``max_tokens``
+    defaults (in the config) to grpo.max_new_tokens; ``cache`` to a fifth of it, DAPO's 4096 of 20480."""
+    if completion_tokens is None:
+        raise ValueError("the overlong reward needs completion_tokens (the trainer passes them)")
+    if not max_tokens or max_tokens <= 0:
+        raise ValueError("the overlong reward needs options: {max_tokens: <the generation budget in tokens>}")
+    cache = max(1, max_tokens // 5) if cache is None else cache
+    if not 0 < cache <= max_tokens:
+        raise ValueError(f"overlong: cache must be in 1..max_tokens ({max_tokens}), got {cache}")
+    soft = max_tokens - cache
+    return [0.0 if n <= soft else (soft - n) / cache if n <= max_tokens else -1.0 for n in completion_tokens]
+
+
 @functools.lru_cache(maxsize=4)
 def _load_reward_model(path: str, device: str, dtype: str):
     return RewardModel(path, device=device, dtype=dtype)
@@ -131,6 +147,7 @@ REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "regex": regex_match,
     "json_schema": json_schema,
     "length_penalty": length_penalty,
+    "overlong": overlong,
     "reward_model": reward_model,
 }
 

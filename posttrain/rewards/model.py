@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -19,30 +19,52 @@ def _prompt_messages(prompt: str | Messages) -> Messages:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
+# The scoring runs, by method: what the run is called in errors, and the function that loads it.
+SCORING_RUNS = {"reward": ("reward-model", "load_reward"), "prm": ("process-reward-model", "load_prm")}
+
+
+def load_scorer(run_dir: str | Path, method: str, scorer: type[ScoreModel], *, device: str = "auto",
+                dtype: str = "auto") -> tuple[ScoreModel, Any, dict[str, Any]]:
+    """A ``method`` run folder (reward or prm) as ``scorer`` (its backbone, adapters merged, and score head) in eval
+    mode, its tokenizer and its config.yaml; another method's run is refused, naming the function that loads it."""
+    import yaml
+
+    run = Path(run_dir)
+    kind, _ = SCORING_RUNS[method]
+    if not (run / HEAD_FILE).exists():
+        raise FileNotFoundError(f"{run} is not a {kind} run folder (no {HEAD_FILE}); train one with "
+                                f"`posttrain {method} CONFIG`")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    found = cfg.get("method")
+    if found != method:
+        hint = f"; load it with posttrain.rewards.{SCORING_RUNS[found][1]}" if found in SCORING_RUNS else ""
+        raise ValueError(f"{run} is a {found} run, not a {kind} run{hint}")
+    mcfg = cfg.get("model") or {}
+    full = (run / "model").is_dir()
+    loaded = load_model(str(run / "model") if full else mcfg.get("name"), dtype=dtype, device=device)
+    lm = loaded.model
+    if not full:
+        if mcfg.get("init_adapter"):
+            lm = load_adapter(lm, str(resolve_adapter(mcfg["init_adapter"]))).merge_and_unload()
+        lm = load_adapter(lm, str(run / "adapter")).merge_and_unload()
+    return scorer(lm, load_head(run / HEAD_FILE, lm.dtype, loaded.device)).eval(), loaded.tokenizer, cfg
+
+
+def run_template(cfg: dict[str, Any]) -> str | None:
+    """The chat template a run trained with: its data.chat_template, the text of the file when that names a .jinja
+    file (as the recipes read it), else the template as given."""
+    template = (cfg.get("data") or {}).get("chat_template")
+    if template and template.endswith(".jinja") and Path(template).is_file():
+        return Path(template).read_text()
+    return template
+
+
 class RewardModel:
     """A reward run folder (``posttrain reward``) loaded for scoring."""
 
     def __init__(self, run_dir: str | Path, *, device: str = "auto", dtype: str = "auto"):
-        import yaml
-
-
-        run = Path(run_dir)
-        if not (run / HEAD_FILE).exists():
-            raise FileNotFoundError(f"{run} is not a reward-model run folder (no {HEAD_FILE}); train one with "
-                                    "`posttrain reward CONFIG`")
-        cfg = yaml.safe_load((run / "config.yaml").read_text())
-        mcfg = cfg.get("model") or {}
-        full = (run / "model").is_dir()
-        loaded = load_model(str(run / "model") if full else mcfg.get("name"), dtype=dtype, device=device)
-        lm = loaded.model
-        if not full:
-            if mcfg.get("init_adapter"):
-
-                lm = load_adapter(lm, str(resolve_adapter(mcfg["init_adapter"]))).merge_and_unload()
-            lm = load_adapter(lm, str(run / "adapter")).merge_and_unload()
-        self.model = ScoreModel(lm, load_head(run / HEAD_FILE, lm.dtype, loaded.device)).eval()
-        self.tokenizer = loaded.tokenizer
-        self.chat_template = (cfg.get("data") or {}).get("chat_template")
+        self.model, self.tokenizer, cfg = load_scorer(run_dir, "reward", ScoreModel, device=device, dtype=dtype)
+        self.chat_template = run_template(cfg)
 
     @torch.no_grad()
     def score(self, prompts: Sequence[str | Messages], responses: Sequence[str], batch_size: int = 8) -> list[float]:

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from posttrain.data.collate import collate_rollouts
-from posttrain.engine.distributed import world
+from posttrain.engine.distributed import gather_ranks, world
 from posttrain.errors import ConfigError
 from posttrain.models.forward import Batch
 from posttrain.models.loading import pad_id as pad_id_of
@@ -143,10 +143,38 @@ class RolloutSchedule:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
 
-    def score(self, fn: RewardFn, idx: list[int], n: int, texts: list[str]) -> list[float]:
-        """A reward function on the completions, with each prompt's chat and row columns repeated n times."""
+    def score(self, fn: RewardFn, idx: list[int], n: int, ro: Rollout) -> list[float]:
+        """A reward function on the completions, with each prompt's chat and row columns repeated n times, and
+        ``completion_tokens`` (each completion's length in tokens, e.g. for the ``overlong`` reward)."""
         columns = {k: [self.rows[i].get(k) for i in idx for _ in range(n)] for k in self.rows[idx[0]]}
-        return fn([self.chats[i] for i in idx for _ in range(n)], texts, **columns)
+        columns["completion_tokens"] = [len(c) for c in ro.completion_ids]
+        return fn([self.chats[i] for i in idx for _ in range(n)], ro.texts, **columns)
+
+    def sample_more(self, rollout: int, draw: int, n: int, **sampling: Any) -> tuple[list[int], Rollout]:
+        """Another ``prompts_per_step`` prompts for the same rollout (dynamic sampling's draw ``draw`` >= 1): a
+        seeded choice without replacement from the whole prompt set, this process's share of it, and ``n``
+        completions each from the engine as it stands (synced for this rollout). Seeded by (seed, rollout, draw),
+        so a resumed run draws the same."""
+        picked = random.Random(f"{self.seed}/{rollout}/{draw}").sample(range(len(self.prompts)),
+                                                                       min(self.per_step, len(self.prompts)))
+        size = len(picked) // self.ranks
+        lo = self.rank * size
+        idx = picked[lo:lo + size]
+        base = self.seed * 1_000_003 + (draw * 1_000_033 + rollout) * self.per_step * 7 + lo
+        seeds = [base + k for k in range(len(idx))]
+        ro = self.engine.sample([self.prompts[i] for i in idx], n=n, seeds=seeds,
+                                batch_size=generation_batch(len(idx) * n, self.micro), **sampling)
+        return idx, ro
+
+    def gather(self, values: torch.Tensor) -> torch.Tensor:
+        """This process's per-completion values joined with every other process's, in rank order (the rollout's
+        order): the whole rollout, for estimators with batch statistics. The values themselves in one process."""
+        return gather_ranks(values)
+
+    def share_of(self, values: torch.Tensor) -> torch.Tensor:
+        """This process's slice of ``gather``'s result."""
+        size = values.shape[0] // self.ranks
+        return values[self.rank * size:(self.rank + 1) * size]
 
     def rollout_metrics(self, idx: list[int], n: int, ro: Rollout) -> dict[str, torch.Tensor]:
         """Completion length, truncation, and the watch terms (scored, logged, never trained on)."""
@@ -155,8 +183,8 @@ class RolloutSchedule:
                "truncated": 1.0 - torch.tensor(ro.finished, dtype=torch.float64).mean(),
                **{k: torch.tensor(v, dtype=torch.float64) for k, v in self.timing.items()}}
         if self.watch is not None:
-            out["watch"] = torch.tensor(self.score(self.watch, idx, n, ro.texts), dtype=torch.float64).mean()
-            out.update(part_metrics(self.watch, "watch"))
+            out["watch"] = torch.tensor(self.score(self.watch, idx, n, ro), dtype=torch.float64).mean()
+            out.update(part_metrics(getattr(self.watch, "parts", {}), "watch"))
         return out
 
     def micro_batches(self, ro: Rollout) -> list[Batch]:
@@ -173,15 +201,16 @@ class RolloutSchedule:
         return out
 
 
-def part_metrics(fn: RewardFn, prefix: str) -> dict[str, torch.Tensor]:
-    """The mean of each term of a combined reward's last call (weights, ``name@w``, left out)."""
+def part_metrics(parts: dict[str, list[float]], prefix: str) -> dict[str, torch.Tensor]:
+    """The mean of each term of a combined reward's ``parts`` (weights, ``name@w``, left out)."""
     return {f"{prefix}/{name}": torch.tensor(part, dtype=torch.float64).mean()
-            for name, part in getattr(fn, "parts", {}).items() if not name.endswith("@w")}
+            for name, part in parts.items() if not name.endswith("@w")}
 
 
-def mean_scores(fn: RewardFn, prefix: str, chats: list[Any], texts: list[str],
+def mean_scores(fn: RewardFn, prefix: str, chats: list[Any], ro: Rollout,
                 rows: list[dict[str, Any]]) -> dict[str, float]:
     """A reward's mean over completions of the given prompts (one each), and its terms' means."""
     columns = {k: [r.get(k) for r in rows] for k in rows[0]} if rows else {}
-    scores = fn(chats, texts, **columns)
-    return {prefix: sum(scores) / max(len(scores), 1), **{k: float(v) for k, v in part_metrics(fn, prefix).items()}}
+    scores = fn(chats, ro.texts, **columns, completion_tokens=[len(c) for c in ro.completion_ids])
+    return {prefix: sum(scores) / max(len(scores), 1),
+            **{k: float(v) for k, v in part_metrics(getattr(fn, "parts", {}), prefix).items()}}
