@@ -1,8 +1,8 @@
 """The run folder: what a training run writes, and how to read it back for inference, evaluation or shipping.
 
 A run folder holds ``config.yaml`` (the resolved config), ``adapter/`` (LoRA) or ``model/`` (full fine-tuning),
-``metrics.jsonl``, ``summary.json``, ``report.html``; a reward run also ``score_head.safetensors``; a PPO run also
-``critic/``. Everything that knows this layout lives here. Layer 3: imports config, models, io, errors.
+``metrics.jsonl``, ``summary.json``, ``report.html``; a reward or prm run also ``score_head.safetensors``; a PPO
+run also ``critic/``. Everything that knows this layout lives here. Layer 3: imports config, models, io, errors.
 """
 
 from __future__ import annotations

@@ -241,7 +241,8 @@ def test_run_prm_end_to_end_then_load_and_score(tiny_dir, tmp_path):
     out = tmp_path / "prm"
     cfg = load_config(None, [f"model.name={tiny_dir}", f"data.train={path}", f"output_dir={out}",
                              "train.max_steps=10", "train.lr=5e-3", "data.eval_fraction=0.25",
-                             "train.micro_batch_size=4", "train.warmup_ratio=0.0", "data.max_seq_len=160"], method="prm")
+                             "train.micro_batch_size=4", "train.warmup_ratio=0.0", "data.max_seq_len=160"],
+                      method="prm")
     summary = RECIPES["prm"].run(cfg)
     assert {"adapter", "score_head.safetensors", "config.yaml", "summary.json", "report.html"} <= \
         {p.name for p in out.iterdir()}
@@ -270,3 +271,8 @@ def test_run_prm_end_to_end_then_load_and_score(tiny_dir, tmp_path):
         from posttrain.rewards import load_reward
 
         load_reward(str(out))
+    from posttrain.errors import ConfigError
+    from posttrain.ship import merge_run
+
+    with pytest.raises(ConfigError, match="is a prm model .*it scores, it does not generate"):
+        merge_run(str(out), str(tmp_path / "merged"))

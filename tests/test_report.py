@@ -284,3 +284,28 @@ def test_chromium_draws_the_curves(tmp_path, kind):
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert dom.stdout.count("<svg") >= (4 if kind == "workflow" else 3)
     assert "<polyline" in dom.stdout
+
+
+def test_compare_two_runs_curves_differences_and_halves(tmp_path):
+    import json as _json
+
+    from posttrain.cli import main as cli_main
+
+    for name, lr, rewards in [("a", 1e-4, [0.0, 0.2, 0.4, 0.6]), ("b", 3e-4, [0.1, 0.1, 0.3, 0.5])]:
+        run = tmp_path / name
+        run.mkdir()
+        lines = [{"step": i + 1, "reward": r, "loss": 1.0 - r} for i, r in enumerate(rewards)]
+        (run / "metrics.jsonl").write_text("".join(_json.dumps(x) + "\n" for x in lines))
+        (run / "config.yaml").write_text(f"method: grpo\noutput_dir: runs/{name}\ntrain: {{lr: {lr}, seed: 1}}\n")
+        (run / "summary.json").write_text(_json.dumps({"steps": 4, "seconds": 75.0}))
+    out = tmp_path / "cmp.html"
+    assert cli_main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    html = out.read_text()
+    assert html.count("<polyline") == 4  # two panels (loss, reward), a line per run in each
+    assert "train.lr" in html and "train.seed" not in html and "output_dir" not in html  # only what differs
+    # reward halves: a (0 + 0.2) / 2 = 0.1 -> 0.5, b 0.1 -> 0.4
+    assert ('<td>rollout reward</td><td>a</td><td class="num">4</td><td class="num">0.1</td><td class="num">0.5</td>'
+            in html)
+    assert '<td>b</td><td class="num">4</td><td class="num">0.1</td><td class="num">0.4</td>' in html
+    assert cli_main(["compare", str(tmp_path / "a"), "--out", str(out)]) == 2  # one run is no comparison
+    assert cli_main(["compare", str(tmp_path / "a"), str(tmp_path / "nope")]) == 2

@@ -190,6 +190,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return run_workflow(args.workflow, args.overrides)
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from posttrain.report.compare import DEFAULT_PANELS, write_compare_report
+
+    runs = {Path(r).resolve().name: Path(r) for r in args.runs}
+    if len(runs) < len(args.runs):
+        runs = {str(r): Path(r) for r in args.runs}  # two folders of one name: label them by their paths
+    panels = {k: k for k in args.metric} if args.metric else DEFAULT_PANELS
+    out = Path(args.out) if args.out else Path(args.runs[0]).parent / "compare.html"
+    try:
+        path = write_compare_report(out, runs, panels, title=args.title or "runs compared")
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from posttrain.demo import main as demo_main
 
@@ -272,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("workflow", help="a workflow YAML file")
     w.add_argument("overrides", nargs="*", help="dotted key=value of the workflow file, e.g. output_dir=wf2")
     w.set_defaults(func=_cmd_run)
+
+    cmp = sub.add_parser("compare", help="2-6 run folders side by side: their curves in one figure, the config "
+                         "keys that differ, early and late means (compare.html)")
+    cmp.add_argument("runs", nargs="+", help="run folders (each with metrics.jsonl)")
+    cmp.add_argument("--metric", action="append", default=[], help="a metrics key to plot (repeatable; default: "
+                     "loss, reward, eval/reward, eval/loss, kl, entropy, those logged)")
+    cmp.add_argument("--out", help="the page to write (default: compare.html beside the first run)")
+    cmp.add_argument("--title")
+    cmp.set_defaults(func=_cmd_compare)
 
     d = sub.add_parser("demo", help="LoRA SFT of the embedded model on a generated JSON-extraction task")
     d.add_argument("--output-dir", default="demo-run")

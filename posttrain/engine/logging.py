@@ -51,6 +51,7 @@ def format_line(rec: dict[str, Any], total_steps: int) -> str:
     parts = [f"step {rec['step']}/{total_steps}"]
     for key, fmt in (("loss", ".4f"), ("accuracy", ".2f"), ("rewards/margin", ".3f"), ("eval/loss", ".4f"),
                      ("eval/ppl", ".2f"), ("eval/accuracy", ".3f"), ("eval/rewards/margin", ".3f"), ("reward", ".3f"),
+                     ("step_accuracy", ".2f"), ("eval/step_accuracy", ".3f"), ("eval/auroc", ".3f"),
                      ("kl", ".4f"), ("eval/reward", ".3f"), ("lr", ".2e"),
                      ("grad_norm", ".3f"), ("tokens_per_s", ".0f")):
         if key in rec:

@@ -43,9 +43,10 @@ from posttrain.models import (
     weight_bytes,
 )
 from posttrain.models.compile import compile_layers
+from posttrain.models.heads import save_head
 from posttrain.models.kernels import apply_liger
 from posttrain.report import write_run_report
-from posttrain.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, quantization_of, resolve_adapter
+from posttrain.runs import CONFIG_FILE, HEAD_FILE, METRICS_FILE, SUMMARY_FILE, quantization_of, resolve_adapter
 
 T = TypeVar("T")
 
@@ -206,6 +207,16 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 def lora_export(finetune: str, model: torch.nn.Module) -> Callable[[Path], None] | None:
     """What a checkpoint writes beside the optimizer state: the adapter (LoRA); nothing more for full weights."""
     return (lambda path: save_weights(model, path)) if finetune == "lora" else None
+
+
+def head_export(finetune: str, lm: torch.nn.Module, head: torch.nn.Linear) -> Callable[[Path], None]:
+    """What a scoring run's (reward, prm) checkpoint writes: the adapter (LoRA) and the score head beside it."""
+    def export(path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        if finetune == "lora":
+            save_weights(lm, path)
+        save_head(head, path / HEAD_FILE)
+    return export
 
 
 def save_trained(model: torch.nn.Module, tokenizer: Any, out: Path, finetune: str) -> Path:

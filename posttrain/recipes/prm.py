@@ -25,13 +25,13 @@ from posttrain.models.heads import StepScoreModel, save_head
 from posttrain.recipes._common import (
     announce,
     begin_run,
+    head_export,
     loop_options,
     prepare_model,
     rank0_after,
     resolve_template,
     save_config,
     save_trained,
-    save_weights,
     shard_if_asked,
     write_summary,
 )
@@ -87,17 +87,10 @@ def run(cfg: PRMConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     console.print(f"training {total} steps: {len(train)} solutions in {len(schedule.units)} rows x "
                   f"{schedule.epochs_text(total, t.epochs)}{schedule.repeat_warning()}")
     evaluate = (lambda m: prm_eval(m, method, held_batches)) if held_batches else None
-
-    def export(path: Path) -> None:  # a checkpoint's adapter/ folder: the adapter and the score head beside it
-        path.mkdir(parents=True, exist_ok=True)
-        if cfg.finetune == "lora":
-            save_weights(lm, path)
-        save_head(model.head, path / HEAD_FILE)
-
     save_config(job.out, cfg)
     sharded = shard_if_asked(cfg, model)
     records = train_loop(model, method, schedule, loop_options(t, total, cfg.model, job.loaded), job.out,
-                         evaluate=evaluate, export=export, resume=start)
+                         evaluate=evaluate, export=head_export(cfg.finetune, lm, model.head), resume=start)
     if not rank0_after(model, sharded):  # rank 0 writes the results; the others hold the same weights
         return {}
     final_dir = save_trained(lm, tok, job.out, cfg.finetune)
@@ -106,10 +99,11 @@ def run(cfg: PRMConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     if evals:
         first, last = evals[0], evals[-1]
         z = last["eval/auroc_z"]
-        console.print(f"held-out step AUROC {first['eval/auroc']:.3f} -> {last['eval/auroc']:.3f} (se "
-                      f"{last['eval/auroc_se']:.3f}" + (f", {z:+.1f} se from 0.5" if z == z else "") + "); step "
-                      f"accuracy {last['eval/step_accuracy']:.3f}; first error found "
-                      f"{last['eval/first_error_accuracy']:.3f}, all-correct kept {last['eval/all_correct_accuracy']:.3f}")
+        spread = f"se {last['eval/auroc_se']:.3f}" + (f", {z:+.1f} se from 0.5" if z == z else "")
+        console.print(f"held-out step AUROC {first['eval/auroc']:.3f} -> {last['eval/auroc']:.3f} ({spread}); "
+                      f"step accuracy {last['eval/step_accuracy']:.3f}; first error found "
+                      f"{last['eval/first_error_accuracy']:.3f}, all-correct kept "
+                      f"{last['eval/all_correct_accuracy']:.3f}")
     console.print(f"saved {final_dir} and {job.out / HEAD_FILE}")
     return summary
 

@@ -21,12 +21,12 @@ from posttrain.models.heads import ScoreModel, save_head
 from posttrain.recipes._common import (
     announce,
     begin_run,
+    head_export,
     loop_options,
     prepare_model,
     rank0_after,
     save_config,
     save_trained,
-    save_weights,
     shard_if_asked,
     write_summary,
 )
@@ -53,17 +53,10 @@ def run(cfg: RewardConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     console.print(f"training {total} steps: {len(train)} pairs in {len(schedule.units)} rows x "
                   f"{schedule.epochs_text(total, t.epochs)}{schedule.repeat_warning()}")
     evaluate = (lambda m: reward_eval(m, method, held_batches)) if held_batches else None
-
-    def export(path: Path) -> None:  # a checkpoint's adapter/ folder: the adapter and the score head beside it
-        path.mkdir(parents=True, exist_ok=True)
-        if cfg.finetune == "lora":
-            save_weights(lm, path)
-        save_head(model.head, path / HEAD_FILE)
-
     save_config(job.out, cfg)
     sharded = shard_if_asked(cfg, model)
     records = train_loop(model, method, schedule, loop_options(t, total, cfg.model, job.loaded), job.out,
-                         evaluate=evaluate, export=export, resume=start)
+                         evaluate=evaluate, export=head_export(cfg.finetune, lm, model.head), resume=start)
     if not rank0_after(model, sharded):  # rank 0 writes the results; the others hold the same weights
         return {}
     final_dir = save_trained(lm, tok, job.out, cfg.finetune)

@@ -65,7 +65,7 @@ def better(key: str) -> bool | None:
     name = key.removeprefix("eval/")
     if re.search(r"(^|/|_)(loss|ppl)$", name):
         return False
-    if re.search(r"accuracy|margin|^reward($|/)|^watch|exact", name):
+    if re.search(r"accuracy|margin|^auroc(_z)?$|f1$|^reward($|/)|^watch|exact", name):
         return True
     return None
 

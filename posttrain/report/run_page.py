@@ -41,6 +41,10 @@ FIGURES: _Spec = [
         ("held-out score spread", ["eval/score_p90", "eval/score_mean", "eval/score_p10"]),
         ("held-out score against response length (correlation)", ["eval/length_corr"]),
         ("accuracy", ["accuracy", "eval/accuracy"]),
+        ("steps (process reward model): accuracy, AUROC, first error", [
+            "step_accuracy", "eval/step_accuracy", "eval/auroc", "eval/first_error_accuracy",
+            "eval/all_correct_accuracy"]),
+        ("held-out step probability: good and bad steps", ["eval/p_good", "eval/p_bad"]),
         ("log-probs", ["logps/chosen", "logps/rejected", "eval/logps/chosen", "eval/logps/rejected"]),
     ]),
     ("KL", []),  # one panel per KL quantity, its training and held-out curves together: see _kl_panels

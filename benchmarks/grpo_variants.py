@@ -1,0 +1,69 @@
+"""GRPO variants side by side on one budget: `posttrain grpo examples/grpo-gsm8k.yaml` four times, the same data,
+seed, prompts, steps and sampling, changing only the variant keys, then one comparison report of their curves.
+
+    .venv/bin/python benchmarks/grpo_variants.py            # runs what is missing (64 steps each), then the report
+    .venv/bin/python benchmarks/grpo_variants.py --report   # only the report (runs/grpo-variants/compare.html)
+
+Every variant runs mu = 2 (each rollout serves two optimizer steps): at mu = 1 the ratio is exactly 1, so neither
+a clip (clip-higher) nor GSPO's sequence ratio changes anything, and the comparison would only show the advantage
+estimator. A run folder with a summary.json is kept, so an interrupted comparison resumes variant by variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "examples" / "grpo-gsm8k.yaml"
+COMMON = ["grpo.mu=2"]
+VARIANTS: dict[str, list[str]] = {
+    "grpo": [],  # the sample std, per-completion token means, token ratio, clip 0.2
+    "dr_grpo": ["grpo.advantage=dr_grpo"],  # no std, and (its published aggregation) no length normalisation
+    "gspo": ["grpo.policy_loss=gspo", "grpo.clip_eps=3.0e-4", "grpo.clip_eps_high=4.0e-4"],  # the paper's ranges
+    "dapo": ["grpo.clip_eps_high=0.28", "grpo.dynamic_sampling=drop_equal", "grpo.max_draws=2",
+             "grpo.aggregation=dapo"],  # clip-higher, dynamic sampling, token-level aggregation
+}
+PANELS = {"rollout reward": "reward", "held-out reward (greedy)": "eval/reward", "entropy": "entropy",
+          "KL to the reference": "kl", "clip fraction": "clip_fraction", "completion tokens": "completion_len"}
+
+
+def run_variants(out: Path, steps: int) -> dict[str, float]:
+    """Each missing variant's run of ``steps`` optimizer steps, one after another; the wall seconds of those run
+    now (also in each run's summary.json)."""
+    took = {}
+    for name, overrides in VARIANTS.items():
+        run_dir = out / name
+        if (run_dir / "summary.json").exists():
+            continue
+        cmd = [sys.executable, "-m", "posttrain", "grpo", str(CONFIG), f"output_dir={run_dir}", *COMMON,
+               f"train.max_steps={steps}", f"train.eval_every={steps // 2}", *overrides]
+        print("$", " ".join(cmd), flush=True)
+        start = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        took[name] = time.perf_counter() - start
+        print(f"{name}: {took[name]:.0f} s", flush=True)
+    return took
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "grpo-variants")
+    ap.add_argument("--steps", type=int, default=64, help="optimizer steps per variant (64: ~13 min each on 2 cores)")
+    ap.add_argument("--report", action="store_true", help="only write the comparison of the runs already there")
+    args = ap.parse_args()
+    if not args.report:
+        run_variants(args.out, args.steps)
+    from posttrain.report.compare import write_compare_report
+
+    path = write_compare_report(args.out / "compare.html", {name: args.out / name for name in VARIANTS}, PANELS,
+                                title="GRPO variants on GSM8K, one budget")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
