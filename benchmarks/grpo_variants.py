@@ -49,6 +49,38 @@ def run_variants(out: Path, steps: int) -> dict[str, float]:
     return took
 
 
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def markdown_table(out: Path) -> str:
+    """The RESULTS.md table of the runs under ``out``: wall time, rollout reward by halves, held-out answer and
+    format rates at each eval, entropy, KL and clip fraction at the end, and dynamic sampling's cost."""
+    from posttrain.engine.logging import read_metrics
+    from posttrain.io import read_json
+
+    lines = ["| variant | wall | rollout reward, 1st / 2nd half | held-out answer correct, by eval | held-out "
+             "format, by eval | entropy, first / last quarter | KL, last quarter | clip fraction | groups dropped "
+             "(draws) |", "|---" * 9 + "|"]
+    for name in VARIANTS:
+        recs = read_metrics(out / name / "metrics.jsonl")
+        steps = [r for r in recs if "reward" in r]
+        evals = [r for r in recs if "eval/reward" in r]
+        h, q = len(steps) // 2, max(1, len(steps) // 4)
+        col = lambda rs, k: [r[k] for r in rs if k in r]  # noqa: E731
+        wall = (read_json(out / name / "summary.json") or {}).get("seconds")
+        dyn = (f"{_mean(col(steps, 'dynamic/dropped_share')):.2f} ({_mean(col(steps, 'dynamic/draws')):.2f})"
+               if col(steps, "dynamic/draws") else "-")
+        lines.append(
+            f"| {name} | {wall / 60:.1f} min | {_mean(col(steps[:h], 'reward')):.3f} / "
+            f"{_mean(col(steps[h:], 'reward')):.3f} | "
+            + " -> ".join(f"{r['eval/reward/gsm8k_answer']:.3f}" for r in evals) + " | "
+            + " -> ".join(f"{r['eval/reward/regex']:.3f}" for r in evals) + " | "
+            f"{_mean(col(steps[:q], 'entropy')):.3f} / {_mean(col(steps[-q:], 'entropy')):.3f} | "
+            f"{_mean(col(steps[-q:], 'kl')):.4f} | {_mean(col(steps, 'clip_fraction')):.4f} | {dyn} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "grpo-variants")
@@ -62,6 +94,7 @@ def main() -> int:
     path = write_compare_report(args.out / "compare.html", {name: args.out / name for name in VARIANTS}, PANELS,
                                 title="GRPO variants on GSM8K, one budget")
     print(f"wrote {path}")
+    print(markdown_table(args.out))
     return 0
 
 

@@ -24,7 +24,7 @@ from posttrain.curate.prm_labels import (
     split_steps,
 )
 from posttrain.data.prompts import load_prompts
-from posttrain.errors import DataError
+from posttrain.errors import ConfigError, DataError
 from posttrain.rollout.sample import Rollout
 from tests.helpers import write_jsonl
 
@@ -81,6 +81,19 @@ def test_hard_and_soft_labels_by_hand(tokenizer):
     assert rollout_call["prompts"] == [continuation_ids(ids, p, tokenizer) for p in prefix_texts(lab.steps)]
     assert lab.tokens == len(SOLUTION) + 1 + sum(len(t) + 1 for t in ROLLOUTS)
     assert len({row_seed(7, 4, 0), row_seed(7, 5, 0), row_seed(8, 4, 0), row_seed(7, 4, 1)}) == 4
+
+
+def test_reference_solution_is_labelled_without_sampling_one(tokenizer):
+    q = question()
+    q = Question(q.row, q.chat, q.prompt, "2 + 3 = <<2+3=5>>5 balls\nDoubled: 5 * 2 = <<5*2=10>>10\n#### 10")
+    s = PRMSettings(model="m", k=2, solution="reference")
+    engine = ScriptedEngine(["#### 7", "no idea", "#### 10", "", "", "Done."])  # only the rollouts are sampled
+    lab = label_question(q, engine, tokenizer, s)
+    assert lab.steps == ["2 + 3 = 5 balls", "Doubled: 5 * 2 = 10", "#### 10"]  # the calculator notes removed
+    assert lab.successes == [0, 2, 2] and len(engine.calls) == 1 and engine.calls[0]["n"] == 2
+    assert row_record(q, lab, s, "in.jsonl")["provenance"]["solution"] == "reference"
+    with pytest.raises(ConfigError, match="solution 'gold'"):
+        PRMSettings(model="m", solution="gold")
 
 
 def test_all_prefixes_in_one_call_of_the_real_sampler(tiny_dir, tokenizer):
@@ -175,7 +188,8 @@ def test_cli_rows_meta_and_resume(tiny_dir, tmp_path, capsys):
         assert len(row["steps"]) == len(row["labels"]) == len(row["successes"]) >= 1
         assert all(0 <= n <= 2 for n in row["successes"]) and row["labels"] == [int(n > 0) for n in row["successes"]]
         assert row["provenance"] == {"model": tiny_dir, "k": 2, "temperature": 0.8, "max_new_tokens": 6, "seed": 3,
-                                     "label": "hard", "step_split": "line", "source": f"{inp}:{num}"}
+                                     "label": "hard", "step_split": "line", "solution": "sampled",
+                                     "source": f"{inp}:{num}"}
     meta = json.loads((tmp_path / "full.jsonl.meta.json").read_text())
     steps = sum(len(r["steps"]) for r in written)
     assert (meta["rows"], meta["questions"], meta["steps"], meta["rollouts"]) == (2, 2, steps, 2 * steps)

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from posttrain import curate
 from posttrain.cli._output import console
-from posttrain.curate.prm_labels import LABELS, STEP_SPLITS
+from posttrain.curate.prm_labels import LABELS, SOLUTIONS, STEP_SPLITS
 
 
 def _json(data: dict[str, Any]) -> None:
@@ -160,7 +160,7 @@ def _cmd_prm_labels(args: argparse.Namespace) -> int:
 
     settings = PRMSettings(model=args.model, k=args.k, temperature=args.temperature,
                            max_new_tokens=args.max_new_tokens, seed=args.seed, label=args.label,
-                           step_split=args.step_split, batch_size=args.batch_size)
+                           step_split=args.step_split, batch_size=args.batch_size, solution=args.solution)
     # The input and an existing output are checked before the model loads: a bad row fails in a second.
     job = prepare(args.input, args.out, settings, question_field=args.question_field, answer_field=args.answer_field,
                   system_prompt=args.system_prompt, limit=args.limit, resume=args.resume)
@@ -263,6 +263,9 @@ def add_commands(sub) -> None:
                    help="hard: 1 when any rollout reaches the answer; soft: the share that do")
     r.add_argument("--step-split", choices=sorted(STEP_SPLITS), default="line",
                    help="steps are non-empty lines, or blank-line separated paragraphs")
+    r.add_argument("--solution", choices=list(SOLUTIONS), default="sampled",
+                   help="sampled: label a solution the model samples (Math-Shepherd); reference: label the row's "
+                        "reference solution (steps right by construction: the positives a weak model lacks)")
     r.add_argument("--limit", type=int, default=None, help="the first N input rows")
     r.add_argument("--seed", type=int, default=0, help="with the row number, seeds every sample of a row")
     r.add_argument("--question-field", default="question")

@@ -54,7 +54,7 @@ LABELS: dict[str, Callable[[int, int], float]] = {"hard": hard_label, "soft": so
 STEP_SPLITS: dict[str, tuple[str, str]] = {"line": (r"\n", "\n"), "paragraph": (r"\n\s*\n", "\n\n")}
 
 # The provenance every row carries; a resumed file must have been written with the same values.
-PROVENANCE = ("model", "k", "temperature", "max_new_tokens", "seed", "label", "step_split")
+PROVENANCE = ("model", "k", "temperature", "max_new_tokens", "seed", "label", "step_split", "solution")
 
 
 def split_steps(text: str, split: str = "line") -> list[str]:
@@ -97,8 +97,11 @@ class PRMSettings:
     label: str = "hard"
     step_split: str = "line"
     batch_size: int = 64  # completions per forward; a row's rollouts go to the sampler in one call
+    solution: str = "sampled"  # a key of SOLUTIONS: whose solution's steps are labelled
 
     def __post_init__(self) -> None:
+        if self.solution not in SOLUTIONS:
+            raise ConfigError(f"solution {self.solution!r}: expected one of {', '.join(SOLUTIONS)}")
         if self.label not in LABELS:
             raise ConfigError(f"label {self.label!r}: expected one of {', '.join(LABELS)}")
         if self.step_split not in STEP_SPLITS:
@@ -156,23 +159,45 @@ def correct(texts: list[str], answer: Any) -> list[bool]:
     return [bool(v) for v in gsm8k_answer([None] * len(texts), texts, answer=[answer] * len(texts), strict=False)]
 
 
+def sampled_solution(q: Question, engine: RolloutEngine, ids: list[int], s: PRMSettings,
+                     sampling: dict[str, Any]) -> tuple[str, int, int]:
+    """Math-Shepherd's: one solution sampled from the model (its text, tokens sampled, 1 if cut)."""
+    sol = engine.sample([ids], n=1, seeds=[row_seed(s.seed, q.row, 0)], batch_size=1, **sampling)
+    return sol.texts[0], len(sol.completion_ids[0]), int(not sol.finished[0])
+
+
+_CALCULATOR = re.compile(r"<<[^<>]*>>")
+
+
+def reference_solution(q: Question, engine: RolloutEngine, ids: list[int], s: PRMSettings,
+                       sampling: dict[str, Any]) -> tuple[str, int, int]:
+    """The row's reference solution (GSM8K's worked answer, its calculator annotations <<48/2=24>> removed, its
+    '#### N' line kept as the last step); nothing is sampled. Its steps are right by construction, so the labels
+    measure how often the model finishes from each of them: the positives a weak model's own solutions lack."""
+    return _CALCULATOR.sub("", str(q.answer)), 0, 0
+
+
+# Whose solution is cut into steps and labelled.
+SOLUTIONS: dict[str, Callable[..., tuple[str, int, int]]] = {"sampled": sampled_solution,
+                                                               "reference": reference_solution}
+
+
 def label_question(q: Question, engine: RolloutEngine, tokenizer: Any, s: PRMSettings) -> RowLabels:
     """Sample a solution, cut it into steps, and count the successes of ``s.k`` rollouts from every step prefix
     (all of them in one ``engine.sample`` call)."""
     ids = prompt_ids(tokenizer, q.chat)
     sampling = {"max_new_tokens": s.max_new_tokens, "temperature": s.temperature, "top_p": 1.0, "min_new_tokens": 0}
-    sol = engine.sample([ids], n=1, seeds=[row_seed(s.seed, q.row, 0)], batch_size=1, **sampling)
-    steps = split_steps(sol.texts[0], s.step_split)
-    tokens, cut = len(sol.completion_ids[0]), int(not sol.finished[0])
+    solution, tokens, cut = SOLUTIONS[s.solution](q, engine, ids, s, sampling)
+    steps = split_steps(solution, s.step_split)
     if not steps:
-        return RowLabels(sol.texts[0], [], [], tokens, cut)
+        return RowLabels(solution, [], [], tokens, cut)
     prefixes = prefix_texts(steps, s.step_split)
     ro = engine.sample([continuation_ids(ids, p, tokenizer) for p in prefixes], n=s.k,
                        seeds=[row_seed(s.seed, q.row, i) for i in range(1, len(prefixes) + 1)],
                        batch_size=s.batch_size, **sampling)
     hits = correct([prefixes[j // s.k] + text for j, text in enumerate(ro.texts)], q.answer)
     successes = [sum(hits[i * s.k:(i + 1) * s.k]) for i in range(len(prefixes))]
-    return RowLabels(sol.texts[0], steps, successes, tokens + sum(map(len, ro.completion_ids)),
+    return RowLabels(solution, steps, successes, tokens + sum(map(len, ro.completion_ids)),
                      cut + ro.finished.count(False))
 
 

@@ -30,7 +30,12 @@ def panels_svg(title: str, panels: dict[str, dict[str, Series]], width: int = 64
         raise ValueError(f"{title}: nothing to plot")
     x0, x1 = min(xs), max(xs)
     x1 = x1 if x1 > x0 else x0 + 1
-    left, right, top, gap = 64, 16, 36, 46
+    # The legend sits in a column right of the panels, so it never covers a curve's latest points.
+    labels = [label for series in panels.values() for label in series]
+    legend = min(240, 12 + 6 * max(len(label) for label in labels))
+    left, top, gap = 64, 36, 46
+    right = legend + 8
+    width += legend
     height = top + len(panels) * (panel_height + gap)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
            f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
@@ -56,10 +61,16 @@ def panels_svg(title: str, panels: dict[str, dict[str, Series]], width: int = 64
             out.append(f'<polyline points="{path}" fill="none" stroke="{colour}" stroke-width="1.6"/>')
             if len(pts) < 40:
                 out += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2.2" fill="{colour}"/>' for x, y in pts]
-            out.append(f'<text x="{width - right - 4}" y="{y_top + 14 + 13 * j}" text-anchor="end" '
-                       f'fill="{colour}">{escape(label)}</text>')
+            out.append(f'<text x="{width - right + 8}" y="{y_top + 10 + 13 * j}" fill="{colour}">'
+                       f'{escape(_clipped(label, legend))}</text>')
     out.append("</svg>")
     return "\n".join(out)
+
+
+def _clipped(label: str, legend: int) -> str:
+    """A legend label cut to the legend column (~6 px a character), with an ellipsis when cut."""
+    room = max(4, (legend - 12) // 6)
+    return label if len(label) <= room else label[:room - 1] + "\u2026"
 
 
 def _label_lines(label: str, width: int = 16) -> list[str]:
