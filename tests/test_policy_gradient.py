@@ -64,9 +64,16 @@ def trl_advantages(rewards, g, scale_rewards):
     return adv if scale_rewards == "none" else adv / (std + 1e-4)
 
 
+def trl_rloo_advantages(rewards, g):
+    """TRL 1.16 RLOOTrainer: baseline (group sum - r_i) / (G - 1), normalize_advantages off."""
+    grouped = rewards.view(-1, g)
+    return (grouped - (grouped.sum(1, keepdim=True) - grouped) / (g - 1)).view(-1)
+
+
 def test_advantages_equal_trls():
     torch.manual_seed(0)
     r = torch.rand(24, dtype=torch.float64)
+    assert torch.allclose(advantages("rloo", r, 8), trl_rloo_advantages(r, 8), atol=1e-12)
     assert torch.allclose(advantages("grpo", r, 8, "sample", eps=1e-4), trl_advantages(r, 8, "group"), atol=1e-6)
     assert torch.allclose(advantages("dr_grpo", r, 8), trl_advantages(r, 8, "none"), atol=1e-6)
     assert set(ADVANTAGES) == {"grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"}
@@ -175,16 +182,20 @@ def trl_loss(logp, old, ref, adv, mask, loss_type, level, eps_low, eps_high, bet
     return (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_len)  # dr_grpo
 
 
-CASES = [("grpo", "grpo", "token", True), ("dapo", "dapo", "token", True), ("dr_grpo", "dr_grpo", "token", False),
-         ("bnpo", "dapo", "token", False), ("grpo", "grpo", "sequence", False)]
+CASES = [("grpo", "grpo", "token", True, False), ("dapo", "dapo", "token", True, False),
+         ("dr_grpo", "dr_grpo", "token", False, False), ("bnpo", "dapo", "token", False, False),
+         ("grpo", "grpo", "sequence", False, False), ("grpo", "grpo", "token", True, True),
+         ("dapo", "dapo", "token", True, True)]
 
 
-@pytest.mark.parametrize("trl_type,ours,level,bias_correction", CASES)
-def test_loss_and_gradient_equal_trls(trl_type, ours, level, bias_correction):
+@pytest.mark.parametrize("trl_type,ours,level,bias_correction,mask_truncated", CASES)
+def test_loss_and_gradient_equal_trls(trl_type, ours, level, bias_correction, mask_truncated):
     torch.manual_seed(2)
     n, t, max_len = 5, 7, 9
     lengths = torch.tensor([7, 3, 5, 1, 6])
     mask = (torch.arange(t)[None] < lengths[:, None]).double()
+    if mask_truncated:  # TRL's mask_truncated_completions zeroes the rows cut at the limit; ours: TRUNCATED["mask"]
+        mask = mask * TRUNCATED["mask"](torch.tensor([False, True, True, False, True]))[:, None]
     old = -torch.rand(n, t, dtype=torch.float64) * 3
     ref = old + 0.1 * torch.randn(n, t, dtype=torch.float64)
     base = old + 0.8 * torch.randn(n, t, dtype=torch.float64)  # mu > 1: the ratio has moved, the clip binds
