@@ -84,6 +84,34 @@ def step_records(run_dir: Path, keys=("step", "loss", "reward", "grad_norm")) ->
     return [tuple(m[k] for k in keys) for m in rows if "loss" in m]
 
 
+def prm_solution_rows(n: int) -> list[dict]:
+    """Correct steps end in '.', incorrect ones in '!': a tiny model can learn the difference in a few steps."""
+    rows = []
+    for i in range(n):
+        a, b = i % 7 + 1, i % 5 + 2
+        bad = i % 3  # 0: all correct; 1: step 1 wrong; 2: step 2 wrong
+        steps = [f"{a} + {b} = {a + b}.", f"{a + b} * 2 = {2 * (a + b) + (bad == 1)}" + ("!" if bad == 1 else "."),
+                 f"The answer is {2 * (a + b)}" + ("!" if bad == 2 else ".")]
+        labels = [True, bad != 1, None if bad == 1 else bad != 2]
+        if i % 4 == 3:
+            labels[0] = 0.9  # a soft label
+        rows.append({"prompt": f"What is ({a} + {b}) * 2?", "steps": steps, "labels": labels, "answer": "x"})
+    return rows
+
+
+def tiny_prm_run(tiny_dir: str, tmp: Path, *, max_steps: int = 2) -> Path:
+    """A `posttrain prm` run folder on the tiny model (a few steps on prm_solution_rows): something to load."""
+    from posttrain.config import load_config
+    from posttrain.recipes import RECIPES
+
+    path = write_jsonl(tmp / "prm-labels.jsonl", prm_solution_rows(12))
+    cfg = load_config(None, [f"model.name={tiny_dir}", f"data.train={path}", f"output_dir={tmp / 'prm'}",
+                             f"train.max_steps={max_steps}", "train.lr=5e-3", "data.eval_fraction=0.25",
+                             "train.micro_batch_size=4", "data.max_seq_len=160"], method="prm")
+    RECIPES["prm"].run(cfg)
+    return tmp / "prm"
+
+
 def rollout_case():
     """Five completions of two prompts (three share the first), random ids."""
     g = torch.Generator().manual_seed(1)

@@ -13,7 +13,7 @@ from posttrain.data import StepExample, build_steps, collate_steps, render_steps
 from posttrain.errors import DataError
 from posttrain.losses import NEUTRAL_TARGETS, counted_steps, step_bce
 from posttrain.methods.prm import ProcessBCE, auroc, auroc_se, first_error, hard_label, harmonic_mean, step_accuracy
-from tests.helpers import write_jsonl
+from tests.helpers import prm_solution_rows, write_jsonl
 
 LN2 = math.log(2)
 NAN = math.nan
@@ -218,26 +218,11 @@ def test_step_accuracy_hard_labels_and_first_error_by_hand():
 
 # --- a tiny run, end to end ---------------------------------------------------------------------------------------
 
-def _solution_rows(n: int) -> list[dict]:
-    """Correct steps end in '.', incorrect ones in '!': a tiny model can learn the difference in a few steps."""
-    rows = []
-    for i in range(n):
-        a, b = i % 7 + 1, i % 5 + 2
-        bad = i % 3  # 0: all correct; 1: step 1 wrong; 2: step 2 wrong
-        steps = [f"{a} + {b} = {a + b}.", f"{a + b} * 2 = {2 * (a + b) + (bad == 1)}" + ("!" if bad == 1 else "."),
-                 f"The answer is {2 * (a + b)}" + ("!" if bad == 2 else ".")]
-        labels = [True, bad != 1, None if bad == 1 else bad != 2]
-        if i % 4 == 3:
-            labels[0] = 0.9  # a soft label
-        rows.append({"prompt": f"What is ({a} + {b}) * 2?", "steps": steps, "labels": labels, "answer": "x"})
-    return rows
-
-
 def test_run_prm_end_to_end_then_load_and_score(tiny_dir, tmp_path):
     from posttrain.recipes import RECIPES
     from posttrain.rewards import load_prm
 
-    path = write_jsonl(tmp_path / "labels.jsonl", _solution_rows(24))
+    path = write_jsonl(tmp_path / "labels.jsonl", prm_solution_rows(24))
     out = tmp_path / "prm"
     cfg = load_config(None, [f"model.name={tiny_dir}", f"data.train={path}", f"output_dir={out}",
                              "train.max_steps=10", "train.lr=5e-3", "data.eval_fraction=0.25",

@@ -135,7 +135,8 @@ def _cmd_render(args: argparse.Namespace) -> int:
     d = cfg.data
     examples, _, report = build_examples(d.train, tok, fmt=d.format, system_prompt=d.system_prompt,
                                          max_seq_len=d.max_seq_len, overlong=d.overlong,
-                                         chat_template=resolve_template(d.chat_template))
+                                         chat_template=resolve_template(d.chat_template),
+                                         rewritten_turns=d.rewritten_turns)
     out = Console(highlight=False)
     out.print(report.summary())
     for ex in examples[:args.rows]:

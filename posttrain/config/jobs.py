@@ -204,7 +204,7 @@ class RolloutSection(Section):
 
 class RewardFnSpec(Section):
     name: str = Field(..., description="gsm8k_answer, regex, json_schema, length_penalty, overlong, reward_model, "
-                      "or package.module:fn")
+                      "think_format, think_budget, or package.module:fn")
     weight: float = 1.0
     options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the function")
 
@@ -241,6 +241,8 @@ class GRPOConfig(_Job):
         for term in [*self.rewards, *self.watch]:  # the overlong reward's budget is the generation budget
             if term.name == "overlong" and "max_tokens" not in term.options:
                 term.options["max_tokens"] = self.grpo.max_new_tokens
+            if term.name == "think_budget" and "tokenizer" not in term.options:  # it counts the policy's tokens
+                term.options["tokenizer"] = self.model.name or "embedded"
         return self
 
 
@@ -265,6 +267,15 @@ class PPOSection(Section):
     critic_init: Literal["reward", "fresh"] = Field(
         "reward", description="start the critic from the reward model's adapter and head, or a fresh adapter")
     mu: int = Field(1, gt=0, description="optimizer steps per batch of rollouts (PPO epochs)")
+    step_rewards: str | None = Field(None, description="a `posttrain prm` run folder: its probability that each "
+                                     "step is correct becomes a reward on the step's last token, added to "
+                                     "reward_model's score on the last token (loaded as a model of its own)")
+    step_reward_coef: float = Field(1.0, ge=0.0, description="weight of the step rewards")
+    step_reward_form: Literal["prob", "clip"] = Field(
+        "prob", description="prob: the probability p (more steps, more reward); clip: min(p - 0.5, 0), Gao et "
+        "al. 2024's Clip, so extra steps cannot add reward")
+    step_split: Literal["line", "paragraph"] = Field(
+        "line", description="how a completion is cut into steps, as `posttrain data prm-labels` cut the PRM's data")
 
 
 class PPOConfig(_Job):
@@ -284,6 +295,9 @@ class PPOConfig(_Job):
             raise ValueError("ppo needs finetune: lora: actor, critic, reward model and reference share one frozen "
                              "base as adapters (full fine-tuning would hold four copies of the model)")
         _check_mu(self, self.ppo.mu)
+        if self.ppo.step_rewards and self.ppo.step_rewards == self.ppo.reward_model:
+            raise ValueError("ppo.step_rewards and ppo.reward_model name the same run: one is a `posttrain prm` run "
+                             "(a score per step), the other a `posttrain reward` run (a score per answer)")
         return self
 
 

@@ -84,6 +84,9 @@ class DataConfig(Section):
     overlong: Literal["error", "truncate", "drop"] = Field(
         "error", description="what to do with an example longer than max_seq_len"
     )
+    rewritten_turns: Literal["error", "mask"] = Field(
+        "error", description="an assistant turn the chat template changes (Qwen3's drops earlier <think> blocks): "
+        "stop, or keep it as context out of the loss (counted in the data report)")
     packing: bool = True
     mix: MixConfig | None = None
     replay: ReplayConfig | None = None

@@ -14,7 +14,8 @@ from posttrain.config.sections import Section
 
 class SuiteSpec(Section):
     """One evaluation suite of a workflow (see posttrain/eval/suites.py for the kinds and their metrics)."""
-    kind: Literal["loss", "generation", "preference", "multiple_choice", "abstention", "judge", "lm_eval"]
+    kind: Literal["loss", "generation", "preference", "multiple_choice", "abstention", "judge", "lm_eval",
+                  "best_of_n"]
     data: str = Field(..., description="the suite's file; ${eval_set} is the workflow's held-out set")
     limit: int | None = Field(None, gt=0, description="only the first N rows")
     options: dict[str, Any] = Field(default_factory=dict, description="kind-specific, e.g. {scorer: json_exact}")

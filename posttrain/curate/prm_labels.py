@@ -32,6 +32,7 @@ from typing import Any, Callable
 from posttrain.data.formats import Messages
 from posttrain.data.readers import read_rows
 from posttrain.data.render import has_chat_template, render_prompt
+from posttrain.data.steps import STEP_SPLITS, split_steps
 from posttrain.errors import ConfigError, DataError
 from posttrain.io import atomic_write_text, content_key
 from posttrain.rewards.functions import final_number, gsm8k_answer
@@ -50,17 +51,8 @@ def soft_label(successes: int, k: int) -> float:
 
 LABELS: dict[str, Callable[[int, int], float]] = {"hard": hard_label, "soft": soft_label}
 
-# name -> (what separates two steps of a solution, what joins steps back into a prefix)
-STEP_SPLITS: dict[str, tuple[str, str]] = {"line": (r"\n", "\n"), "paragraph": (r"\n\s*\n", "\n\n")}
-
 # The provenance every row carries; a resumed file must have been written with the same values.
 PROVENANCE = ("model", "k", "temperature", "max_new_tokens", "seed", "label", "step_split", "solution")
-
-
-def split_steps(text: str, split: str = "line") -> list[str]:
-    """The steps of a solution: its non-empty lines (``line``) or blank-line separated blocks (``paragraph``),
-    stripped."""
-    return [s.strip() for s in re.split(STEP_SPLITS[split][0], text) if s.strip()]
 
 
 def prefix_texts(steps: list[str], split: str = "line") -> list[str]:

@@ -5,6 +5,7 @@ May import: posttrain.errors, posttrain.data.formats, readers, render.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 from posttrain.data.formats import Messages, row_to_messages
@@ -21,6 +22,7 @@ class DataReport:
     kept: int = 0
     truncated: list[int] = field(default_factory=list)
     dropped_overlong: list[int] = field(default_factory=list)
+    rewritten: list[tuple[int, str]] = field(default_factory=list)  # (row, what the template changed), masked
     tokens: int = 0
     trained_tokens: int = 0
 
@@ -31,6 +33,10 @@ class DataReport:
             parts.append(f"{len(self.truncated)} truncated (rows {_rows(self.truncated)})")
         if self.dropped_overlong:
             parts.append(f"{len(self.dropped_overlong)} dropped as over-long (rows {_rows(self.dropped_overlong)})")
+        if self.rewritten:
+            parts.append(f"{len(self.rewritten)} with assistant turns the chat template rewrote, left out of the "
+                         f"loss (rows {_rows([r for r, _ in self.rewritten])}; row {self.rewritten[0][0]}: "
+                         f"{self.rewritten[0][1]})")
         return "; ".join(parts)
 
 
@@ -44,18 +50,22 @@ def load_messages(path: str, fmt: str = "auto", system_prompt: str | None = None
 
 
 def build_examples(path: str, tokenizer, *, fmt: str = "auto", system_prompt: str | None = None,
-                   max_seq_len: int, overlong: str = "error",
-                   chat_template: str | None = None) -> tuple[list[Example], list[tuple[int, Messages]], DataReport]:
-    """Validate every row before tokenising any, then render; returns examples, their messages, and a report."""
+                   max_seq_len: int, overlong: str = "error", chat_template: str | None = None,
+                   rewritten_turns: str = "error") -> tuple[list[Example], list[tuple[int, Messages]], DataReport]:
+    """Validate every row before tokenising any, then render; returns examples, their messages, and a report.
+    ``rewritten_turns``: an assistant turn the chat template changed (a dropped ``<think>`` block) stops the run
+    (``error``) or stays as context out of the loss (``mask``), counted in the report and warned about."""
     rows = load_messages(path, fmt, system_prompt)
     report = DataReport(file=path, rows=len(rows))
     examples, kept_rows = [], []
     for num, messages in rows:
         try:
-            ex = render_example(tokenizer, messages, chat_template)
+            ex = render_example(tokenizer, messages, chat_template, rewritten=rewritten_turns)
         except TemplateError as exc:
             raise DataError(path, num, "messages", str(exc)) from None
         ex.row, ex.source = num, path
+        if ex.rewritten:
+            report.rewritten.append((num, "; ".join(f"messages[{i}]: {p}" for i, p in ex.rewritten)))
         if len(ex) > max_seq_len:
             if overlong == "error":
                 raise DataError(path, num, None, f"{len(ex)} tokens, more than data.max_seq_len={max_seq_len}; "
@@ -67,12 +77,17 @@ def build_examples(path: str, tokenizer, *, fmt: str = "auto", system_prompt: st
             report.truncated.append(num)
         if ex.num_trained == 0:
             hint = " after truncation to max_seq_len" if num in report.truncated else ""
+            hint += " (the chat template rewrote the other turns; see data.rewritten_turns)" if ex.rewritten else ""
             raise DataError(path, num, "messages", f"no assistant token is left to train on{hint}")
         examples.append(ex)
         kept_rows.append((num, messages))
         report.tokens += len(ex)
         report.trained_tokens += ex.num_trained
     report.kept = len(examples)
+    if report.rewritten:
+        first = "; ".join(f"row {r}: {what}" for r, what in report.rewritten[:3])
+        warnings.warn(f"{path}: the chat template rewrote assistant turns of {len(report.rewritten)} rows, which "
+                      f"are left out of the loss ({first})", stacklevel=2)
     if not examples:
         raise DataError(path, None, None, "no example is left to train on (see the over-long policy)")
     return examples, kept_rows, report

@@ -6,11 +6,18 @@ assistant said plus the template's end-of-turn marker, so both are trained, in e
 character ranges in the full rendering, mapped onto tokens through the tokenizer's offsets, so token merges at
 span edges cannot shift the mask. Templates whose prefixes do not render as prefixes of the whole chat (some
 rewrite earlier turns) fall back to locating each assistant content and the special token that closes it.
+
+Some templates change an assistant message as they render it: Qwen3's drops the ``<think>`` block of turns before
+the last user message and adds an empty one to a final turn that has none. The trained tokens would then not be
+the row's, so every turn is checked to hold its content verbatim (outer whitespace aside, which Llama 3's trims)
+and nothing before it; what to do with a turn that does not is the caller's ``rewritten`` policy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from posttrain.data.formats import Messages
 from posttrain.errors import TemplateError
@@ -24,6 +31,7 @@ class Example:
     trained: list[bool]  # trained[t]: token t is a loss target (predicted from tokens < t)
     row: int = 0
     source: str = ""
+    rewritten: list[tuple[int, str]] = field(default_factory=list)  # (message index, what the template changed)
 
     @property
     def num_trained(self) -> int:
@@ -48,10 +56,59 @@ def _end_of_turn_tokens(tokenizer) -> list[str]:
     return [n for n in names if n]
 
 
+class Turn(NamedTuple):
+    index: int  # in messages
+    span: Span | None  # None: its content is nowhere in the rendering
+    problem: str  # what the template changed; "" when it rendered the content verbatim
+
+
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...") + f" ({len(text)} characters)"
+
+
+def rewrite(content: str, region: str, leading: bool = True) -> str:
+    """What a template did to an assistant message rendered in ``region`` (its turn, or the rest of the chat when
+    ``leading`` is false): "" when the region holds the content verbatim, outer whitespace aside, with nothing
+    but whitespace before it."""
+    body = content.strip()
+    at = region.find(body)
+    if at >= 0:
+        added = region[:at].strip() if leading else ""
+        return f"the template added {_clip(added)} before its content" if added else ""
+    think = _THINK.search(content)
+    if think and _THINK.sub("", content).strip() in region:
+        return f"the template dropped its thinking block {_clip(think.group(0))}"
+    return "the template rewrote its content (it does not appear verbatim in the rendered chat)"
+
+
 def chat_spans(tokenizer, messages: Messages, chat_template: str | None = None) -> tuple[str, list[Span]]:
-    """The rendered chat and the character spans of every assistant turn (content + end-of-turn)."""
+    """The rendered chat and the character spans of every assistant turn (content + end-of-turn) as the template
+    renders it; ``assistant_turns`` also says what the template changed."""
+    full, turns = assistant_turns(tokenizer, messages, chat_template)
+    _require_found(turns)
+    return full, [t.span for t in turns]
+
+
+def _require_found(turns: list[Turn]) -> None:
+    missing = [t.index for t in turns if t.span is None]
+    if missing:
+        raise TemplateError(f"messages[{missing[0]}] (assistant) does not appear verbatim in the rendered chat; "
+                            "the template rewrites content, so the loss mask cannot be derived")
+
+
+def rewritten_message(rewritten: list[tuple[int, str]]) -> str:
+    where = "; ".join(f"messages[{i}] (assistant): {problem}" for i, problem in rewritten)
+    return (f"{where}. Training on it would train tokens the row does not hold: set data.rewritten_turns: mask "
+            "to leave such turns out of the loss (as context), or data.chat_template to one that keeps them")
+
+
+def assistant_turns(tokenizer, messages: Messages, chat_template: str | None = None) -> tuple[str, list[Turn]]:
+    """The rendered chat and every assistant turn's span with what the template changed in it."""
     full = _apply(tokenizer, messages, chat_template, gen=False)
-    spans: list[Span] = []
+    turns: list[Turn] = []
     cursor = 0
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
@@ -64,21 +121,26 @@ def chat_spans(tokenizer, messages: Messages, chat_template: str | None = None) 
             stripped = full[start:end].rstrip(" \n")
             if any(stripped.endswith(t) for t in _end_of_turn_tokens(tokenizer)):
                 end = start + len(stripped)
+            problem = rewrite(msg["content"], full[start:end])
         else:
-            start = full.find(msg["content"], cursor)
+            body = msg["content"]
+            start = full.find(body, cursor)
+            if start < 0:  # a template that trims content (Llama 3's) still holds it stripped
+                body = body.strip()
+                start = full.find(body, cursor)
             if start < 0:
-                raise TemplateError(f"assistant turn {i} does not appear verbatim in the rendered chat; "
-                                    "the template rewrites content, so the loss mask cannot be derived")
-            end = start + len(msg["content"])
+                turns.append(Turn(i, None, rewrite(msg["content"], full[cursor:], leading=False)))
+                continue
+            end, problem = start + len(body), ""
             rest = full[end:]
             closer = next((t for t in _end_of_turn_tokens(tokenizer) if rest.lstrip(" ").startswith(t)), None)
             if closer is None:
                 raise TemplateError(f"cannot find the end-of-turn token after assistant turn {i}; "
                                     "set data.chat_template to a template that closes assistant turns")
             end += (len(rest) - len(rest.lstrip(" "))) + len(closer)
-        spans.append((start, end))
+        turns.append(Turn(i, (start, end), problem))
         cursor = end
-    return full, spans
+    return full, turns
 
 
 def plain_spans(tokenizer, messages: Messages) -> tuple[str, list[Span]]:
@@ -108,14 +170,26 @@ def tokenize_spans(tokenizer, text: str, spans: list[Span], add_special_tokens: 
     return ids, trained
 
 
-def render_example(tokenizer, messages: Messages, chat_template: str | None = None) -> Example:
-    if has_chat_template(tokenizer, chat_template):
-        text, spans = chat_spans(tokenizer, messages, chat_template)
-        ids, trained = tokenize_spans(tokenizer, text, spans, add_special_tokens=False)
-    else:
+def render_example(tokenizer, messages: Messages, chat_template: str | None = None,
+                   rewritten: str = "keep") -> Example:
+    """The chat's ids and mask. ``rewritten`` is what to do with an assistant turn the template changed (listed
+    in ``Example.rewritten`` either way): ``error`` raises, ``mask`` leaves it out of the loss, ``keep`` trains
+    what the template rendered (for callers that train only the final turn, or only read a position)."""
+    if rewritten not in ("keep", "error", "mask"):
+        raise ValueError(f"rewritten must be 'keep', 'error' or 'mask', got {rewritten!r}")
+    if not has_chat_template(tokenizer, chat_template):
         text, spans = plain_spans(tokenizer, messages)
         ids, trained = tokenize_spans(tokenizer, text, spans, add_special_tokens=True)
-    return Example(input_ids=ids, trained=trained)
+        return Example(input_ids=ids, trained=trained)
+    text, turns = assistant_turns(tokenizer, messages, chat_template)
+    changed = [(t.index, t.problem) for t in turns if t.problem]
+    if changed and rewritten == "error":
+        raise TemplateError(rewritten_message(changed))
+    if rewritten == "keep":
+        _require_found(turns)
+    spans = [t.span for t in turns if t.span is not None and not (t.problem and rewritten == "mask")]
+    ids, trained = tokenize_spans(tokenizer, text, spans, add_special_tokens=False)
+    return Example(input_ids=ids, trained=trained, rewritten=changed)
 
 
 def render_prompt(tokenizer, messages: Messages, chat_template: str | None = None) -> str:

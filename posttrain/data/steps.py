@@ -13,6 +13,9 @@ character, found through the tokenizer's character offsets of the rendered text 
 That token may not reach into the next step, since the score would then see text of the step after: two steps
 in one token are refused with the row. Tokens after the last step's end are not kept (nothing reads them).
 
+A solution written as one text is cut into steps by ``split_steps`` (``STEP_SPLITS``; its non-empty lines by
+default): the one cut of ``posttrain data prm-labels`` and of the step rewards in online RL (``rewards.process``).
+
 May import: posttrain.errors, posttrain.data.formats, render, packing, collate, schedule, readers.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -35,6 +39,31 @@ from posttrain.errors import DataError, TemplateError
 
 Label = float | None  # 1.0 correct, 0.0 incorrect, in between soft, None neutral
 PRM800K_HINT = "PRM800K's ratings map +1 -> 1, 0 -> null (neutral), -1 -> 0"
+
+# name -> (what separates two steps of a solution, what joins steps back into a prefix)
+STEP_SPLITS: dict[str, tuple[str, str]] = {"line": (r"\n", "\n"), "paragraph": (r"\n\s*\n", "\n\n")}
+
+
+def step_spans(text: str, split: str = "line") -> list[tuple[int, int]]:
+    """Where the steps of a solution are: the (start, end) characters of each piece between two separators
+    (``STEP_SPLITS[split]``) with its surrounding whitespace left out, blank pieces skipped; ``text[start:end]`` is
+    the step, so a scorer's step can be traced back to the tokens that wrote it."""
+    if split not in STEP_SPLITS:
+        raise ValueError(f"step split {split!r}: expected one of {', '.join(STEP_SPLITS)}")
+    spans, at = [], 0
+    for stop, after in [*((m.start(), m.end()) for m in re.finditer(STEP_SPLITS[split][0], text)),
+                        (len(text), len(text))]:
+        piece = text[at:stop]
+        if piece.strip():
+            spans.append((at + len(piece) - len(piece.lstrip()), at + len(piece.rstrip())))
+        at = after
+    return spans
+
+
+def split_steps(text: str, split: str = "line") -> list[str]:
+    """The steps of a solution: its non-empty lines (``line``) or blank-line separated blocks (``paragraph``),
+    stripped."""
+    return [text[start:end] for start, end in step_spans(text, split)]
 
 
 def parse_label(value: Any, file: str, num: int, i: int) -> Label:

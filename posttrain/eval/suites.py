@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from posttrain.eval.best_of_n import best_of_n_suite
 from posttrain.eval.common import SuiteArgs, SuiteResult
 from posttrain.eval.generation import abstention_suite, generation_suite, judge_suite
 from posttrain.eval.likelihood import loss_suite, multiple_choice_suite, preference_suite
@@ -20,7 +21,7 @@ from posttrain.eval.lm_eval import lm_eval_suite
 SUITES: dict[str, Callable[..., SuiteResult]] = {
     "loss": loss_suite, "generation": generation_suite, "preference": preference_suite,
     "multiple_choice": multiple_choice_suite, "abstention": abstention_suite, "judge": judge_suite,
-    "lm_eval": lm_eval_suite,
+    "lm_eval": lm_eval_suite, "best_of_n": best_of_n_suite,
 }
 
 # The options each kind reads; anything else is a typo and an error, not a silently ignored setting.
@@ -32,6 +33,7 @@ SUITE_OPTIONS: dict[str, set[str]] = {
     "abstention": {"pattern", "max_new_tokens", "prompt_field"},
     "judge": {"criterion", "max_new_tokens", "prompt_field", "margin"},
     "lm_eval": {"tasks"},
+    "best_of_n": {"n", "temperature", "max_new_tokens", "prompt_field", "reference_field", "seed", "orm", "prm"},
 }
 
 

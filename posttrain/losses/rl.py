@@ -40,6 +40,34 @@ def kl_shaped_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.
     return rewards + last.to(rewards.dtype) * scores[:, None]
 
 
+def prob_steps(probs: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
+    """A step's reward is the PRM's probability that it is correct. Summed over steps (gamma = 1), more steps
+    means more reward: a policy can gain by writing more (correct but idle) steps (Gao et al. 2024, "On Designing
+    Effective RL Reward at Training Time for LLM Reasoning"); watch completion_len and prm/steps."""
+    return probs * step_mask
+
+
+def clip_steps(probs: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
+    """Gao et al. 2024's Clip mechanism, min(p - eta, 0), with eta = 0.5 (the probability's own decision
+    boundary): a step the PRM thinks more likely wrong than right costs, a likely-right one adds nothing, so a
+    completion's step rewards are bounded above by 0 and extra steps cannot raise them."""
+    return (probs - 0.5).clamp(max=0.0) * step_mask
+
+
+# How a PRM's step probabilities (N, S) become step rewards; padded steps (mask 0) give 0.
+STEP_REWARDS = {"prob": prob_steps, "clip": clip_steps}
+
+
+def step_shaped_rewards(rewards: torch.Tensor, step_rewards: torch.Tensor, step_tokens: torch.Tensor,
+                        step_mask: torch.Tensor, coef: float = 1.0) -> torch.Tensor:
+    """Per-token rewards (N, T) plus process rewards: coef * step_rewards[i, s] on token step_tokens[i, s], the
+    completion token that ends step s (Lightman et al. 2023's step-level supervision, given where each step is
+    written, as kl_shaped_rewards gives the outcome score on the last token). Padded steps (step_mask 0, any
+    token index in range) add nothing; two steps ending on one token both count."""
+    add = torch.zeros_like(rewards).scatter_add_(1, step_tokens, (coef * step_rewards * step_mask).to(rewards.dtype))
+    return rewards + add
+
+
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016, eq. 16) over each completion, the value after the

@@ -5,6 +5,8 @@ score head, from a ``posttrain reward`` run) and reference (all adapters off) ar
 memory; a role is a switch of the active adapter. Per rollout (derivations §7; Ouyang et al. 2022):
 
   r_t = -kl_coef * (log pi_old(a_t|s_t) - log pi_ref(a_t|s_t)),  plus the reward model's score on the last token
+        (with ``ppo.step_rewards``, plus step_reward_coef * a process reward model's step reward on the token that
+        ends each step: ``StepRewards``)
   A_t = GAE(gamma, lambda) over r_t and the critic's V(s_t);  returns R_t = A_t + V(s_t);  A whitened per rollout
   loss = clipped surrogate(A) + vf_coef * clipped value loss(V, R)
 
@@ -26,9 +28,18 @@ from posttrain.data.collate import collate_rollouts
 from posttrain.engine.distributed import sum_over_ranks
 from posttrain.losses.offpolicy import Correction, corrected
 from posttrain.losses.policy import ppo_clip_loss
-from posttrain.losses.rl import clipped_value_loss, gae, kl_shaped_rewards, masked_mean, whiten
+from posttrain.losses.rl import (
+    STEP_REWARDS,
+    clipped_value_loss,
+    gae,
+    kl_shaped_rewards,
+    masked_mean,
+    step_shaped_rewards,
+    whiten,
+)
 from posttrain.models.forward import Batch, evaluating, pair_hidden, scatter_tokens, token_logps
 from posttrain.models.heads import load_head
+from posttrain.rewards.process import StepScorer, completion_steps, score_solutions
 from posttrain.rollout.interface import RolloutEngine
 from posttrain.rollout.sample import sample_completions
 from posttrain.rollout.schedule import RewardFn, RolloutSchedule, mean_scores
@@ -194,6 +205,37 @@ class PPO:
 
 
 @dataclass(frozen=True, eq=False)
+class StepRewards:
+    """Process rewards for PPO (``ppo.step_rewards``): each completion is cut into steps (``step_split``, as
+    ``posttrain data prm-labels`` cuts solutions), a PRM scores every step from the prompt's chat, and each step's
+    reward (``STEP_REWARDS[step_reward_form]`` of its probability) times ``step_reward_coef`` lands on the
+    completion token that writes the step's last character. They add to the reward model's outcome score rather
+    than replace it: the outcome score is what the critic starts from, and the last step of a solution is judged
+    by both. The PRM is a model of its own (``rewards.load_prm``), read on its own rendering of the steps."""
+
+    scorer: StepScorer
+    step_reward_coef: float
+    step_reward_form: str
+    step_split: str
+    batch_size: int = 8
+
+    def __call__(self, tokenizer, chats: list[Any], completion_ids: list[list[int]], rewards: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``rewards`` (N, T) plus the step rewards, and their metrics."""
+        found = [completion_steps(tokenizer, ids, self.step_split) for ids in completion_ids]
+        probs = score_solutions(self.scorer, chats, [steps for steps, _ in found], self.batch_size)
+        width = max([1, *map(len, probs)])
+        p, mask = torch.zeros(len(probs), width), torch.zeros(len(probs), width)
+        at = torch.zeros(len(probs), width, dtype=torch.long)
+        for i, (row, (_, ends)) in enumerate(zip(probs, found)):
+            p[i, :len(row)], at[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), torch.tensor(ends), 1.0
+        shaped = STEP_REWARDS[self.step_reward_form](p, mask)
+        metrics = {"reward/prm_steps": (self.step_reward_coef * shaped).sum(1).mean().double(),
+                   "prm/steps": mask.sum(1).mean().double(), "prm/p_step": masked_mean(p, mask).double()}
+        return step_shaped_rewards(rewards, shaped, at, mask, self.step_reward_coef), metrics
+
+
+@dataclass(frozen=True, eq=False)
 class PPOBatches:
     """A ``RolloutSchedule``'s ``make_batches`` for PPO. Per rollout: sample, score with the reward adapter,
     old/reference log-probs and values, KL-shaped rewards, GAE, whitened advantages over the whole rollout, then
@@ -202,6 +244,7 @@ class PPOBatches:
     roles: SharedRoles
     params: PPOParams
     chunk_size: int = 1024
+    steps: StepRewards | None = None
 
     @torch.no_grad()
     def __call__(self, schedule: RolloutSchedule, rollout: int) -> list[Batch]:
@@ -224,11 +267,15 @@ class PPOBatches:
         finished = torch.tensor(ro.finished)
         scores = raw - p.missing_eos_penalty * (~finished).float()
         rewards = kl_shaped_rewards(scores, old, ref, mask, p.kl_coef)
+        step_metrics: dict[str, torch.Tensor] = {}
+        if self.steps is not None:
+            chats = [schedule.chats[i] for i in idx for _ in range(n)]
+            rewards, step_metrics = self.steps(schedule.tok, chats, ro.completion_ids, rewards)
         adv, returns = gae(rewards, values, mask, p.gamma, p.lam)
         if p.whiten_advantages:
             adv = whiten(adv, mask, moments=rollout_moments(adv, mask))
         kl = masked_mean(old - ref, mask, dim=1)
-        metrics = {"reward": raw.mean().double(), "reward_std": raw.std(correction=0).double(),
+        metrics = {"reward": raw.mean().double(), "reward_std": raw.std(correction=0).double(), **step_metrics,
                    "score_shaped": scores.mean().double(), "kl": kl.mean().double(),
                    "non_score_reward": (-p.kl_coef * kl).mean().double(),
                    "value_mean": masked_mean(values, mask).double(),
@@ -257,10 +304,10 @@ def ppo_schedule(model: SharedRoles, tokenizer, prompts: list[list[int]], rows: 
                  chats: list[Any], params: PPOParams, *, prompts_per_step: int, mu: int, micro_batch_size: int,
                  seed: int, chunk_size: int = 1024, share_prompt: bool = True,
                  watch: RewardFn | None = None, engine: RolloutEngine | None = None,
-                 ahead: bool = False) -> RolloutSchedule:
+                 ahead: bool = False, steps: StepRewards | None = None) -> RolloutSchedule:
     """PPO's rollout schedule: ``RolloutSchedule`` over the actor (``model.policy``) with ``PPOBatches``."""
     return RolloutSchedule(model.policy, tokenizer, prompts, rows, chats,
-                           make_batches=PPOBatches(model, params, chunk_size), prompts_per_step=prompts_per_step,
+                           make_batches=PPOBatches(model, params, chunk_size, steps), prompts_per_step=prompts_per_step,
                            mu=mu, micro_batch_size=micro_batch_size, seed=seed, share_prompt=share_prompt,
                            watch=watch, engine=engine, ahead=ahead)
 

@@ -5,6 +5,8 @@ reward adapter or zeros, ``reward`` frozen) and two heads (value, score) -> meth
 -kl_coef (log pi_old - log pi_ref) plus the reward model's score on the last token, GAE(gamma, lambda) advantages
 whitened per rollout, clipped surrogate + vf_coef * clipped value loss (see methods/ppo.py for the equations)
 -> engine.train_loop -> adapter/ (the actor, a plain PEFT adapter), critic/, summary.json, rewards.svg.
+With ppo.step_rewards (a `posttrain prm` run) a process reward model's step rewards join the per-token rewards on
+the token that ends each step (methods.ppo.StepRewards).
 Under torchrun each process samples and scores its share of the prompts, advantages are whitened over the whole
 rollout (statistics summed over processes), gradients are all-reduced, and rank 0 writes.
 """
@@ -20,7 +22,17 @@ from posttrain.engine import console, train_loop
 from posttrain.engine.resume import Resume
 from posttrain.errors import ConfigError
 from posttrain.io import atomic_dir
-from posttrain.methods.ppo import ACTOR, CRITIC, PPO, PPOParams, attach_roles, ppo_eval, ppo_schedule, role_memory
+from posttrain.methods.ppo import (
+    ACTOR,
+    CRITIC,
+    PPO,
+    PPOParams,
+    StepRewards,
+    attach_roles,
+    ppo_eval,
+    ppo_schedule,
+    role_memory,
+)
 from posttrain.models import Loaded, format_trainable, trainable_report
 from posttrain.models.heads import save_head
 from posttrain.models.loading import resolve_model_path
@@ -39,6 +51,7 @@ from posttrain.recipes._prompts import check_processes, load_prompt_splits, star
 from posttrain.recipes._resume import check_resume
 from posttrain.recipes.grpo import combined
 from posttrain.report import write_watch_plot
+from posttrain.rewards import load_prm
 from posttrain.rollout.schedule import generation_batch
 from posttrain.runs import ADAPTER_DIR, CONFIG_FILE, CRITIC_DIR, HEAD_FILE, run_config_of
 
@@ -63,19 +76,20 @@ def run(cfg: PPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
                   f"({memory['shared_weights_mb']} MB of weights in all; four copies: "
                   f"{memory['four_copies_weights_mb']} MB)")
     params = from_section(PPOParams, p)
+    steps = step_rewards(cfg, roles, t.micro_batch_size)
     engine, correction = start_engine(cfg, roles.policy, tok, job.out, prompts[0], p.temperature)
     with contextlib.ExitStack() as stack:
         stack.callback(engine.close)
         schedule = ppo_schedule(roles, tok, prompts, rows, chats, params, prompts_per_step=p.prompts_per_step,
                                 mu=p.mu, micro_batch_size=t.micro_batch_size, seed=t.seed,
                                 chunk_size=t.loss_chunk_size, share_prompt=d.share_prompt, watch=watch, engine=engine,
-                                ahead=cfg.rollout.async_ahead)
+                                ahead=cfg.rollout.async_ahead, steps=steps)
         stack.callback(schedule.drain)
         total = t.max_steps or schedule.steps_for(t.epochs)
         schedule.total_rollouts = -(-total // p.mu)
         console.print(f"training {total} steps: {p.prompts_per_step} prompts x {p.samples_per_prompt} per rollout, "
                       f"{p.mu} step(s) per rollout, sampled by the {engine.name} engine; reward model "
-                      f"{p.reward_model}")
+                      f"{p.reward_model}" + (f", step rewards from {p.step_rewards}" if steps else ""))
         pad = schedule.pad_id
         evaluate = (lambda m: ppo_eval(m, tok, held_prompts, held_rows, held_chats, p.max_new_tokens,
                                        generation_batch(len(held_prompts), t.micro_batch_size), pad, watch,
@@ -114,9 +128,33 @@ def build_roles(cfg: PPOConfig, loaded: Loaded) -> Any:
     if not (rm / HEAD_FILE).exists() or not (rm / CONFIG_FILE).exists():
         raise FileNotFoundError(f"ppo.reward_model: {rm} is not a `posttrain reward` run folder (needs config.yaml, "
                                 f"adapter/ and {HEAD_FILE})")
+    check_scorers(cfg)
     check_reward_base(cfg, run_config_of(str(rm)))
     policy, _ = prepare_model(cfg, loaded)
     return attach_roles(policy, rm / ADAPTER_DIR, rm / HEAD_FILE, critic_from_reward=cfg.ppo.critic_init == "reward")
+
+
+# The scoring runs PPO reads, by method: the setting that takes each.
+SCORER_KEYS = {"reward": "ppo.reward_model", "prm": "ppo.step_rewards"}
+
+
+def check_scorers(cfg: PPOConfig) -> None:
+    """A reward run scores an answer, a prm run each step: one given in the other's place is refused, naming both."""
+    for method, key in SCORER_KEYS.items():
+        path = getattr(cfg.ppo, key.split(".")[1])
+        found = run_config_of(str(path)).get("method") if path else method
+        if found != method:
+            hint = f"; a {found} run goes in {SCORER_KEYS[found]}" if found in SCORER_KEYS else ""
+            what = f"a {found} run" if found else "not a run folder (no config.yaml)"
+            raise ConfigError(f"{key}: {path} is {what}; {key} takes a `posttrain {method}` run{hint}")
+
+
+def step_rewards(cfg: PPOConfig, roles: Any, batch_size: int) -> StepRewards | None:
+    """The process reward model of ppo.step_rewards (checked by build_roles), on the policy's device."""
+    if not cfg.ppo.step_rewards:
+        return None
+    scorer = load_prm(cfg.ppo.step_rewards, device=str(next(roles.policy.parameters()).device))
+    return from_section(StepRewards, cfg.ppo, scorer=scorer, batch_size=batch_size)
 
 
 def check_reward_base(cfg: PPOConfig, rm_cfg: dict) -> None:

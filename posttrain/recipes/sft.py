@@ -93,7 +93,7 @@ def prepare_data(dcfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list[
     """Train and held-out examples, held-out chats (for samples), and report lines."""
     template = resolve_template(dcfg.chat_template)
     kw = dict(fmt=dcfg.format, system_prompt=dcfg.system_prompt, max_seq_len=dcfg.max_seq_len,
-              overlong=dcfg.overlong, chat_template=template)
+              overlong=dcfg.overlong, chat_template=template, rewritten_turns=dcfg.rewritten_turns)
     train, train_rows, report = build_examples(dcfg.train, tokenizer, **kw)
     lines = [report.summary()]
     if dcfg.eval:
@@ -119,7 +119,7 @@ def mix_in(cfg: SFTConfig, train: list[Example], model: torch.nn.Module, tokeniz
     ratios = [d.mix.ratio if d.mix else 0.0, d.replay.ratio if d.replay else 0.0]
     mix_n, replay_n = mix_counts(len(train), ratios)
     kw = dict(fmt="auto", system_prompt=d.system_prompt, max_seq_len=d.max_seq_len, overlong=d.overlong,
-              chat_template=resolve_template(d.chat_template))
+              chat_template=resolve_template(d.chat_template), rewritten_turns=d.rewritten_turns)
     mixed, lines = list(train), []
     if d.mix:
         extra = sample_rows(build_examples(d.mix.path, tokenizer, **kw)[0], mix_n, d.mix.seed)

@@ -21,8 +21,10 @@ def _ticks(lo: float, hi: float) -> list[float]:
     return [lo + (hi - lo) * k / 4 for k in range(5)]
 
 
-def panels_svg(title: str, panels: dict[str, dict[str, Series]], width: int = 640, panel_height: int = 170) -> str:
-    """One panel per entry (shared x range), each with one or more named series; empty series are skipped."""
+def panels_svg(title: str, panels: dict[str, dict[str, Series]], width: int = 640, panel_height: int = 170,
+               x_ticks: Sequence[tuple[float, str]] | None = None) -> str:
+    """One panel per entry (shared x range), each with one or more named series; empty series are skipped.
+    ``x_ticks`` ((x, label) pairs) replaces the five even ticks, e.g. N = 1, 4, 16 on a log axis."""
     panels = {name: {k: list(v) for k, v in series.items() if v} for name, series in panels.items()}
     panels = {name: series for name, series in panels.items() if series}
     xs = [x for series in panels.values() for pts in series.values() for x, _ in pts]
@@ -53,8 +55,9 @@ def panels_svg(title: str, panels: dict[str, dict[str, Series]], width: int = 64
                    'fill="none" stroke="#bbb"/>')
         for t in _ticks(lo, hi):
             out.append(f'<text x="{left - 4}" y="{py(t) + 4:.1f}" text-anchor="end">{t:.3g}</text>')
-        for t in _ticks(x0, x1):
-            out.append(f'<text x="{px(t):.1f}" y="{y_top + panel_height + 14}" text-anchor="middle">{t:.3g}</text>')
+        for t, tick in x_ticks or [(t, f"{t:.3g}") for t in _ticks(x0, x1)]:
+            out.append(f'<text x="{px(t):.1f}" y="{y_top + panel_height + 14}" text-anchor="middle">'
+                       f'{escape(tick)}</text>')
         for j, (label, pts) in enumerate(series.items()):
             colour = COLOURS[j % len(COLOURS)]
             path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in pts)
@@ -134,13 +137,21 @@ def eval_bars_svg(evals: dict[str, Any], width_per_bar: int = 22, height: int = 
 
 
 def write_watch_plot(out: Path, title: str) -> Path | None:
-    """rewards.svg: the trained reward per step and held-out, next to the watch terms when configured."""
+    """rewards.svg: the trained reward per step and held-out, next to the watch terms when configured; each total
+    with its terms (``reward/<term>``, ``watch/<term>``, held-out ``eval/...``), so a learned proxy's curve lies
+    beside the outcome it stands for. A total of one term is that term, drawn once under the term's name."""
     recs = read_metrics(out / "metrics.jsonl")
     curve = lambda key: [(r["step"], r[key]) for r in recs if key in r]  # noqa: E731
-    watch_keys = sorted({k for r in recs for k in r if k.startswith("watch/")})
-    panels = {"reward (trained on), rollouts": {"mean": curve("reward")},
-              "watch (never trained on), rollouts": {"watch": curve("watch"), **{k: curve(k) for k in watch_keys}},
-              "held-out, greedy": {"reward": curve("eval/reward"), "watch": curve("eval/watch")}}
+
+    def with_terms(total: str) -> dict[str, Series]:
+        terms = sorted({k for r in recs for k in r if k.startswith(total + "/")})
+        if len(terms) == 1 and curve(terms[0]) == curve(total):
+            return {terms[0]: curve(total)}
+        return {total: curve(total), **{k: curve(k) for k in terms}}
+
+    panels = {"reward (trained on), rollouts": with_terms("reward"),
+              "watch (never trained on), rollouts": with_terms("watch"),
+              "held-out, greedy": {**with_terms("eval/reward"), **with_terms("eval/watch")}}
     try:
         svg = panels_svg(title, panels)
     except ValueError:

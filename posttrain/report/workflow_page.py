@@ -1,6 +1,6 @@
 """report.html of a workflow: stages, evals by stage, gates and the curves of every training run.
 
-Layer 6 (report): imports io, report.html, report.svg and report.run_page.
+Layer 6 (report): imports io, report.html, report.svg, report.run_page and report.best_of_n.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.io import atomic_write_text
+from posttrain.report.best_of_n import best_of_n_html, without_best_of_n
 from posttrain.report.html import cell_class, fmt, number, page, seconds, table
 from posttrain.report.run_page import curves_html, write_run_report
 from posttrain.report.svg import eval_bars_svg
@@ -73,10 +74,13 @@ def workflow_report_html(*, title: str, stages: list[dict[str, Any]], evals: dic
                          f'<td class="num">{seconds(s.get("seconds"))}</td>',
                          f'<td class="text">{escape(str(s.get("detail") or ""))}</td>'] for s in stages])
                 if stages else '<p class="note">no stage</p>')
-    body += ["<h2>evaluation by stage</h2>", _eval_table(evals)]
-    bars = eval_bars_svg(evals)
+    body += ["<h2>evaluation by stage</h2>", _eval_table(without_best_of_n(evals, keep_accuracy=True))]
+    bars = eval_bars_svg(without_best_of_n(evals, keep_accuracy=False))
     if bars:
         body.append(f"<figure>{bars}</figure>")
+    best_of_n = best_of_n_html(evals)
+    if best_of_n:
+        body.append(best_of_n)
     body.append("<h2>gates</h2>")
     body += [_gate_html(g) for g in gates] or ['<p class="note">no gate</p>']
     if runs:

@@ -15,6 +15,8 @@ import re
 from typing import Any, Callable, Sequence
 
 from posttrain.rewards.model import RewardModel
+from posttrain.rewards.process import prm_reward
+from posttrain.rewards.thinking import THINK_CLOSE, THINK_OPEN, soft_overlong, strip_think, think_budget, think_format
 
 RewardFn = Callable[..., list[float]]
 
@@ -42,24 +44,36 @@ def final_number(text: str, strict: bool = True) -> float | None:
     return _to_number(found[-1]) if found else None
 
 
+def answer_text(completion: str, after_think: bool | Sequence[str] = False) -> str:
+    """What a verifier reads: the whole completion, or with ``after_think`` only the text after the thinking block
+    (``strip_think``); ``after_think`` is true for ``<think>``/``</think>`` or the [open, close] tags."""
+    if not after_think:
+        return completion
+    open_tag, close_tag = (THINK_OPEN, THINK_CLOSE) if after_think is True else after_think
+    return strip_think(completion, open_tag, close_tag)
+
+
 def gsm8k_answer(prompts: Sequence[Any], completions: Sequence[str], answer: Sequence[str] | None = None,
-                 strict: bool = True, **row: Any) -> list[float]:
-    """1.0 when the completion's final number equals the reference's (``#### 72`` in GSM8K's ``answer``)."""
+                 strict: bool = True, after_think: bool | Sequence[str] = False, **row: Any) -> list[float]:
+    """1.0 when the completion's final number equals the reference's (``#### 72`` in GSM8K's ``answer``); with
+    ``after_think`` the number is read after the thinking block, never inside it."""
     if answer is None:
         raise ValueError("gsm8k_answer needs the dataset's 'answer' column")
     out = []
     for completion, ref in zip(completions, answer):
         gold = final_number(str(ref), strict=False)
-        got = final_number(completion, strict=strict)
+        got = final_number(answer_text(completion, after_think), strict=strict)
         out.append(float(gold is not None and got is not None and abs(got - gold) < 1e-6))
     return out
 
 
 def regex_match(prompts: Sequence[Any], completions: Sequence[str], pattern: str = r"####\s*" + _NUMBER,
-                full: bool = False, **row: Any) -> list[float]:
-    """1.0 when the completion matches ``pattern`` (anywhere, or the whole text with ``full``): a format reward."""
+                full: bool = False, after_think: bool | Sequence[str] = False, **row: Any) -> list[float]:
+    """1.0 when the completion matches ``pattern`` (anywhere, or the whole text with ``full``): a format reward.
+    With ``after_think`` only the answer after the thinking block is matched."""
     rx = re.compile(pattern, re.DOTALL)
-    return [float(bool(rx.fullmatch(c.strip()) if full else rx.search(c))) for c in completions]
+    texts = [answer_text(c, after_think) for c in completions]
+    return [float(bool(rx.fullmatch(t.strip()) if full else rx.search(t))) for t in texts]
 
 
 def _schema_errors(value: Any, schema: dict[str, Any], where: str = "$") -> list[str]:
@@ -116,16 +130,12 @@ def overlong(prompts: Sequence[Any], completions: Sequence[str], completion_toke
              max_tokens: int | None = None, cache: int | None = None, **row: Any) -> list[float]:
     """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), by tokens: 0 up to ``max_tokens - cache``, then
     ((max_tokens - cache) - len) / cache falling linearly to -1 at ``max_tokens``, and -1 beyond. ``max_tokens``
-    defaults (in the config) to grpo.max_new_tokens; ``cache`` to a fifth of it, DAPO's 4096 of 20480."""
+    defaults (in the config) to grpo.max_new_tokens; ``cache`` to a fifth of it, DAPO's 4096 of 20480. For a
+    thinking model it counts the thinking and the answer together: the generation budget; ``think_budget`` is the
+    same punishment on the thinking alone."""
     if completion_tokens is None:
         raise ValueError("the overlong reward needs completion_tokens (the trainer passes them)")
-    if not max_tokens or max_tokens <= 0:
-        raise ValueError("the overlong reward needs options: {max_tokens: <the generation budget in tokens>}")
-    cache = max(1, max_tokens // 5) if cache is None else cache
-    if not 0 < cache <= max_tokens:
-        raise ValueError(f"overlong: cache must be in 1..max_tokens ({max_tokens}), got {cache}")
-    soft = max_tokens - cache
-    return [0.0 if n <= soft else (soft - n) / cache if n <= max_tokens else -1.0 for n in completion_tokens]
+    return soft_overlong(completion_tokens, max_tokens, cache, "overlong")
 
 
 @functools.lru_cache(maxsize=4)
@@ -149,6 +159,9 @@ REWARD_FUNCTIONS: dict[str, RewardFn] = {
     "length_penalty": length_penalty,
     "overlong": overlong,
     "reward_model": reward_model,
+    "prm": prm_reward,
+    "think_format": think_format,
+    "think_budget": think_budget,
 }
 
 
