@@ -26,7 +26,7 @@ from posttrain.config import (
     TrainConfig,
     dump_config,
 )
-from posttrain.engine import LoopOptions, console, read_metrics
+from posttrain.engine import LoopOptions, console, read_metrics, train_loop
 from posttrain.engine.distributed import device_for, gather_for_inference, shard, world
 from posttrain.errors import ConfigError
 from posttrain.io import atomic_dir, atomic_write_text
@@ -217,6 +217,22 @@ def head_export(finetune: str, lm: torch.nn.Module, head: torch.nn.Linear) -> Ca
             save_weights(lm, path)
         save_head(head, path / HEAD_FILE)
     return export
+
+
+def train_scorer(cfg: Any, job: Any, lm: torch.nn.Module, model: Any, method: Any, schedule: Any, total: int,
+                 evaluate: Callable | None, start: Any) -> tuple[list[dict[str, Any]], Path] | None:
+    """The shared middle of a scoring run (reward, prm): save the config, shard if asked, train with checkpoints of
+    the adapter and head, then on rank 0 write the trained backbone and the score head. Returns (records, the
+    backbone's folder), or None on the other ranks."""
+    save_config(job.out, cfg)
+    sharded = shard_if_asked(cfg, model)
+    records = train_loop(model, method, schedule, loop_options(cfg.train, total, cfg.model, job.loaded), job.out,
+                         evaluate=evaluate, export=head_export(cfg.finetune, lm, model.head), resume=start)
+    if not rank0_after(model, sharded):  # rank 0 writes the results; the others hold the same weights
+        return None
+    final_dir = save_trained(lm, job.tokenizer, job.out, cfg.finetune)
+    save_head(model.head, job.out / HEAD_FILE)
+    return records, final_dir
 
 
 def save_trained(model: torch.nn.Module, tokenizer: Any, out: Path, finetune: str) -> Path:

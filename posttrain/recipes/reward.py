@@ -13,21 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from posttrain.config import RewardConfig
-from posttrain.engine import console, train_loop
+from posttrain.engine import console
 from posttrain.engine.resume import Resume
 from posttrain.methods.reward import RewardBT, reward_eval
 from posttrain.models import trainable_report
-from posttrain.models.heads import ScoreModel, save_head
+from posttrain.models.heads import ScoreModel
 from posttrain.recipes._common import (
     announce,
     begin_run,
-    head_export,
-    loop_options,
     prepare_model,
-    rank0_after,
-    save_config,
-    save_trained,
-    shard_if_asked,
+    train_scorer,
     write_summary,
 )
 from posttrain.recipes._pairs import fixed_pair_batches, pair_training_schedule, prepare_pairs
@@ -53,14 +48,10 @@ def run(cfg: RewardConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     console.print(f"training {total} steps: {len(train)} pairs in {len(schedule.units)} rows x "
                   f"{schedule.epochs_text(total, t.epochs)}{schedule.repeat_warning()}")
     evaluate = (lambda m: reward_eval(m, method, held_batches)) if held_batches else None
-    save_config(job.out, cfg)
-    sharded = shard_if_asked(cfg, model)
-    records = train_loop(model, method, schedule, loop_options(t, total, cfg.model, job.loaded), job.out,
-                         evaluate=evaluate, export=head_export(cfg.finetune, lm, model.head), resume=start)
-    if not rank0_after(model, sharded):  # rank 0 writes the results; the others hold the same weights
+    trained = train_scorer(cfg, job, lm, model, method, schedule, total, evaluate, start)
+    if trained is None:
         return {}
-    final_dir = save_trained(lm, tok, job.out, cfg.finetune)
-    save_head(model.head, job.out / HEAD_FILE)
+    records, final_dir = trained
     summary, evals = write_summary(job, total, report, lines, records, job.out, "eval/accuracy")
     if evals:
         last = evals[-1]
