@@ -2,6 +2,7 @@
 seed, prompts, steps and sampling, changing only the variant keys, then one comparison report of their curves.
 
     .venv/bin/python benchmarks/grpo_variants.py            # runs what is missing (64 steps each), then the report
+    .venv/bin/python benchmarks/grpo_variants.py --minutes 20 --out runs/grpo-variants-20min   # one time budget
     .venv/bin/python benchmarks/grpo_variants.py --report   # only the report (runs/grpo-variants/compare.html)
 
 Every variant runs mu = 2 (each rollout serves two optimizer steps): at mu = 1 the ratio is exactly 1, so neither
@@ -31,16 +32,19 @@ PANELS = {"rollout reward": "reward", "held-out reward (greedy)": "eval/reward",
           "KL to the reference": "kl", "clip fraction": "clip_fraction", "completion tokens": "completion_len"}
 
 
-def run_variants(out: Path, steps: int) -> dict[str, float]:
-    """Each missing variant's run of ``steps`` optimizer steps, one after another; the wall seconds of those run
-    now (also in each run's summary.json)."""
+def run_variants(out: Path, steps: int, minutes: float | None = None,
+                 eval_every: int | None = None) -> dict[str, float]:
+    """Each missing variant's run of ``steps`` optimizer steps (with ``minutes``: as many as fit in that much
+    training-loop wall time, evals included, ``steps`` a cap), one after another; the wall seconds of those run now
+    (also in each run's summary.json)."""
     took = {}
     for name, overrides in VARIANTS.items():
         run_dir = out / name
         if (run_dir / "summary.json").exists():
             continue
         cmd = [sys.executable, "-m", "posttrain", "grpo", str(CONFIG), f"output_dir={run_dir}", *COMMON,
-               f"train.max_steps={steps}", f"train.eval_every={steps // 2}", *overrides]
+               f"train.max_steps={steps}", f"train.eval_every={eval_every or steps // 2}", *overrides,
+               *([f"train.max_minutes={minutes}"] if minutes else [])]
         print("$", " ".join(cmd), flush=True)
         start = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=ROOT)
@@ -59,20 +63,21 @@ def markdown_table(out: Path) -> str:
     from posttrain.engine.logging import read_metrics
     from posttrain.io import read_json
 
-    lines = ["| variant | wall | rollout reward, 1st / 2nd half | held-out answer correct, by eval | held-out "
+    lines = ["| variant | wall | steps | rollout reward, 1st / 2nd half | held-out answer correct, by eval | held-out "
              "format, by eval | entropy, first / last quarter | KL, last quarter | clip fraction | groups dropped "
-             "(draws) |", "|---" * 9 + "|"]
+             "(draws) |", "|---" * 10 + "|"]
     for name in VARIANTS:
         recs = read_metrics(out / name / "metrics.jsonl")
         steps = [r for r in recs if "reward" in r]
         evals = [r for r in recs if "eval/reward" in r]
         h, q = len(steps) // 2, max(1, len(steps) // 4)
         col = lambda rs, k: [r[k] for r in rs if k in r]  # noqa: E731
-        wall = (read_json(out / name / "summary.json") or {}).get("seconds")
+        summary = read_json(out / name / "summary.json") or {}
+        wall = summary.get("seconds")
         dyn = (f"{_mean(col(steps, 'dynamic/dropped_share')):.2f} ({_mean(col(steps, 'dynamic/draws')):.2f})"
                if col(steps, "dynamic/draws") else "-")
         lines.append(
-            f"| {name} | {wall / 60:.1f} min | {_mean(col(steps[:h], 'reward')):.3f} / "
+            f"| {name} | {wall / 60:.1f} min | {summary.get('steps')} | {_mean(col(steps[:h], 'reward')):.3f} / "
             f"{_mean(col(steps[h:], 'reward')):.3f} | "
             + " -> ".join(f"{r['eval/reward/gsm8k_answer']:.3f}" for r in evals) + " | "
             + " -> ".join(f"{r['eval/reward/regex']:.3f}" for r in evals) + " | "
@@ -85,10 +90,13 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "grpo-variants")
     ap.add_argument("--steps", type=int, default=64, help="optimizer steps per variant (64: ~13 min each on 2 cores)")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="a training-loop time budget per variant (train.max_minutes); --steps is then a cap")
+    ap.add_argument("--eval-every", type=int, default=None, help="steps between held-out evals (default steps/2)")
     ap.add_argument("--report", action="store_true", help="only write the comparison of the runs already there")
     args = ap.parse_args()
     if not args.report:
-        run_variants(args.out, args.steps)
+        run_variants(args.out, args.steps, args.minutes, args.eval_every)
     from posttrain.report.compare import write_compare_report
 
     path = write_compare_report(args.out / "compare.html", {name: args.out / name for name in VARIANTS}, PANELS,

@@ -55,3 +55,34 @@ def test_cpu_training_keeps_freed_memory_on_glibc():
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
     assert keep_freed_cpu_memory() is True
+
+
+def test_max_minutes_ends_the_run_after_the_step_that_crosses_it(tiny_dir, tmp_path, monkeypatch):
+    import itertools
+
+    from posttrain.engine import loop
+    from posttrain.engine.checkpoint import list_checkpoints
+
+    clock = itertools.count(0, 60)  # each look at the clock is a minute later: 0 at the start, then 60, 120, ...
+    monkeypatch.setattr(loop.time, "monotonic", lambda: next(clock))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64)
+    evals = []
+    recs = train_loop(model, SFT(), FixedBatches([collate([[e] for e in random_examples(2, 49152)], 0)]),
+                      loop_opts(10, lr=1e-3, max_minutes=2.5, eval_every=5), tmp_path,
+                      evaluate=lambda m: evals.append(1) or {"eval/loss": 1.0})
+    # 150 s of budget: the checks after steps 1 and 2 see 60 and 120 s, the one after step 3 sees 180 s
+    assert recs[-1] == {"step": 3, "stopped": {"max_minutes": 2.5, "steps": 3, "of": 10}}
+    assert [r["step"] for r in recs if "loss" in r] == [1, 2, 3]
+    assert [r["step"] for r in recs if "eval/loss" in r] == [0, 3] and len(evals) == 2  # the final eval at the stop
+    assert [c.name for c in list_checkpoints(tmp_path / "checkpoints")] == ["step-0000003"]
+
+
+def test_without_max_minutes_the_clock_is_never_read(tiny_dir, tmp_path, monkeypatch):
+    from posttrain.engine import loop
+
+    monkeypatch.setattr(loop.time, "monotonic", lambda: pytest.fail("the clock was read without a budget"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64)
+    recs = train_loop(model, SFT(), FixedBatches([collate([[e] for e in random_examples(2, 49152)], 0)]),
+                      loop_opts(2, lr=1e-3), tmp_path)
+    assert [r["step"] for r in recs] == [1, 2]

@@ -96,6 +96,10 @@ class TrainConfig(Section):
     lr: float = Field(2e-4, gt=0)
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, gt=0, description="overrides epochs when set")
+    max_minutes: float | None = Field(
+        None, gt=0, description="a wall-clock budget: the run ends after the first step that finishes past it (evals "
+        "included), with its final eval and checkpoint; lr still follows the schedule of the full length, so runs "
+        "compared on one budget want a constant lr (warmup_ratio 0, min_lr_ratio 1)")
     micro_batch_size: int = Field(4, gt=0, description="sequences (or packed rows) per forward")
     grad_accum: int = Field(1, gt=0)
     warmup_ratio: float = Field(0.03, ge=0.0, lt=1.0)

@@ -66,6 +66,7 @@ class LoopOptions:
     # bf16_mixed numerics: forwards (rollouts and evals included) under torch.autocast in this dtype, while weights,
     # gradients, optimizer state and the loss sum stay fp32. Backward follows the dtypes the forward chose.
     autocast: torch.dtype | None = None
+    max_minutes: float | None = None
 
 
 def _bnb_optimizer(name: str) -> Callable[..., torch.optim.Optimizer]:
@@ -114,6 +115,13 @@ def _under(context: Callable[[], Any], parts):
         if part is None:
             return
         yield part
+
+
+def out_of_time(deadline: float | None, device: torch.device) -> bool:
+    """Past the wall-clock budget on any rank: every rank stops after the same step."""
+    if deadline is None:
+        return False
+    return sum_over_ranks([float(time.monotonic() > deadline)], device)[0] > 0
 
 
 def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opts: LoopOptions, output_dir: Path, *,
@@ -181,12 +189,15 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
             records.append(rec)
             console.print(format_line(rec, opts.total_steps))
 
+    # The budget counts from here (on a resume, from the resume): the step-0 eval and every later one included.
+    deadline = time.monotonic() + 60.0 * opts.max_minutes if opts.max_minutes else None
     with bar:
         if evaluate is not None and start == 0:
             with amp():
                 emit({"step": 0, **evaluate(model)})  # the baseline every later eval is compared with
         model.train()
         window_tokens, window_start = 0, time.perf_counter()
+        end = opts.total_steps
         for step in range(start, opts.total_steps):
             with amp():  # an RL method samples its rollouts here
                 micro = batches.step(step)
@@ -216,7 +227,9 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
-            if done % opts.log_every == 0 or done == opts.total_steps:
+            if done < opts.total_steps and out_of_time(deadline, device):
+                end = done
+            if done % opts.log_every == 0 or done == end:
                 elapsed = time.perf_counter() - window_start
                 # Every rank's share: the loss sums to the global one, token counts to the global throughput,
                 # and per-micro-batch means average over ranks.
@@ -234,16 +247,20 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
                 bar.update(task, status=f"loss {loss:.4f} | {rec['tokens_per_s']:.0f} tok/s")
                 window_tokens, window_start = 0, time.perf_counter()
             bar.update(task, completed=done)
-            if evaluate is not None and ((opts.eval_every and done % opts.eval_every == 0) or done == opts.total_steps):
+            if evaluate is not None and ((opts.eval_every and done % opts.eval_every == 0) or done == end):
                 with amp():
                     emit({"step": done, **evaluate(model)})
                 model.train()
                 window_start = time.perf_counter()
+            if done == end < opts.total_steps:
+                emit({"step": done, "stopped": {"max_minutes": opts.max_minutes, "steps": done,
+                                                "of": opts.total_steps}})
+                break
             if opts.save_every and done % opts.save_every == 0 and done != opts.total_steps:
                 save(done)
                 window_start = time.perf_counter()
-    if start < opts.total_steps or not list_checkpoints(ckpt_root):
-        save(opts.total_steps)
+    if start < end or not list_checkpoints(ckpt_root):
+        save(end)
     if log is not None:
         log.close()
     return records

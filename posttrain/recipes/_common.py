@@ -252,7 +252,9 @@ def write_summary(job: Job, total: int, report: dict, lines: list[str], records:
     then report.html (those numbers as a page, with the curves). Every method ends here, so every run gets both."""
     out = job.out
     evals = [r for r in read_metrics(out / METRICS_FILE) if eval_key in r]
-    summary = {"output": str(final_dir), "steps": total, "seconds": round(time.perf_counter() - job.t0, 1),
+    stopped = next((r["stopped"] for r in records if "stopped" in r), None)  # train.max_minutes ran out
+    summary = {"output": str(final_dir), "steps": stopped["steps"] if stopped else total,
+               **({"stopped": stopped} if stopped else {}), "seconds": round(time.perf_counter() - job.t0, 1),
                "trainable": report["trainable"], "total_params": report["total"],
                "base_weight_bytes": report.get("base_weight_bytes"), "numerics": report.get("numerics"), "data": lines,
                "eval_before": evals[0] if evals else None, "eval_after": evals[-1] if evals else None,
