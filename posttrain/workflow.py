@@ -16,7 +16,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import StageSpec, SuiteSpec, WorkflowConfig, dump_config, load_config, load_workflow
+from posttrain.config import (
+    StageSpec,
+    SuitesConfig,
+    SuiteSpec,
+    WorkflowConfig,
+    dump_config,
+    load_config,
+    load_suites,
+    load_workflow,
+)
 from posttrain.curate import contamination
 from posttrain.data import holdout_split, read_rows
 from posttrain.engine import console
@@ -56,7 +65,7 @@ def _job_files(job: Any) -> list[str]:
     return [p for p in paths if p]
 
 
-def check_suites(cfg: WorkflowConfig) -> None:
+def check_suites(cfg: WorkflowConfig | SuitesConfig) -> None:
     """Unknown suite options are errors before anything runs, not after an hour of training."""
 
     for name, spec in cfg.evals.items():
@@ -64,6 +73,42 @@ def check_suites(cfg: WorkflowConfig) -> None:
         if unknown:
             raise ConfigError(f"evals.{name}: {spec.kind} suites have no option {', '.join(unknown)}; known: "
                               f"{', '.join(sorted(SUITE_OPTIONS[spec.kind])) or 'none'}")
+
+
+def metric_values(results: dict[str, Any]) -> tuple[dict[str, float], dict[str, bool]]:
+    """One model's suite results as ``suite/metric`` -> value, and -> whether higher is better."""
+    values, better = {}, {}
+    for suite, res in results.items():
+        for metric, v in res["metrics"].items():
+            values[f"{suite}/{metric}"] = v
+            better[f"{suite}/{metric}"] = res["higher_is_better"].get(metric, True)
+    return values, better
+
+
+def eval_table(by_label: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The evals of several models (label -> suite results) as the table report.html and workflow.json hold."""
+    rows: dict[str, dict[str, float]] = {}
+    better: dict[str, bool] = {}
+    for label, results in by_label.items():
+        values, hib = metric_values(results)
+        for metric, v in values.items():
+            rows.setdefault(metric, {})[label] = v
+        better.update(hib)
+    return {"columns": list(by_label), "rows": rows, "higher_is_better": better}
+
+
+def print_eval_table(name: str, table: dict[str, Any]) -> None:
+    from rich.table import Table
+
+    if not table["columns"]:
+        return
+    t = Table(title=f"{name}: evals")
+    t.add_column("metric")
+    for c in table["columns"]:
+        t.add_column(c, justify="right")
+    for metric, cells in table["rows"].items():
+        t.add_row(metric, *(f"{cells[c]:.3f}" if c in cells else "—" for c in table["columns"]))
+    console.print(t)
 
 
 class Workflow:
@@ -156,12 +201,7 @@ class Workflow:
         return loaded is not None
 
     def metrics_of(self, label: str) -> tuple[dict[str, float], dict[str, bool]]:
-        values, better = {}, {}
-        for suite, res in self.evals.get(label, {}).items():
-            for metric, v in res["metrics"].items():
-                values[f"{suite}/{metric}"] = v
-                better[f"{suite}/{metric}"] = res["higher_is_better"].get(metric, True)
-        return values, better
+        return metric_values(self.evals.get(label, {}))
 
     # -- stages ----------------------------------------------------------------------------------------------
     def baseline(self) -> None:
@@ -281,32 +321,15 @@ class Workflow:
         return 0
 
     def eval_table(self) -> dict[str, Any]:
-        columns = [label for label in ["baseline", *(s.name for s in self.cfg.stages)] if label in self.evals]
-        rows: dict[str, dict[str, float]] = {}
-        better: dict[str, bool] = {}
-        for label in columns:
-            values, hib = self.metrics_of(label)
-            for metric, v in values.items():
-                rows.setdefault(metric, {})[label] = v
-            better.update(hib)
-        return {"columns": columns, "rows": rows, "higher_is_better": better}
+        return eval_table({label: self.evals[label] for label in ["baseline", *(s.name for s in self.cfg.stages)]
+                           if label in self.evals})
 
     def write_outputs(self) -> None:
-        from rich.table import Table
-
-
         table = self.eval_table()
         summary = {"name": self.cfg.name, "eval_set_sha256": self.keys.get("eval_set"), "stages": self.stage_rows,
                    "evals": table, "gates": self.gates, "keys": self.keys}
         atomic_write_text(self.root / "workflow.json", json.dumps(summary, indent=2))
-        if table["columns"]:
-            t = Table(title=f"{self.cfg.name}: evals")
-            t.add_column("metric")
-            for c in table["columns"]:
-                t.add_column(c, justify="right")
-            for metric, cells in table["rows"].items():
-                t.add_row(metric, *(f"{cells[c]:.3f}" if c in cells else "—" for c in table["columns"]))
-            console.print(t)
+        print_eval_table(self.cfg.name, table)
         write_workflow_report(self.root / "report.html", title=self.cfg.name, stages=self.stage_rows, evals=table,
                               gates=self.gates, runs=self.runs, config_text=self.source or dump_config(self.cfg))
 
@@ -316,3 +339,42 @@ def run_workflow(path: str, overrides: list[str] | None = None) -> int:
 
     cfg = load_workflow(path, overrides)
     return Workflow(cfg, Path(path).read_text()).run()
+
+
+def evaluate_target(suites_path: str, target: str, out: str | Path | None = None, *, use_base: bool = False,
+                    overrides: list[str] | None = None) -> dict[str, Any]:
+    """``posttrain eval TARGET --suites FILE``: every suite of FILE on one model, the trained model of a run folder
+    (its base alone with ``use_base``) or a model name, folder or GGUF file ('embedded': the embedded model).
+    Results go to OUT/evals.json and OUT/report.html (default: RUN/evals/NAME, else runs/evals/NAME)."""
+    cfg = load_suites(suites_path, overrides)
+    check_suites(cfg)
+    judged = [name for name, spec in cfg.evals.items() if spec.kind == "judge"]
+    if judged:
+        raise ConfigError(f"{suites_path}: judge suites ({', '.join(judged)}) compare a model's answers with a "
+                          "baseline's: run them in a workflow (posttrain run)")
+    run_dir = Path(target) if (Path(target) / "config.yaml").is_file() else None
+    if run_dir is not None:
+        job = load_config(run_dir / "config.yaml")
+        model_name, adapter = trained_model_of(run_dir, job.finetune, job.model.name, use_base=use_base)
+        label = run_dir.name + (" (base)" if use_base else "")
+    else:
+        model_name, adapter, label = (None if target == "embedded" else target), None, target
+    root = Path(out) if out else (run_dir or Path("runs")) / "evals" / cfg.name
+    t0 = time.perf_counter()
+    loaded = load_for_inference(model_name, adapter)
+    results = {}
+    for name, spec in cfg.evals.items():
+        r = run_suite(spec.kind, loaded.model, loaded.tokenizer, spec.data, options=spec.options, limit=spec.limit,
+                      system_prompt=cfg.system_prompt)
+        results[name] = {"metrics": r.metrics, "higher_is_better": r.higher_is_better, "outputs": r.outputs,
+                         "details": r.details[:50]}
+        root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(root / "evals.json", json.dumps({"target": label, "suites": results}, indent=1))
+    table = eval_table({label: results})
+    print_eval_table(cfg.name, table)
+    stage = {"name": label, "status": "ran", "seconds": round(time.perf_counter() - t0, 1),
+             "detail": f"{model_name or 'embedded SmolLM2-135M-Instruct'}" + (f" + {adapter}" if adapter else "")}
+    write_workflow_report(root / "report.html", title=cfg.name, stages=[stage], evals=table, gates=[], runs={},
+                          config_text=Path(suites_path).read_text())
+    return {"target": label, "out": str(root), "seconds": stage["seconds"],
+            "metrics": {name: res["metrics"] for name, res in results.items()}}

@@ -100,6 +100,19 @@ def test_no_trainable_token_after_truncation_is_an_error(tmp_path, tokenizer):
         build_examples(path, tokenizer, max_seq_len=32, overlong="truncate")
 
 
+def test_held_out_by_group_keeps_a_question_on_one_side():
+    from posttrain.data import held_out
+
+    items = ["a1", "b1", "a2", "c1", "b2", "c2", "d1"]
+    groups = [s[0] for s in items]
+    _, hold_groups = holdout_split(4, 0.5, seed=1)  # the split of the 4 groups a, b, c, d, in order of appearance
+    held_names = {"abcd"[g] for g in hold_groups}
+    train, held, lines = held_out(items, 0.5, 1, "rows", groups=groups)
+    assert held == [s for s in items if s[0] in held_names] and train == [s for s in items if s[0] not in held_names]
+    assert len(held_names) == 2 and not {s[0] for s in train} & {s[0] for s in held}
+    assert lines == [f"held out {len(held)} of 7 rows, 2 of 4 groups (eval_fraction=0.5, split_seed=1)"]
+
+
 def test_holdout_split_is_fixed_by_seed():
     a = holdout_split(100, 0.1, seed=3)
     assert a == holdout_split(100, 0.1, seed=3)

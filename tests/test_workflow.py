@@ -218,3 +218,32 @@ def test_unknown_suite_option_and_empty_rule_are_errors_before_anything_runs(tmp
     assert main(["run", str(path)]) == 2
     assert "sets no threshold" in capsys.readouterr().err
     assert not (tmp_path / "wf").exists()
+
+
+def test_eval_suites_on_a_model_without_a_workflow(tiny_dir, tmp_path, capsys):
+    from posttrain.eval.suites import run_suite
+    from posttrain.runs import load_for_inference
+
+    data = write_jsonl(tmp_path / "gsm.jsonl", [{"question": "What is 3 and 4?", "answer": "#### 7"},
+                                                {"question": "What is 6 times 2?", "answer": "#### 12"}])
+    options = {"n": [1, 2], "max_new_tokens": 4}
+    suites = tmp_path / "suites.yaml"
+    suites.write_text(yaml.safe_dump({"name": "gsm-bon", "system_prompt": "Answer with a number.",
+                                      "evals": {"bon": {"kind": "best_of_n", "data": str(data), "options": options}}}))
+    out = tmp_path / "out"
+    assert main(["eval", tiny_dir, "--suites", str(suites), "--out", str(out)]) == 0
+    saved = json.loads((out / "evals.json").read_text())
+    loaded = load_for_inference(tiny_dir, None)
+    direct = run_suite("best_of_n", loaded.model, loaded.tokenizer, str(data), options=options,
+                       system_prompt="Answer with a number.")
+    assert saved["suites"]["bon"]["metrics"] == direct.metrics  # the same samples: seeded by (seed, row, j)
+    assert "majority@2" in saved["suites"]["bon"]["metrics"]
+    html = (out / "report.html").read_text()
+    assert "best-of-N" in html or "best of N" in html.lower()
+    # the file is checked before any model loads: an unknown option, a judge suite
+    suites.write_text(yaml.safe_dump({"evals": {"bon": {"kind": "best_of_n", "data": str(data), "options": {"m": 1}}}}))
+    assert main(["eval", tiny_dir, "--suites", str(suites)]) == 2
+    assert "no option m" in capsys.readouterr().err
+    suites.write_text(yaml.safe_dump({"evals": {"j": {"kind": "judge", "data": str(data)}}}))
+    assert main(["eval", tiny_dir, "--suites", str(suites)]) == 2
+    assert "run them in a workflow" in capsys.readouterr().err

@@ -86,6 +86,12 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    if args.suites:
+        from posttrain.workflow import evaluate_target
+
+        print(json.dumps(evaluate_target(args.suites, args.target, args.out, use_base=args.base,
+                                         overrides=args.overrides), indent=2))
+        return 0
     from posttrain.config import load_config
     from posttrain.data import eval_batches
     from posttrain.engine import console
@@ -252,9 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
     inference_args(c)
     c.set_defaults(func=_cmd_chat)
 
-    e = sub.add_parser("eval", help="held-out completion loss, perplexity and samples of a run or config")
-    e.add_argument("target", help="a run folder (uses its config.yaml and adapter) or a config file")
-    e.add_argument("overrides", nargs="*")
+    e = sub.add_parser("eval", help="held-out completion loss, perplexity and samples of a run or config; with "
+                                    "--suites, a file of eval suites (a workflow's evals) on a run or a model")
+    e.add_argument("target", help="a run folder (uses its config.yaml and adapter) or a config file; with --suites, "
+                                  "also a model name, folder or GGUF file, or 'embedded'")
+    e.add_argument("overrides", nargs="*", help="key=value: of the config, or with --suites of the suites file")
+    e.add_argument("--suites", default=None, help="YAML with 'evals' (name -> {kind, data, limit, options}, as in a "
+                                                  "workflow) and an optional 'system_prompt'")
+    e.add_argument("--out", default=None, help="with --suites: the folder for evals.json and report.html (default: "
+                                               "RUN/evals/NAME, else runs/evals/NAME)")
     e.add_argument("--base", action="store_true", help="evaluate the base model without the run's adapter")
     e.add_argument("--samples", type=int, default=3, help="held-out prompts to generate from")
     e.set_defaults(func=_cmd_eval)

@@ -1,5 +1,5 @@
 """``posttrain data ...``: dedup, contamination (with a gate), stratification audit, rater agreement, length bias,
-Math-Shepherd step labels for a PRM.
+Math-Shepherd step labels for a PRM, outcome pairs for an ORM from them.
 
 Layer 9 (cli): may import any layer.
 """
@@ -186,6 +186,22 @@ def _cmd_prm_labels(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_outcome_pairs(args: argparse.Namespace) -> int:
+    from posttrain.curate.outcome_pairs import outcome_pairs
+
+    report = outcome_pairs(args.files, args.out)
+    if args.json:
+        _json(report.to_dict())
+        return 0
+    out = console()
+    out.print(f"{report.questions} questions: [bold]{report.pairs} pairs[/] ({report.chosen_sampled} with a sampled "
+              f"chosen solution), {report.all_correct} all correct and {report.all_wrong} all wrong (no pair), "
+              f"{report.empty} empty rows skipped; pairs in {escape(report.out)}")
+    if not report.pairs:
+        _warn(out, "no question has both a right and a wrong solution: there is nothing for an ORM to learn")
+    return 0
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -203,7 +219,7 @@ def _fraction(text: str) -> float:
 def add_commands(sub) -> None:
     """Add ``data`` and its subcommands to the main parser's subcommands."""
     data = sub.add_parser("data", help="data curation: dedup, contamination gate, stratification audit, rater "
-                                       "agreement, length bias, PRM step labels")
+                                       "agreement, length bias, PRM step labels, ORM pairs")
     dsub = data.add_subparsers(dest="data_command", required=True)
 
     d = dsub.add_parser("dedup", help="drop exact and near duplicates (MinHash over word n-grams), keep the first")
@@ -277,4 +293,13 @@ def add_commands(sub) -> None:
     r.add_argument("--device", default="auto")
     r.add_argument("--json", action="store_true", help="print the cost record as JSON")
     r.set_defaults(func=_cmd_prm_labels)
+
+    o = dsub.add_parser("outcome-pairs", help="preference pairs for an outcome reward model from prm-labels files: "
+                                              "a right solution chosen over a wrong one of the same question")
+    o.add_argument("files", nargs="+", help="JSONL written by prm-labels (e.g. a reference and a sampled file of "
+                                            "the same questions: rows join by their source row)")
+    o.add_argument("--out", required=True, help="JSONL of prompt/chosen/rejected pairs for `posttrain reward` "
+                                                "(written atomically)")
+    o.add_argument("--json", action="store_true", help="print the counts as JSON")
+    o.set_defaults(func=_cmd_outcome_pairs)
 

@@ -26,7 +26,7 @@ from posttrain.config.jobs import (
     RolloutSection,
     SFTConfig,
 )
-from posttrain.config.loading import dump_config, load_config, load_workflow, parse_overrides
+from posttrain.config.loading import dump_config, load_config, load_suites, load_workflow, parse_overrides
 from posttrain.config.sections import (
     DataConfig,
     LoraConfig,
@@ -44,6 +44,7 @@ from posttrain.config.workflow import (
     GateRule,
     GateSpec,
     StageSpec,
+    SuitesConfig,
     SuiteSpec,
     WorkflowConfig,
 )
@@ -52,5 +53,5 @@ __all__ = ["CONFIGS", "WATCH_HELP", "BaselineSpec", "DPOConfig", "DPOSection", "
            "GRPOConfig", "GRPOSection", "GateRule", "GateSpec", "JobConfig", "LoraConfig", "MixConfig", "ModelConfig",
            "PPOConfig", "PPOSection", "PRMConfig", "PRMSection", "PreferenceDataConfig", "PromptDataConfig",
            "ReplayConfig", "RewardConfig", "RewardFnSpec", "RewardSection", "RolloutSection", "SFTConfig", "StageSpec",
-           "StepDataConfig", "SuiteSpec", "TrainConfig", "WorkflowConfig", "dump_config", "load_config",
-           "load_workflow", "parse_overrides"]
+           "StepDataConfig", "SuiteSpec", "SuitesConfig", "TrainConfig", "WorkflowConfig", "dump_config", "load_config",
+           "load_suites", "load_workflow", "parse_overrides"]

@@ -13,26 +13,34 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from posttrain.config.jobs import CONFIGS, JobConfig
-from posttrain.config.workflow import WorkflowConfig
+from posttrain.config.workflow import SuitesConfig, WorkflowConfig
 from posttrain.errors import ConfigError
 
 
-def load_workflow(path: str | Path, overrides: list[str] | None = None) -> WorkflowConfig:
-    """A workflow YAML file (plus ``key=value`` overrides of its top-level fields), validated."""
+def load_workflow(path: str | Path, overrides: list[str] | None = None, *,
+                  schema: type[BaseModel] = WorkflowConfig) -> Any:
+    """A workflow YAML file (plus ``key=value`` overrides of its top-level fields), validated; ``schema``
+    SuitesConfig reads a file of eval suites alone."""
+    what = "workflow" if schema is WorkflowConfig else "suites file"
     try:
         tree = yaml.safe_load(Path(path).read_text()) or {}
     except OSError as exc:
-        raise ConfigError(f"cannot read workflow {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {what} {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"workflow {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"{what} {path} is not valid YAML: {exc}") from None
     if not isinstance(tree, dict):
-        raise ConfigError(f"workflow {path} must be a mapping, got {type(tree).__name__}")
+        raise ConfigError(f"{what} {path} must be a mapping, got {type(tree).__name__}")
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
     try:
-        return WorkflowConfig.model_validate(tree)
+        return schema.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_explain(exc, WorkflowConfig, str(path))) from None
+        raise ConfigError(_explain(exc, schema, str(path))) from None
+
+
+def load_suites(path: str | Path, overrides: list[str] | None = None) -> SuitesConfig:
+    """A file of eval suites (``system_prompt`` and ``evals``, as in a workflow), validated."""
+    return load_workflow(path, overrides, schema=SuitesConfig)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -82,6 +82,13 @@ class BaselineSpec(Section):
     system_prompt: str | None = Field(None, description="the prompt-only baseline: the base model with this prompt")
 
 
+class SuitesConfig(Section):
+    """``posttrain eval TARGET --suites FILE``: the workflow's eval suites, run on one model without a workflow."""
+    name: str = "evals"
+    system_prompt: str | None = Field(None, description="put before every prompt, as a workflow baseline's is")
+    evals: dict[str, SuiteSpec] = Field(..., min_length=1)
+
+
 class WorkflowConfig(Section):
     """eval set -> baseline -> train stages and gates -> export; each stage cached by the hash of its inputs."""
     name: str = "workflow"

@@ -36,6 +36,7 @@ from posttrain.data.readers import read_rows
 from posttrain.data.render import chat_spans, has_chat_template, plain_spans
 from posttrain.data.schedule import StepSchedule
 from posttrain.errors import DataError, TemplateError
+from posttrain.io import content_key
 
 Label = float | None  # 1.0 correct, 0.0 incorrect, in between soft, None neutral
 PRM800K_HINT = "PRM800K's ratings map +1 -> 1, 0 -> null (neutral), -1 -> 0"
@@ -140,6 +141,7 @@ class StepExample:
     labels: list[Label]
     row: int = 0
     source: str = ""
+    question: str = ""  # a key of the prompt: the solutions of one question are held out together
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -201,7 +203,7 @@ def build_steps(path: str, tokenizer, *, separator: str = "\n", max_seq_len: int
             report.truncated.append(num)
             report.cut_steps += len(ends) - keep
             ids, ends, labels = ids[:ends[keep - 1] + 1], ends[:keep], labels[:keep]
-        out.append(StepExample(ids, ends, labels, num, path))
+        out.append(StepExample(ids, ends, labels, num, path, content_key(prompt)))
         report.labels += labels
         report.tokens += len(ids)
     report.kept = len(out)

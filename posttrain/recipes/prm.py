@@ -49,7 +49,8 @@ def prepare_steps(dcfg: StepDataConfig, separator: str, tokenizer: Any
             held = held[:dcfg.eval_limit]
             lines.append(f"held out the first {dcfg.eval_limit} of them (data.eval_limit)")
     else:
-        train, held, split_lines = held_out(train, dcfg.eval_fraction, dcfg.split_seed, "rows", dcfg.eval_limit)
+        train, held, split_lines = held_out(train, dcfg.eval_fraction, dcfg.split_seed, "rows", dcfg.eval_limit,
+                                            groups=[e.question for e in train])
         lines += split_lines
     return train, held, lines
 
