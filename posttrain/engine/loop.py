@@ -63,10 +63,10 @@ class LoopOptions:
     save_every: int | None
     save_total_limit: int
     optimizer: str
+    max_minutes: float | None
     # bf16_mixed numerics: forwards (rollouts and evals included) under torch.autocast in this dtype, while weights,
     # gradients, optimizer state and the loss sum stay fp32. Backward follows the dtypes the forward chose.
     autocast: torch.dtype | None = None
-    max_minutes: float | None = None
 
 
 def _bnb_optimizer(name: str) -> Callable[..., torch.optim.Optimizer]:
