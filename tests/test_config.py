@@ -30,6 +30,19 @@ def test_every_example_config_validates(path):
         assert (path.parent.parent / cfg.data.train).is_file(), cfg.data.train
 
 
+SUITE_FILES = sorted(Path(__file__).resolve().parent.parent.joinpath("examples", "evals").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SUITE_FILES, ids=[p.name for p in SUITE_FILES])
+def test_every_example_suites_file_validates(path):
+    from posttrain.config import load_suites
+    from posttrain.eval.suites import SUITE_OPTIONS
+
+    cfg = load_suites(path)
+    for spec in cfg.evals.values():
+        assert set(spec.options) <= SUITE_OPTIONS[spec.kind], spec.options
+
+
 def test_examples_exist():
     assert len(EXAMPLES) >= 3
 
