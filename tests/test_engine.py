@@ -78,6 +78,20 @@ def test_max_minutes_ends_the_run_after_the_step_that_crosses_it(tiny_dir, tmp_p
     assert [c.name for c in list_checkpoints(tmp_path / "checkpoints")] == ["step-0000003"]
 
 
+def test_max_minutes_stops_only_after_the_last_step_of_a_shared_batch(tiny_dir, tmp_path, monkeypatch):
+    import itertools
+
+    from posttrain.engine import loop
+
+    clock = itertools.count(0, 60)
+    monkeypatch.setattr(loop.time, "monotonic", lambda: next(clock))
+    batches = FixedBatches([collate([[e] for e in random_examples(2, 49152)], 0)])
+    batches.mu = 2  # two steps per rollout: the clock is read after steps 2 and 4 only (60 s, 120 s, 180 s ...)
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float64)
+    recs = train_loop(model, SFT(), batches, loop_opts(10, lr=1e-3, max_minutes=1.5), tmp_path)
+    assert recs[-1]["stopped"] == {"max_minutes": 1.5, "steps": 4, "of": 10}  # 120 s > 90 s, read after step 4
+
+
 def test_without_max_minutes_the_clock_is_never_read(tiny_dir, tmp_path, monkeypatch):
     from posttrain.engine import loop
 

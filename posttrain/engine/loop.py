@@ -191,6 +191,9 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
 
     # The budget counts from here (on a resume, from the resume): the step-0 eval and every later one included.
     deadline = time.monotonic() + 60.0 * opts.max_minutes if opts.max_minutes else None
+    # Steps that share one batch (an RL schedule's mu: steps per rollout): a budget stops only after the last of
+    # them, so the checkpoint it leaves resumes exactly, as train.save_every must be a multiple of mu for.
+    shared = getattr(batches, "mu", 1)
     with bar:
         if evaluate is not None and start == 0:
             with amp():
@@ -227,7 +230,7 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
-            if done < opts.total_steps and out_of_time(deadline, device):
+            if done < opts.total_steps and done % shared == 0 and out_of_time(deadline, device):
                 end = done
             if done % opts.log_every == 0 or done == end:
                 elapsed = time.perf_counter() - window_start

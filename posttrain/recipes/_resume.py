@@ -33,6 +33,8 @@ BOOKKEEPING: dict[str, str] = {
     "train.save_every": "how often a checkpoint is written",
     "train.save_total_limit": "how many checkpoints are kept",
     "eval_samples": "how many held-out generations samples.jsonl gets at the end",
+    "train.max_minutes": "where a wall-clock budget stops the run, never what a step computes (the lr schedule "
+                         "follows train.max_steps)",
 }
 # Allowed with --extend-steps only: the rest of the lr schedule is then re-laid over the new length (Schedule.relaid).
 STEP_KEYS = frozenset({"train.max_steps"})
