@@ -32,15 +32,15 @@ PANELS = {"rollout reward": "reward", "held-out reward (greedy)": "eval/reward",
           "KL to the reference": "kl", "clip fraction": "clip_fraction", "completion tokens": "completion_len"}
 
 
-def run_variants(out: Path, steps: int, minutes: float | None = None,
-                 eval_every: int | None = None) -> dict[str, float]:
+def run_variants(out: Path, steps: int, minutes: float | None = None, eval_every: int | None = None,
+                 only: list[str] | None = None) -> dict[str, float]:
     """Each missing variant's run of ``steps`` optimizer steps (with ``minutes``: as many as fit in that much
     training-loop wall time, evals included, ``steps`` a cap), one after another; the wall seconds of those run now
     (also in each run's summary.json)."""
     took = {}
     for name, overrides in VARIANTS.items():
         run_dir = out / name
-        if (run_dir / "summary.json").exists():
+        if (run_dir / "summary.json").exists() or (only and name not in only):
             continue
         cmd = [sys.executable, "-m", "posttrain", "grpo", str(CONFIG), f"output_dir={run_dir}", *COMMON,
                f"train.max_steps={steps}", f"train.eval_every={eval_every or steps // 2}", *overrides,
@@ -93,10 +93,13 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=None,
                     help="a training-loop time budget per variant (train.max_minutes); --steps is then a cap")
     ap.add_argument("--eval-every", type=int, default=None, help="steps between held-out evals (default steps/2)")
+    ap.add_argument("--only", default=None, help="comma-separated variants to run (two processes can share a "
+                                                 "machine: OMP_NUM_THREADS=1 each, --only a,b and --only c,d)")
     ap.add_argument("--report", action="store_true", help="only write the comparison of the runs already there")
     args = ap.parse_args()
     if not args.report:
-        run_variants(args.out, args.steps, args.minutes, args.eval_every)
+        run_variants(args.out, args.steps, args.minutes, args.eval_every,
+                     args.only.split(",") if args.only else None)
     from posttrain.report.compare import write_compare_report
 
     path = write_compare_report(args.out / "compare.html", {name: args.out / name for name in VARIANTS}, PANELS,
