@@ -1,7 +1,9 @@
 """PPO: four roles on one base (switching keeps both trainable adapters trainable), scores read where the reward
-model reads them, GAE wiring, an end-to-end run against a reward model trained by `posttrain reward`, resume."""
+model reads them, GAE wiring, the actor's entropy metric, an end-to-end run against a reward model trained by
+`posttrain reward`, resume."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -9,7 +11,7 @@ import torch
 from posttrain.config import load_config
 from posttrain.engine.resume import Resume
 from posttrain.errors import ConfigError
-from posttrain.methods.ppo import ACTOR, CRITIC, REWARD, ppo_schedule
+from posttrain.methods.ppo import ACTOR, CRITIC, PPO, REWARD, ppo_schedule
 from posttrain.recipes._common import begin_run
 from posttrain.recipes._prompts import load_prompt_splits
 from posttrain.recipes.ppo import build_roles
@@ -96,6 +98,48 @@ def test_gae_wiring_without_kl_and_whitening_returns_the_score_everywhere(tiny_d
         assert torch.allclose(b["advantages"], (scores[:, None] - b["old_values"]) * mask, atol=1e-5)
 
 
+def rollout_ids(batch) -> tuple[list[list[int]], list[list[int]]]:
+    """Each completion's prompt and completion token ids, read back from a shared-prompt rollout batch."""
+    width, prompts, completions = batch["input_ids"].shape[1], [], []
+    for i in range(batch["completion_mask"].shape[0]):
+        row = int(batch["last_index"][i]) // width
+        prompts.append(batch["input_ids"][row][batch["branch"][row] == 0].tolist())
+        completions.append(batch["score_target"][batch["score_seq"] == i].tolist())
+    return prompts, completions
+
+
+def test_entropy_is_the_actors_mean_entropy_over_completion_tokens(tiny_dir, tmp_path, reward_run):
+    # Independent of the packed, shared-prompt batch and the chunked head: each completion re-read on its own
+    # (prompt + completion, plain forward), a full softmax of logits / T at every position that predicts a
+    # completion token, then one mean over all of the micro-batch's completion tokens (as GRPO reduces it).
+    from posttrain.data.collate import collate_rollouts
+
+    # A low temperature: the tiny model is near uniform, where an fp32 entropy over the vocabulary carries ~1e-5 of
+    # rounding and every reduction agrees; at 0.1 tokens differ (a per-completion mean is ~0.5 off), rounding ~1e-6.
+    temperature = 0.1
+    roles, plan, loaded = roles_and_plan(tiny_dir, tmp_path, reward_run, temperature=temperature)
+    batch = plan.step(0)[0]
+    prompts, completions = rollout_ids(batch)
+    assert all(prompts) and [len(c) for c in completions] == batch["completion_mask"].sum(1).tolist()
+    # The same rollout cut to uneven lengths: a mean of per-completion means would then differ from the token mean.
+    lengths = [len(completions[0]), 1, 3, 2][:len(completions)]
+    cut = collate_rollouts(prompts, [c[:k] for c, k in zip(completions, lengths)], loaded.tokenizer.pad_token_id)
+    for key in ("old_logp", "advantages"):
+        cut[key] = batch[key][:, :max(lengths)] * cut["completion_mask"]
+    method = PPO(ppo_params(max_new_tokens=6, samples_per_prompt=2, temperature=temperature))
+    for b in (batch, cut):
+        metrics = next(iter(method.loss_parts(roles, b)))[1]  # the actor part, with autograd on
+        ents = []
+        with torch.no_grad():
+            for prompt, completion in zip(*rollout_ids(b)):
+                logits = roles.policy(input_ids=torch.tensor([prompt + completion])).logits[0].double() / temperature
+                logp = torch.log_softmax(logits[len(prompt) - 1:-1], -1)
+                ents.append(-(logp.exp() * logp).sum(-1))
+        want = float(torch.cat(ents).mean())
+        assert math.isfinite(metrics["entropy"]) and 0 < metrics["entropy"] <= math.log(logits.shape[-1])
+        assert metrics["entropy"] == pytest.approx(want, abs=1e-5)
+
+
 def test_run_ppo_end_to_end_and_resume_equals_uninterrupted(tiny_dir, tmp_path, reward_run):
     full = tmp_path / "full"
     # A constant lr, so the partial run (max_steps=2) has the schedule of the full one.
@@ -103,6 +147,7 @@ def test_run_ppo_end_to_end_and_resume_equals_uninterrupted(tiny_dir, tmp_path, 
     metrics = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     step = next(m for m in metrics if "loss" in m)
     assert {"reward", "kl", "policy_loss", "value_loss", "clip_fraction", "watch", "completion_len"} <= set(step)
+    assert all(math.isfinite(m["entropy"]) and m["entropy"] > 0 for m in metrics if "loss" in m)
     assert "eval/reward" in metrics[0] and "eval/watch" in metrics[0]
     mem = summary["memory"]
     assert mem["four_copies_weights_mb"] > 3.5 * mem["base_weights_mb"] and mem["peak_rss_mb"] > 0

@@ -13,6 +13,9 @@ memory; a role is a switch of the active adapter. Per rollout (derivations §7; 
 V(s_t) is read where token t is predicted (the hidden state of the token before it), the score at the
 completion's own last token (as the reward model was trained to read it). ``ppo_schedule`` is the engine's batch
 schedule (``rollout.schedule.RolloutSchedule`` with ``PPOBatches``): it samples, scores and collates each rollout.
+
+Every step logs ``entropy`` as GRPO does: the mean over completion tokens of the actor's exact entropy at that token
+(detached, from the same chunked log-softmax as the policy loss, no extra forward), the signal of entropy collapse.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from posttrain.losses.rl import (
     step_shaped_rewards,
     whiten,
 )
-from posttrain.models.forward import Batch, evaluating, pair_hidden, scatter_tokens, token_logps
+from posttrain.models.forward import Batch, evaluating, pair_hidden, scatter_tokens, token_logps, token_logps_entropy
 from posttrain.models.heads import load_head
 from posttrain.rewards.process import StepScorer, completion_steps, score_solutions
 from posttrain.rollout.interface import RolloutEngine
@@ -79,6 +82,12 @@ class SharedRoles(torch.nn.Module):
     def logps(self, batch: Batch, temperature: float, chunk_size: int = 1024) -> torch.Tensor:
         """(N, L) actor log-probs of the sampled tokens."""
         return token_logps(self.policy, batch, temperature, chunk_size)
+
+    def logps_entropy(self, batch: Batch, temperature: float, chunk_size: int = 1024
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``logps`` and the (N, L) detached entropy of the actor's sampling distribution at each completion token,
+        from the same forward (the loss's forward, so the metric costs no extra pass)."""
+        return token_logps_entropy(self.policy, batch, temperature, chunk_size)
 
     def ref_logps(self, batch: Batch, temperature: float, chunk_size: int = 1024) -> torch.Tensor:
         with self._trainable_kept(), self.policy.disable_adapter():
@@ -176,7 +185,7 @@ class PPO:
 
     def loss_parts(self, model: SharedRoles, batch: Batch) -> Iterator[tuple[torch.Tensor, dict[str, float]]]:
         """The policy part, then the value part: the loop backpropagates each before the next is built."""
-        logp = model.logps(batch, self.p.temperature, self.chunk_size)
+        logp, entropy = model.logps_entropy(batch, self.p.temperature, self.chunk_size)
         mask = batch["completion_mask"].to(logp.device, logp.dtype)
         old = batch["old_logp"].to(logp.device, logp.dtype)
         pg, clipped = ppo_clip_loss(logp, old, batch["advantages"].to(logp.device, logp.dtype), self.p.clip_eps)
@@ -185,10 +194,11 @@ class PPO:
             pg, mismatch = corrected(pg, old, batch["engine_logp"].to(logp.device, logp.dtype), mask, self.correction)
         metrics = {**mismatch, "policy_loss": float(masked_mean(pg.detach(), mask)),
                    "clip_fraction": float(masked_mean(clipped, mask)),
-                   "approx_kl_old": float(masked_mean((old - logp).detach(), mask))}
+                   "approx_kl_old": float(masked_mean((old - logp).detach(), mask)),
+                   "entropy": float(masked_mean(entropy, mask))}  # GRPO's: over completion tokens
         metrics.update({k: float(v) for k, v in batch.get("metrics", {}).items()})
         yield (pg * mask).sum(), metrics
-        del logp, pg
+        del logp, pg, entropy
         values = model.values(batch)
         vmask = batch["completion_mask"].to(values.device, values.dtype)
         vf = clipped_value_loss(values, batch["old_values"].to(values.device), batch["returns"].to(values.device),
