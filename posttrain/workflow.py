@@ -363,12 +363,13 @@ def evaluate_target(suites_path: str, target: str, out: str | Path | None = None
     t0 = time.perf_counter()
     loaded = load_for_inference(model_name, adapter)
     results = {}
+    root.mkdir(parents=True, exist_ok=True)
     for name, spec in cfg.evals.items():
         r = run_suite(spec.kind, loaded.model, loaded.tokenizer, spec.data, options=spec.options, limit=spec.limit,
                       system_prompt=cfg.system_prompt)
         results[name] = {"metrics": r.metrics, "higher_is_better": r.higher_is_better, "outputs": r.outputs,
                          "details": r.details[:50]}
-        root.mkdir(parents=True, exist_ok=True)
+        # written after every suite, so a long suite file that fails late keeps what it already measured
         atomic_write_text(root / "evals.json", json.dumps({"target": label, "suites": results}, indent=1))
     table = eval_table({label: results})
     print_eval_table(cfg.name, table)
