@@ -128,10 +128,39 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_render_trajectory(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from posttrain.models import load_tokenizer
+    from posttrain.rollout.multiturn import highlight_trajectory
+    from posttrain.runs import run_config_of
+
+    path = Path(args.trajectory)
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    model = args.model or (run_config_of(str(path.parent.parent)).get("model") or {}).get("name")
+    tok = load_tokenizer(model)
+    out = Console(highlight=False)
+    out.print(f"{path}: {len(records)} trajectories; context dim, [black on green]sampled (trained)[/], "
+              "[white on blue]environment (context)[/]")
+    for rec in records[:args.rows]:
+        sampled = sum(sum(s["sampled"]) for s in rec["segments"])
+        env = sum(len(s["ids"]) for s in rec["segments"]) - sampled
+        out.print(f"\n[bold]rollout {rec['rollout']}, row {rec['row']}[/]: reward {rec['reward']}, {rec['turns']} "
+                  f"turns, {rec['splits']} splits, {sampled} sampled and {env} environment tokens"
+                  + ("" if rec["finished"] else ", cut by the token budget"))
+        out.print(highlight_trajectory(tok, rec))
+    return 0
+
+
 def _cmd_render(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from posttrain.config import load_config
+
+    if args.trajectory:
+        return _cmd_render_trajectory(args)
+    if not args.config:
+        raise SystemExit("posttrain render: give a config (SFT examples) or --trajectory FILE")
     from posttrain.data import build_examples, highlight
     from posttrain.models import load_tokenizer
     from posttrain.recipes._common import resolve_template
@@ -139,14 +168,16 @@ def _cmd_render(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides, method="sft")
     tok = load_tokenizer(cfg.model.name)
     d = cfg.data
-    examples, _, report = build_examples(d.train, tok, fmt=d.format, system_prompt=d.system_prompt,
-                                         max_seq_len=d.max_seq_len, overlong=d.overlong,
-                                         chat_template=resolve_template(d.chat_template),
-                                         rewritten_turns=d.rewritten_turns)
+    examples, kept, report = build_examples(d.train, tok, fmt=d.format, system_prompt=d.system_prompt,
+                                            max_seq_len=d.max_seq_len, overlong=d.overlong,
+                                            chat_template=resolve_template(d.chat_template),
+                                            rewritten_turns=d.rewritten_turns)
     out = Console(highlight=False)
     out.print(report.summary())
-    for ex in examples[:args.rows]:
-        out.print(f"\n[bold]row {ex.row}[/] ({len(ex)} tokens, {ex.num_trained} trained, trained in green)")
+    for ex, (_, chat) in zip(examples[:args.rows], kept):
+        calls = sum(len(m.get("tool_calls") or []) for m in chat)
+        tools = f", {calls} tool calls (trained) and their results (not)" if calls else ""
+        out.print(f"\n[bold]row {ex.row}[/] ({len(ex)} tokens, {ex.num_trained} trained, trained in green{tools})")
         out.print(highlight(tok, ex))
     return 0
 
@@ -272,9 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_eval)
 
     r = sub.add_parser("render", help="print rendered training examples with the trained tokens highlighted")
-    r.add_argument("config")
+    r.add_argument("config", nargs="?")
     r.add_argument("overrides", nargs="*")
     r.add_argument("--rows", type=int, default=2)
+    r.add_argument("--trajectory", default=None, help="a run's trajectories/rollout-N.jsonl: sampled, environment "
+                                                      "and context tokens coloured")
+    r.add_argument("--model", default=None, help="with --trajectory: the tokenizer (default: the run's model)")
     r.set_defaults(func=_cmd_render)
 
     def shipping_args(q: argparse.ArgumentParser) -> None:

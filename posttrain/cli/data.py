@@ -1,5 +1,6 @@
 """``posttrain data ...``: dedup, contamination (with a gate), stratification audit, rater agreement, length bias,
-Math-Shepherd step labels for a PRM, outcome pairs for an ORM from them.
+Math-Shepherd step labels for a PRM, outcome pairs for an ORM from them, arithmetic word problems for the calculator
+tool task.
 
 Layer 9 (cli): may import any layer.
 """
@@ -202,6 +203,21 @@ def _cmd_outcome_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_arithmetic(args: argparse.Namespace) -> int:
+    from posttrain.curate.arithmetic import FILES
+
+    sizes = curate.write_arithmetic(args.out, train=args.train, test=args.test, demos=args.demos, seed=args.seed)
+    files = {FILES[name]: n for name, n in sizes.items()}
+    if args.json:
+        _json({"out": str(args.out), "seed": args.seed, "files": files})
+        return 0
+    out = console()
+    for name, n in files.items():
+        out.print(f"{escape(str(Path(args.out) / name))}: {n} rows")
+    out.print(f"{escape(str(Path(args.out) / 'meta.json'))}: sizes, seed {args.seed} and the step mix")
+    return 0
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -219,7 +235,7 @@ def _fraction(text: str) -> float:
 def add_commands(sub) -> None:
     """Add ``data`` and its subcommands to the main parser's subcommands."""
     data = sub.add_parser("data", help="data curation: dedup, contamination gate, stratification audit, rater "
-                                       "agreement, length bias, PRM step labels, ORM pairs")
+                                       "agreement, length bias, PRM step labels, ORM pairs, arithmetic problems")
     dsub = data.add_subparsers(dest="data_command", required=True)
 
     d = dsub.add_parser("dedup", help="drop exact and near duplicates (MinHash over word n-grams), keep the first")
@@ -302,4 +318,14 @@ def add_commands(sub) -> None:
                                                 "(written atomically)")
     o.add_argument("--json", action="store_true", help="print the counts as JSON")
     o.set_defaults(func=_cmd_outcome_pairs)
+
+    w = dsub.add_parser("arithmetic", help="arithmetic word problems with 2-4 digit numbers for the calculator tool "
+                                           "task: train and test prompts with answers, SFT tool-call demonstrations")
+    w.add_argument("--out", required=True, help="folder for train.jsonl, test.jsonl, sft.jsonl and meta.json")
+    w.add_argument("--train", type=int, default=2000, help="RL prompts")
+    w.add_argument("--test", type=int, default=200, help="held-out eval problems")
+    w.add_argument("--demos", type=int, default=300, help="SFT demonstrations with calculator calls")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--json", action="store_true", help="print the files and their rows as JSON")
+    w.set_defaults(func=_cmd_arithmetic)
 

@@ -13,6 +13,7 @@ from posttrain.config.jobs import (
     WATCH_HELP,
     DPOConfig,
     DPOSection,
+    EnvSpec,
     GRPOConfig,
     GRPOSection,
     JobConfig,
@@ -52,6 +53,7 @@ from posttrain.config.workflow import (
 __all__ = ["CONFIGS", "WATCH_HELP", "BaselineSpec", "DPOConfig", "DPOSection", "DataConfig", "EvalSetSpec",
            "GRPOConfig", "GRPOSection", "GateRule", "GateSpec", "JobConfig", "LoraConfig", "MixConfig", "ModelConfig",
            "PPOConfig", "PPOSection", "PRMConfig", "PRMSection", "PreferenceDataConfig", "PromptDataConfig",
-           "ReplayConfig", "RewardConfig", "RewardFnSpec", "RewardSection", "RolloutSection", "SFTConfig", "StageSpec",
+           "EnvSpec", "ReplayConfig", "RewardConfig", "RewardFnSpec", "RewardSection", "RolloutSection", "SFTConfig",
+           "StageSpec",
            "StepDataConfig", "SuiteSpec", "SuitesConfig", "TrainConfig", "WorkflowConfig", "dump_config", "load_config",
            "load_suites", "load_workflow", "parse_overrides"]

@@ -219,6 +219,16 @@ WATCH_HELP = ("rewards scored on every rollout and eval but never trained on (a 
               "reward model), logged as watch/* and plotted next to the trained reward: the over-optimisation watch")
 
 
+class EnvSpec(Section):
+    """A multi-turn environment: GRPO's rollouts become trajectories of several turns (``methods.agent``)."""
+    name: str = Field("tools", description="tools (the built-in tool environment: calculator, python, "
+                      "final_answer) or package.module:MyEnv")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the environment, e.g. "
+                                    "tools: [calculator], verifier: number, max_turns: 4, tool_timeout_s: 5")
+    max_tokens: int = Field(1024, ge=16, description="the token budget of a whole trajectory (prompt, every turn "
+                            "and every tool result); a trajectory that reaches it ends with reward 0")
+
+
 class GRPOConfig(_Job):
     method: Literal["grpo"] = "grpo"
     output_dir: str = "runs/grpo"
@@ -226,7 +236,9 @@ class GRPOConfig(_Job):
     train: TrainConfig = TrainConfig(lr=2e-5, micro_batch_size=8)
     grpo: GRPOSection = GRPOSection()
     rollout: RolloutSection = RolloutSection()
-    rewards: list[RewardFnSpec] = Field(..., min_length=1)
+    env: EnvSpec | None = Field(None, description="a multi-turn environment; its reward is added to the rewards' "
+                                "terms (scored on each trajectory's final answer)")
+    rewards: list[RewardFnSpec] = Field(default_factory=list)
     reward_reduce: Literal["sum", "min"] = "sum"
     watch: list[RewardFnSpec] = Field(default_factory=list, description=WATCH_HELP)
 
@@ -235,6 +247,14 @@ class GRPOConfig(_Job):
     @model_validator(mode="after")
     def _check(self) -> "GRPOConfig":
         _check_mu(self, self.grpo.mu)
+        if not self.rewards and self.env is None:
+            raise ValueError("rewards: at least one reward function is needed (or an env, whose reward is used)")
+        if self.env is not None and self.grpo.dynamic_sampling != "none":
+            raise ValueError("grpo.dynamic_sampling is not supported with an env (multi-turn rollouts)")
+        if self.env is not None and self.watch:
+            raise ValueError("watch terms are not supported with an env yet; add them to rewards with weight 0")
+        if self.env is not None and self.rollout.async_ahead:
+            raise ValueError("rollout.async_ahead is not supported with an env (multi-turn rollouts)")
         if self.grpo.dynamic_sampling != "none" and self.rollout.async_ahead:
             raise ValueError("grpo.dynamic_sampling draws more prompts after scoring; it cannot run with "
                              "rollout.async_ahead, which samples the next rollout before this one is scored")

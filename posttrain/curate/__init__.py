@@ -10,6 +10,7 @@ Layer 6 (curate): may import posttrain.data, models, rollout, rewards, errors an
 """
 
 from posttrain.curate.agreement import LANDIS_KOCH, AgreementReport, Kappa, agreement, cohen_kappa, landis_koch
+from posttrain.curate.arithmetic import write_arithmetic
 from posttrain.curate.audit import MISSING, UNITS, AuditReport, Bin, LengthBias, audit, get_field, length_bias
 from posttrain.curate.contamination import ContaminationReport, EvalLeak, contamination
 from posttrain.curate.dedup import DedupReport, Removed, dedup_file, dedup_rows, write_jsonl
@@ -28,4 +29,4 @@ __all__ = ["LANDIS_KOCH", "MISSING", "PLAIN_FIELDS", "UNITS", "AgreementReport",
            "ContaminationReport", "DedupReport", "EvalLeak", "Kappa", "LengthBias", "Removed", "agreement", "audit",
            "band_rows_for", "check_fraction", "cohen_kappa", "contamination", "dedup_file", "dedup_rows",
            "estimate_jaccard", "get_field", "jaccard", "landis_koch", "length_bias", "message_contents", "minhash",
-           "ngrams", "normalize", "raw_text", "row_text", "write_jsonl"]
+           "ngrams", "normalize", "raw_text", "row_text", "write_arithmetic", "write_jsonl"]

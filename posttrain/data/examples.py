@@ -1,6 +1,6 @@
 """SFT data: read, validate, render with masks and apply the over-length policy, with a report of every row.
 
-May import: posttrain.errors, posttrain.data.formats, readers, render.
+May import: posttrain.errors, posttrain.data.formats, readers, render, tool_rows.
 """
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field
 
-from posttrain.data.formats import Messages, row_to_messages
+from posttrain.data.formats import Messages, row_to_chat
 from posttrain.data.readers import read_rows
 from posttrain.data.render import Example, render_example
+from posttrain.data.tool_rows import Tools
 from posttrain.errors import DataError, TemplateError
 
 
@@ -45,8 +46,10 @@ def _rows(nums: list[int], limit: int = 10) -> str:
     return head + (f", ... +{len(nums) - limit}" if len(nums) > limit else "")
 
 
-def load_messages(path: str, fmt: str = "auto", system_prompt: str | None = None) -> list[tuple[int, Messages]]:
-    return [(num, row_to_messages(row, fmt, path, num, system_prompt)) for num, row in read_rows(path)]
+def load_messages(path: str, fmt: str = "auto",
+                  system_prompt: str | None = None) -> list[tuple[int, Messages, Tools | None]]:
+    """(row number, validated messages, the row's tools or None) for every row of ``path``."""
+    return [(num, *row_to_chat(row, fmt, path, num, system_prompt)) for num, row in read_rows(path)]
 
 
 def build_examples(path: str, tokenizer, *, fmt: str = "auto", system_prompt: str | None = None,
@@ -58,9 +61,9 @@ def build_examples(path: str, tokenizer, *, fmt: str = "auto", system_prompt: st
     rows = load_messages(path, fmt, system_prompt)
     report = DataReport(file=path, rows=len(rows))
     examples, kept_rows = [], []
-    for num, messages in rows:
+    for num, messages, tools in rows:
         try:
-            ex = render_example(tokenizer, messages, chat_template, rewritten=rewritten_turns)
+            ex = render_example(tokenizer, messages, chat_template, rewritten=rewritten_turns, tools=tools)
         except TemplateError as exc:
             raise DataError(path, num, "messages", str(exc)) from None
         ex.row, ex.source = num, path

@@ -4,7 +4,7 @@ messages.
 Preference rows may hold whole conversations, as Anthropic HH text (``"\\n\\nHuman: ...\\n\\nAssistant: ..."``) or
 message lists; ``conversation`` reads either, for pairs (``pairs.row_to_pair``) and for prompts alike.
 
-May import: posttrain.errors.
+May import: posttrain.errors, posttrain.data.tool_rows.
 """
 
 from __future__ import annotations
@@ -12,10 +12,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from posttrain.data.tool_rows import Tools, check_order, tool_calls, tool_result, validate_tools
 from posttrain.errors import BadPair, DataError
 
-Messages = list[dict[str, str]]
-ROLES = ("system", "user", "assistant")
+# A message: {role, content}; an assistant's may hold tool_calls, a tool result tool_call_id and name (tool_rows).
+Messages = list[dict[str, Any]]
+ROLES = ("system", "user", "assistant", "tool")
 # Between the text parts of one message's content. A newline, as vLLM's OpenAI-compatible server joins them, so a
 # model trained here sees parts the way such a server will show them to it, and separate parts (a document, then
 # a question) do not run into one another.
@@ -76,13 +78,18 @@ def content_text(content: Any, file: str, num: int, where: str) -> str:
     return PART_SEPARATOR.join(texts)
 
 
-def validate_messages(messages: Any, file: str, num: int, field: str = "messages") -> Messages:
-    """Check roles, order and contents: [system], then user/assistant alternating, ending with assistant.
+def validate_messages(messages: Any, file: str, num: int, field: str = "messages",
+                      tools: Tools | None = None) -> Messages:
+    """Check roles, order and contents: [system], then user/assistant alternating, ending with assistant; an
+    assistant's tool calls are followed by their tool results (``tool_rows.check_order``). ``tools``: the row's
+    function definitions (``tool_rows.validate_tools``), which every call must name.
 
-    Returns the messages normalised to ``{role, content}`` with content a string (see ``content_text``); other
-    keys are left out."""
+    Returns the messages normalised to ``{role, content}`` with content a string (see ``content_text``), plus
+    ``tool_calls`` (arguments parsed) and a tool result's ``tool_call_id`` and ``name``; other keys are left out."""
     if not isinstance(messages, list) or not messages:
         raise DataError(file, num, field, "expected a non-empty list of {role, content} messages")
+    names = {t["function"]["name"] for t in tools} if tools else None
+    seen_ids: dict[str, str] = {}
     out: Messages = []
     for i, msg in enumerate(messages):
         where = f"{field}[{i}]"
@@ -91,12 +98,25 @@ def validate_messages(messages: Any, file: str, num: int, field: str = "messages
         role = msg.get("role")
         if role not in ROLES:
             raise DataError(file, num, f"{where}.role", f"role must be one of {', '.join(ROLES)}, got {role!r}")
-        if "content" not in msg:
+        calls = msg.get("tool_calls")
+        if calls and role != "assistant":
+            raise DataError(file, num, f"{where}.tool_calls", f"only assistant messages make tool calls, not {role}")
+        calls = calls if role == "assistant" and calls != [] else None
+        if calls is not None and msg.get("content") is None:  # OpenAI's calls carry no content
+            content = ""
+        elif "content" not in msg:
             raise DataError(file, num, f"{where}.content", "missing field")
-        content = content_text(msg["content"], file, num, f"{where}.content")
-        if role == "assistant" and not content.strip():
+        else:
+            content = content_text(msg["content"], file, num, f"{where}.content")
+        if role == "assistant" and not content.strip() and calls is None:
             raise DataError(file, num, f"{where}.content", "empty assistant turn: there is nothing to train on")
-        out.append({"role": role, "content": content})
+        entry = tool_result(msg, content, file, num, where) if role == "tool" else {"role": role, "content": content}
+        if calls is not None:
+            entry["tool_calls"] = tool_calls(calls, file, num, f"{where}.tool_calls", names, seen_ids)
+        out.append(entry)
+    if any(m["role"] == "tool" or "tool_calls" in m for m in out):
+        check_order(out, file, num, field)
+        return out
     turns = out[1:] if out[0]["role"] == "system" else out
     for i, msg in enumerate(turns):
         expected = "user" if i % 2 == 0 else "assistant"
@@ -125,12 +145,19 @@ def _unknown_format(row: dict[str, Any], file: str, num: int) -> DataError:
 
 def row_to_messages(row: dict[str, Any], fmt: str, file: str, num: int, system_prompt: str | None = None) -> Messages:
     """Turn one row into chat messages; ``fmt='auto'`` picks the format from the row's fields."""
+    return row_to_chat(row, fmt, file, num, system_prompt)[0]
+
+
+def row_to_chat(row: dict[str, Any], fmt: str, file: str, num: int,
+                system_prompt: str | None = None) -> tuple[Messages, Tools | None]:
+    """One row's chat messages and its ``tools`` (None when it gives none), validated together."""
     if fmt == "auto":
         fmt = detect_format(row) or ""
         if not fmt:
             raise _unknown_format(row, file, num)
+    tools = validate_tools(row.get("tools"), file, num)
     if fmt == "messages":
-        messages = validate_messages(row.get("messages"), file, num)
+        messages = validate_messages(row.get("messages"), file, num, tools=tools)
     elif fmt == "alpaca":
         instruction = _text(row, "instruction", file, num)
         extra = _text(row, "input", file, num, required=False, allow_empty=True)
@@ -144,7 +171,7 @@ def row_to_messages(row: dict[str, Any], fmt: str, file: str, num: int, system_p
         raise DataError(file, num, None, f"unknown format {fmt!r}")
     if system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": system_prompt}, *messages]
-    return messages
+    return messages, tools
 
 
 def row_to_prompt(row: dict[str, Any], file: str, num: int, field: str = "prompt",

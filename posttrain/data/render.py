@@ -11,6 +11,11 @@ Some templates change an assistant message as they render it: Qwen3's drops the 
 the last user message and adds an empty one to a final turn that has none. The trained tokens would then not be
 the row's, so every turn is checked to hold its content verbatim (outer whitespace aside, which Llama 3's trims)
 and nothing before it; what to do with a turn that does not is the caller's ``rewritten`` policy.
+
+Tool chats (``tools`` passed to the template, assistant ``tool_calls``, ``tool`` results): an assistant turn's
+span holds its tool calls as the template renders them, so they are trained; tool results, like user turns, are
+not. A template that does not render tool calls (most base models' own, SmolLM2's among them) would train empty
+turns, so the rendering is checked to hold every call, result and tool name first.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from posttrain.data.formats import Messages
+from posttrain.data.templates import TEMPLATES
+from posttrain.data.tool_rows import Tools
 from posttrain.errors import TemplateError
 
 Span = tuple[int, int]
@@ -45,9 +52,32 @@ def has_chat_template(tokenizer, chat_template: str | None = None) -> bool:
     return bool(chat_template or getattr(tokenizer, "chat_template", None))
 
 
-def _apply(tokenizer, messages: Messages, chat_template: str | None, gen: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen,
+def _apply(tokenizer, messages: Messages, chat_template: str | None, gen: bool, tools: Tools | None = None) -> str:
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=gen,
                                          chat_template=chat_template)
+
+
+def _no_tool_template(what: str) -> TemplateError:
+    return TemplateError(f"the chat template does not render tool calls ({what}); set data.chat_template to one of "
+                         f"the shipped tool templates ({', '.join(TEMPLATES)}) or to a template that renders them")
+
+
+def has_tool_parts(messages: Messages, tools: Tools | None = None) -> bool:
+    return bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
+
+
+def check_tools_rendered(text: str, messages: Messages, tools: Tools | None) -> None:
+    """Raise TemplateError unless ``text`` holds every tool call's name, every tool result and every tool's name:
+    a template without tool support drops them, and the calls would not be trained."""
+    for i, m in enumerate(messages):
+        for c in m.get("tool_calls") or []:
+            if c["function"]["name"] not in text:
+                raise _no_tool_template(f"messages[{i}] calls {c['function']['name']!r}, which the rendering lacks")
+        if m["role"] == "tool" and (m.get("content") or "").strip() not in text:
+            raise _no_tool_template(f"the tool result messages[{i}] is not in the rendering")
+    for k, t in enumerate(tools or []):
+        if t["function"]["name"] not in text:
+            raise _no_tool_template(f"tools[{k}] ({t['function']['name']!r}) is not in the rendering")
 
 
 def _end_of_turn_tokens(tokenizer) -> list[str]:
@@ -84,10 +114,11 @@ def rewrite(content: str, region: str, leading: bool = True) -> str:
     return "the template rewrote its content (it does not appear verbatim in the rendered chat)"
 
 
-def chat_spans(tokenizer, messages: Messages, chat_template: str | None = None) -> tuple[str, list[Span]]:
+def chat_spans(tokenizer, messages: Messages, chat_template: str | None = None,
+               tools: Tools | None = None) -> tuple[str, list[Span]]:
     """The rendered chat and the character spans of every assistant turn (content + end-of-turn) as the template
     renders it; ``assistant_turns`` also says what the template changed."""
-    full, turns = assistant_turns(tokenizer, messages, chat_template)
+    full, turns = assistant_turns(tokenizer, messages, chat_template, tools)
     _require_found(turns)
     return full, [t.span for t in turns]
 
@@ -105,16 +136,20 @@ def rewritten_message(rewritten: list[tuple[int, str]]) -> str:
             "to leave such turns out of the loss (as context), or data.chat_template to one that keeps them")
 
 
-def assistant_turns(tokenizer, messages: Messages, chat_template: str | None = None) -> tuple[str, list[Turn]]:
-    """The rendered chat and every assistant turn's span with what the template changed in it."""
-    full = _apply(tokenizer, messages, chat_template, gen=False)
+def assistant_turns(tokenizer, messages: Messages, chat_template: str | None = None,
+                    tools: Tools | None = None) -> tuple[str, list[Turn]]:
+    """The rendered chat and every assistant turn's span (content, tool calls, end-of-turn) with what the template
+    changed in it."""
+    full = _apply(tokenizer, messages, chat_template, gen=False, tools=tools)
+    if has_tool_parts(messages, tools):
+        check_tools_rendered(full, messages, tools)
     turns: list[Turn] = []
     cursor = 0
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        before = _apply(tokenizer, messages[:i], chat_template, gen=True)
-        upto = _apply(tokenizer, messages[: i + 1], chat_template, gen=False)
+        before = _apply(tokenizer, messages[:i], chat_template, gen=True, tools=tools)
+        upto = _apply(tokenizer, messages[: i + 1], chat_template, gen=False, tools=tools)
         if full.startswith(upto) and upto.startswith(before) and len(before) >= cursor:
             start, end = len(before), len(upto)
             # Whitespace the template puts after the end-of-turn marker belongs to the next turn's framing.
@@ -122,6 +157,15 @@ def assistant_turns(tokenizer, messages: Messages, chat_template: str | None = N
             if any(stripped.endswith(t) for t in _end_of_turn_tokens(tokenizer)):
                 end = start + len(stripped)
             problem = rewrite(msg["content"], full[start:end])
+            lost = [c["function"]["name"] for c in msg.get("tool_calls") or [] if c["function"]["name"] not in
+                    full[start:end]]
+            if lost:
+                raise _no_tool_template(f"messages[{i}] calls {lost[0]!r}, but its turn does not render the call")
+        elif msg.get("tool_calls"):
+            raise TemplateError(f"messages[{i}] (assistant) makes tool calls, and the template does not render a "
+                                "chat's start as a prefix of the whole chat, so the calls cannot be located to train "
+                                f"them; set data.chat_template to one of the shipped tool templates "
+                                f"({', '.join(TEMPLATES)})")
         else:
             body = msg["content"]
             start = full.find(body, cursor)
@@ -171,17 +215,20 @@ def tokenize_spans(tokenizer, text: str, spans: list[Span], add_special_tokens: 
 
 
 def render_example(tokenizer, messages: Messages, chat_template: str | None = None,
-                   rewritten: str = "keep") -> Example:
+                   rewritten: str = "keep", tools: Tools | None = None) -> Example:
     """The chat's ids and mask. ``rewritten`` is what to do with an assistant turn the template changed (listed
     in ``Example.rewritten`` either way): ``error`` raises, ``mask`` leaves it out of the loss, ``keep`` trains
-    what the template rendered (for callers that train only the final turn, or only read a position)."""
+    what the template rendered (for callers that train only the final turn, or only read a position). ``tools``:
+    the row's function definitions, passed to the template."""
     if rewritten not in ("keep", "error", "mask"):
         raise ValueError(f"rewritten must be 'keep', 'error' or 'mask', got {rewritten!r}")
+    if not has_chat_template(tokenizer, chat_template) and has_tool_parts(messages, tools):
+        raise _no_tool_template("the tokenizer has no chat template at all")
     if not has_chat_template(tokenizer, chat_template):
         text, spans = plain_spans(tokenizer, messages)
         ids, trained = tokenize_spans(tokenizer, text, spans, add_special_tokens=True)
         return Example(input_ids=ids, trained=trained)
-    text, turns = assistant_turns(tokenizer, messages, chat_template)
+    text, turns = assistant_turns(tokenizer, messages, chat_template, tools)
     changed = [(t.index, t.problem) for t in turns if t.problem]
     if changed and rewritten == "error":
         raise TemplateError(rewritten_message(changed))
@@ -192,10 +239,16 @@ def render_example(tokenizer, messages: Messages, chat_template: str | None = No
     return Example(input_ids=ids, trained=trained, rewritten=changed)
 
 
-def render_prompt(tokenizer, messages: Messages, chat_template: str | None = None) -> str:
-    """Text to generate from: the chat up to (and opening) the next assistant turn."""
+def render_prompt(tokenizer, messages: Messages, chat_template: str | None = None, tools: Tools | None = None) -> str:
+    """Text to generate from: the chat up to (and opening) the next assistant turn, with ``tools`` offered."""
+    tooled = has_tool_parts(messages, tools)
     if has_chat_template(tokenizer, chat_template):
-        return _apply(tokenizer, messages, chat_template, gen=True)
+        text = _apply(tokenizer, messages, chat_template, gen=True, tools=tools)
+        if tooled:
+            check_tools_rendered(text, messages, tools)
+        return text
+    if tooled:
+        raise _no_tool_template("the tokenizer has no chat template at all")
     return "".join(m["content"] for m in messages)
 
 

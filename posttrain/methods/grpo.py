@@ -221,21 +221,31 @@ class GRPOBatches:
                    **{k: torch.tensor(v, dtype=torch.float64) for k, v in dynamic.items()},
                    **part_metrics(parts, "reward"), **schedule.rollout_metrics(idx, g, ro)}
         schedule.last_rollout = {"rollout": rollout, "prompts": idx, "texts": ro.texts, "rewards": scores}
-        batches = schedule.micro_batches(ro)
-        at = 0
-        for b in batches:
-            n = b["completion_mask"].shape[0]
-            b["advantages"] = adv[at:at + n].float()
-            if p.truncated != "train":
-                b["row_weight"] = row_weight[at:at + n].float()
-            at += n
-            with torch.no_grad():
-                if self.reference is not None:
-                    b["ref_logp"] = self.reference(schedule.model, b)
-                if schedule.mu > 1:
-                    b["old_logp"] = token_logps(schedule.model, b, p.temperature, self.chunk_size)
-            b["metrics"] = {k: v.float() for k, v in metrics.items()}
-        return batches
+        return score_batches(schedule, schedule.micro_batches(ro), adv, row_weight, metrics, p, self.reference,
+                             self.chunk_size)
+
+
+def score_batches(schedule: RolloutSchedule, batches: list[Batch], adv: torch.Tensor, row_weight: torch.Tensor,
+                  metrics: dict[str, torch.Tensor], p: GRPOParams,
+                  reference: Callable[[torch.nn.Module, Batch], torch.Tensor] | None,
+                  chunk_size: int) -> list[Batch]:
+    """Micro-batches of a rollout's completions (in order) with what GRPO's loss reads: each completion's advantage
+    (``adv``, one per completion), its ``row_weight`` (unless truncated ones train), the reference and (mu > 1) old
+    log-probs, and the rollout's metrics."""
+    at = 0
+    for b in batches:
+        n = b["completion_mask"].shape[0]
+        b["advantages"] = adv[at:at + n].float()
+        if p.truncated != "train":
+            b["row_weight"] = row_weight[at:at + n].float()
+        at += n
+        with torch.no_grad():
+            if reference is not None:
+                b["ref_logp"] = reference(schedule.model, b)
+            if schedule.mu > 1:
+                b["old_logp"] = token_logps(schedule.model, b, p.temperature, chunk_size)
+        b["metrics"] = {k: v.float() for k, v in metrics.items()}
+    return batches
 
 
 def grpo_schedule(model: torch.nn.Module, tokenizer, prompts: list[list[int]], rows: list[dict[str, Any]],

@@ -33,6 +33,7 @@ from posttrain.engine import console, train_loop
 from posttrain.engine.resume import Resume
 from posttrain.methods.grpo import GRPO, GRPOParams, grpo_eval, grpo_schedule
 from posttrain.models.reference import make_reference
+from posttrain.recipes._agent import agent_evaluate, agent_schedule, agent_setup
 from posttrain.recipes._common import (
     announce,
     begin_run,
@@ -56,6 +57,7 @@ from posttrain.rollout.schedule import generation_batch
 def run(cfg: GRPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     start = check_resume(cfg, resume)  # a changed config is refused here, before anything is loaded or written
     check_processes(cfg)
+    setup = agent_setup(cfg) if cfg.env is not None else None  # a bad env stops the run before the model loads
     job = begin_run(cfg)
     tok = job.tokenizer
     d, g, t = cfg.data, cfg.grpo, cfg.train
@@ -70,20 +72,29 @@ def run(cfg: GRPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     engine, correction = start_engine(cfg, model, tok, job.out, prompts[0], g.temperature)
     with contextlib.ExitStack() as stack:
         stack.callback(engine.close)
-        schedule = grpo_schedule(model, tok, prompts, rows, chats, reward, params, prompts_per_step=g.prompts_per_step,
-                                 mu=g.mu, micro_batch_size=t.micro_batch_size, seed=t.seed, reference=reference,
-                                 top_p=g.top_p, chunk_size=t.loss_chunk_size, share_prompt=d.share_prompt,
-                                 watch=watch, engine=engine, ahead=cfg.rollout.async_ahead)
+        if setup is not None:
+            schedule = agent_schedule(cfg, setup, model, tok, prompts, rows, chats, reward, params, reference, engine,
+                                      job.out)
+        else:
+            schedule = grpo_schedule(model, tok, prompts, rows, chats, reward, params,
+                                     prompts_per_step=g.prompts_per_step, mu=g.mu, micro_batch_size=t.micro_batch_size,
+                                     seed=t.seed, reference=reference, top_p=g.top_p, chunk_size=t.loss_chunk_size,
+                                     share_prompt=d.share_prompt, watch=watch, engine=engine,
+                                     ahead=cfg.rollout.async_ahead)
         stack.callback(schedule.drain)
         total = t.max_steps or schedule.steps_for(t.epochs)
         schedule.total_rollouts = -(-total // g.mu)
-        console.print(f"training {total} steps: {g.prompts_per_step} prompts x {g.group_size} completions per "
+        what = "completions" if setup is None else f"trajectories in the {cfg.env.name} env"
+        console.print(f"training {total} steps: {g.prompts_per_step} prompts x {g.group_size} {what} per "
                       f"rollout, {g.mu} step(s) per rollout, sampled by the {engine.name} engine; reference: "
                       + ("none (kl_coef 0)" if reference is None else
                          "adapters disabled" if cfg.finetune == "lora" else "a frozen copy"))
-        evaluate = (lambda m: grpo_eval(m, tok, held_prompts, held_rows, held_chats, reward, g.max_new_tokens,
-                                        generation_batch(len(held_prompts), t.micro_batch_size), watch)) \
-            if held_prompts else None
+        if setup is not None:
+            evaluate = agent_evaluate(cfg, setup, tok, held_rows)
+        else:
+            evaluate = (lambda m: grpo_eval(m, tok, held_prompts, held_rows, held_chats, reward, g.max_new_tokens,
+                                            generation_batch(len(held_prompts), t.micro_batch_size), watch)) \
+                if held_prompts else None
         save_config(job.out, cfg)
         opts = loop_options(t, total, cfg.model, job.loaded)
         records = train_loop(model, GRPO(params, t.loss_chunk_size, correction), schedule, opts,
