@@ -186,7 +186,7 @@ TWO = {"role": "assistant", "content": "", "tool_calls": [_call("a", "get_weathe
 @pytest.mark.parametrize("row, field, problem", [
     (_row(CALL, {**RESULT, "tool_call_id": "zz"}, DONE), "messages[2].tool_call_id", "unknown tool_call_id 'zz'"),
     (_row({**CALL, "tool_calls": [_call("a", "get_weather", "{city: Oslo")]}, RESULT, DONE),
-     "messages[1].tool_calls[0].function.arguments", "not valid JSON"),
+     "messages[1].tool_calls[0].function.arguments", "does not parse"),
     (_row({**CALL, "tool_calls": [_call("a", "get_weather", "[1, 2]")]}, RESULT, DONE),
      "messages[1].tool_calls[0].function.arguments", "must be a JSON object"),
     (_row(DONE, RESULT, DONE), "messages[2].role", "no tool call before it"),

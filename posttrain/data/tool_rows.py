@@ -29,16 +29,22 @@ def _clip(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+def _json_string(value: Any, file: str, num: int | None, field: str) -> Any:
+    """A value some data sets store as a JSON string, parsed; anything else as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise DataError(file, num, field, f"a JSON string that does not parse ({exc}): {_clip(value)}") from None
+
+
 def validate_tools(value: Any, file: str, num: int | None, field: str = "tools") -> Tools | None:
     """A row's ``tools``: a list of function definitions (or that list as a JSON string, as some data sets store
     it). None or an empty list means no tools were given, so tool calls are not checked against them."""
     if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise DataError(file, num, field, f"a JSON string that does not parse: {exc}") from None
+    value = _json_string(value, file, num, field)
     if not isinstance(value, list):
         raise DataError(file, num, field, f"expected a list of function definitions {_TOOL_SHAPE}, "
                         f"got {type(value).__name__}")
@@ -69,11 +75,7 @@ def validate_tools(value: Any, file: str, num: int | None, field: str = "tools")
 def _arguments(value: Any, file: str, num: int | None, at: str) -> dict[str, Any]:
     if value is None:
         raise DataError(file, num, at, "missing field (a function without arguments takes {})")
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise DataError(file, num, at, f"not valid JSON ({exc}): {_clip(value)}") from None
+    value = _json_string(value, file, num, at)
     if not isinstance(value, dict):
         raise DataError(file, num, at, f"must be a JSON object of argument names and values, got "
                         f"{type(value).__name__} {_clip(value)}")

@@ -23,17 +23,25 @@ _ARGS = re.compile(r'"(?:arguments|parameters)"\s*:\s*')
 _CALL_START = r'\{\s*"name"\s*:'
 
 
-def _arguments(value: Any) -> dict[str, Any] | str:
-    """A dict; a JSON string of an object, parsed (some models encode arguments twice); else the raw text."""
-    if isinstance(value, dict):
-        return value
+def arguments_object(value: Any) -> dict[str, Any] | None:
+    """A tool call's arguments as a dict: a dict; a JSON string of an object (some models encode arguments
+    twice); nothing or blank text is no arguments. None for anything else (not JSON, or JSON but not an object)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return {}
     if isinstance(value, str):
         try:
-            parsed = json.loads(value)
+            value = json.loads(value)
         except json.JSONDecodeError:
-            return value
-        return parsed if isinstance(parsed, dict) else value
-    return json.dumps(value)
+            return None
+    return value if isinstance(value, dict) else None
+
+
+def _arguments(value: Any) -> dict[str, Any] | str:
+    """The arguments as a dict where they are one; else the raw text, so the trainer sees what was sampled."""
+    obj = arguments_object(value)
+    if obj is not None:
+        return obj
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _from_object(obj: Any) -> tuple[str, dict[str, Any] | str] | None:

@@ -13,10 +13,10 @@ Layer 4 (envs): imports envs, rewards.functions and errors.
 
 from __future__ import annotations
 
-import json
 import threading
 from typing import Any, Callable
 
+from posttrain.data.toolcalls import arguments_object
 from posttrain.envs.base import StepResult, resolve
 from posttrain.envs.tools import BUILDERS, Tool
 from posttrain.errors import DataError
@@ -60,17 +60,6 @@ def _tool(spec: str | Tool, timeout_s: float) -> Tool:
     if not isinstance(tool, Tool):
         raise ValueError(f"tool {spec!r} is neither a posttrain.envs.tools.Tool nor a function returning one")
     return tool
-
-
-def _parse_arguments(raw: Any) -> dict[str, Any] | None:
-    if raw is None or (isinstance(raw, str) and not raw.strip()):
-        return {}
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError:
-            return None
-    return raw if isinstance(raw, dict) else None
 
 
 def call_tool(tool: Tool, arguments: dict[str, Any], timeout_s: float) -> tuple[str, str]:
@@ -170,7 +159,7 @@ class ToolEnv:
         tool = self.table.get(name)
         if tool is None:
             return f"error: there is no tool {name!r}; the tools are {', '.join(self.table) or 'none'}", "error", None
-        args = _parse_arguments(fn.get("arguments"))
+        args = arguments_object(fn.get("arguments"))
         if args is None:
             raw = str(fn.get("arguments"))
             return f"error: the arguments of {name} are not a JSON object: {raw[:200]}", "error", tool
