@@ -9,12 +9,13 @@ import json
 import pytest
 import torch
 
+from posttrain.data.render import render_prompt
 from posttrain.data.templates import template_text
 from posttrain.envs import ToolEnv
 from posttrain.envs.base import StepResult
 from posttrain.envs.schemas import CALCULATOR
 from posttrain.rollout.interface import HFEngine
-from posttrain.rollout.multiturn import TurnSettings, decode, encode, render, run_trajectories
+from posttrain.rollout.multiturn import TurnSettings, decode, encode, run_trajectories
 from posttrain.rollout.sample import Rollout
 
 CHATML_REPLY = "\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
@@ -110,7 +111,7 @@ def test_three_turn_trajectory_trains_exactly_the_sampled_ids(embedded, template
         expected_mask += [True] * len(ids)
         if k < 2:
             held = seg.prompt_text + decode(tok, seg.ids[:at])
-            full = render(tok, traj.messages[:2 * k + 3], traj_tools(template), chat_template, gen=True)
+            full = render_prompt(tok, traj.messages[:2 * k + 3], chat_template, traj_tools(template))
             delta = encode(tok, full[len(held):])
             assert seg.ids[at:at + len(delta)] == delta
             text = decode(tok, delta)

@@ -19,7 +19,9 @@ A turn cut at ``max_new_tokens`` (no stop token) ends its trajectory with reward
 read half a message. The held ids are capped at ``max_tokens`` the same way.
 
 The environment is duck-typed (``envs.Environment``: ``tools``, ``reset(row)``, ``step(message)``); the sampled text
-becomes a message through the template style's parser (``data.toolcalls``).
+becomes a message through the template style's parser (``data.toolcalls``). Every rendering goes through
+``data.render.render_prompt``, the renderer SFT's tool chats use, so a template that drops tool calls or results
+fails here as it does there.
 
 Layer 3 (rollout): imports data, models, rollout.
 """
@@ -29,6 +31,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from posttrain.data.render import render_prompt
 from posttrain.data.toolcalls import parse_assistant
 
 Message = dict[str, Any]
@@ -65,12 +68,6 @@ class Trajectory:
         return "" if last is None else last.get("content") or ""
 
 
-def render(tokenizer, messages: list[Message], tools: list[dict] | None, chat_template: str | None,
-           gen: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=gen,
-                                         chat_template=chat_template)
-
-
 def encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -100,7 +97,7 @@ def _reply(tokenizer, traj: Trajectory, obs: list[Message], tools: list[dict] | 
     """Append the environment's reply: its template delta where the prefix property holds, else a split."""
     traj.messages += obs
     seg = traj.segments[-1]
-    full = render(tokenizer, traj.messages, tools, chat_template, gen=True)
+    full = render_prompt(tokenizer, traj.messages, chat_template, tools or None)
     held = seg.held_text()
     if full.startswith(held):
         delta = full[len(held):]
@@ -124,7 +121,7 @@ def run_trajectories(engine, tokenizer, make_env: Callable[[], Any], rows: list[
         for j in range(n):
             env = envs[k * n + j]
             opening = env.reset(row)
-            text = render(tokenizer, opening, env.tools, chat_template, gen=True)
+            text = render_prompt(tokenizer, opening, chat_template, env.tools or None)
             trajs.append(Trajectory(row_index[k], list(opening), [Segment(encode(tokenizer, text), text)]))
     live = list(range(len(trajs)))
     turn = 0
