@@ -10,10 +10,9 @@ from posttrain.cli import main
 from posttrain.data.examples import build_examples
 from posttrain.data.formats import row_to_chat, row_to_messages
 from posttrain.data.render import render_example, render_prompt
-from posttrain.data.templates import TEMPLATES, template_text
+from posttrain.data.templates import TEMPLATES, resolve_template, template_text
 from posttrain.data.toolcalls import STYLES, parse_assistant, template_style
 from posttrain.errors import DataError, TemplateError
-from posttrain.recipes._common import resolve_template
 from tests.helpers import write_jsonl
 
 TOOLS = [
@@ -167,6 +166,14 @@ def test_template_names_resolve_and_ship_as_package_data():
     shipped = re.findall(r'"([^"]+)"', re.search(r"^posttrain = \[(.*)\]$", pyproject, re.MULTILINE).group(1))
     assert all(any(Path(f"data/templates/{f}").match(g) for g in shipped) for f in TEMPLATES.values())
     assert resolve_template("{{ messages }}") == "{{ messages }}"  # inline templates pass through
+    from posttrain.errors import ConfigError
+    from posttrain.rewards.model import run_template
+
+    # a finished run's scorer renders with the template the run trained with, shipped by name or not
+    assert run_template({"data": {"chat_template": "hermes-tools"}}) == template_text("hermes-tools")
+    assert run_template({"data": {}}) is None
+    with pytest.raises(ConfigError, match="no file 'gone.jinja'"):
+        run_template({"data": {"chat_template": "gone.jinja"}})
     with pytest.raises(TemplateError, match="no shipped chat template"):
         template_text("hermes-tool")
 

@@ -94,10 +94,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return 0
     from posttrain.config import load_config
     from posttrain.data import eval_batches
+    from posttrain.data.templates import resolve_template
     from posttrain.engine import console
     from posttrain.eval import heldout_loss, sample_generations
     from posttrain.recipes import RECIPES
-    from posttrain.recipes._common import resolve_template
     from posttrain.recipes.sft import prepare_data
     from posttrain.runs import load_for_inference, trained_model_of
 
@@ -162,8 +162,8 @@ def _cmd_render(args: argparse.Namespace) -> int:
     if not args.config:
         raise SystemExit("posttrain render: give a config (SFT examples) or --trajectory FILE")
     from posttrain.data import build_examples, highlight
+    from posttrain.data.templates import resolve_template
     from posttrain.models import load_tokenizer
-    from posttrain.recipes._common import resolve_template
 
     cfg = load_config(args.config, args.overrides, method="sft")
     tok = load_tokenizer(cfg.model.name)

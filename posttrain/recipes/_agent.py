@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from posttrain.config import GRPOConfig
+from posttrain.data.templates import resolve_template
 from posttrain.data.toolcalls import template_style
 from posttrain.engine.distributed import world
 from posttrain.envs import make_environment
@@ -18,7 +19,6 @@ from posttrain.io import atomic_write_text
 from posttrain.methods.agent import AgentBatches, AgentSetup, agent_eval
 from posttrain.methods.grpo import GRPOParams
 from posttrain.models.loading import load_tokenizer
-from posttrain.recipes._common import resolve_template
 from posttrain.rewards import Combined
 from posttrain.rollout.multiturn import Trajectory, trajectory_record
 from posttrain.rollout.schedule import RolloutSchedule, generation_batch

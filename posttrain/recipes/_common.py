@@ -72,21 +72,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_template(template: str | None) -> str | None:
-    """A chat template: a shipped one by name (``hermes-tools``, see ``posttrain.data.templates``), the text of a
-    ``.jinja`` file, or an inline template as given."""
-    from posttrain.data.templates import TEMPLATES, template_text
-
-    if template in TEMPLATES:
-        return template_text(template)
-    if template and template.endswith(".jinja") and Path(template).is_file():
-        return Path(template).read_text()
-    if template and template.endswith(".jinja"):
-        raise ConfigError(f"data.chat_template: no file {template!r} (shipped templates by name: "
-                          f"{', '.join(TEMPLATES)})")
-    return template
-
-
 def load_base(mcfg: ModelConfig) -> Loaded:
     return load_model(mcfg.name, dtype=mcfg.dtype, device=device_for(mcfg.device, world()),
                       attn_implementation=mcfg.attn_implementation, quantization=quantization_of(mcfg))

@@ -8,8 +8,8 @@ from typing import Any
 from posttrain.config import DPOConfig, PreferenceDataConfig, RewardConfig
 from posttrain.data import Pair, build_pairs, held_out, pair_batches, pair_schedule
 from posttrain.data.schedule import StepSchedule
+from posttrain.data.templates import resolve_template
 from posttrain.engine.distributed import world
-from posttrain.recipes._common import resolve_template
 
 
 def prepare_pairs(dcfg: PreferenceDataConfig, tokenizer: Any) -> tuple[list[Pair], list[Pair], list[str]]:

@@ -9,13 +9,14 @@ from typing import Any
 from posttrain.config import PromptDataConfig
 from posttrain.data import holdout_split
 from posttrain.data.prompts import load_prompts
+from posttrain.data.templates import resolve_template
 from posttrain.engine import console
 from posttrain.engine.distributed import world
 from posttrain.errors import ConfigError
 from posttrain.io import atomic_dir
 from posttrain.losses.offpolicy import Correction
 from posttrain.models.loading import resolve_model_path
-from posttrain.recipes._common import from_section, resolve_template
+from posttrain.recipes._common import from_section
 from posttrain.rollout.client import check_base
 from posttrain.rollout.engines import make_engine
 from posttrain.rollout.interface import EngineSettings

@@ -15,6 +15,7 @@ from typing import Any
 
 from posttrain.config import PRMConfig, StepDataConfig
 from posttrain.data import StepExample, build_steps, held_out, step_batches, step_schedule
+from posttrain.data.templates import resolve_template
 from posttrain.engine import console
 from posttrain.engine.distributed import world
 from posttrain.engine.resume import Resume
@@ -26,7 +27,6 @@ from posttrain.recipes._common import (
     announce,
     begin_run,
     prepare_model,
-    resolve_template,
     train_scorer,
     write_summary,
 )

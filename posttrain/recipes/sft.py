@@ -19,6 +19,7 @@ from posttrain.config import DataConfig, SFTConfig
 from posttrain.data import build_examples, eval_batches, held_out, load_prompt_chats, sft_schedule
 from posttrain.data.mixing import mix_counts, sample_rows
 from posttrain.data.render import Example
+from posttrain.data.templates import resolve_template
 from posttrain.engine import console, train_loop
 from posttrain.engine.distributed import world
 from posttrain.engine.resume import Resume
@@ -33,7 +34,6 @@ from posttrain.recipes._common import (
     lora_export,
     prepare_model,
     rank0_after,
-    resolve_template,
     save_config,
     save_trained,
     shard_if_asked,

@@ -10,6 +10,7 @@ import torch
 from posttrain.data.collate import collate_pairs
 from posttrain.data.formats import Messages
 from posttrain.data.pairs import Pair, render_response
+from posttrain.data.templates import resolve_template
 from posttrain.models import load_adapter, load_model
 from posttrain.models.heads import ScoreModel, load_head
 from posttrain.runs import HEAD_FILE, resolve_adapter
@@ -51,12 +52,8 @@ def load_scorer(run_dir: str | Path, method: str, scorer: type[ScoreModel], *, d
 
 
 def run_template(cfg: dict[str, Any]) -> str | None:
-    """The chat template a run trained with: its data.chat_template, the text of the file when that names a .jinja
-    file (as the recipes read it), else the template as given."""
-    template = (cfg.get("data") or {}).get("chat_template")
-    if template and template.endswith(".jinja") and Path(template).is_file():
-        return Path(template).read_text()
-    return template
+    """The chat template a run trained with: its data.chat_template resolved as the recipes resolve it."""
+    return resolve_template((cfg.get("data") or {}).get("chat_template"))
 
 
 class RewardModel:

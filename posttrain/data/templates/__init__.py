@@ -11,8 +11,9 @@ Layer 1 (part of posttrain.data). May import: posttrain.errors.
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 
-from posttrain.errors import TemplateError
+from posttrain.errors import ConfigError, TemplateError
 
 # name -> file in this package; the style is how posttrain.data.toolcalls parses the calls.
 TEMPLATES = {
@@ -27,3 +28,17 @@ def template_text(name: str) -> str:
     if name not in TEMPLATES:
         raise TemplateError(f"no shipped chat template named {name!r}; shipped: {', '.join(TEMPLATES)}")
     return resources.files(__name__).joinpath(TEMPLATES[name]).read_text(encoding="utf-8")
+
+
+def resolve_template(template: str | None) -> str | None:
+    """A ``data.chat_template`` setting as template text: a shipped one by name, the text of a ``.jinja`` file, or
+    an inline template as given. The recipes and every reader of a finished run's config resolve it here, so a
+    scorer renders with the template its run trained with."""
+    if template in TEMPLATES:
+        return template_text(template)
+    if template and template.endswith(".jinja") and Path(template).is_file():
+        return Path(template).read_text()
+    if template and template.endswith(".jinja"):
+        raise ConfigError(f"data.chat_template: no file {template!r} (shipped templates by name: "
+                          f"{', '.join(TEMPLATES)})")
+    return template
