@@ -280,3 +280,37 @@ def test_cli_render_shows_a_tool_chat(tmp_path, tiny_dir, capsys):
     assert "4 tool calls" in out and "get_weather" in out and "tool_response" in out
     assert main(["render", str(cfg), "data.chat_template=null"]) == 2  # the model's own template: refused
     assert "does not render tool calls" in capsys.readouterr().err
+
+
+def test_held_out_samples_offer_the_row_tools(tiny_dir, tokenizer, monkeypatch):
+    """A held-out tool chat is sampled as it was trained: its tools offered, its tool results read."""
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    from posttrain.eval import sample_generations
+
+    gen = sys.modules["posttrain.rollout.generate"]  # the module, which the package's ``generate`` function shadows
+
+    rendered = []
+
+    def spy(tok, chat, chat_template=None, tools=None):
+        rendered.append(render_prompt(tok, chat, chat_template, tools))
+        return rendered[-1]
+
+    monkeypatch.setattr(gen, "render_prompt", spy)
+    messages, tools = row_to_chat(ROW, "auto", "f.jsonl", 1)
+    out = sample_generations(AutoModelForCausalLM.from_pretrained(tiny_dir), tokenizer, [messages],
+                             tools=[tools], max_new_tokens=2, chat_template=template_text("hermes-tools"))
+    assert out[0]["prompt"] == "Thanks!" and out[0]["reference"] == messages[-1]["content"]
+    assert "local_time" in rendered[0] and "09:42 CET" in rendered[0]  # the tools section and the last result
+    assert rendered[0].startswith(render_prompt(tokenizer, messages[:2], template_text("hermes-tools"), tools)[:200])
+
+
+def test_a_prompt_may_end_in_a_tool_result():
+    from posttrain.data.formats import row_to_prompt
+
+    chat = row_to_prompt({"tools": TOOLS, "messages": ROW["messages"][:5]}, "p.jsonl", 3)
+    assert [m["role"] for m in chat] == ["system", "user", "assistant", "tool", "tool"]
+    with pytest.raises(DataError, match=r"p.jsonl.*row 3.*not among the row's tools"):
+        row_to_prompt({"tools": TOOLS[:1], "messages": ROW["messages"][:5]}, "p.jsonl", 3)

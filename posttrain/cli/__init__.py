@@ -122,7 +122,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     result = {"model": model_name or "embedded", "adapter": adapter,
               **heldout_loss(loaded.model, batches, cfg.train.loss_chunk_size)}
     if args.samples:
-        result["samples"] = sample_generations(loaded.model, loaded.tokenizer, held_chats[:args.samples],
+        shown = held_chats[:args.samples]
+        result["samples"] = sample_generations(loaded.model, loaded.tokenizer, [c for c, _ in shown],
+                                               tools=[t for _, t in shown],
                                                chat_template=resolve_template(cfg.data.chat_template))
     print(json.dumps(result, indent=2))
     return 0
@@ -174,7 +176,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
                                             rewritten_turns=d.rewritten_turns)
     out = Console(highlight=False)
     out.print(report.summary())
-    for ex, (_, chat) in zip(examples[:args.rows], kept):
+    for ex, (_, chat, _) in zip(examples[:args.rows], kept):
         calls = sum(len(m.get("tool_calls") or []) for m in chat)
         tools = f", {calls} tool calls (trained) and their results (not)" if calls else ""
         out.print(f"\n[bold]row {ex.row}[/] ({len(ex)} tokens, {ex.num_trained} trained, trained in green{tools})")

@@ -54,8 +54,10 @@ def load_messages(path: str, fmt: str = "auto",
 
 def build_examples(path: str, tokenizer, *, fmt: str = "auto", system_prompt: str | None = None,
                    max_seq_len: int, overlong: str = "error", chat_template: str | None = None,
-                   rewritten_turns: str = "error") -> tuple[list[Example], list[tuple[int, Messages]], DataReport]:
-    """Validate every row before tokenising any, then render; returns examples, their messages, and a report.
+                   rewritten_turns: str = "error"
+                   ) -> tuple[list[Example], list[tuple[int, Messages, Tools | None]], DataReport]:
+    """Validate every row before tokenising any, then render; returns examples, their (row, messages, tools), and a
+    report.
     ``rewritten_turns``: an assistant turn the chat template changed (a dropped ``<think>`` block) stops the run
     (``error``) or stays as context out of the loss (``mask``), counted in the report and warned about."""
     rows = load_messages(path, fmt, system_prompt)
@@ -83,7 +85,7 @@ def build_examples(path: str, tokenizer, *, fmt: str = "auto", system_prompt: st
             hint += " (the chat template rewrote the other turns; see data.rewritten_turns)" if ex.rewritten else ""
             raise DataError(path, num, "messages", f"no assistant token is left to train on{hint}")
         examples.append(ex)
-        kept_rows.append((num, messages))
+        kept_rows.append((num, messages, tools))
         report.tokens += len(ex)
         report.trained_tokens += ex.num_trained
     report.kept = len(examples)

@@ -177,8 +177,8 @@ def row_to_chat(row: dict[str, Any], fmt: str, file: str, num: int,
 def row_to_prompt(row: dict[str, Any], file: str, num: int, field: str = "prompt",
                   system_prompt: str | None = None) -> Messages:
     """The chat a row asks a model to answer: its ``field`` (text or messages), an Alpaca instruction (+ input), a
-    chat ending with a user turn, an SFT chat without its last assistant turn, or a preference row's dialogue
-    before the answers."""
+    chat ending with a user turn or a tool result (the answer reads it), an SFT chat without its last assistant
+    turn, or a preference row's dialogue before the answers."""
     value, messages = row.get(field), row.get("messages")
     if isinstance(value, str) and value.strip():
         chat = [{"role": "user", "content": value}]
@@ -189,20 +189,20 @@ def row_to_prompt(row: dict[str, Any], file: str, num: int, field: str = "prompt
         text = f"{row['instruction']}\n\n{extra}" if extra.strip() else row["instruction"]
         chat = [{"role": "user", "content": text}]
     elif isinstance(messages, list) and messages:
-        if isinstance(messages[-1], dict) and messages[-1].get("role") == "user":
+        if isinstance(messages[-1], dict) and messages[-1].get("role") in ("user", "tool"):
             messages = [*messages, {"role": "assistant", "content": "x"}]
         if not any(isinstance(m, dict) and m.get("role") == "user" for m in messages):
             raise DataError(file, num, "messages", "no user turn to answer")
-        chat = validate_messages(messages, file, num)[:-1]
+        chat = validate_messages(messages, file, num, tools=validate_tools(row.get("tools"), file, num))[:-1]
     elif isinstance(row.get("chosen"), (str, list)):
         chat = conversation(row["chosen"], file, num, "chosen")[:-1]
     else:
         chat = []
-    if not chat or chat[-1]["role"] != "user":
+    if not chat or chat[-1]["role"] not in ("user", "tool"):
         raise DataError(file, num, field,
                         f"no prompt: expected a non-empty {field!r} (text or chat), an Alpaca 'instruction', chat "
                         f"'messages' or a preference row; got fields {sorted(row)}")
-    if not chat[-1]["content"].strip():
+    if chat[-1]["role"] == "user" and not chat[-1]["content"].strip():
         where = f"messages[{len(chat) - 1}].content" if isinstance(messages, list) and value is None else field
         raise DataError(file, num, where, "the prompt (last user turn) is empty")
     if system_prompt and chat[0]["role"] != "system":

@@ -8,6 +8,7 @@ import torch
 
 from posttrain.data.collate import num_targets
 from posttrain.data.formats import Messages
+from posttrain.data.tool_rows import Tools
 from posttrain.methods.sft import completion_loss_sum
 from posttrain.models.forward import evaluating
 from posttrain.rollout import generate
@@ -26,9 +27,12 @@ def heldout_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]],
 
 
 def sample_generations(model: torch.nn.Module, tokenizer, chats: list[Messages], *, max_new_tokens: int = 96,
-                       chat_template: str | None = None) -> list[dict[str, str]]:
-    """Greedy completions of held-out chats (without their last assistant turn) next to the reference."""
+                       chat_template: str | None = None,
+                       tools: list[Tools | None] | None = None) -> list[dict[str, str]]:
+    """Greedy completions of held-out chats (without their last assistant turn) next to the reference; a tool chat
+    is offered its tools, as in training, and may end in a tool result the answer reads."""
     prompts = [c[:-1] for c in chats]
-    outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, chat_template=chat_template)
-    return [{"prompt": p[-1]["content"], "reference": c[-1]["content"], "output": o}
-            for p, c, o in zip(prompts, chats, outs)]
+    outs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, chat_template=chat_template,
+                    tools=tools)
+    return [{"prompt": next(m["content"] for m in reversed(p) if m["role"] == "user"), "reference": c[-1]["content"],
+             "output": o} for p, c, o in zip(prompts, chats, outs)]

@@ -78,7 +78,8 @@ def run(cfg: SFTConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     final_dir = save_trained(model, tok, job.out, cfg.finetune)
     samples = []
     if cfg.eval_samples and held_chats:
-        samples = sample_generations(model, tok, held_chats[:cfg.eval_samples],
+        shown = held_chats[:cfg.eval_samples]
+        samples = sample_generations(model, tok, [c for c, _ in shown], tools=[t for _, t in shown],
                                      chat_template=resolve_template(cfg.data.chat_template))
         atomic_write_text(job.out / "samples.jsonl", "".join(json.dumps(s) + "\n" for s in samples))
     summary, evals = write_summary(job, total, report, lines, records, final_dir, "eval/loss")
@@ -89,8 +90,9 @@ def run(cfg: SFTConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     return {**summary, "samples": samples}
 
 
-def prepare_data(dcfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list[Example], list[list[dict]], list[str]]:
-    """Train and held-out examples, held-out chats (for samples), and report lines."""
+def prepare_data(dcfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list[Example],
+                                                             list[tuple[list[dict], Any]], list[str]]:
+    """Train and held-out examples, held-out (chat, tools) pairs (for samples), and report lines."""
     template = resolve_template(dcfg.chat_template)
     kw = dict(fmt=dcfg.format, system_prompt=dcfg.system_prompt, max_seq_len=dcfg.max_seq_len,
               overlong=dcfg.overlong, chat_template=template, rewritten_turns=dcfg.rewritten_turns)
@@ -104,7 +106,7 @@ def prepare_data(dcfg: DataConfig, tokenizer: Any) -> tuple[list[Example], list[
                                                      "examples")
         train, held, held_rows = [e for e, _ in kept], [e for e, _ in held_out_pairs], [r for _, r in held_out_pairs]
         lines += split_lines
-    return train, held, [m for _, m in held_rows], lines
+    return train, held, [(m, t) for _, m, t in held_rows], lines
 
 
 def mix_in(cfg: SFTConfig, train: list[Example], model: torch.nn.Module, tokenizer: Any,

@@ -6,6 +6,7 @@ import torch
 
 from posttrain.data.formats import Messages
 from posttrain.data.render import has_chat_template, render_prompt
+from posttrain.data.tool_rows import Tools
 from posttrain.models.compile import eager
 from posttrain.models.forward import evaluating
 from posttrain.models.loading import pad_id as pad_id_of
@@ -25,11 +26,14 @@ def stop_token_ids(tokenizer, model) -> list[int]:
 @torch.no_grad()
 def generate(model: torch.nn.Module, tokenizer, chats: list[Messages], *, max_new_tokens: int = 128,
              temperature: float = 0.0, top_p: float = 1.0, batch_size: int = 8,
-             chat_template: str | None = None, seed: int | None = None) -> list[str]:
-    """Complete each chat with one assistant turn; temperature 0 means greedy decoding."""
+             chat_template: str | None = None, seed: int | None = None,
+             tools: list[Tools | None] | None = None) -> list[str]:
+    """Complete each chat with one assistant turn; temperature 0 means greedy decoding. ``tools``: per chat, the
+    functions offered to it (as in training), or None."""
     device = next(model.parameters()).device
     pad_id = pad_id_of(tokenizer)
-    texts = [render_prompt(tokenizer, chat, chat_template) for chat in chats]
+    offered = tools if tools is not None else [None] * len(chats)
+    texts = [render_prompt(tokenizer, chat, chat_template, t) for chat, t in zip(chats, offered, strict=True)]
     outputs: list[str] = []
     # A chat template carries its own special tokens; plain prompts get the tokenizer's (e.g. BOS).
     add_special = not has_chat_template(tokenizer, chat_template)
