@@ -4,7 +4,7 @@ are in test_policy_gradient.py."""
 import pytest
 import torch
 
-from posttrain.losses.rl import clipped_value_loss, gae, kl_shaped_rewards, whiten
+from posttrain.losses.rl import chained_gae, clipped_value_loss, gae, kl_shaped_rewards, whiten
 
 
 def test_gae_three_step_trajectory():
@@ -17,6 +17,28 @@ def test_gae_three_step_trajectory():
     adv, ret = gae(r, v, m, gamma=0.9, lam=0.95)
     assert adv[0].tolist() == pytest.approx([0.2849575, 0.2865, 0.3, 0.0], abs=1e-12)
     assert ret[0].tolist() == pytest.approx([0.7849575, 0.8865, 1.0, 0.0], abs=1e-12)
+
+
+def test_chained_gae_skips_environment_tokens_and_row_seams():
+    """The three-step trajectory above (same r, V, gamma, lambda: same advantages), sampled over two turns with two
+    environment tokens between them (their values, 9.0, must not enter), once in one row and once split into two
+    rows at the environment's reply; and a one-token trajectory beside them: A = 2 - 0.5."""
+    r = torch.tensor([[0.0, 0.0, 5.0, 5.0, 1.0, 0.0],  # trajectory 0: s s e e s pad
+                      [0.0, 0.0, 5.0, 0.0, 0.0, 0.0],  # trajectory 1, first row: s s e
+                      [1.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # trajectory 1, second row: s
+                      [2.0, 0.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)  # trajectory 2: s
+    v = torch.tensor([[0.5, 0.6, 9.0, 9.0, 0.7, 9.0], [0.5, 0.6, 9.0, 9.0, 9.0, 9.0],
+                      [0.7, 9.0, 9.0, 9.0, 9.0, 9.0], [0.5, 9.0, 9.0, 9.0, 9.0, 9.0]], dtype=torch.float64)
+    m = torch.tensor([[1, 1, 0, 0, 1, 0], [1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0]],
+                     dtype=torch.float64)
+    adv, ret = chained_gae(r, v, m, [0, 1, 1, 2], gamma=0.9, lam=0.95)
+    assert adv[0].tolist() == pytest.approx([0.2849575, 0.2865, 0.0, 0.0, 0.3, 0.0], abs=1e-12)
+    assert adv[1, :2].tolist() == pytest.approx([0.2849575, 0.2865], abs=1e-12) and adv[2, 0] == pytest.approx(0.3)
+    assert adv[3].tolist() == pytest.approx([1.5, 0, 0, 0, 0, 0], abs=1e-12)
+    assert ret[0].tolist() == pytest.approx([0.7849575, 0.8865, 0.0, 0.0, 1.0, 0.0], abs=1e-12)
+    assert (adv[m == 0] == 0).all() and (ret[m == 0] == 0).all()
+    plain, _ = gae(r[:1], v[:1], m[:1], gamma=0.9, lam=0.95)  # within one row, gae's own masking chains the same
+    assert torch.equal(plain, adv[:1])
 
 
 def test_value_loss_clipping():

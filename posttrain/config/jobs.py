@@ -229,6 +229,17 @@ class EnvSpec(Section):
                             "and every tool result); a trajectory that reaches it ends with reward 0")
 
 
+def _check_env(cfg: Any, refused: dict[str, Any]) -> None:
+    """Settings an env (multi-turn rollouts) cannot take: the method's own (``refused``, set when truthy), watch
+    terms and rollout.async_ahead."""
+    refused = {**refused, "watch": cfg.watch, "rollout.async_ahead": cfg.rollout.async_ahead}
+    for key, value in refused.items():
+        if value:
+            hint = "; add them to rewards with weight 0" if key == "watch" and cfg.method == "grpo" else ""
+            raise ValueError(f"{key} is not supported with an env (multi-turn rollouts; the environment gives the "
+                             f"reward){hint}")
+
+
 class GRPOConfig(_Job):
     method: Literal["grpo"] = "grpo"
     output_dir: str = "runs/grpo"
@@ -249,12 +260,8 @@ class GRPOConfig(_Job):
         _check_mu(self, self.grpo.mu)
         if not self.rewards and self.env is None:
             raise ValueError("rewards: at least one reward function is needed (or an env, whose reward is used)")
-        if self.env is not None and self.grpo.dynamic_sampling != "none":
-            raise ValueError("grpo.dynamic_sampling is not supported with an env (multi-turn rollouts)")
-        if self.env is not None and self.watch:
-            raise ValueError("watch terms are not supported with an env yet; add them to rewards with weight 0")
-        if self.env is not None and self.rollout.async_ahead:
-            raise ValueError("rollout.async_ahead is not supported with an env (multi-turn rollouts)")
+        if self.env is not None:
+            _check_env(self, {"grpo.dynamic_sampling": self.grpo.dynamic_sampling != "none"})
         if self.grpo.dynamic_sampling != "none" and self.rollout.async_ahead:
             raise ValueError("grpo.dynamic_sampling draws more prompts after scoring; it cannot run with "
                              "rollout.async_ahead, which samples the next rollout before this one is scored")
@@ -267,8 +274,9 @@ class GRPOConfig(_Job):
 
 
 class PPOSection(Section):
-    reward_model: str = Field(..., description="a `posttrain reward` run folder trained from the same base "
-                              "(model.name and model.init_adapter): its adapter joins the policy's base")
+    reward_model: str | None = Field(None, description="a `posttrain reward` run folder trained from the same base "
+                                     "(model.name and model.init_adapter): its adapter joins the policy's base. "
+                                     "Required unless an env gives the reward")
     samples_per_prompt: int = Field(1, ge=1)
     prompts_per_step: int = Field(8, gt=0)
     max_new_tokens: int = Field(64, gt=0)
@@ -285,7 +293,8 @@ class PPOSection(Section):
     missing_eos_penalty: float = Field(0.0, ge=0.0, description="subtracted from the score of a completion cut "
                                        "at max_new_tokens (a reward model reads a truncated answer poorly)")
     critic_init: Literal["reward", "fresh"] = Field(
-        "reward", description="start the critic from the reward model's adapter and head, or a fresh adapter")
+        "reward", description="start the critic from the reward model's adapter and head, or a fresh adapter "
+        "(always fresh with an env, where there is no reward model)")
     mu: int = Field(1, gt=0, description="optimizer steps per batch of rollouts (PPO epochs)")
     step_rewards: str | None = Field(None, description="a `posttrain prm` run folder: its probability that each "
                                      "step is correct becomes a reward on the step's last token, added to "
@@ -303,8 +312,9 @@ class PPOConfig(_Job):
     output_dir: str = "runs/ppo"
     data: PromptDataConfig
     train: TrainConfig = TrainConfig(lr=1e-5, micro_batch_size=8)
-    ppo: PPOSection
+    ppo: PPOSection = PPOSection()
     rollout: RolloutSection = RolloutSection()
+    env: EnvSpec | None = Field(None, description="a multi-turn environment, whose reward replaces the reward model's")
     watch: list[RewardFnSpec] = Field(default_factory=list, description=WATCH_HELP)
 
     _share = model_validator(mode="after")(_check_share_prompt)
@@ -315,6 +325,13 @@ class PPOConfig(_Job):
             raise ValueError("ppo needs finetune: lora: actor, critic, reward model and reference share one frozen "
                              "base as adapters (full fine-tuning would hold four copies of the model)")
         _check_mu(self, self.ppo.mu)
+        if self.env is None and not self.ppo.reward_model:
+            raise ValueError("ppo.reward_model: a `posttrain reward` run folder is needed (or an env, whose reward "
+                             "is used)")
+        if self.env is not None:
+            _check_env(self, {"ppo.reward_model": self.ppo.reward_model, "ppo.step_rewards": self.ppo.step_rewards,
+                              "ppo.critic_init: reward": "critic_init" in self.ppo.model_fields_set
+                              and self.ppo.critic_init == "reward"})
         if self.ppo.step_rewards and self.ppo.step_rewards == self.ppo.reward_model:
             raise ValueError("ppo.step_rewards and ppo.reward_model name the same run: one is a `posttrain prm` run "
                              "(a score per step), the other a `posttrain reward` run (a score per answer)")

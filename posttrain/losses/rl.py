@@ -94,3 +94,30 @@ def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: 
     so one update cannot move a value estimate far from the one the advantages were computed with."""
     v_clip = old_values + (values - old_values).clamp(-clip_eps, clip_eps)
     return 0.5 * torch.maximum((values - returns) ** 2, (v_clip - returns) ** 2)
+
+
+def chained_gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, owner: list[int],
+                gamma: float = 1.0, lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over multi-turn trajectories whose tokens are spread over rows. Row i belongs to trajectory
+    ``owner[i]`` (its rows in order: one per segment of a split trajectory); ``mask`` marks the tokens the policy
+    sampled, the only actions. Each trajectory's sampled tokens, in order across its rows, form one chain:
+    environment tokens between turns and the seams between rows pass the next action's value and advantage
+    straight back (``gae`` already skips masked positions within a row). So the last token of a turn bootstraps
+    from the value at the first token of the next turn, and only the trajectory's last sampled token sees V = 0."""
+    flat_r, flat_v = rewards.reshape(-1), values.reshape(-1)
+    width = rewards.shape[1]
+    chains: dict[int, list[int]] = {}
+    for i, k in enumerate(owner):  # flat positions of trajectory k's sampled tokens, in order
+        row = torch.nonzero(mask[i] > 0).squeeze(-1) + i * width
+        chains.setdefault(k, []).extend(row.tolist())
+    order = list(chains.values())
+    length = max([1, *map(len, order)])
+    pos = torch.zeros(len(order), length, dtype=torch.long)
+    cm = torch.zeros(len(order), length, dtype=rewards.dtype)
+    for j, flat in enumerate(order):
+        pos[j, :len(flat)], cm[j, :len(flat)] = torch.tensor(flat, dtype=torch.long), 1.0
+    adv_c, _ = gae(flat_r[pos] * cm, flat_v[pos] * cm, cm, gamma, lam)
+    adv = torch.zeros_like(flat_r)
+    adv[pos[cm > 0]] = adv_c[cm > 0]
+    adv = adv.reshape(rewards.shape) * (mask > 0)
+    return adv, (adv + values) * (mask > 0)

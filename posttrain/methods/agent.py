@@ -68,6 +68,32 @@ def samples(trajs: list[Trajectory]) -> tuple[Rollout, list[int], list[list[bool
     return Rollout(prompt_ids, ids, [""] * len(ids), finished, logprobs), owner, sampled
 
 
+def sampled_only(batches: list[Batch], sampled: list[list[bool]]) -> list[Batch]:
+    """The micro-batches of ``samples`` with environment tokens out of ``completion_mask``: they are context, so
+    every loss, KL, entropy and count sees the model's sampled tokens only."""
+    at = 0
+    for b in batches:
+        mask = b["completion_mask"]
+        for i, flags in enumerate(sampled[at:at + mask.shape[0]]):
+            mask[i, :len(flags)] &= torch.tensor(flags)
+        at += mask.shape[0]
+    return batches
+
+
+def sample_trajectories(schedule: RolloutSchedule, setup: AgentSetup, rollout: int, n: int, max_new_tokens: int,
+                        temperature: float, top_p: float) -> tuple[list[int], list[Trajectory], float]:
+    """This process's share of the rollout's rows, ``n`` trajectories of each (the engine synced to the policy
+    first), and the seconds sampling took."""
+    idx, seeds = schedule.share(rollout)
+    with Timer() as took:
+        schedule.engine.sync(schedule.model, rollout)
+        settings = TurnSettings(max_new_tokens, setup.max_tokens, temperature, top_p,
+                                generation_batch(len(idx) * n, schedule.micro))
+        trajs = run_trajectories(schedule.engine, schedule.tok, setup.make_env, [schedule.rows[i] for i in idx], idx,
+                                 seeds, n, settings, style=setup.style, chat_template=setup.chat_template)
+    return idx, trajs, took.s
+
+
 @dataclass(frozen=True, eq=False)
 class AgentBatches:
     """A ``RolloutSchedule``'s ``make_batches`` for multi-turn GRPO (see the module docstring)."""
@@ -81,14 +107,9 @@ class AgentBatches:
     record: Callable[[list[Trajectory], int], None] | None = None  # e.g. append them to trajectories.jsonl
 
     def __call__(self, schedule: RolloutSchedule, rollout: int) -> list[Batch]:
-        p, g, s = self.params, self.params.group_size, self.setup
-        idx, seeds = schedule.share(rollout)
-        with Timer() as took:
-            schedule.engine.sync(schedule.model, rollout)
-            settings = TurnSettings(p.max_new_tokens, s.max_tokens, p.temperature, self.top_p,
-                                    generation_batch(len(idx) * g, schedule.micro))
-            trajs = run_trajectories(schedule.engine, schedule.tok, s.make_env, [schedule.rows[i] for i in idx], idx,
-                                     seeds, g, settings, style=s.style, chat_template=s.chat_template)
+        p, g = self.params, self.params.group_size
+        idx, trajs, took = sample_trajectories(schedule, self.setup, rollout, g, p.max_new_tokens, p.temperature,
+                                               self.top_p)
         if self.record is not None:
             self.record(trajs, rollout)
         scores, parts = _answers_scored(self.reward, schedule, idx, g, trajs)
@@ -100,18 +121,12 @@ class AgentBatches:
         metrics = {"reward": rewards.mean(), "reward_std": rewards.reshape(-1, g).std(1, correction=0).mean(),
                    "completion_len": torch.tensor(sum(sum(x) for x in sampled) / len(trajs), dtype=torch.float64),
                    "truncated": 1.0 - finished.double().mean(),
-                   "rollout/sample_s": torch.tensor(took.s, dtype=torch.float64),
+                   "rollout/sample_s": torch.tensor(took, dtype=torch.float64),
                    **{k: torch.tensor(v, dtype=torch.float64) for k, v in trajectory_metrics(trajs).items()},
                    **part_metrics(parts, "reward")}
         schedule.last_rollout = {"rollout": rollout, "prompts": idx, "texts": [t.answer for t in trajs],
                                  "rewards": scores}
-        batches = schedule.micro_batches(ro)
-        at = 0
-        for b in batches:  # environment tokens are context: out of the loss
-            mask = b["completion_mask"]
-            for i, flags in enumerate(sampled[at:at + mask.shape[0]]):
-                mask[i, :len(flags)] &= torch.tensor(flags)
-            at += mask.shape[0]
+        batches = sampled_only(schedule.micro_batches(ro), sampled)
         return score_batches(schedule, batches, adv[owner], row_weight, metrics, p, self.reference, self.chunk_size)
 
 

@@ -53,10 +53,11 @@ ACTOR, CRITIC, REWARD = "default", "critic", "reward"
 class SharedRoles(torch.nn.Module):
     """A PEFT model holding the actor, critic and reward adapters, plus the value and score heads."""
 
-    def __init__(self, policy: torch.nn.Module, value_head: torch.nn.Linear, score_head: torch.nn.Linear):
+    def __init__(self, policy: torch.nn.Module, value_head: torch.nn.Linear, score_head: torch.nn.Linear | None):
         super().__init__()
         self.policy, self.value_head, self.score_head = policy, value_head, score_head
-        self.score_head.requires_grad_(False)
+        if score_head is not None:  # None: an environment gives the reward, there is no reward model
+            score_head.requires_grad_(False)
 
     @contextlib.contextmanager
     def _trainable_kept(self) -> Iterator[None]:
@@ -102,19 +103,22 @@ class SharedRoles(torch.nn.Module):
 
     def scores(self, batch: Batch) -> torch.Tensor:
         """(N,) reward-model scores, read at each completion's last token."""
+        assert self.score_head is not None, "no reward model: the roles were attached without one"
         with self.role(REWARD) as m:
             hidden = pair_hidden(m, batch, decoder_only=True)
         return self.score_head(hidden[batch["last_index"].to(hidden.device)]).squeeze(-1).float()
 
 
-def attach_roles(policy: torch.nn.Module, reward_adapter: str | Path, score_head: str | Path, *,
+def attach_roles(policy: torch.nn.Module, reward_adapter: str | Path | None, score_head: str | Path | None, *,
                  critic_from_reward: bool) -> SharedRoles:
     """The four roles on ``policy`` (a PEFT model whose adapter ``default`` is the actor): the reward run's adapter
     as ``reward`` (frozen) and as the critic's start (``critic``, trainable) when ``critic_from_reward``, else a
     fresh critic adapter like the actor's; the score head from ``score_head``, the value head a copy of it (or
-    zeros). Only the actor's and critic's LoRA weights train."""
-    policy.load_adapter(str(reward_adapter), adapter_name=REWARD, is_trainable=False)
-    if critic_from_reward:
+    zeros). Only the actor's and critic's LoRA weights train. Without a reward model (``reward_adapter`` None: an
+    environment rewards the policy) there are three roles, the critic fresh."""
+    if reward_adapter is not None:
+        policy.load_adapter(str(reward_adapter), adapter_name=REWARD, is_trainable=False)
+    if critic_from_reward and reward_adapter is not None:
         policy.load_adapter(str(reward_adapter), adapter_name=CRITIC, is_trainable=True)
     else:
         policy.add_adapter(CRITIC, policy.peft_config[ACTOR])
@@ -122,9 +126,10 @@ def attach_roles(policy: torch.nn.Module, reward_adapter: str | Path, score_head
     for name, p in policy.named_parameters():  # actor and critic adapters train; the base and the reward do not
         p.requires_grad_("lora_" in name and (f".{ACTOR}." in name or f".{CRITIC}." in name))
     param = next(policy.parameters())
-    score = load_head(score_head, param.dtype, param.device)
-    value = torch.nn.Linear(score.in_features, 1, dtype=param.dtype, device=param.device)
-    if critic_from_reward:
+    score = load_head(score_head, param.dtype, param.device) if score_head is not None else None
+    width = score.in_features if score is not None else policy.config.hidden_size
+    value = torch.nn.Linear(width, 1, dtype=param.dtype, device=param.device)
+    if critic_from_reward and score is not None:
         value.load_state_dict(score.state_dict())
     else:
         torch.nn.init.zeros_(value.weight)
@@ -140,7 +145,8 @@ def role_memory(roles: SharedRoles) -> dict[str, float]:
         if "lora_" in n:
             role = n.split(".")[-2]
             adapters[role] = adapters.get(role, 0) + p.numel() * p.element_size()
-    heads = sum(p.numel() * p.element_size() for m in (roles.value_head, roles.score_head) for p in m.parameters())
+    heads = sum(p.numel() * p.element_size() for m in (roles.value_head, roles.score_head) if m is not None
+                for p in m.parameters())
     mb = 2 ** 20
     shared = base + sum(adapters.values()) + heads
     four = 4 * base + adapters.get(ACTOR, 0) + adapters.get(CRITIC, 0) + heads
@@ -262,18 +268,7 @@ class PPOBatches:
         idx, ro = schedule.sample(rollout, n, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
                                   top_p=p.top_p, min_new_tokens=p.min_new_tokens)
         batches = schedule.micro_batches(ro)
-        parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("scores", "old", "ref", "values")}
-        with evaluating(roles):
-            for b in batches:
-                parts["scores"].append(roles.scores(b))
-                parts["old"].append(roles.logps(b, p.temperature, self.chunk_size))
-                parts["ref"].append(roles.ref_logps(b, p.temperature, self.chunk_size))
-                parts["values"].append(roles.values(b))
-        width = max(b["completion_mask"].shape[1] for b in batches)
-        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
-        mask = torch.cat([pad(b["completion_mask"]) for b in batches]).float()
-        old, ref, values = (torch.cat([pad(t.float()) for t in parts[k]]) for k in ("old", "ref", "values"))
-        raw = torch.cat(parts["scores"])
+        mask, old, ref, values, raw = role_passes(roles, batches, p.temperature, self.chunk_size)
         finished = torch.tensor(ro.finished)
         scores = raw - p.missing_eos_penalty * (~finished).float()
         rewards = kl_shaped_rewards(scores, old, ref, mask, p.kl_coef)
@@ -291,14 +286,40 @@ class PPOBatches:
                    "value_mean": masked_mean(values, mask).double(),
                    "return_mean": masked_mean(returns, mask).double(), **schedule.rollout_metrics(idx, n, ro)}
         schedule.last_rollout = {"rollout": rollout, "prompts": idx, "texts": ro.texts, "rewards": raw.tolist()}
-        at = 0
+        return with_targets(batches, old, values, adv, returns, metrics)
+
+
+@torch.no_grad()
+def role_passes(roles: SharedRoles, batches: list[Batch], temperature: float, chunk_size: int = 1024,
+                score: bool = True) -> tuple[torch.Tensor, ...]:
+    """One rollout's (N, W) completion mask, old and reference log-probs and values, padded to one width over its
+    micro-batches, and the reward model's (N,) scores (None where ``score`` is off: no reward model)."""
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("scores", "old", "ref", "values")}
+    with evaluating(roles):
         for b in batches:
-            k, w = b["completion_mask"].shape
-            for key, full in (("old_logp", old), ("old_values", values), ("advantages", adv), ("returns", returns)):
-                b[key] = full[at:at + k, :w].contiguous()
-            b["metrics"] = {name: v.float() for name, v in metrics.items()}
-            at += k
-        return batches
+            if score:
+                parts["scores"].append(roles.scores(b))
+            parts["old"].append(roles.logps(b, temperature, chunk_size))
+            parts["ref"].append(roles.ref_logps(b, temperature, chunk_size))
+            parts["values"].append(roles.values(b))
+    width = max(b["completion_mask"].shape[1] for b in batches)
+    pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
+    mask = torch.cat([pad(b["completion_mask"]) for b in batches]).float()
+    old, ref, values = (torch.cat([pad(t.float()) for t in parts[k]]) for k in ("old", "ref", "values"))
+    return mask, old, ref, values, torch.cat(parts["scores"]) if score else None
+
+
+def with_targets(batches: list[Batch], old: torch.Tensor, values: torch.Tensor, adv: torch.Tensor,
+                 returns: torch.Tensor, metrics: dict[str, torch.Tensor]) -> list[Batch]:
+    """The micro-batches with their rows' share of the rollout's (N, W) targets and the rollout's metrics."""
+    at = 0
+    for b in batches:
+        k, w = b["completion_mask"].shape
+        for key, full in (("old_logp", old), ("old_values", values), ("advantages", adv), ("returns", returns)):
+            b[key] = full[at:at + k, :w].contiguous()
+        b["metrics"] = {name: v.float() for name, v in metrics.items()}
+        at += k
+    return batches
 
 
 def rollout_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[float, float]:

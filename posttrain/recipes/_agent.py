@@ -1,7 +1,7 @@
-"""GRPO in an environment (``env`` in a grpo config): the environment built and checked before any model loads, the
-template's tool-call style, the multi-turn rollout schedule, its held-out eval, and every rollout's trajectories
-written to ``trajectories/rollout-NNNNNN.jsonl`` in the run folder (``posttrain render --trajectory`` prints them).
-Layer 7, like the recipes."""
+"""GRPO and PPO in an environment (``env`` in a grpo or ppo config): the environment built and checked before any
+model loads, the template's tool-call style, the multi-turn rollout schedules, their held-out eval, and every
+rollout's trajectories written to ``trajectories/rollout-NNNNNN.jsonl`` in the run folder (``posttrain render
+--trajectory`` prints them). Layer 7, like the recipes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from posttrain.config import GRPOConfig
+from posttrain.config import GRPOConfig, PPOConfig
 from posttrain.data.templates import resolve_template
 from posttrain.data.toolcalls import template_style
 from posttrain.engine.distributed import world
@@ -17,6 +17,7 @@ from posttrain.envs import make_environment
 from posttrain.errors import ConfigError, TemplateError
 from posttrain.io import atomic_write_text
 from posttrain.methods.agent import AgentBatches, AgentSetup, agent_eval
+from posttrain.methods.agent_ppo import AgentPPOBatches
 from posttrain.methods.grpo import GRPOParams
 from posttrain.models.loading import load_tokenizer
 from posttrain.rewards import Combined
@@ -24,7 +25,7 @@ from posttrain.rollout.multiturn import Trajectory, trajectory_record
 from posttrain.rollout.schedule import RolloutSchedule, generation_batch
 
 
-def agent_setup(cfg: GRPOConfig) -> AgentSetup:
+def agent_setup(cfg: GRPOConfig | PPOConfig) -> AgentSetup:
     """The environment factory (one instance built now, so a bad option stops the run here) and the template."""
     assert cfg.env is not None
     try:
@@ -62,9 +63,20 @@ def agent_schedule(cfg: GRPOConfig, setup: AgentSetup, model: Any, tokenizer: An
                            seed=t.seed, share_prompt=cfg.data.share_prompt, engine=engine)
 
 
-def agent_evaluate(cfg: GRPOConfig, setup: AgentSetup, tokenizer: Any,
-                   held_rows: list[dict[str, Any]]) -> Callable[[Any], dict[str, float]] | None:
+def agent_ppo_schedule(cfg: PPOConfig, setup: AgentSetup, roles: Any, tokenizer: Any, prompts: Any, rows: Any,
+                       chats: Any, params: Any, engine: Any, out: Path) -> RolloutSchedule:
+    p, t = cfg.ppo, cfg.train
+    batches = AgentPPOBatches(roles, setup, params, t.loss_chunk_size, trajectory_writer(out))
+    return RolloutSchedule(roles.policy, tokenizer, prompts, rows, chats, make_batches=batches,
+                           prompts_per_step=p.prompts_per_step, mu=p.mu, micro_batch_size=t.micro_batch_size,
+                           seed=t.seed, share_prompt=cfg.data.share_prompt, engine=engine)
+
+
+def agent_evaluate(cfg: GRPOConfig | PPOConfig, setup: AgentSetup, tokenizer: Any, held_rows: list[dict[str, Any]],
+                   policy: Callable[[Any], Any] = lambda m: m) -> Callable[[Any], dict[str, float]] | None:
+    """The held-out eval: one greedy trajectory per row, of ``policy(model)`` (PPO's roles hold the actor)."""
     if not held_rows:
         return None
     batch = generation_batch(len(held_rows), cfg.train.micro_batch_size)
-    return lambda m: agent_eval(m, tokenizer, held_rows, setup, cfg.grpo.max_new_tokens, batch)
+    section = cfg.grpo if isinstance(cfg, GRPOConfig) else cfg.ppo
+    return lambda m: agent_eval(policy(m), tokenizer, held_rows, setup, section.max_new_tokens, batch)

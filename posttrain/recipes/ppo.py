@@ -36,6 +36,7 @@ from posttrain.methods.ppo import (
 from posttrain.models import Loaded, format_trainable, trainable_report
 from posttrain.models.heads import save_head
 from posttrain.models.loading import resolve_model_path
+from posttrain.recipes._agent import agent_evaluate, agent_ppo_schedule, agent_setup
 from posttrain.recipes._common import (
     announce,
     begin_run,
@@ -59,6 +60,7 @@ from posttrain.runs import ADAPTER_DIR, CONFIG_FILE, CRITIC_DIR, HEAD_FILE, run_
 def run(cfg: PPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     start = check_resume(cfg, resume)  # a changed config is refused here, before anything is loaded or written
     check_processes(cfg)
+    setup = agent_setup(cfg) if cfg.env is not None else None  # a bad env stops the run before the model loads
     job = begin_run(cfg)
     rss_loaded = rss_mb()[0]
     tok = job.tokenizer
@@ -72,28 +74,36 @@ def run(cfg: PPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     console.print(format_trainable(report))
     disable_dropout(roles, "PPO")
     memory = role_memory(roles)
-    console.print(f"memory: one base {memory['base_weights_mb']} MB shared by actor, critic, reward and reference "
-                  f"({memory['shared_weights_mb']} MB of weights in all; four copies: "
-                  f"{memory['four_copies_weights_mb']} MB)")
+    console.print(f"memory: one base {memory['base_weights_mb']} MB shared by actor, critic, "
+                  f"{'reward and ' if setup is None else ''}reference ({memory['shared_weights_mb']} MB of weights "
+                  f"in all; four copies: {memory['four_copies_weights_mb']} MB)")
     params = from_section(PPOParams, p)
     steps = step_rewards(cfg, roles, t.micro_batch_size)
     engine, correction = start_engine(cfg, roles.policy, tok, job.out, prompts[0], p.temperature)
     with contextlib.ExitStack() as stack:
         stack.callback(engine.close)
-        schedule = ppo_schedule(roles, tok, prompts, rows, chats, params, prompts_per_step=p.prompts_per_step,
-                                mu=p.mu, micro_batch_size=t.micro_batch_size, seed=t.seed,
-                                chunk_size=t.loss_chunk_size, share_prompt=d.share_prompt, watch=watch, engine=engine,
-                                ahead=cfg.rollout.async_ahead, steps=steps)
+        if setup is not None:
+            schedule = agent_ppo_schedule(cfg, setup, roles, tok, prompts, rows, chats, params, engine, job.out)
+        else:
+            schedule = ppo_schedule(roles, tok, prompts, rows, chats, params, prompts_per_step=p.prompts_per_step,
+                                    mu=p.mu, micro_batch_size=t.micro_batch_size, seed=t.seed,
+                                    chunk_size=t.loss_chunk_size, share_prompt=d.share_prompt, watch=watch,
+                                    engine=engine, ahead=cfg.rollout.async_ahead, steps=steps)
         stack.callback(schedule.drain)
         total = t.max_steps or schedule.steps_for(t.epochs)
         schedule.total_rollouts = -(-total // p.mu)
-        console.print(f"training {total} steps: {p.prompts_per_step} prompts x {p.samples_per_prompt} per rollout, "
-                      f"{p.mu} step(s) per rollout, sampled by the {engine.name} engine; reward model "
-                      f"{p.reward_model}" + (f", step rewards from {p.step_rewards}" if steps else ""))
+        scorer = f"reward model {p.reward_model}" if setup is None else f"the {cfg.env.name} env's reward"
+        console.print(f"training {total} steps: {p.prompts_per_step} prompts x {p.samples_per_prompt} "
+                      f"{'' if setup is None else 'trajectories '}per rollout, {p.mu} step(s) per rollout, sampled "
+                      f"by the {engine.name} engine; {scorer}" + (f", step rewards from {p.step_rewards}" if steps
+                                                                   else ""))
         pad = schedule.pad_id
-        evaluate = (lambda m: ppo_eval(m, tok, held_prompts, held_rows, held_chats, p.max_new_tokens,
-                                       generation_batch(len(held_prompts), t.micro_batch_size), pad, watch,
-                                       d.share_prompt)) if held_prompts else None
+        if setup is not None:
+            evaluate = agent_evaluate(cfg, setup, tok, held_rows, policy=lambda m: m.policy)
+        else:
+            evaluate = (lambda m: ppo_eval(m, tok, held_prompts, held_rows, held_chats, p.max_new_tokens,
+                                           generation_batch(len(held_prompts), t.micro_batch_size), pad, watch,
+                                           d.share_prompt)) if held_prompts else None
 
         def export(path: Path) -> None:  # a checkpoint: the actor as a plain PEFT adapter, the critic beside it
             roles.policy.save_pretrained(path, selected_adapters=[ACTOR])
@@ -112,8 +122,8 @@ def run(cfg: PPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
     memory.update(peak_rss_mb=round(peak, 1), rss_after_model_load_mb=round(rss_loaded, 1))
     summary, evals = write_summary(job, total, report, lines, records, final, "eval/reward", {"memory": memory})
     if evals:
-        console.print(f"held-out reward-model score (greedy) {evals[0]['eval/reward']:.3f} -> "
-                      f"{evals[-1]['eval/reward']:.3f}")
+        what = "reward-model score" if setup is None else "environment reward"
+        console.print(f"held-out {what} (greedy) {evals[0]['eval/reward']:.3f} -> {evals[-1]['eval/reward']:.3f}")
     console.print(f"peak memory {peak:.0f} MB (after loading the model: {rss_loaded:.0f} MB); four separate copies "
                   f"would hold {memory['four_copies_weights_mb']} MB of weights alone")
     plot = write_watch_plot(job.out, f"PPO rewards: {job.out.name}")
@@ -123,7 +133,11 @@ def run(cfg: PPOConfig, *, resume: bool | Resume = False) -> dict[str, Any]:
 
 
 def build_roles(cfg: PPOConfig, loaded: Loaded) -> Any:
-    """The four roles on one base, from the reward run named by ``ppo.reward_model`` (checked to share the base)."""
+    """The four roles on one base, from the reward run named by ``ppo.reward_model`` (checked to share the base);
+    with an env, no reward model: actor, a fresh critic and the reference."""
+    if cfg.ppo.reward_model is None:
+        policy, _ = prepare_model(cfg, loaded)
+        return attach_roles(policy, None, None, critic_from_reward=False)
     rm = Path(cfg.ppo.reward_model)
     if not (rm / HEAD_FILE).exists() or not (rm / CONFIG_FILE).exists():
         raise FileNotFoundError(f"ppo.reward_model: {rm} is not a `posttrain reward` run folder (needs config.yaml, "
