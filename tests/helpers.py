@@ -10,17 +10,29 @@ from pathlib import Path
 import torch
 
 
-def make_tiny(path: Path, tokenizer, *, layers: int = 2, hidden: int = 64, seed: int = 0) -> str:
-    """A tiny random Llama with the real SmolLM2 tokenizer, saved as an HF folder."""
+def make_tiny(path: Path, tokenizer, *, layers: int = 2, hidden: int = 64, seed: int = 0,
+              end_logit: float | None = None) -> str:
+    """A tiny random Llama with the real SmolLM2 tokenizer, saved as an HF folder. ``end_logit``: a model that ends
+    its turns, for multi-turn tests: a large bias on the last MLP's output points every final hidden state along one
+    unit direction u (so after the final norm h ~ sqrt(hidden) u), and the EOS row of the tied embedding is
+    u * end_logit / sqrt(hidden), so EOS's logit is ~end_logit at every position while the others stay near 0."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
                       num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=2048, tie_word_embeddings=True,
+                      max_position_embeddings=2048, tie_word_embeddings=True, mlp_bias=end_logit is not None,
                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
     model = LlamaForCausalLM(cfg)
+    if end_logit is not None:
+        u = torch.nn.functional.normalize(torch.randn(hidden), dim=0)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for lin in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
+                    lin.bias.zero_()
+            model.model.layers[-1].mlp.down_proj.bias.copy_(100.0 * u)
+            model.model.embed_tokens.weight[tokenizer.eos_token_id] = u * end_logit / hidden ** 0.5
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)

@@ -3,6 +3,7 @@ written out here), environment tokens out of every target, the terminal reward w
 refusals, and an end-to-end run in the tool environment without a reward model, resumed equal to uninterrupted."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ from posttrain.methods.ppo import PPO, attach_roles
 from posttrain.recipes.ppo import run as run_ppo
 from posttrain.rollout.multiturn import Segment, Trajectory, encode
 from posttrain.rollout.schedule import RolloutSchedule
-from tests.helpers import lora_policy, ppo_params, step_records, write_jsonl
+from tests.helpers import lora_policy, make_tiny, ppo_params, step_records, write_jsonl
 from tests.test_trajectory import Chatter, Scripted
 
 
@@ -60,7 +61,8 @@ def test_multi_turn_ppo_advantages_follow_the_sampled_tokens(tiny_dir, tokenizer
         flags = torch.tensor(sampled[k] + [False] * (b["completion_mask"].shape[1] - len(sampled[k])))
         assert b["completion_mask"][i].tolist() == flags.tolist()
         assert (b["advantages"][i][~flags] == 0).all() and (b["returns"][i][~flags] == 0).all()
-        old, ref, v = b["old_logp"][i][flags], roles.ref_logps(b, params.temperature)[i][flags].float(), b["old_values"][i][flags]
+        old, v = b["old_logp"][i][flags], b["old_values"][i][flags]
+        ref = roles.ref_logps(b, params.temperature)[i][flags].float()
         r = (-kl_coef * (old - ref)).tolist()
         r[-1] += 1.0  # the environment's reward, on the trajectory's last sampled token
         want = reference_gae(r, v.tolist(), gamma, lam)
@@ -120,3 +122,39 @@ def test_ppo_needs_a_reward_model_or_an_env(tiny_dir, tmp_path):
         load_config(None, [f"model.name={tiny_dir}", f"data.train={path}"], method="ppo")
     cfg = env_ppo_cfg(tiny_dir, tmp_path, tmp_path / "y", "ppo.critic_init=fresh")
     assert cfg.env.name == "tools" and cfg.ppo.reward_model is None
+
+
+@pytest.fixture(scope="module")
+def ending_dir(tmp_path_factory, tokenizer):
+    """A tiny model that ends a turn with probability ~0.6 per token at temperature 0.8, so turns finish."""
+    return make_tiny(tmp_path_factory.mktemp("ending"), tokenizer, end_logit=math.log(len(tokenizer) * 1.5) * 0.8)
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo"])
+def test_multi_turn_rl_with_the_server_engine(ending_dir, tmp_path, method):
+    """Three-turn trajectories (a user environment by dotted path) sampled by the server engine, posttrain serve
+    standing in for vLLM: the engine's log-probs of every sampled token, over all turns, match the trainer's."""
+    from posttrain.recipes import RECIPES
+    from tests.test_rollout_server import start_server
+
+    tiny_dir = ending_dir
+    rows = [{"prompt": f"Tell me about {i}."} for i in range(8)]
+    path = write_jsonl(tmp_path / "q.jsonl", rows)
+    srv = start_server(tiny_dir, tmp_path)
+    out = tmp_path / "run"
+    section = "ppo.samples_per_prompt" if method == "ppo" else "grpo.group_size"
+    try:
+        cfg = load_config(None, [f"model.name={tiny_dir}", f"data.train={path}", f"output_dir={out}",
+                                 f"{method}.prompts_per_step=2", f"{section}=2", f"{method}.max_new_tokens=5",
+                                 f"{method}.temperature=0.8", "train.micro_batch_size=4", "train.max_steps=2",
+                                 "rollout.engine=server", f"rollout.server_url={srv.url}", "train.log_every=1"],
+                          method=method, base={"env": {"name": "tests.test_trajectory:Chatter",
+                                                       "options": {"turns": 3}}})
+        RECIPES[method].run(cfg)
+    finally:
+        srv.stop()
+    steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(steps) == 2 and all(r["agent/turns"] > 2.0 for r in steps)  # most trajectories finish all three
+    assert all(r["mismatch/abs_mean"] < 1e-4 and r["mismatch/abs_max"] < 1e-3 for r in steps)
+    trajs = [json.loads(x) for x in (out / "trajectories" / "rollout-000001.jsonl").read_text().splitlines()]
+    assert any(t["turns"] == 3 and t["finished"] and not all(t["segments"][0]["sampled"]) for t in trajs)
