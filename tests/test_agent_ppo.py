@@ -75,19 +75,20 @@ def test_multi_turn_ppo_advantages_follow_the_sampled_tokens(tiny_dir, tokenizer
     assert metrics["agent/turns"] == 3.0 and metrics["reward"] == 1.0
 
 
-def env_ppo_cfg(tiny_dir, tmp_path, out, *extra):
+def env_cfg(tiny_dir, tmp_path, out, *extra, method="ppo"):
     rows = [{"prompt": f"What is {i} + {i + 2}?", "answer": str(2 * i + 2)} for i in range(10)]
     path = write_jsonl(tmp_path / "q.jsonl", rows)
+    n = "ppo.samples_per_prompt" if method == "ppo" else "grpo.group_size"
     return load_config(None, [f"model.name={tiny_dir}", f"data.train={path}", f"output_dir={out}",
-                              "data.eval_fraction=0.2", "ppo.prompts_per_step=2", "ppo.samples_per_prompt=2",
-                              "ppo.max_new_tokens=6", "train.lr=1e-3", "train.micro_batch_size=4",
-                              "train.max_steps=3", "train.min_lr_ratio=1.0", *extra], method="ppo",
+                              "data.eval_fraction=0.2", f"{method}.prompts_per_step=2", f"{n}=2",
+                              f"{method}.max_new_tokens=6", "train.lr=1e-3", "train.micro_batch_size=4",
+                              "train.max_steps=3", "train.min_lr_ratio=1.0", *extra], method=method,
                        base={"env": {"name": "tools", "options": {"tools": [], "verifier": "number"}}})
 
 
-def test_run_multi_turn_ppo_without_a_reward_model_and_resume(tiny_dir, tmp_path):
+def test_run_multi_turn_ppo_without_a_reward_model(tiny_dir, tmp_path):
     full = tmp_path / "full"
-    summary = run_ppo(env_ppo_cfg(tiny_dir, tmp_path, full))
+    summary = run_ppo(env_cfg(tiny_dir, tmp_path, full))
     metrics = [json.loads(x) for x in (full / "metrics.jsonl").read_text().splitlines()]
     step = next(m for m in metrics if "loss" in m)
     assert {"reward", "kl", "policy_loss", "value_loss", "agent/turns", "agent/cut", "entropy"} <= set(step)
@@ -95,14 +96,24 @@ def test_run_multi_turn_ppo_without_a_reward_model_and_resume(tiny_dir, tmp_path
     assert "adapter_reward_mb" not in summary["memory"] and (full / "critic" / "value_head.safetensors").exists()
     written = sorted((full / "trajectories").glob("rollout-*.jsonl"))
     assert len(written) == 3 and len(written[0].read_text().splitlines()) == 4
-    part = tmp_path / "part"
-    run_ppo(env_ppo_cfg(tiny_dir, tmp_path, part, "train.max_steps=2"))
-    run_ppo(env_ppo_cfg(tiny_dir, tmp_path, part), resume=Resume(extend_steps=True))
+
+
+@pytest.mark.parametrize("method", ["ppo", "grpo"])
+def test_multi_turn_resume_equals_uninterrupted(tiny_dir, tmp_path, method):
+    from posttrain.recipes import RECIPES
+
+    run = RECIPES[method].run
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(env_cfg(tiny_dir, tmp_path, full, method=method))
+    run(env_cfg(tiny_dir, tmp_path, part, "train.max_steps=2", method=method))
+    run(env_cfg(tiny_dir, tmp_path, part, method=method), resume=Resume(extend_steps=True))
     a, b = step_records(full), step_records(part)
     assert [s for s, *_ in a] == [s for s, *_ in b] == [1, 2, 3]
     for (_, la, ra, ga), (_, lb, rb, gb) in zip(a, b):
         assert la == pytest.approx(lb, abs=1e-6) and ra == pytest.approx(rb, abs=1e-6)
         assert ga == pytest.approx(gb, rel=1e-4)
+    assert (full / "trajectories" / "rollout-000002.jsonl").read_text() == \
+        (part / "trajectories" / "rollout-000002.jsonl").read_text()
 
 
 @pytest.mark.parametrize("extra, message", [
@@ -113,14 +124,14 @@ def test_run_multi_turn_ppo_without_a_reward_model_and_resume(tiny_dir, tmp_path
 ])
 def test_an_env_refuses_what_multi_turn_ppo_cannot_do(tiny_dir, tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
-        env_ppo_cfg(tiny_dir, tmp_path, tmp_path / "x", *extra)
+        env_cfg(tiny_dir, tmp_path, tmp_path / "x", *extra)
 
 
 def test_ppo_needs_a_reward_model_or_an_env(tiny_dir, tmp_path):
     path = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}])
     with pytest.raises(ConfigError, match="ppo.reward_model: a `posttrain reward` run folder is needed"):
         load_config(None, [f"model.name={tiny_dir}", f"data.train={path}"], method="ppo")
-    cfg = env_ppo_cfg(tiny_dir, tmp_path, tmp_path / "y", "ppo.critic_init=fresh")
+    cfg = env_cfg(tiny_dir, tmp_path, tmp_path / "y", "ppo.critic_init=fresh")
     assert cfg.env.name == "tools" and cfg.ppo.reward_model is None
 
 
