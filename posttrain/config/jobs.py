@@ -67,11 +67,14 @@ class SFTConfig(_Job):
 
 
 class DPOSection(Section):
-    loss: Literal["dpo", "ipo", "simpo", "rpo"] = "dpo"
+    loss: Literal["dpo", "ipo", "ipo_per_token", "simpo", "rpo", "orpo", "cpo"] = "dpo"
     beta: float = Field(0.1, gt=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     gamma: float = Field(0.5, description="SimPO target margin")
     rpo_alpha: float = Field(1.0, ge=0.0, description="RPO: weight of the chosen responses' per-token NLL")
+    orpo_lambda: float = Field(0.1, ge=0.0, description="ORPO: weight of the odds-ratio term (the paper's lambda, "
+                               "TRL's ORPOConfig.beta)")
+    cpo_alpha: float = Field(1.0, ge=0.0, description="CPO: weight of the chosen responses' per-token NLL")
     precompute_ref: bool = Field(False, description="one reference pass stored on disk; none during training")
 
 
