@@ -8,6 +8,7 @@ problems (multi-digit operands, 1-3 operations) in three settings, measured on t
 Every answer is one greedy trajectory, verified against the generated answer (``envs`` verifier ``number``).
 
     .venv/bin/python benchmarks/arith_agent.py --out runs/arith-agent [--eval 100] [--grpo-steps 20]
+        [--sft-epochs 2] [--grpo-lr 2e-5] [--skip base]
 
 Writes OUT/results.json, and the runs OUT/sft and OUT/grpo (their report.html and trajectories).
 """
@@ -47,6 +48,7 @@ def main() -> None:
     ap.add_argument("--demos", type=int, default=300)
     ap.add_argument("--sft-epochs", type=float, default=2)
     ap.add_argument("--grpo-steps", type=int, default=20)
+    ap.add_argument("--grpo-lr", type=float, default=None, help="default: examples/grpo-arith-tools.yaml's")
     ap.add_argument("--skip", nargs="*", default=[], choices=["base", "sft", "grpo"])
     args = ap.parse_args()
 
@@ -81,7 +83,8 @@ def main() -> None:
         cfg = load_config(str(REPO / "examples/grpo-arith-tools.yaml"),
                           [f"data.train={data / 'train.jsonl'}", f"data.eval={data / 'test.jsonl'}",
                            f"output_dir={out / 'grpo'}", f"model.init_adapter={out / 'sft'}",
-                           f"train.max_steps={args.grpo_steps}", f"train.eval_every={args.grpo_steps}"],
+                           f"train.max_steps={args.grpo_steps}", f"train.eval_every={args.grpo_steps}",
+                           *([f"train.lr={args.grpo_lr}"] if args.grpo_lr else [])],
                           method="grpo")
         t0 = time.perf_counter()
         RECIPES["grpo"].run(cfg)

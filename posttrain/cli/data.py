@@ -1,6 +1,6 @@
 """``posttrain data ...``: dedup, contamination (with a gate), stratification audit, rater agreement, length bias,
-Math-Shepherd step labels for a PRM, outcome pairs for an ORM from them, arithmetic word problems for the calculator
-tool task.
+Math-Shepherd step labels for a PRM, outcome pairs for an ORM from them, unpaired KTO rows from pairs, arithmetic word
+problems for the calculator tool task.
 
 Layer 9 (cli): may import any layer.
 """
@@ -203,6 +203,29 @@ def _cmd_outcome_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_unpair(args: argparse.Namespace) -> int:
+    from posttrain.curate.unpair import unpair
+    from posttrain.data.unpaired import balance_line, imbalance_note
+
+    counts = unpair(args.file, args.out)
+    if args.json:
+        _json(counts)
+        return 0
+    out = console()
+    out.print(f"{escape(counts['in'])}: {counts['pairs']} pairs, [bold]{counts['rows'] // 2} unpaired[/] into two "
+              f"rows each, {counts['identical']} identical and {counts['bad']} bad skipped")
+    out.print(escape(balance_line(counts["out"], counts["rows"], counts["desirable"], counts["undesirable"])))
+    if counts["identical"]:
+        _warn(out, "identical pairs skipped (chosen and rejected say the same, so neither label fits): rows "
+                   + ", ".join(map(str, counts["identical_rows"][:10])) + (" ..." if counts["identical"] > 10 else ""))
+    if counts["bad"]:
+        shown = "; ".join(f"row {b['row']}: {b['problem']}" for b in counts["bad_rows"][:3])
+        _warn(out, f"{counts['bad']} bad pairs skipped: {shown}" + (" ..." if counts["bad"] > 3 else ""))
+    if note := imbalance_note(counts["desirable"], counts["undesirable"]):
+        _warn(out, note)
+    return 0
+
+
 def _cmd_arithmetic(args: argparse.Namespace) -> int:
     from posttrain.curate.arithmetic import FILES
 
@@ -235,7 +258,8 @@ def _fraction(text: str) -> float:
 def add_commands(sub) -> None:
     """Add ``data`` and its subcommands to the main parser's subcommands."""
     data = sub.add_parser("data", help="data curation: dedup, contamination gate, stratification audit, rater "
-                                       "agreement, length bias, PRM step labels, ORM pairs, arithmetic problems")
+                                       "agreement, length bias, PRM step labels, ORM pairs, KTO rows, "
+                                       "arithmetic problems")
     dsub = data.add_subparsers(dest="data_command", required=True)
 
     d = dsub.add_parser("dedup", help="drop exact and near duplicates (MinHash over word n-grams), keep the first")
@@ -318,6 +342,14 @@ def add_commands(sub) -> None:
                                                 "(written atomically)")
     o.add_argument("--json", action="store_true", help="print the counts as JSON")
     o.set_defaults(func=_cmd_outcome_pairs)
+
+    u = dsub.add_parser("unpair", help="unpaired rows for KTO from preference pairs: the chosen response labelled "
+                                       "true, the rejected one false, after the same prompt")
+    u.add_argument("file", help="pair file in any format `posttrain dpo` reads (prompt/chosen/rejected or HH-style)")
+    u.add_argument("--out", required=True, help="JSONL of prompt/completion/label rows with provenance "
+                                                "(written atomically)")
+    u.add_argument("--json", action="store_true", help="print the counts as JSON")
+    u.set_defaults(func=_cmd_unpair)
 
     w = dsub.add_parser("arithmetic", help="arithmetic word problems with 2-4 digit numbers for the calculator tool "
                                            "task: train and test prompts with answers, SFT tool-call demonstrations")

@@ -4,7 +4,8 @@ schedule them into batches, split off held-out sets, and read prompt files.
 Modules: readers (files -> rows), formats (rows -> chat messages), render (chats -> tokens + mask), examples (SFT
 data sets), pairs (preference data sets), prompts (prompt files), packing (best fit), collate (tensor batches and
 their layouts), schedule (batches by optimizer step), split (held-out splits), mixing (mixing sources in), steps
-(process-reward data: labelled steps, the token ending each, their batches).
+(process-reward data: labelled steps, the token ending each, their batches), unpaired (KTO's labelled
+completions).
 
 Layer 1: may import only posttrain.errors, posttrain.io and posttrain.data itself (not config, models or engine).
 """
@@ -53,6 +54,7 @@ from posttrain.data.steps import (
     step_batches,
     step_schedule,
 )
+from posttrain.data.unpaired import Unpaired, UnpairedReport, build_unpaired, row_to_unpaired, suggested_weights
 
 __all__ = ["IGNORE", "PAD_BRANCH", "DataReport", "Example", "Messages", "Pair", "PairBatch", "PairReport",
            "RolloutBatch", "SFTBatch", "StepSchedule", "best_fit", "build_examples", "build_pairs", "collate",
@@ -62,4 +64,5 @@ __all__ = ["IGNORE", "PAD_BRANCH", "DataReport", "Example", "Messages", "Pair", 
            "render_example", "render_prompt", "render_response", "row_len", "row_to_messages", "row_to_pair",
            "row_to_prompt", "sample_rows", "sft_schedule", "shared_prefix", "validate_messages",
            "StepBatch", "StepExample", "StepReport", "build_steps", "collate_steps", "parse_label", "render_steps",
-           "row_to_steps", "step_batches", "step_schedule"]
+           "row_to_steps", "step_batches", "step_schedule",
+           "Unpaired", "UnpairedReport", "build_unpaired", "row_to_unpaired", "suggested_weights"]
