@@ -10,7 +10,9 @@ Every answer is one greedy trajectory, verified against the generated answer (``
     .venv/bin/python benchmarks/arith_agent.py --out runs/arith-agent [--eval 100] [--grpo-steps 20]
         [--sft-epochs 2] [--grpo-lr 2e-5] [--skip base]
 
-Writes OUT/results.json, and the runs OUT/sft and OUT/grpo (their report.html and trajectories).
+Writes OUT/results.json, OUT/report.html (the accuracies as bars and a table, next to links to the runs'
+reports), and the runs OUT/sft and OUT/grpo (their report.html and trajectories). ``--skip base sft grpo`` only
+rewrites the report from OUT/results.json.
 """
 
 from __future__ import annotations
@@ -39,6 +41,27 @@ def accuracy(model_dir: str | None, rows: list[dict[str, Any]], *, tools: bool, 
     out = agent_eval(loaded.model, loaded.tokenizer, rows, setup, max_new_tokens, batch)
     out["eval/seconds"] = time.perf_counter() - t0
     return out
+
+
+def write_report(out: Path, results: dict[str, Any]) -> Path:
+    from posttrain.io import atomic_write_text
+    from posttrain.report.html import page, table
+    from posttrain.report.svg import eval_bars_svg
+
+    columns = list(results)
+    rows = {"accuracy": {c: results[c]["eval/reward"] for c in columns},
+            "tool calls per question": {c: results[c]["eval/tool_calls"] for c in columns},
+            "cut at the token budget": {c: results[c]["eval/cut"] for c in columns}}
+    chart = eval_bars_svg({"columns": columns, "rows": rows,
+                           "higher_is_better": {"accuracy": True, "cut at the token budget": False}})
+    cells = [[c, f"{results[c]['eval/reward']:.2f}", f"{results[c]['eval/tool_calls']:.2f}",
+              f"{results[c]['eval/turns']:.2f}", f"{results[c]['eval/cut']:.2f}"] for c in columns]
+    links = [f'<p><a href="{name}/report.html">{name} run report</a></p>' for name in ("sft", "grpo")
+             if (out / name / "report.html").exists()]
+    html = page("The calculator task", ["<h1>The calculator task: held-out accuracy</h1>", chart,
+                                        table(["setting", "accuracy", "tool calls", "turns", "cut"], cells), *links])
+    atomic_write_text(out / "report.html", html)
+    return out / "report.html"
 
 
 def main() -> None:
@@ -90,6 +113,8 @@ def main() -> None:
         RECIPES["grpo"].run(cfg)
         save("sft + grpo, calculator", {**accuracy(str(out / "grpo"), rows, tools=True, max_new_tokens=64, batch=32),
                                         "train/seconds": time.perf_counter() - t0})
+    if results:
+        print("report:", write_report(out, results))
 
 
 if __name__ == "__main__":
