@@ -145,7 +145,7 @@ def test_method_names_agree():
     assert set(RECIPES) <= commands
 
 
-@pytest.mark.parametrize("name", ["sft", "dpo", "reward", "grpo", "ppo"])
+@pytest.mark.parametrize("name", ["sft", "dpo", "kto", "reward", "grpo", "ppo"])
 def test_each_recipe_runs_and_says_what_it_does(name):
     import importlib
 

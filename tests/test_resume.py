@@ -192,13 +192,16 @@ def test_extend_steps_limits(interrupted, run, capsys, no_model_load):
     assert "cannot be re-laid honestly" in capsys.readouterr().err
 
 
-# dpo, reward, grpo and ppo resume through the same check: a checkpoint of each (as train_loop writes it) and a changed
-# method parameter, refused before the model is loaded.
+# dpo, kto, reward, grpo and ppo resume through the same check: a checkpoint of each (as train_loop writes it) and a
+# changed method parameter, refused before the model is loaded.
 def _method_cfg(method: str, tmp_path: Path, tiny_dir: str, *extra: str):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(8))
     prompts = write_jsonl(tmp_path / "q.jsonl", [{"prompt": f"Say {i}."} for i in range(8)])
     base = {"rewards": [{"name": "regex", "options": {"pattern": "1"}}]} if method == "grpo" else {}
+    unpaired = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": f"Say {i}.", "completion": f"{i}.", "label": i % 2 == 0}
+                                                    for i in range(8)])
     over = {"dpo": [f"data.train={pairs}"], "reward": [f"data.train={pairs}"], "grpo": [f"data.train={prompts}"],
+            "kto": [f"data.train={unpaired}"],
             "ppo": [f"data.train={prompts}", f"ppo.reward_model={tmp_path / 'rm'}"]}[method]
     return load_config(None, [f"model.name={tiny_dir}", f"output_dir={tmp_path / 'out'}", *over, *extra],
                        method=method, base=base)
@@ -206,6 +209,7 @@ def _method_cfg(method: str, tmp_path: Path, tiny_dir: str, *extra: str):
 
 @pytest.mark.parametrize("method,override,expected", [
     ("dpo", "dpo.beta=0.5", "dpo.beta: 0.1 -> 0.5"),
+    ("kto", "kto.beta=0.5", "kto.beta: 0.1 -> 0.5"),
     ("reward", "reward.margin=1.0", "reward.margin: 0.0 -> 1.0"),
     ("grpo", "grpo.kl_coef=0.0", "grpo.kl_coef: 0.04 -> 0.0"),
     ("ppo", "ppo.vf_coef=0.5", "ppo.vf_coef: 0.1 -> 0.5"),

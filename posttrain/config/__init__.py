@@ -17,6 +17,8 @@ from posttrain.config.jobs import (
     GRPOConfig,
     GRPOSection,
     JobConfig,
+    KTOConfig,
+    KTOSection,
     PPOConfig,
     PPOSection,
     PRMConfig,
@@ -38,6 +40,7 @@ from posttrain.config.sections import (
     ReplayConfig,
     StepDataConfig,
     TrainConfig,
+    UnpairedDataConfig,
 )
 from posttrain.config.workflow import (
     BaselineSpec,
@@ -51,9 +54,9 @@ from posttrain.config.workflow import (
 )
 
 __all__ = ["CONFIGS", "WATCH_HELP", "BaselineSpec", "DPOConfig", "DPOSection", "DataConfig", "EvalSetSpec",
-           "GRPOConfig", "GRPOSection", "GateRule", "GateSpec", "JobConfig", "LoraConfig", "MixConfig", "ModelConfig",
-           "PPOConfig", "PPOSection", "PRMConfig", "PRMSection", "PreferenceDataConfig", "PromptDataConfig",
-           "EnvSpec", "ReplayConfig", "RewardConfig", "RewardFnSpec", "RewardSection", "RolloutSection", "SFTConfig",
-           "StageSpec",
-           "StepDataConfig", "SuiteSpec", "SuitesConfig", "TrainConfig", "WorkflowConfig", "dump_config", "load_config",
-           "load_suites", "load_workflow", "parse_overrides"]
+           "GRPOConfig", "GRPOSection", "GateRule", "GateSpec", "JobConfig", "KTOConfig", "KTOSection", "LoraConfig",
+           "MixConfig", "ModelConfig", "PPOConfig", "PPOSection", "PRMConfig", "PRMSection", "PreferenceDataConfig",
+           "PromptDataConfig", "EnvSpec", "ReplayConfig", "RewardConfig", "RewardFnSpec", "RewardSection",
+           "RolloutSection", "SFTConfig", "StageSpec", "StepDataConfig", "SuiteSpec", "SuitesConfig", "TrainConfig",
+           "UnpairedDataConfig", "WorkflowConfig", "dump_config", "load_config", "load_suites", "load_workflow",
+           "parse_overrides"]

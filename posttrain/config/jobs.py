@@ -1,4 +1,4 @@
-"""The job configs, one per training method (sft, dpo, reward, prm, grpo, ppo), and their cross-section checks.
+"""The job configs, one per training method (sft, dpo, kto, reward, prm, grpo, ppo), and their cross-section checks.
 
 Layer 1 (config): imports only pydantic, the stdlib and ``config.sections``.
 """
@@ -18,6 +18,7 @@ from posttrain.config.sections import (
     Section,
     StepDataConfig,
     TrainConfig,
+    UnpairedDataConfig,
 )
 
 
@@ -94,6 +95,31 @@ class DPOConfig(_Job):
     dpo: DPOSection = DPOSection()
 
     _share = model_validator(mode="after")(_check_share_prompt)
+
+
+class KTOSection(Section):
+    beta: float = Field(0.1, gt=0)
+    desirable_weight: float | None = Field(
+        None, gt=0, description="lambda_D; null (with undesirable_weight null too): data.suggested_weights of the "
+        "training rows' class counts (the paper's lambda_D n_D / (lambda_U n_U) in [1, 4/3]); when only the other "
+        "is set, 1")
+    undesirable_weight: float | None = Field(None, gt=0, description="lambda_U; null: as desirable_weight")
+
+
+class KTOConfig(_Job):
+    method: Literal["kto"] = "kto"
+    output_dir: str = "runs/kto"
+    data: UnpairedDataConfig
+    train: TrainConfig = TrainConfig(lr=5e-6, micro_batch_size=4)
+    kto: KTOSection = KTOSection()
+
+    @model_validator(mode="after")
+    def _check(self) -> "KTOConfig":
+        if self.train.micro_batch_size < 2:
+            raise ValueError(f"train.micro_batch_size={self.train.micro_batch_size}: kto needs at least 2 rows per "
+                             "micro-batch, since its reference point z0 pairs each row's prompt with another row's "
+                             "completion from the same micro-batch")
+        return self
 
 
 class RewardSection(Section):
@@ -341,7 +367,7 @@ class PPOConfig(_Job):
         return self
 
 
-JobConfig = SFTConfig | DPOConfig | RewardConfig | PRMConfig | GRPOConfig | PPOConfig
+JobConfig = SFTConfig | DPOConfig | KTOConfig | RewardConfig | PRMConfig | GRPOConfig | PPOConfig
 
-CONFIGS: dict[str, type[JobConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "reward": RewardConfig,
+CONFIGS: dict[str, type[JobConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "kto": KTOConfig, "reward": RewardConfig,
                                        "prm": PRMConfig, "grpo": GRPOConfig, "ppo": PPOConfig}

@@ -138,6 +138,21 @@ class PreferenceDataConfig(Section):
         True, description="the prompt goes through the model once per pair, chosen and rejected both attend to it")
 
 
+class UnpairedDataConfig(Section):
+    """KTO's rows: a prompt, one completion and a boolean label (``data.unpaired``)."""
+    train: str = Field(..., description="rows of prompt / completion / label (true: desirable), e.g. from "
+                       "`posttrain data unpair`")
+    eval: str | None = Field(None, description="held-out rows; when null, eval_fraction of train's prompts is held "
+                             "out (every row of a held-out prompt, so both sides of an unpaired pair stay together)")
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    split_seed: int = 0
+    limit: int | None = Field(None, gt=0, description="read only the first N rows of train (and of eval)")
+    system_prompt: str | None = None
+    chat_template: str | None = None
+    max_seq_len: int = Field(1024, gt=1, description="per row (prompt + completion); a mismatched sequence of "
+                             "KTO's reference point is cut to it too")
+    overlong: Literal["error", "truncate", "drop"] = "error"
+
 
 class PromptDataConfig(Section):
     train: str = Field(..., description="rows with a prompt (text or chat messages) and any columns rewards read")

@@ -16,9 +16,11 @@ from posttrain.data.collate import (
     PairBatch,
     RolloutBatch,
     SFTBatch,
+    UnpairedBatch,
     collate,
     collate_pairs,
     collate_rollouts,
+    collate_unpaired,
     eval_batches,
     num_targets,
     pad_branch_rows,
@@ -65,4 +67,5 @@ __all__ = ["IGNORE", "PAD_BRANCH", "DataReport", "Example", "Messages", "Pair", 
            "row_to_prompt", "sample_rows", "sft_schedule", "shared_prefix", "validate_messages",
            "StepBatch", "StepExample", "StepReport", "build_steps", "collate_steps", "parse_label", "render_steps",
            "row_to_steps", "step_batches", "step_schedule",
-           "Unpaired", "UnpairedReport", "build_unpaired", "row_to_unpaired", "suggested_weights"]
+           "Unpaired", "UnpairedBatch", "UnpairedReport", "build_unpaired", "collate_unpaired", "row_to_unpaired",
+           "suggested_weights"]

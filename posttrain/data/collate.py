@@ -8,6 +8,9 @@ Three layouts, one TypedDict each (the keys and their shapes):
 - ``PairBatch`` (``collate_pairs``): a preference pair goes through the model in one forward, as one stretch of a
   row: its prompt once, then the chosen and the rejected response, each attending to the prompt and never to the
   other; several pairs can share a row (packing).
+- ``UnpairedBatch`` (``collate_unpaired``): KTO's rows as two rollout layouts, each row's own prompt + completion
+  and the mismatched prompt_i + completion_{order[i]} of its reference point (``order``: in KTO
+  ``losses.kto.mismatched_order``, which the method passes; data does not import losses).
 - ``RolloutBatch`` (``collate_rollouts``): a row holds ``prompt | completion 1 | ... | completion k`` for the
   completions of one prompt in a micro-batch; each completion's positions continue from the prompt, and
   ``branch``/``block`` (as in pair batches) let ``pair_attention_mask`` hide the completions from each other, so
@@ -18,7 +21,7 @@ Three layouts, one TypedDict each (the keys and their shapes):
 Shapes: B rows, T columns (the longest row); S scored tokens; P pairs; N completions, L the longest completion.
 TypedDicts are plain dicts at runtime.
 
-May import: posttrain.data.render, pairs, packing.
+May import: posttrain.data.render, pairs, packing, unpaired.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import torch
 from posttrain.data.packing import best_fit, row_len, shared_prefix
 from posttrain.data.pairs import Pair
 from posttrain.data.render import Example
+from posttrain.data.unpaired import Unpaired
 
 IGNORE = -100
 PAD_BRANCH = -1  # the branch of a rollout row's padding
@@ -274,3 +278,31 @@ def collate_rollouts(prompt_ids: list[list[int]], completion_ids: list[list[int]
                last_index=torch.tensor([r * width + t for r, t in last]),
                num_tokens=torch.tensor(sum(len(r[0]) for r in rows)))
     return out
+
+
+class UnpairedBatch(TypedDict):
+    own: RolloutBatch  # completion i is row i's own: prompt_i + completion_i
+    mismatched: RolloutBatch  # completion i is prompt_i + completion_{order[i]}, cut to max_seq_len
+    desirable: torch.Tensor  # (N,) bool; row i's label
+    row_index: torch.Tensor  # (N,) long; Unpaired.index of row i
+    num_tokens: torch.Tensor  # () long; non-padding tokens of both layouts
+
+
+def collate_unpaired(rows: list[Unpaired], order: list[int], pad_id: int,
+                     max_seq_len: int | None = None) -> UnpairedBatch:
+    """KTO's micro-batch: each row once as its own sequence and once with its prompt before row ``order[i]``'s
+    completion (the reference point's mismatched pairs). A mismatched sequence is cut to ``max_seq_len`` tokens,
+    keeping at least one completion token, so a long prompt followed by another row's long completion cannot make
+    the micro-batch twice as long as its own rows."""
+    if sorted(order) != list(range(len(rows))):
+        raise ValueError(f"order must be a permutation of the {len(rows)} rows, got {order}")
+    prompts = [r.prompt_ids for r in rows]
+    swapped = [rows[j].completion_ids for j in order]
+    if max_seq_len is not None:
+        swapped = [c[:max(1, max_seq_len - len(p))] for p, c in zip(prompts, swapped)]
+    own = collate_rollouts(prompts, [r.completion_ids for r in rows], pad_id, share_prompt=False)
+    mismatched = collate_rollouts(prompts, swapped, pad_id, share_prompt=False)
+    return {"own": own, "mismatched": mismatched,
+            "desirable": torch.tensor([r.label for r in rows], dtype=torch.bool),
+            "row_index": torch.tensor([r.index for r in rows], dtype=torch.long),
+            "num_tokens": own["num_tokens"] + mismatched["num_tokens"]}

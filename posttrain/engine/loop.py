@@ -24,7 +24,10 @@ from posttrain.engine.resume import RunStart, resumed_schedule
 from posttrain.engine.schedule import Schedule
 from posttrain.models.forward import Batch
 
-LossPart = tuple[torch.Tensor, dict[str, float]]  # (summed loss, metrics)
+# (summed loss, metrics). A metric is a float, averaged over the step's micro-batches and the ranks, or a (sum,
+# count) pair, summed over them and divided once: the mean over the units that have it (KTO's reward of one class,
+# which a micro-batch may lack); a step where no unit has it logs no value for it.
+LossPart = tuple[torch.Tensor, dict[str, float | tuple[float, float]]]
 
 
 class Method(Protocol):
@@ -207,6 +210,7 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
             units = sum_over_ranks([float(sum(method.count(b) for b in micro))], device)[0]
             loss_total = torch.zeros((), dtype=torch.float64, device=device)
             metrics: dict[str, float] = {}
+            ratios: dict[str, list[float]] = {}  # (sum, count) metrics, see LossPart
             for batch in micro:
                 # A method with several networks (PPO's actor and critic) yields its loss in parts, each
                 # backpropagated before the next is built, so only one part's activations are alive at a time.
@@ -217,7 +221,11 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
                     (loss_sum / max(units, 1.0)).backward()
                     loss_total += loss_sum.detach()
                     for k, v in m.items():
-                        metrics[k] = metrics.get(k, 0.0) + v / len(micro)
+                        if isinstance(v, tuple):
+                            acc = ratios.setdefault(k, [0.0, 0.0])
+                            acc[0], acc[1] = acc[0] + v[0], acc[1] + v[1]
+                        else:
+                            metrics[k] = metrics.get(k, 0.0) + v / len(micro)
                 window_tokens += int(batch.get("num_tokens", 0))
             if w.size > 1:
                 all_reduce_grads(params)
@@ -236,10 +244,13 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
                 elapsed = time.perf_counter() - window_start
                 # Every rank's share: the loss sums to the global one, token counts to the global throughput,
                 # and per-micro-batch means average over ranks.
-                keys = sorted(metrics)
+                keys, rkeys = sorted(metrics), sorted(ratios)
                 global_loss, window_tokens, *vals = sum_over_ranks(
-                    [float(loss_total), float(window_tokens), *(metrics[k] for k in keys)], device)
+                    [float(loss_total), float(window_tokens), *(metrics[k] for k in keys),
+                     *(x for k in rkeys for x in ratios[k])], device)
                 metrics = {k: v / w.size for k, v in zip(keys, vals)}
+                sums = vals[len(keys):]
+                metrics.update({k: sums[2 * i] / sums[2 * i + 1] for i, k in enumerate(rkeys) if sums[2 * i + 1]})
                 loss = global_loss / max(units, 1.0)
                 # loss_units: what the loss averages over this step (trained tokens for SFT, pairs for DPO)
                 rec = {"step": done, "loss": loss, "lr": lr, "loss_units": units,

@@ -1,4 +1,4 @@
-"""Training methods, one file each (sft, dpo, reward, grpo, ppo): each turns a batch into a summed loss and its
+"""Training methods, one file each (sft, dpo, kto, reward, grpo, ppo): each turns a batch into a summed loss and its
 metrics. Layer 5: may import layers 0-4 (losses, data, models, engine, rollout, rewards, ...), never config."""
 
 from posttrain.methods.dpo import PreferenceMethod, precompute_reference, preference_eval

@@ -34,6 +34,8 @@ RECIPES: dict[str, Recipe] = {
                   generates=True),
     "dpo": Recipe("posttrain.recipes.dpo", "preference optimisation (DPO, IPO, SimPO, RPO) from a YAML config",
                   generates=True),
+    "kto": Recipe("posttrain.recipes.kto", "KTO on unpaired rows (a completion labelled desirable or not) from a "
+                  "YAML config", generates=True),
     "reward": Recipe("posttrain.recipes.reward", "a Bradley-Terry reward model (backbone + scalar head) from a YAML "
                      "config", generates=False),
     "prm": Recipe("posttrain.recipes.prm", "a process reward model (backbone + a score at every step's end) from "

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from posttrain.config import (
     DPOConfig,
     JobConfig,
+    KTOConfig,
     ModelConfig,
     PRMConfig,
     RewardConfig,
@@ -165,7 +166,8 @@ def save_config(out: Path, cfg: JobConfig) -> None:
     atomic_write_text(out / CONFIG_FILE, dump_config(cfg))
 
 
-def shard_if_asked(cfg: SFTConfig | DPOConfig | RewardConfig | PRMConfig, model: torch.nn.Module) -> bool:
+def shard_if_asked(cfg: SFTConfig | DPOConfig | KTOConfig | RewardConfig | PRMConfig,
+                   model: torch.nn.Module) -> bool:
     """FSDP2 on the decoder layers when torchrun started several processes and train.distributed is fsdp."""
     w = world()
     if w.size > 1 and cfg.train.distributed == "fsdp":

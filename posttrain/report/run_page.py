@@ -35,6 +35,8 @@ FIGURES: _Spec = [
     ("rewards and margins", [
         ("chosen and rejected rewards", ["rewards/chosen", "rewards/rejected", "eval/rewards/chosen",
                                          "eval/rewards/rejected"]),
+        ("desirable and undesirable rewards (KTO)", ["rewards/desirable", "rewards/undesirable",
+                                                     "eval/rewards/desirable", "eval/rewards/undesirable"]),
         ("reward margin", ["rewards/margin", "eval/rewards/margin"]),
         ("chosen and rejected scores", ["score/chosen", "score/rejected", "eval/score_chosen", "eval/score_rejected"]),
         ("score margin", ["score/margin"]),
