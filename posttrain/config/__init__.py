@@ -9,14 +9,12 @@ workflow file; ``loading``: YAML + overrides -> a validated config.
 """
 
 from posttrain.config.jobs import (
-    CONFIGS,
     WATCH_HELP,
     DPOConfig,
     DPOSection,
     EnvSpec,
     GRPOConfig,
     GRPOSection,
-    JobConfig,
     KTOConfig,
     KTOSection,
     PPOConfig,
@@ -30,6 +28,8 @@ from posttrain.config.jobs import (
     SFTConfig,
 )
 from posttrain.config.loading import dump_config, load_config, load_suites, load_workflow, parse_overrides
+from posttrain.config.online import JudgeSpec, OnlineDPOConfig, OnlineSection
+from posttrain.config.registry import CONFIGS, JobConfig
 from posttrain.config.sections import (
     DataConfig,
     LoraConfig,
@@ -53,10 +53,10 @@ from posttrain.config.workflow import (
     WorkflowConfig,
 )
 
-__all__ = ["CONFIGS", "WATCH_HELP", "BaselineSpec", "DPOConfig", "DPOSection", "DataConfig", "EvalSetSpec",
-           "GRPOConfig", "GRPOSection", "GateRule", "GateSpec", "JobConfig", "KTOConfig", "KTOSection", "LoraConfig",
-           "MixConfig", "ModelConfig", "PPOConfig", "PPOSection", "PRMConfig", "PRMSection", "PreferenceDataConfig",
-           "PromptDataConfig", "EnvSpec", "ReplayConfig", "RewardConfig", "RewardFnSpec", "RewardSection",
-           "RolloutSection", "SFTConfig", "StageSpec", "StepDataConfig", "SuiteSpec", "SuitesConfig", "TrainConfig",
-           "UnpairedDataConfig", "WorkflowConfig", "dump_config", "load_config", "load_suites", "load_workflow",
-           "parse_overrides"]
+__all__ = ["CONFIGS", "WATCH_HELP", "BaselineSpec", "DPOConfig", "DPOSection", "DataConfig", "EnvSpec",
+           "EvalSetSpec", "GRPOConfig", "GRPOSection", "GateRule", "GateSpec", "JobConfig", "JudgeSpec", "KTOConfig",
+           "KTOSection", "LoraConfig", "MixConfig", "ModelConfig", "OnlineDPOConfig", "OnlineSection", "PPOConfig",
+           "PPOSection", "PRMConfig", "PRMSection", "PreferenceDataConfig", "PromptDataConfig", "ReplayConfig",
+           "RewardConfig", "RewardFnSpec", "RewardSection", "RolloutSection", "SFTConfig", "StageSpec",
+           "StepDataConfig", "SuiteSpec", "SuitesConfig", "TrainConfig", "UnpairedDataConfig", "WorkflowConfig",
+           "dump_config", "load_config", "load_suites", "load_workflow", "parse_overrides"]

@@ -1,4 +1,5 @@
-"""The job configs, one per training method (sft, dpo, kto, reward, prm, grpo, ppo), and their cross-section checks.
+"""The job configs of the offline and RL methods (sft, dpo, kto, reward, prm, grpo, ppo), and their cross-section checks
+(online-dpo: ``config.online``; the table of all: ``config.registry``).
 
 Layer 1 (config): imports only pydantic, the stdlib and ``config.sections``.
 """
@@ -22,7 +23,7 @@ from posttrain.config.sections import (
 )
 
 
-class _Job(Section):
+class JobBase(Section):
     """What every training job has: its method, run folder, and the model it trains (LoRA or full)."""
     method: str
     output_dir: str
@@ -31,7 +32,7 @@ class _Job(Section):
     lora: LoraConfig = LoraConfig()
 
     @model_validator(mode="after")
-    def _check_quantization(self) -> "_Job":
+    def _check_quantization(self) -> "JobBase":
         if self.model.quantization == "none":
             return self
         if self.finetune != "lora":
@@ -44,7 +45,7 @@ class _Job(Section):
         return self
 
 
-class SFTConfig(_Job):
+class SFTConfig(JobBase):
     method: Literal["sft"] = "sft"
     output_dir: str = "runs/sft"
     data: DataConfig
@@ -80,21 +81,21 @@ class DPOSection(Section):
 
 
 # A plain function so 4 jobs with unrelated data sections share it; pydantic collects it only as class attr `_share`.
-def _check_share_prompt(cfg: Any) -> Any:
+def check_share_prompt(cfg: Any) -> Any:
     if cfg.data.share_prompt and cfg.model.attn_implementation.startswith("flash"):
         raise ValueError("data.share_prompt needs an attention that takes a custom mask (sdpa, eager); with "
                          f"model.attn_implementation={cfg.model.attn_implementation!r} set data.share_prompt: false")
     return cfg
 
 
-class DPOConfig(_Job):
+class DPOConfig(JobBase):
     method: Literal["dpo"] = "dpo"
     output_dir: str = "runs/dpo"
     data: PreferenceDataConfig
     train: TrainConfig = TrainConfig(lr=5e-6, micro_batch_size=2)
     dpo: DPOSection = DPOSection()
 
-    _share = model_validator(mode="after")(_check_share_prompt)
+    _share = model_validator(mode="after")(check_share_prompt)
 
 
 class KTOSection(Section):
@@ -106,7 +107,7 @@ class KTOSection(Section):
     undesirable_weight: float | None = Field(None, gt=0, description="lambda_U; null: as desirable_weight")
 
 
-class KTOConfig(_Job):
+class KTOConfig(JobBase):
     method: Literal["kto"] = "kto"
     output_dir: str = "runs/kto"
     data: UnpairedDataConfig
@@ -129,14 +130,14 @@ class RewardSection(Section):
     length_warn: float = Field(0.5, ge=0.0, le=1.0, description="warn when |corr(score, length)| exceeds this")
 
 
-class RewardConfig(_Job):
+class RewardConfig(JobBase):
     method: Literal["reward"] = "reward"
     output_dir: str = "runs/reward"
     data: PreferenceDataConfig
     train: TrainConfig = TrainConfig(lr=1e-4, micro_batch_size=2)
     reward: RewardSection = RewardSection()
 
-    _share = model_validator(mode="after")(_check_share_prompt)
+    _share = model_validator(mode="after")(check_share_prompt)
 
 
 class PRMSection(Section):
@@ -146,7 +147,7 @@ class PRMSection(Section):
     step_separator: str = Field("\n", description="the text between steps in the assistant message")
 
 
-class PRMConfig(_Job):
+class PRMConfig(JobBase):
     method: Literal["prm"] = "prm"
     output_dir: str = "runs/prm"
     data: StepDataConfig
@@ -269,7 +270,7 @@ def _check_env(cfg: Any, refused: dict[str, Any]) -> None:
                              f"reward){hint}")
 
 
-class GRPOConfig(_Job):
+class GRPOConfig(JobBase):
     method: Literal["grpo"] = "grpo"
     output_dir: str = "runs/grpo"
     data: PromptDataConfig
@@ -282,7 +283,7 @@ class GRPOConfig(_Job):
     reward_reduce: Literal["sum", "min"] = "sum"
     watch: list[RewardFnSpec] = Field(default_factory=list, description=WATCH_HELP)
 
-    _share = model_validator(mode="after")(_check_share_prompt)
+    _share = model_validator(mode="after")(check_share_prompt)
 
     @model_validator(mode="after")
     def _check(self) -> "GRPOConfig":
@@ -336,7 +337,7 @@ class PPOSection(Section):
         "line", description="how a completion is cut into steps, as `posttrain data prm-labels` cut the PRM's data")
 
 
-class PPOConfig(_Job):
+class PPOConfig(JobBase):
     method: Literal["ppo"] = "ppo"
     output_dir: str = "runs/ppo"
     data: PromptDataConfig
@@ -346,7 +347,7 @@ class PPOConfig(_Job):
     env: EnvSpec | None = Field(None, description="a multi-turn environment, whose reward replaces the reward model's")
     watch: list[RewardFnSpec] = Field(default_factory=list, description=WATCH_HELP)
 
-    _share = model_validator(mode="after")(_check_share_prompt)
+    _share = model_validator(mode="after")(check_share_prompt)
 
     @model_validator(mode="after")
     def _check(self) -> "PPOConfig":
@@ -365,9 +366,3 @@ class PPOConfig(_Job):
             raise ValueError("ppo.step_rewards and ppo.reward_model name the same run: one is a `posttrain prm` run "
                              "(a score per step), the other a `posttrain reward` run (a score per answer)")
         return self
-
-
-JobConfig = SFTConfig | DPOConfig | KTOConfig | RewardConfig | PRMConfig | GRPOConfig | PPOConfig
-
-CONFIGS: dict[str, type[JobConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "kto": KTOConfig, "reward": RewardConfig,
-                                       "prm": PRMConfig, "grpo": GRPOConfig, "ppo": PPOConfig}

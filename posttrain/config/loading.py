@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from posttrain.config.jobs import CONFIGS, JobConfig
+from posttrain.config.registry import CONFIGS, JobConfig
 from posttrain.config.workflow import SuitesConfig, WorkflowConfig
 from posttrain.errors import ConfigError
 

@@ -36,6 +36,8 @@ RECIPES: dict[str, Recipe] = {
                   generates=True),
     "kto": Recipe("posttrain.recipes.kto", "KTO on unpaired rows (a completion labelled desirable or not) from a "
                   "YAML config", generates=True),
+    "online-dpo": Recipe("posttrain.recipes.online_dpo", "online (iterative) DPO: rounds of sampling, scoring by "
+                         "rewards or a judge, and DPO on the best-vs-worst pairs, from a YAML config", generates=True),
     "reward": Recipe("posttrain.recipes.reward", "a Bradley-Terry reward model (backbone + scalar head) from a YAML "
                      "config", generates=False),
     "prm": Recipe("posttrain.recipes.prm", "a process reward model (backbone + a score at every step's end) from "

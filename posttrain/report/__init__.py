@@ -7,8 +7,8 @@ Layer 6: may import io, engine.logging (read_metrics) and errors; never config o
 """
 
 from posttrain.report.run_page import run_figures, run_report_html, write_run_report
-from posttrain.report.svg import COLOURS, eval_bars_svg, panels_svg, write_watch_plot
+from posttrain.report.svg import COLOURS, eval_bars_svg, panels_svg, write_online_plot, write_watch_plot
 from posttrain.report.workflow_page import workflow_report_html, write_workflow_report
 
 __all__ = ["COLOURS", "eval_bars_svg", "panels_svg", "run_figures", "run_report_html", "workflow_report_html",
-           "write_run_report", "write_watch_plot", "write_workflow_report"]
+           "write_online_plot", "write_run_report", "write_watch_plot", "write_workflow_report"]

@@ -60,6 +60,14 @@ FIGURES: _Spec = [
         ("completion length", ["completion_len", "eval/completion_len"]),
         ("clipped and truncated fraction", ["clip_fraction", "truncated"]),
     ]),
+    ("online DPO rounds", [  # methods.online_dpo
+        ("samples' scores: all, chosen, rejected", ["online/sample_score", "online/chosen_score",
+                                                    "online/rejected_score"]),
+        ("held-out win rate against the starting policy (judge)", ["eval/win_rate", "eval/wins", "eval/losses",
+                                                                   "eval/ties", "eval/inconsistent"]),
+        ("pairs kept and dropped per round", ["online/kept", "online/tie", "online/inconsistent",
+                                              "online/intransitive", "online/kept_share"]),
+    ]),
     ("rollout engine", [  # rollout.engines; losses.offpolicy
         ("train-inference mismatch |logp_train - logp_engine|", ["mismatch/abs_mean", "mismatch/abs_max"]),
         ("mismatch KL(engine || train)", ["mismatch/kl"]),
@@ -156,6 +164,18 @@ def _samples(run_dir: Path) -> str:
     return "<h2>samples (held-out, greedy)</h2>\n" + table(map(escape, cols), body)
 
 
+def _rounds(summary: dict[str, Any]) -> str:
+    """Online DPO: one row per round (summary.json's ``rounds``), its pairs kept and dropped and the mean scores."""
+    rounds = summary.get("rounds")
+    if not rounds:
+        return ""
+    cols = ["round", "step", "prompts", "kept", "tie", "inconsistent", "intransitive", "sample_score",
+            "chosen_score", "rejected_score"]
+    body = [[f'<td class="num">{fmt(r.get(c))}</td>' for c in cols] + [f"<td>{escape(str(r.get('file', '')))}</td>"]
+            for r in rounds]
+    return "<h2>rounds: pairs kept and dropped</h2>\n" + table([*cols, "pairs file"], body)
+
+
 def run_report_html(run_dir: Path) -> str:
     """The report page of one run folder (metrics.jsonl, summary.json, config.yaml, samples.jsonl if present)."""
     run_dir = Path(run_dir)
@@ -174,7 +194,7 @@ def run_report_html(run_dir: Path) -> str:
         body.append(table(["summary", ""], [[escape(k), f'<td class="num">{v}</td>'] for k, v in facts]))
     if summary.get("data"):
         body.append('<pre class="wrap">' + escape("\n".join(map(str, summary["data"]))) + "</pre>")
-    body += ["<h2>held-out evaluation, before and after</h2>", _before_after(summary),
+    body += ["<h2>held-out evaluation, before and after</h2>", _before_after(summary), _rounds(summary),
              "<h2>curves</h2>", curves_html(run_dir, name), _samples(run_dir)]
     if config_text:
         body += ["<h2>config.yaml</h2>", f"<pre>{escape(config_text)}</pre>"]

@@ -158,3 +158,24 @@ def write_watch_plot(out: Path, title: str) -> Path | None:
         return None
     atomic_write_text(out / "rewards.svg", svg)
     return out / "rewards.svg"
+
+
+def write_online_plot(out: Path, title: str, held_key: str) -> Path | None:
+    """rewards.svg of an online DPO run: the scores of each round's samples (all, the chosen, the rejected: what it
+    trains on) beside the held-out metric ``held_key`` and the watch terms (never trained on), so a score that
+    climbs while the held-out one does not is seen at once."""
+    recs = read_metrics(out / "metrics.jsonl")
+    curve = lambda key: [(r["step"], r[key]) for r in recs if key in r]  # noqa: E731
+    watch = sorted({k for r in recs for k in r if k.startswith("eval/watch")})
+    panels = {"samples' scores per round (trained on)": {k: curve(f"online/{k}") for k in
+                                                          ("sample_score", "chosen_score", "rejected_score")},
+              "held-out, greedy": {held_key: curve(held_key), **{k: curve(k) for k in watch}},
+              "pairs per round: kept and dropped": {k: curve(f"online/{k}") for k in
+                                                    ("kept", "tie", "inconsistent", "intransitive")}}
+    panels = {name: {k: pts for k, pts in series.items() if pts} for name, series in panels.items()}
+    try:
+        svg = panels_svg(title, {name: series for name, series in panels.items() if series})
+    except ValueError:
+        return None
+    atomic_write_text(out / "rewards.svg", svg)
+    return out / "rewards.svg"
