@@ -152,3 +152,34 @@ def test_online_dpo_config_checks(tiny_dir, tmp_path):
         online_cfg(tiny_dir, tmp_path, tmp_path / "x", "train.max_steps=3")
     with pytest.raises(ConfigError, match="async_ahead"):
         online_cfg(tiny_dir, tmp_path, tmp_path / "x", "rollout.async_ahead=true")
+
+
+def test_online_dpo_is_a_workflow_stage_after_sft_with_a_gate(tiny_dir, tmp_path):
+    import yaml
+
+    from posttrain.cli import main
+    from tests.helpers import chat_rows
+
+    data = write_jsonl(tmp_path / "chats.jsonl", chat_rows(20))
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Say a word, {i}."} for i in range(8)])
+    wf = {"name": "online", "output_dir": str(tmp_path / "wf"), "model": tiny_dir,
+          "eval_set": {"split": data, "fraction": 0.2},
+          "evals": {"heldout": {"kind": "loss", "data": "${eval_set}"}},
+          "stages": [
+              {"name": "sft", "train": "sft", "config": {
+                  "data": {"train": "${train_set}", "eval": "${eval_set}"}, "lora": {"r": 4}, "eval_samples": 0,
+                  "train": {"max_steps": 2, "micro_batch_size": 2}}},
+              {"name": "online", "train": "online-dpo", "init_from": "sft", "config": {
+                  "data": {"train": prompts, "eval_fraction": 0.25}, "lora": {"r": 4},
+                  "rewards": [{"name": "tests.test_online_dpo:letters_e"}],
+                  "online": {"rounds": 2, "steps_per_round": 1, "prompts_per_round": 2, "samples": 2,
+                             "max_new_tokens": 6},
+                  "train": {"micro_batch_size": 2}}},
+              {"name": "gate_online", "gate": {"candidate": "online", "baseline": "sft", "rules": [
+                  {"metric": "heldout/loss", "max_regression": 100.0}]}}]}
+    path = tmp_path / "workflow.yaml"
+    path.write_text(yaml.safe_dump(wf, sort_keys=False))
+    assert main(["run", str(path)]) == 0
+    stages = {s["name"]: s["status"] for s in json.loads((tmp_path / "wf" / "workflow.json").read_text())["stages"]}
+    assert stages["online"] == "ran" and stages["gate_online"] == "passed"
+    assert (tmp_path / "wf" / "online" / "rounds" / "round-001.jsonl").exists()
