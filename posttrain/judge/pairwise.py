@@ -96,7 +96,9 @@ class ModelJudge:
         add_special = not has_chat_template(self.tokenizer, self.chat_template)
         ids = self.tokenizer(rendered, add_special_tokens=add_special, return_tensors="pt")["input_ids"]
         with evaluating(self.model):
-            logits = self.model(input_ids=ids.to(next(self.model.parameters()).device)).logits[0, -1].float()
+            # only the last position: the LM head over a long judging prompt would be a tenth of the forward
+            logits = self.model(input_ids=ids.to(next(self.model.parameters()).device),
+                                logits_to_keep=1).logits[0, -1].float()
         pair = torch.log_softmax(logits[self.choice_ids], dim=-1)
         return float(pair[0].exp())
 
