@@ -22,7 +22,7 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 def _cmd_train(args: argparse.Namespace) -> int:
     from posttrain.config import load_config
     from posttrain.engine import console
-    from posttrain.engine.distributed import setup, shutdown
+    from posttrain.engine.distributed import barrier, setup, shutdown
     from posttrain.engine.resume import Resume
     from posttrain.errors import ConfigError
     from posttrain.recipes import RECIPES
@@ -36,6 +36,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     console.quiet = not w.main  # one log, from rank 0
     try:
         RECIPES[cfg.method].run(cfg, resume=args.resume and Resume(extend_steps=args.extend_steps))
+        # Rank 0 writes the results after the others return; a rank that tore down its gloo group while rank 0
+        # still held the connection was seen to abort ("terminate called without an active exception").
+        barrier()
     finally:
         shutdown()
     return 0
