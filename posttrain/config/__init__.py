@@ -8,6 +8,7 @@ demo and cli may import it. ``sections``: the parts of a job; ``jobs``: one sche
 workflow file; ``loading``: YAML + overrides -> a validated config.
 """
 
+from posttrain.config.distill import DistillConfig, DistillSection, TeacherSpec
 from posttrain.config.jobs import (
     CONFIGS,
     WATCH_HELP,
@@ -53,7 +54,8 @@ from posttrain.config.workflow import (
     WorkflowConfig,
 )
 
-__all__ = ["CONFIGS", "WATCH_HELP", "BaselineSpec", "DPOConfig", "DPOSection", "DataConfig", "EvalSetSpec",
+__all__ = ["DistillConfig", "DistillSection", "TeacherSpec",
+           "CONFIGS", "WATCH_HELP", "BaselineSpec", "DPOConfig", "DPOSection", "DataConfig", "EvalSetSpec",
            "GRPOConfig", "GRPOSection", "GateRule", "GateSpec", "JobConfig", "KTOConfig", "KTOSection", "LoraConfig",
            "MixConfig", "ModelConfig", "PPOConfig", "PPOSection", "PRMConfig", "PRMSection", "PreferenceDataConfig",
            "PromptDataConfig", "EnvSpec", "ReplayConfig", "RewardConfig", "RewardFnSpec", "RewardSection",

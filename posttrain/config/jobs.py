@@ -1,6 +1,7 @@
 """The job configs, one per training method (sft, dpo, kto, reward, prm, grpo, ppo), and their cross-section checks.
 
-Layer 1 (config): imports only pydantic, the stdlib and ``config.sections``.
+Layer 1 (config): imports only pydantic, the stdlib, ``config.sections`` and the jobs kept in their own modules
+(``config.distill``).
 """
 
 from __future__ import annotations
@@ -9,10 +10,9 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from posttrain.config.distill import DistillConfig
 from posttrain.config.sections import (
     DataConfig,
-    LoraConfig,
-    ModelConfig,
     PreferenceDataConfig,
     PromptDataConfig,
     Section,
@@ -20,28 +20,8 @@ from posttrain.config.sections import (
     TrainConfig,
     UnpairedDataConfig,
 )
-
-
-class _Job(Section):
-    """What every training job has: its method, run folder, and the model it trains (LoRA or full)."""
-    method: str
-    output_dir: str
-    finetune: Literal["lora", "full"] = "lora"
-    model: ModelConfig = ModelConfig()
-    lora: LoraConfig = LoraConfig()
-
-    @model_validator(mode="after")
-    def _check_quantization(self) -> "_Job":
-        if self.model.quantization == "none":
-            return self
-        if self.finetune != "lora":
-            raise ValueError(f"model.quantization: {self.model.quantization} needs finetune: lora (4-bit weights "
-                             "are frozen; QLoRA trains adapters on top of them)")
-        if self.model.init_adapter:
-            raise ValueError("model.init_adapter with model.quantization: merging an adapter into a 4-bit base "
-                             "re-quantizes it and loses most of the update; run `posttrain merge ADAPTER --out DIR` "
-                             "and set model.name: DIR instead")
-        return self
+from posttrain.config.sections import Job as _Job
+from posttrain.config.sections import check_share_prompt as _check_share_prompt
 
 
 class SFTConfig(_Job):
@@ -77,14 +57,6 @@ class DPOSection(Section):
                                "TRL's ORPOConfig.beta)")
     cpo_alpha: float = Field(1.0, ge=0.0, description="CPO: weight of the chosen responses' per-token NLL")
     precompute_ref: bool = Field(False, description="one reference pass stored on disk; none during training")
-
-
-# A plain function so 4 jobs with unrelated data sections share it; pydantic collects it only as class attr `_share`.
-def _check_share_prompt(cfg: Any) -> Any:
-    if cfg.data.share_prompt and cfg.model.attn_implementation.startswith("flash"):
-        raise ValueError("data.share_prompt needs an attention that takes a custom mask (sdpa, eager); with "
-                         f"model.attn_implementation={cfg.model.attn_implementation!r} set data.share_prompt: false")
-    return cfg
 
 
 class DPOConfig(_Job):
@@ -368,6 +340,8 @@ class PPOConfig(_Job):
 
 
 JobConfig = SFTConfig | DPOConfig | KTOConfig | RewardConfig | PRMConfig | GRPOConfig | PPOConfig
+JobConfig = JobConfig | DistillConfig
 
 CONFIGS: dict[str, type[JobConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "kto": KTOConfig, "reward": RewardConfig,
                                        "prm": PRMConfig, "grpo": GRPOConfig, "ppo": PPOConfig}
+CONFIGS["distill"] = DistillConfig

@@ -6,7 +6,7 @@ Layer 1 (config): imports only pydantic and the stdlib. ``Section`` is the base 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -185,3 +185,33 @@ class StepDataConfig(Section):
         "error", description="a longer row: stop; keep the steps that fit (the cut ones counted in the data "
         "report); or drop the row (counted)")
     packing: bool = True
+
+
+class Job(Section):
+    """What every training job has: its method, run folder, and the model it trains (LoRA or full)."""
+    method: str
+    output_dir: str
+    finetune: Literal["lora", "full"] = "lora"
+    model: ModelConfig = ModelConfig()
+    lora: LoraConfig = LoraConfig()
+
+    @model_validator(mode="after")
+    def _check_quantization(self) -> "Job":
+        if self.model.quantization == "none":
+            return self
+        if self.finetune != "lora":
+            raise ValueError(f"model.quantization: {self.model.quantization} needs finetune: lora (4-bit weights "
+                             "are frozen; QLoRA trains adapters on top of them)")
+        if self.model.init_adapter:
+            raise ValueError("model.init_adapter with model.quantization: merging an adapter into a 4-bit base "
+                             "re-quantizes it and loses most of the update; run `posttrain merge ADAPTER --out DIR` "
+                             "and set model.name: DIR instead")
+        return self
+
+
+# A plain function so jobs with unrelated data sections share it; pydantic collects it only as class attr `_share`.
+def check_share_prompt(cfg: Any) -> Any:
+    if cfg.data.share_prompt and cfg.model.attn_implementation.startswith("flash"):
+        raise ValueError("data.share_prompt needs an attention that takes a custom mask (sdpa, eager); with "
+                         f"model.attn_implementation={cfg.model.attn_implementation!r} set data.share_prompt: false")
+    return cfg
