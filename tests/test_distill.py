@@ -35,8 +35,10 @@ def distill_cfg(tiny_dir: str, tmp_path: Path, out: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def teacher_adapter(tiny_dir, tmp_path_factory) -> Path:
-    return make_adapter(tiny_dir, tmp_path_factory.mktemp("teacher") / "adapter", seed=7, targets="all-linear")
+def teacher_adapter(tiny_dir, tmp_path_factory, tokenizer) -> Path:
+    out = make_adapter(tiny_dir, tmp_path_factory.mktemp("teacher") / "adapter", seed=7, targets="all-linear")
+    tokenizer.save_pretrained(out)  # as a run's adapter/ holds it: the teacher's tokenizer is read from here
+    return out
 
 
 def test_prompt_rows_carry_their_answers(tokenizer, tmp_path):
