@@ -1,4 +1,5 @@
-"""The sections of a job config: model, LoRA, data (SFT, preference, prompt, labelled steps) and training schedule.
+"""The sections of a job config: model, LoRA, data (SFT, preference, prompt, labelled steps) and training schedule,
+and ``Job``, what every job config has (``jobs`` and the jobs in modules of their own build on it).
 
 Layer 1 (config): imports only pydantic and the stdlib. ``Section`` is the base of every schema here and in
 ``jobs``/``workflow``: unknown keys are an error, never a silently ignored setting.
