@@ -7,7 +7,8 @@
    (``--sft-steps`` optimizer steps of 4 packed rows of 512 tokens, no held-out eval), reused when its run folder
    is complete.
 3. Student: the base embedded model with a fresh LoRA (r 16, all linear layers), ``posttrain distill
-   examples/distill-alpaca.yaml`` with ``--steps`` steps, twice, each in a subprocess of its own:
+   examples/distill-alpaca.yaml``: one run of ``--steps`` steps for quality, then ``--memory-steps`` steps with each
+   teacher mode, every run in a subprocess of its own:
    - shared base: the teacher is its SFT adapter switched on over the student's own base (no second copy);
    - separate model: the teacher adapter merged into a saved model folder (``posttrain merge``) and loaded as a
      model of its own (``distill.teacher.name``).
@@ -61,7 +62,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/bench-distill"))
     ap.add_argument("--sft-steps", type=int, default=10, help="teacher SFT optimizer steps (4 packed rows of 512 "
                     "tokens each)")
-    ap.add_argument("--steps", type=int, default=12, help="distillation steps")
+    ap.add_argument("--steps", type=int, default=12, help="distillation steps of the quality run")
+    ap.add_argument("--memory-steps", type=int, default=3, help="steps of each teacher mode's memory run")
     ap.add_argument("--prompts-per-step", type=int, default=4)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--eval-prompts", type=int, default=16)
@@ -82,32 +84,41 @@ def main() -> int:
     merged = out / "teacher-merged"
     if not (merged / "config.json").is_file():
         sh(py, "-m", "posttrain", "merge", str(teacher), "--out", str(merged))
-    common = [f"train.max_steps={args.steps}", f"distill.prompts_per_step={args.prompts_per_step}",
-              f"distill.max_new_tokens={args.max_new_tokens}", f"distill.eval_max_new_tokens={args.max_new_tokens}",
-              f"data.eval_limit={args.eval_prompts}", "train.eval_every=null", "train.save_every=null"]
-    results = {}
-    for mode, teacher_keys in (("shared base", [f"distill.teacher.adapter={teacher}"]),
-                               ("separate model", [f"distill.teacher.name={merged}"])):
-        tag = mode.replace(" ", "-")
-        results[mode] = run_child([f"output_dir={out / ('distill-' + tag)}", *teacher_keys, *common])
+    common = [f"distill.prompts_per_step={args.prompts_per_step}", f"distill.max_new_tokens={args.max_new_tokens}",
+              f"distill.eval_max_new_tokens={args.max_new_tokens}", f"data.eval_limit={args.eval_prompts}",
+              "train.eval_every=null", "train.save_every=null"]
+    teachers = {"shared base": [f"distill.teacher.adapter={teacher}"],
+                # the merged teacher alone: the example's adapter is switched off
+                "separate model": [f"distill.teacher.name={merged}", "distill.teacher.adapter=null"]}
+    # The quality run (shared base, --steps), then both teacher modes side by side for memory (--memory-steps:
+    # the peak is set by the weights and one step's activations, not by how many steps run). A finished run's
+    # result is kept in its folder and reused.
+    plan = [("shared base", args.steps), ("shared base", args.memory_steps), ("separate model", args.memory_steps)]
     rows = []
-    for mode, r in results.items():
+    for mode, steps in dict.fromkeys(plan):
+        run_dir = out / f"distill-{mode.replace(' ', '-')}-{steps}"
+        done = run_dir / "result.json"
+        if not done.is_file():
+            r = run_child([f"output_dir={run_dir}", f"train.max_steps={steps}", *teachers[mode], *common])
+            done.write_text(json.dumps(r))
+        r = json.loads(done.read_text())
         s = r["summary"]
         a, b = s["eval_before"], s["eval_after"]
-        rows.append({"teacher": mode, "kl_before": a["eval/kl"], "kl_after": b["eval/kl"],
+        rows.append({"teacher": mode, "steps": steps, "kl_before": a["eval/kl"], "kl_after": b["eval/kl"],
                      "nll_before": a["eval/teacher_nll"], "nll_after": b["eval/teacher_nll"],
                      "peak_rss_mb": r["peak_rss_mb"], "seconds": s["seconds"],
                      "teacher_weight_mb": round(s["teacher"]["weight_bytes"] / 2 ** 20, 1)})
     machine = f"{platform.machine()}, {_cpu_model()}"
     (out / "results.json").write_text(json.dumps({"machine": machine, "args": vars(args), "rows": rows}, indent=2))
-    print(f"\nmachine: {machine}; teacher SFT {args.sft_steps} steps; distill {args.steps} steps of "
-          f"{args.prompts_per_step} prompts, {args.max_new_tokens} new tokens; {args.eval_prompts} held-out prompts")
-    print("| teacher | held-out KL before | after | teacher-answer NLL before | after | teacher weights MB | "
+    print(f"\nmachine: {machine}; teacher SFT {args.sft_steps} steps; distill steps of {args.prompts_per_step} "
+          f"prompts, {args.max_new_tokens} new tokens; {args.eval_prompts} held-out prompts")
+    print("| teacher | steps | held-out KL before | after | teacher-answer NLL before | after | teacher weights MB | "
           "peak RSS MB | seconds |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['teacher']} | {r['kl_before']:.4f} | {r['kl_after']:.4f} | {r['nll_before']:.4f} | "
-              f"{r['nll_after']:.4f} | {r['teacher_weight_mb']} | {r['peak_rss_mb']:.0f} | {r['seconds']:.0f} |")
+        rss = "-" if r["peak_rss_mb"] is None else f"{r['peak_rss_mb']:.0f}"
+        print(f"| {r['teacher']} | {r['steps']} | {r['kl_before']:.4f} | {r['kl_after']:.4f} | {r['nll_before']:.4f} | "
+              f"{r['nll_after']:.4f} | {r['teacher_weight_mb']} | {rss} | {r['seconds']:.0f} |")
     return 0
 
 
