@@ -109,7 +109,8 @@ def main() -> int:
                      "peak_rss_mb": r["peak_rss_mb"], "seconds": s["seconds"],
                      "teacher_weight_mb": round(s["teacher"]["weight_bytes"] / 2 ** 20, 1)})
     machine = f"{platform.machine()}, {_cpu_model()}"
-    (out / "results.json").write_text(json.dumps({"machine": machine, "args": vars(args), "rows": rows}, indent=2))
+    report = {"machine": machine, "args": vars(args), "rows": rows}
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=str))
     print(f"\nmachine: {machine}; teacher SFT {args.sft_steps} steps; distill steps of {args.prompts_per_step} "
           f"prompts, {args.max_new_tokens} new tokens; {args.eval_prompts} held-out prompts")
     print("| teacher | steps | held-out KL before | after | teacher-answer NLL before | after | teacher weights MB | "
