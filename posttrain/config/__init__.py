@@ -8,6 +8,7 @@ demo and cli may import it. ``sections``: the parts of a job; ``jobs``: one sche
 workflow file; ``loading``: YAML + overrides -> a validated config.
 """
 
+from posttrain.config.distill import DistillConfig, DistillSection, TeacherSpec
 from posttrain.config.jobs import (
     WATCH_HELP,
     DPOConfig,
@@ -53,7 +54,8 @@ from posttrain.config.workflow import (
     WorkflowConfig,
 )
 
-__all__ = ["CONFIGS", "WATCH_HELP", "BaselineSpec", "DPOConfig", "DPOSection", "DataConfig", "EnvSpec",
+__all__ = ["CONFIGS", "DistillConfig", "DistillSection", "TeacherSpec",
+           "WATCH_HELP", "BaselineSpec", "DPOConfig", "DPOSection", "DataConfig", "EnvSpec",
            "EvalSetSpec", "GRPOConfig", "GRPOSection", "GateRule", "GateSpec", "JobConfig", "JudgeSpec", "KTOConfig",
            "KTOSection", "LoraConfig", "MixConfig", "ModelConfig", "OnlineDPOConfig", "OnlineSection", "PPOConfig",
            "PPOSection", "PRMConfig", "PRMSection", "PreferenceDataConfig", "PromptDataConfig", "ReplayConfig",

@@ -60,7 +60,7 @@ class GateSpec(Section):
 class StageSpec(Section):
     """A train stage (train + config), a gate, or an export; exactly one of the three."""
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
-    train: Literal["sft", "dpo", "kto", "online-dpo", "reward", "prm", "grpo", "ppo"] | None = None
+    train: Literal["sft", "dpo", "kto", "online-dpo", "distill", "reward", "prm", "grpo", "ppo"] | None = None
     config: str | dict[str, Any] | None = Field(None, description="a job config file or an inline mapping")
     overrides: list[str] = Field(default_factory=list, description="key=value, as on the command line")
     init_from: str | None = Field(None, description="an earlier train stage whose adapter this stage starts from")

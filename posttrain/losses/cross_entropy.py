@@ -8,6 +8,8 @@ Because the loss is a sum, the backward only scales those stored gradients by th
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -144,11 +146,23 @@ def linear_kl_sum(hidden: torch.Tensor, ref_hidden: torch.Tensor, weight: torch.
     """``token_kl_sum(hidden @ W.T, ref_hidden @ W.T)`` a chunk of rows at a time. Each chunk is recomputed in
     backward (activation checkpointing), so only one chunk's (rows x vocab) logits exist at once.
     hidden, ref_hidden: (N, H) (ref_hidden carries no gradient), weight: (V, H) -> scalar fp32."""
+    return checkpointed_chunk_sum(lambda a, b: token_kl_sum(a @ weight.t(), b @ weight.t()), hidden, ref_hidden,
+                                  chunk_size)
+
+
+def checkpointed_chunk_sum(fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], rows: torch.Tensor,
+                           other_rows: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """sum over chunks of ``fn(rows[chunk], other_rows[chunk])``, each chunk under activation checkpointing: its
+    (rows x vocab) intermediates are dropped after the forward and rebuilt in backward, so one chunk's exist at a
+    time. ``fn`` returns a tensor of any fixed shape (several sums stacked); the result has that shape, in at
+    least fp32. rows, other_rows: (N, ...) with the same N."""
     from torch.utils.checkpoint import checkpoint
 
-    total = hidden.sum().float() * 0.0
-    for s in range(0, hidden.shape[0], chunk_size):
-        h, r = hidden[s:s + chunk_size], ref_hidden[s:s + chunk_size]
-        total = total + checkpoint(lambda a, b: token_kl_sum(a @ weight.t(), b @ weight.t()), h, r,
-                                   use_reentrant=False)
+    total = None
+    for s in range(0, rows.shape[0], chunk_size):
+        part = checkpoint(fn, rows[s:s + chunk_size], other_rows[s:s + chunk_size], use_reentrant=False)
+        total = part if total is None else total + part
+    if total is None:  # no rows: zeros of fn's shape, still connected to ``rows`` for a backward
+        empty = fn(rows[:0], other_rows[:0])
+        return empty * 0.0 + rows.sum() * 0.0
     return total

@@ -129,7 +129,9 @@ class Loaded:
 def load_tokenizer(name: str | None):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    # A folder with a tokenizer and no model (an adapter saved with its tokenizer) is read as it is.
+    own = name is not None and (Path(name).expanduser() / "tokenizer_config.json").is_file()
+    tok = AutoTokenizer.from_pretrained(str(Path(name).expanduser()) if own else resolve_model_path(name))
     if tok.pad_token_id is None:
         # Padding positions never carry loss (masks come from the template), so reusing EOS is safe here.
         tok.pad_token = tok.eos_token

@@ -44,6 +44,8 @@ RECIPES: dict[str, Recipe] = {
                   "a YAML config", generates=False),
     "grpo": Recipe("posttrain.recipes.grpo", "GRPO with verifiable rewards (online RL) from a YAML config",
                    generates=True),
+    "distill": Recipe("posttrain.recipes.distill", "on-policy distillation (GKD) of a teacher into the student, "
+                      "on prompts", generates=True),
     "ppo": Recipe("posttrain.recipes.ppo", "PPO against a trained reward model; actor, critic, reward and reference "
                   "share one base", generates=True),
 }
