@@ -1,4 +1,5 @@
-"""LoRA DPO throughput: posttrain vs TRL's DPOTrainer, side by side, same model, pairs, LoRA and batch settings.
+"""LoRA DPO, KTO and ORPO throughput: posttrain vs TRL's DPOTrainer, KTOTrainer and ORPOTrainer, side by side, same
+model, pairs, LoRA and batch settings.
 
 Each framework runs in its own subprocess (so peak RSS is per framework), alternately, for ``--rounds`` rounds;
 the table reports the median per configuration. Only optimizer steps after ``--warmup`` steps are timed (model
@@ -18,6 +19,24 @@ Configurations:
                      (``precompute_ref: true``, packed no-grad batches); its pairs/s is a one-epoch figure that
                      includes that pass: 1 / (training s/pair + reference-pass s/pair over the whole --pairs set)
   trl                TRL DPOTrainer (chosen rows then rejected rows, right-padded to the batch's longest sequence)
+  posttrain-kto      KTO (``posttrain kto``'s blocks: kto_schedule + train_loop + KTOMethod, reference = adapters
+                     off) on unpaired rows: every pair split into a desirable (chosen) and an undesirable (rejected)
+                     row, as ``posttrain data unpair`` writes them; micro-batch ``--kto-rows`` rows (default 2 x
+                     --batch), z0 from each micro-batch's mismatched completions (each row's prompt before the
+                     previous row's completion), beta 0.1, class weights 1 and 1 (the rows are balanced)
+  trl-kto            TRL KTOTrainer (``from trl import KTOTrainer``; ``trl.experimental.kto`` is a deprecated alias in
+                     TRL 1.x), loss_type "kto" with its KL estimate on, the same settings, the same rows in the same
+                     order and micro-batches (so the same mismatched pairs), max_length --max-len (as posttrain,
+                     it cuts only mismatched sequences)
+  posttrain-orpo     ORPO (``posttrain dpo`` with ``dpo.loss: orpo``: pair_schedule + train_loop + PreferenceMethod
+                     "orpo", reference-free, so no reference forward), lambda 0.1, the ``posttrain`` batches
+  trl-orpo           TRL ORPOTrainer (``trl.experimental.orpo``), beta (the paper's lambda) 0.1, the TRL DPO pairs
+                     and batches; reference-free on both sides
+KTO reports rows/s, its unit, and pairs/s = rows/s / 2; tokens count each row's own and mismatched sequence. TRL's
+KTO and ORPO data go in as text rendered from posttrain's tokens, so that both sides train on the same tokens (why:
+benchmarks/_pref_workers.py); the workers compare every sequence, KTO's mismatched ones included. The ORPO losses
+differ in their NLL term (TRL averages it over the batch's chosen tokens, prompt included; posttrain over each
+chosen response), which changes the loss value, not the work. Ratios compare within a family (DPO, KTO, ORPO).
 Each also runs as ``<config>-bf16`` and posttrain's as ``<config>-auto`` (see benchmarks/_common.py; -bf16 is
 skipped on a CPU without native bf16 unless --force-bf16); the default is posttrain, posttrain-auto, trl, trl-bf16.
 
@@ -28,9 +47,9 @@ is the same model with its adapters disabled, run on the fly every step (posttra
 ``peft_config`` and no ``ref_model``, ``precompute_ref_log_probs=False``). TRL gets ``bf16=False`` (True for
 -bf16), ``fp16=False, use_cpu=True`` and ``gradient_checkpointing=False`` (DPOConfig turns it on by default).
 
-Data: the first ``--pairs`` pairs of ``../shared/data/hh-rlhf/harmless-base-test.jsonl.gz`` whose chosen and
-rejected sequences (prompt + response) both fit in ``--max-len`` tokens, as posttrain's ``build_pairs`` renders
-them. TRL gets exactly those pairs as conversational prompt / chosen / rejected rows, in the order posttrain's
+Data: the first ``--pairs`` pairs of ``--data`` (``../shared/data/hh-rlhf/harmless-base-test.jsonl.gz``) whose
+chosen and rejected sequences (prompt + response) both fit in ``--max-len`` tokens, as posttrain's ``build_pairs``
+renders them. TRL gets exactly those pairs as conversational prompt / chosen / rejected rows, in the order posttrain's
 unpacked plan visits them (sequential sampling), so ``posttrain`` and ``trl`` train on identical micro-batches;
 TRL's ``max_length`` is 2 * --max-len so it truncates nothing. The TRL worker checks that TRL's tokenisation
 matches posttrain's token for token and reports how many sequences differ.
@@ -39,12 +58,14 @@ FLOP ceiling: a LoRA DPO step costs about 6 * N FLOPs per token (policy forward 
 reference forward 2N; frozen weights need no weight gradients), N = the base model's parameter count including
 the tied embedding/head, per counted token (prompt counted twice). Attention is left out. posttrain does less
 than 6N per counted token: it runs a shared prompt once and the LM head only on response positions, so its
-fraction is an effective one (work of two separate sequences per pair / time) and can pass 100%. The fraction is
-that FLOP/s divided by the fp32 2048x2048 matmul rate measured by this script (before every run and at the end;
-the best reading counts).
+fraction is an effective one (work of two separate sequences per pair / time) and can pass 100%. ORPO costs 4N per
+token (no reference); KTO 6N per token of a row's own sequence and 4N per token of its mismatched sequence (a
+no-grad policy forward and a reference forward, on both sides). The fraction is that FLOP/s divided by the fp32
+2048x2048 matmul rate measured by this script (before every run and at the end; the best reading counts).
 
 Set-up and run (TRL lives only in the git-ignored .bench-venv; see benchmarks/README.md):
   .bench-venv/bin/python benchmarks/bench_dpo.py [--configs posttrain,posttrain-auto,trl,trl-bf16] [--json out.json]
+  .bench-venv/bin/python benchmarks/bench_dpo.py --configs posttrain-kto,trl-kto,posttrain-orpo,trl-orpo
 """
 
 from __future__ import annotations
@@ -56,7 +77,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the benchmarks' shared helpers
 from _common import (  # noqa: E402
@@ -76,74 +97,38 @@ from _common import (  # noqa: E402
     start,
     trl_numerics,
 )
+from _pref_common import (  # noqa: E402
+    BETA,
+    DATA,
+    LORA,
+    SEED,
+    TRLClock,
+    load_pairs,
+    make_plan,
+    posttrain_steps,
+    trl_args,
+    trl_model,
+    trl_setup,
+)
+from _pref_workers import run_pref_worker  # noqa: E402
 
-if TYPE_CHECKING:  # posttrain imports torch: only workers pay for it
-    from posttrain.data import Pair, StepSchedule
-
-REPO = Path(__file__).resolve().parent.parent
-DATA = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
-CONFIGS = expand(("posttrain", "posttrain-pack", "posttrain-compile", "posttrain-noshare", "posttrain-precomp"),
-                 ("trl",))
+CONFIGS = expand(("posttrain", "posttrain-pack", "posttrain-compile", "posttrain-noshare", "posttrain-precomp",
+                  "posttrain-kto", "posttrain-orpo"), ("trl", "trl-kto", "trl-orpo"))
 DEFAULT_CONFIGS = ("posttrain", "posttrain-auto", "trl", "trl-bf16")
-LORA = dict(r=16, alpha=32, dropout=0.0, targets=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                  "down_proj"])
-BETA = 0.1
-SEED = 0
+
+
+def family(config: str) -> str:
+    """Which loss a configuration trains: 'kto', 'orpo' or 'dpo'; ratios compare within a family only."""
+    base = base_config(config)
+    return next((f for f in ("kto", "orpo") if base.endswith("-" + f)), "dpo")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Shared by both workers: the same pairs, selected the same way, visited in the same order.
-
-def load_pairs(n: int, max_len: int, tokenizer) -> tuple[list[Pair], list[dict[str, Any]], dict[str, Any]]:
-    """(posttrain Pairs, the same pairs as TRL conversational rows, data info) for the first ``n`` HH pairs whose
-    chosen and rejected renderings both fit in ``max_len`` tokens.
-
-    posttrain's own ``build_pairs`` decides the fit (on a temporary JSONL of a growing prefix of the file), so the
-    rule is exactly the one a posttrain run applies with ``overlong: drop, bad_pairs: drop``.
-    """
-    from posttrain.data import build_pairs, read_rows, row_to_pair
-
-    rows = [r for _, r in read_rows(DATA)]
-    take = min(len(rows), 4 * n)
-    with tempfile.TemporaryDirectory(prefix="bench-dpo-data-") as tmp:
-        path = Path(tmp) / "pairs.jsonl"
-        while True:  # most HH dialogues are long: widen the prefix until n pairs fit or the file runs out
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows[:take]))
-            pairs, report = build_pairs(str(path), tokenizer, max_seq_len=max_len, overlong="drop", bad_pairs="drop")
-            if len(pairs) >= n or take == len(rows):
-                break
-            take = min(len(rows), 2 * take)
-    pairs = pairs[:n]  # build_pairs numbers them 0.. in file order, so pair.index stays its position here
-    convs = []
-    for p in pairs:
-        # Pair.row is the line number in the temporary file (no blank lines), i.e. the source row number.
-        prompt, chosen, rejected = row_to_pair(rows[p.row - 1], str(DATA), p.row)
-        if prompt != p.prompt:
-            raise RuntimeError(f"row {p.row}: the prompt re-parsed for TRL differs from posttrain's")
-        convs.append({"prompt": p.prompt, "chosen": chosen, "rejected": rejected})
-    info = {"data": f"{DATA.name}: first {len(pairs)} pairs fitting {max_len} tokens, from rows 1-{pairs[-1].row}",
-            "pairs": len(pairs), "last_row": pairs[-1].row,
-            "bad_in_prefix": sum(1 for num, _ in report.bad if num <= pairs[-1].row),
-            "overlong_in_prefix": sum(1 for num in report.dropped_overlong if num <= pairs[-1].row),
-            "dataset_tokens": sum(len(p) for p in pairs)}
-    return pairs, convs, info
-
-
-def make_plan(pairs: list[Pair], batch: int, pad_id: int, packing: bool, max_len: int,
-              share_prompt: bool = True) -> StepSchedule:
-    from posttrain.data import pair_schedule
-
-    return pair_schedule(pairs, micro_batch_size=batch, grad_accum=1, seed=SEED, pad_id=pad_id, packing=packing,
-                         max_seq_len=max_len, share_prompt=share_prompt)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Workers (run in subprocesses).
+# DPO workers (run in subprocesses); the KTO and ORPO ones are in _pref_workers.py.
 
 def worker_posttrain(args: argparse.Namespace, name: str) -> dict[str, Any]:
-    from posttrain.config import DPOSection, TrainConfig
+    from posttrain.config import DPOSection
     from posttrain.data import pair_batches
-    from posttrain.engine import LoopOptions, read_metrics, train_loop
     from posttrain.losses import PreferenceParams
     from posttrain.methods import PreferenceMethod, precompute_reference
     from posttrain.models import apply_lora, load_model
@@ -154,7 +139,7 @@ def worker_posttrain(args: argparse.Namespace, name: str) -> dict[str, Any]:
     loaded = load_model(args.model, dtype=posttrain_dtype(name), device="cpu")  # its default attention (sdpa_packed)
     name = base_config(name)  # the precision is in ``loaded.numerics`` from here on
     tok = loaded.tokenizer
-    pairs, _, info = load_pairs(args.pairs, args.max_len, tok)
+    pairs, _, info = load_pairs(args.data, args.pairs, args.max_len, tok)
     n_params = base_param_count(loaded.model)
     seed_everything(SEED)
     model = apply_lora(loaded.model, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
@@ -175,34 +160,18 @@ def worker_posttrain(args: argparse.Namespace, name: str) -> dict[str, Any]:
         ref_seconds = time.perf_counter() - t0
     method = PreferenceMethod("dpo", from_section(PreferenceParams, DPOSection(beta=BETA)), reference)
 
-    counts: dict[int, tuple[int, int, int, int]] = {}
+    def count(micro: list) -> dict[str, float]:  # pairs, tokens (prompt twice), positions, FLOP weight
+        tokens = sum(len(pairs[i]) for b in micro for i in b["pair_index"].tolist())
+        return {"pairs": sum(len(b["pair_index"]) for b in micro), "tokens": tokens,
+                "positions": sum(b["input_ids"].numel() for b in micro), "work": 6 * tokens}
 
-    class Counted:  # what each optimizer step trains and feeds: pairs, tokens (prompt twice), fed tokens, positions
-        def step(self, step: int):
-            micro = plan.step(step)
-            counts[step + 1] = (sum(len(b["pair_index"]) for b in micro),
-                                sum(len(pairs[i]) for b in micro for i in b["pair_index"].tolist()),
-                                sum(int(b["num_tokens"]) for b in micro), sum(b["input_ids"].numel() for b in micro))
-            return micro
-
-    # min_lr_ratio=1 turns posttrain's warmup-cosine schedule into a constant lr, as TRL's "constant".
-    opts = from_section(LoopOptions, TrainConfig(lr=args.lr, min_lr_ratio=1.0, max_grad_norm=1.0, log_every=1),
-                        total_steps=args.warmup + args.steps, warmup_steps=0, optimizer="adamw",
-                        autocast=loaded.numerics.autocast)  # as a recipe run
-    with tempfile.TemporaryDirectory(prefix="bench-posttrain-") as out:
-        train_loop(model, method, Counted(), opts, Path(out))
-        records = [r for r in read_metrics(Path(out) / "metrics.jsonl") if "tokens_per_s" in r]
-    steps = []
-    for r in records:  # tokens_per_s = fed tokens / (time from the end of the previous step's log to this one)
-        n_pairs, tokens, fed, positions = counts[r["step"]]
-        steps.append({"step": r["step"], "pairs": n_pairs, "tokens": tokens, "positions": positions,
-                      "seconds": fed / r["tokens_per_s"], "loss": r["loss"]})
+    steps = posttrain_steps(model, method, plan, count, args, loaded.numerics.autocast)  # autocast: as a recipe run
     return {"steps": steps, "n_params": n_params, **info, "rows": len(plan.units), "ref_seconds": ref_seconds,
             "numerics": f"posttrain {loaded.numerics.describe()}"}
 
 
-def trl_batch_counts(inputs: dict[str, Any]) -> tuple[int, int, int]:
-    """(pairs, non-padding tokens, padded positions) of one TRL 1.x DPO batch.
+def trl_batch_counts(inputs: dict[str, Any]) -> dict[str, float]:
+    """Pairs, non-padding tokens, padded positions and FLOP weight of one TRL 1.x DPO batch.
 
     TRL 1.x collates every pair's prompt + chosen as a row, then every pair's prompt + rejected, with
     ``attention_mask`` marking real tokens and ``completion_mask`` the responses; other layouts are refused
@@ -211,75 +180,32 @@ def trl_batch_counts(inputs: dict[str, Any]) -> tuple[int, int, int]:
     if "attention_mask" not in inputs or "completion_mask" not in inputs:
         raise RuntimeError(f"unexpected TRL DPO batch layout {sorted(inputs)}; update trl_batch_counts")
     mask = inputs["attention_mask"]
-    return mask.shape[0] // 2, int(mask.sum()), mask.numel()
+    tokens = int(mask.sum())
+    return {"pairs": mask.shape[0] // 2, "tokens": tokens, "positions": mask.numel(), "work": 6 * tokens}
 
 
 def worker_trl(args: argparse.Namespace, bf16: bool) -> dict[str, Any]:
-    import torch
-    import transformers
     from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     from posttrain.models import load_tokenizer
 
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.set_seed(SEED)
+    trl_setup()
     # posttrain's tokenizer loader (AutoTokenizer + EOS as pad if none), so both sides select the same pairs.
     tok = load_tokenizer(args.model)
-    pairs, convs, info = load_pairs(args.pairs, args.max_len, tok)
-    total = args.warmup + args.steps
+    pairs, convs, info = load_pairs(args.data, args.pairs, args.max_len, tok)
     # The pair order of posttrain's unpacked plan, step by step; TRL reads it sequentially, so both train on
     # identical micro-batches and a step's cost does not depend on which pairs the two samplers happened to draw.
     plan = make_plan(pairs, args.batch, tok.pad_token_id, False, args.max_len)
-    order = [int(i) for s in range(total) for b in plan.step(s) for i in b["pair_index"]]
+    order = [int(i) for s in range(args.warmup + args.steps) for b in plan.step(s) for i in b["pair_index"]]
     ds = Dataset.from_list([convs[i] for i in order])
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa")
-    n_params = base_param_count(model)
-    peft_config = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"],
-                             target_modules=LORA["targets"], bias="none", task_type="CAUSAL_LM")
+    model, n_params, peft_config = trl_model(args)
     out = tempfile.mkdtemp(prefix="bench-trl-")
-    cfg = DPOConfig(
-        output_dir=out, max_steps=total, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-        learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0, max_grad_norm=1.0, weight_decay=0.0,
-        seed=SEED, data_seed=SEED, train_sampling_strategy="sequential",
-        bf16=bf16, fp16=False, use_cpu=True, gradient_checkpointing=False,
-        max_length=2 * args.max_len, padding_free=False, beta=BETA, loss_type=["sigmoid"],
-        precompute_ref_log_probs=False,
-        logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-
-    step_counts: list[tuple[int, int, int]] = []
-    pending = [0, 0, 0]
-
-    class Counting(DPOTrainer):
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            for k, v in enumerate(trl_batch_counts(inputs)):
-                pending[k] += v
-            return super().training_step(model, inputs, num_items_in_batch)
-
-    ends: list[float] = []
-    losses: dict[int, float] = {}
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, a, state, control, **kw):
-            ends.clear()
-            ends.append(time.perf_counter())  # step 1's start (warm-up, not measured)
-
-        def on_step_end(self, a, state, control, **kw):
-            ends.append(time.perf_counter())
-            step_counts.append(tuple(pending))
-            pending[:] = [0, 0, 0]
-
-        def on_log(self, a, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
-                losses[state.global_step] = logs["loss"]
-
-    trainer = Counting(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft_config,
-                       callbacks=[Timer()])
+    cfg = DPOConfig(**trl_args(args, out, args.batch, bf16), max_length=2 * args.max_len, padding_free=False,
+                    beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=False)
+    clock = TRLClock(trl_batch_counts)
+    trainer = clock.trainer(DPOTrainer)(model=model, args=cfg, train_dataset=ds, processing_class=tok,
+                                        peft_config=peft_config, callbacks=[clock.callback()])
     # Same pairs, same tokens? Compare TRL's tokenisation of each fed row with posttrain's rendering.
     prepared = trainer.train_dataset
     if len(prepared) != len(order):
@@ -292,13 +218,7 @@ def worker_trl(args: argparse.Namespace, bf16: bool) -> dict[str, Any]:
         token_diff += len(trl_c) + len(trl_r) - len(p)
     trainer.train()
     shutil.rmtree(out, ignore_errors=True)  # save_strategy="no": nothing in it worth keeping
-    steps = []
-    for i, (n_pairs, tokens, positions) in enumerate(step_counts):
-        # ends[i + 1] - ends[i]: from the previous step's end (after its optimizer step) to this one's, data
-        # fetching, both forwards, backward, clipping and optimizer step included.
-        steps.append({"step": i + 1, "pairs": n_pairs, "tokens": tokens, "positions": positions,
-                      "seconds": ends[i + 1] - ends[i], "loss": losses.get(i + 1)})
-    return {"steps": steps, "n_params": n_params, **info, "rows": len(pairs), "fed_rows": len(prepared),
+    return {"steps": clock.steps(), "n_params": n_params, **info, "rows": len(pairs), "fed_rows": len(prepared),
             "sequences_differing_from_posttrain": differ, "sequences_compared": 2 * len(order),
             "token_diff_vs_posttrain": token_diff, "padding_free": bool(getattr(trainer, "padding_free", False)),
             "gradient_checkpointing": bool(cfg.gradient_checkpointing),
@@ -310,22 +230,24 @@ def run_worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     name = args.worker
-    result = (worker_trl(args, bf16=precision(name) == "bf16") if name.startswith("trl")
-              else worker_posttrain(args, name))
+    bf16 = precision(name) == "bf16"
+    result = run_pref_worker(args, name, bf16)
+    if result is None:
+        result = worker_trl(args, bf16) if name.startswith("trl") else worker_posttrain(args, name)
     measured = [s for s in result["steps"] if s["step"] > args.warmup]
     if not measured:
         raise RuntimeError("no timed step: --steps must be at least 1")
     seconds = sum(s["seconds"] for s in measured)
     n = len(measured)
+    total = {k: sum(s[k] for s in measured) for k in ("pairs", "tokens", "positions", "work")}
     if result.get("ref_seconds"):  # one epoch: every pair trained once, and the reference pass over all of them
-        pairs = sum(s["pairs"] for s in measured)
-        seconds *= 1 + result["ref_seconds"] / result["pairs"] / (seconds / pairs)
+        seconds *= 1 + result["ref_seconds"] / result["pairs"] / (seconds / total["pairs"])
     result.update(config=name, threads=torch.get_num_threads(), peak_rss_mb=peak_rss_mb(), measured_steps=n,
-                  seconds=seconds, pairs_per_s=sum(s["pairs"] for s in measured) / seconds,
-                  tokens_per_s=sum(s["tokens"] for s in measured) / seconds, s_per_step=seconds / n,
-                  pairs_per_step=sum(s["pairs"] for s in measured) / n,
-                  tokens_per_step=sum(s["tokens"] for s in measured) / n,
-                  positions_per_step=sum(s["positions"] for s in measured) / n)
+                  seconds=seconds, pairs_per_s=total["pairs"] / seconds, tokens_per_s=total["tokens"] / seconds,
+                  work_per_s=total["work"] / seconds, s_per_step=seconds / n, pairs_per_step=total["pairs"] / n,
+                  tokens_per_step=total["tokens"] / n, positions_per_step=total["positions"] / n)
+    if "rows" in measured[0]:  # KTO: unpaired rows are its unit; pairs = rows / 2
+        result["rows_per_s"] = sum(s["rows"] for s in measured) / seconds
     Path(args.result).write_text(json.dumps(result, indent=1))
 
 
@@ -333,38 +255,51 @@ def run_worker(args: argparse.Namespace) -> None:
 # Driver.
 
 def table(results: dict[str, list[dict]], ceiling: float, warmup: int, steps: int, skip: dict[str, str]) -> str:
-    """Markdown table of the per-config medians, with the pairs/s ratio against TRL's best measured configuration
-    and the FLOP-ceiling share."""
-    keys = ("pairs_per_s", "tokens_per_s", "peak_rss_mb", "s_per_step", "pairs_per_step", "tokens_per_step",
-            "positions_per_step")
+    """Markdown table of the per-config medians, with the pairs/s ratio against the best measured TRL
+    configuration of the same family (DPO, KTO, ORPO) and the FLOP-ceiling share."""
+    keys = ("pairs_per_s", "tokens_per_s", "work_per_s", "peak_rss_mb", "s_per_step", "pairs_per_step",
+            "tokens_per_step", "positions_per_step")
     med = medians(results, keys)
-    best = best_trl(med, "pairs_per_s", higher_is_better=True)
+    rows_med = medians({c: rs for c, rs in results.items() if rs and "rows_per_s" in rs[0]}, ("rows_per_s",))
+    fams = sorted({family(c) for c in results}, key=("dpo", "kto", "orpo").index)
+    best = {f: best_trl({c: m for c, m in med.items() if family(c) == f}, "pairs_per_s", True) for f in fams}
     n_params = next(rs for rs in results.values() if rs)[0]["n_params"]
-    lines = ["| config | pairs/s | tokens/s | s/step | peak RSS MB | pairs/step | tokens/step | positions/step | "
-             "runs (pairs/s) | vs best TRL (pairs/s) | FLOP ceiling fraction |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| config | pairs/s | rows/s | tokens/s | s/step | peak RSS MB | pairs/step | tokens/step | "
+             "positions/step | runs (pairs/s) | vs best TRL (pairs/s) | FLOP ceiling fraction |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c, m in med.items():
-        ratio = f"{m['pairs_per_s'] / med[best]['pairs_per_s']:.2f}x" if best else "-"
-        frac = m["tokens_per_s"] * 6 * n_params / (ceiling * 1e9)
+        b = best[family(c)]
+        ratio = f"{m['pairs_per_s'] / med[b]['pairs_per_s']:.2f}x vs {b}" if b else "-"
+        frac = m["work_per_s"] * n_params / (ceiling * 1e9)
         runs = ", ".join(f"{r['pairs_per_s']:.2f}" for r in results[c])
-        lines.append(f"| {c} | {m['pairs_per_s']:.2f} | {m['tokens_per_s']:.1f} | {m['s_per_step']:.2f} | "
+        rows = f"{rows_med[c]['rows_per_s']:.2f}" if c in rows_med else "-"
+        lines.append(f"| {c} | {m['pairs_per_s']:.2f} | {rows} | {m['tokens_per_s']:.1f} | {m['s_per_step']:.2f} | "
                      f"{m['peak_rss_mb']:.0f} | {m['pairs_per_step']:.1f} | {m['tokens_per_step']:.0f} | "
                      f"{m['positions_per_step']:.0f} | {runs} | {ratio} | {100 * frac:.0f}% |")
-    lines += skipped_rows(skip, 11)
+    lines += skipped_rows(skip, 12)
     notes = [f"Medians over runs (the 'runs' column lists each run's pairs/s); {steps} timed optimizer steps after "
-             f"{warmup} warm-up steps per run. tokens = prompt + chosen and prompt + rejected of every pair "
-             f"trained (the work of two separate sequences, what TRL feeds); positions = input tensor size as fed, "
-             f"padding included (a shared prompt is fed once).",
-             f"FLOP ceiling: fp32 2048x2048 matmul at {ceiling:.1f} GFLOP/s; 6 x N = 6 x {n_params / 1e6:.1f} M "
-             f"FLOPs per token, so the ceiling is {ceiling * 1e9 / (6 * n_params):.0f} tokens/s (tokens as above: "
-             f"a framework that computes a shared prompt once can pass 100%)."]
-    if best:
-        r = results[best][0]
-        notes.append(f"TRL tokenisation vs posttrain's: {r['sequences_differing_from_posttrain']} of "
+             f"{warmup} warm-up steps per run. DPO and ORPO: tokens = prompt + chosen and prompt + rejected of "
+             f"every pair trained (the work of two separate sequences, what TRL feeds); positions = input tensor "
+             f"size as fed, padding included (a shared prompt is fed once). KTO: rows/s is its own unit and pairs/s "
+             f"= rows/s / 2; tokens = each row's own sequence and its mismatched (z0) sequence, both sides counted "
+             f"from their own batches.",
+             f"FLOP ceiling: fp32 2048x2048 matmul at {ceiling:.1f} GFLOP/s, N = {n_params / 1e6:.1f} M; FLOPs per "
+             f"token: DPO 6N (policy forward + backward, reference forward), ORPO 4N (no reference), KTO 6N per "
+             f"own-sequence token and 4N per mismatched one (two no-grad forwards). A framework that computes a "
+             f"shared prompt once can pass 100%."]
+    for c in (c for c in med if c.startswith("trl")):
+        r = results[c][0]
+        kl = f", KL (z0) estimate {r['kl_estimate']}" if "kl_estimate" in r else ""
+        notes.append(f"{c} tokenisation vs posttrain's: {r['sequences_differing_from_posttrain']} of "
                      f"{r['sequences_compared']} fed sequences differ, {r['token_diff_vs_posttrain']:+d} tokens "
                      f"in all; TRL optim {r['optim']}, padding_free {r['padding_free']}, gradient checkpointing "
-                     f"{r['gradient_checkpointing']}.")
-    notes += ratio_summary(results, med, "pairs_per_s", "pairs/s", True, skip)
+                     f"{r['gradient_checkpointing']}{kl}.")
+    for f in fams:
+        sub = {c: rs for c, rs in results.items() if family(c) == f}
+        if len(fams) > 1:
+            notes.append(f"{f.upper()}:")
+        notes += ratio_summary(sub, {c: m for c, m in med.items() if c in sub}, "pairs_per_s", "pairs/s", True,
+                               {c: why for c, why in skip.items() if family(c) == f})
     return "\n".join(lines) + "\n\n" + "\n".join(notes)
 
 
@@ -372,25 +307,34 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pairs", type=int, default=64, help="preference pairs in the fixed training subset")
     p.add_argument("--max-len", type=int, default=256, help="token cap for prompt + response (chosen and rejected)")
-    p.add_argument("--batch", type=int, default=2, help="micro-batch in pairs (TRL, posttrain, posttrain-precomp)")
+    p.add_argument("--batch", type=int, default=2, help="micro-batch in pairs (DPO, ORPO; not -pack, -noshare)")
     p.add_argument("--pack-rows", type=int, default=1, help="micro-batch in packed rows (posttrain-pack, -noshare)")
+    p.add_argument("--kto-rows", type=int, default=None,
+                   help="KTO micro-batch in unpaired rows (default 2 x --batch: the rows of --batch pairs)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=8, help="timed optimizer steps")
     p.add_argument("--lr", type=float, default=5e-6)
+    p.add_argument("--data", type=Path, default=DATA, help="HH-style pair file (default: %(default)s)")
     args, configs = start(p, CONFIGS, DEFAULT_CONFIGS, run_worker, __file__)
     if configs is None:
         return
-    if not DATA.exists():
-        sys.exit(f"missing {DATA}; see benchmarks/prepare_hh.py")
+    if not args.data.exists():
+        sys.exit(f"missing {args.data}; see benchmarks/prepare_hh.py")
+    kto_rows = args.kto_rows or 2 * args.batch
+    if kto_rows < 2:
+        sys.exit("--kto-rows must be at least 2: KTO's z0 pairs each row with another row's completion")
 
     common = ["--model", args.model, "--pairs", str(args.pairs), "--max-len", str(args.max_len), "--batch",
-              str(args.batch), "--pack-rows", str(args.pack_rows), "--warmup", str(args.warmup), "--steps",
-              str(args.steps), "--lr", str(args.lr), "--threads", str(args.threads)]
+              str(args.batch), "--pack-rows", str(args.pack_rows), "--kto-rows", str(kto_rows), "--warmup",
+              str(args.warmup), "--steps", str(args.steps), "--lr", str(args.lr), "--threads", str(args.threads),
+              "--data", str(args.data.resolve())]
 
     def describe(r: dict[str, Any]) -> str:
-        loss1 = r["steps"][0]["loss"]  # policy == reference at step 1 (LoRA B = 0): log 2 = 0.6931 on both
-        return (f"{r['pairs_per_s']:6.2f} pairs/s {r['tokens_per_s']:7.1f} tokens/s {r['s_per_step']:6.2f} s/step "
-                f"{r['tokens_per_step']:6.0f} tokens/step {r['peak_rss_mb']:6.0f} MB "
+        # DPO: policy == reference at step 1 (LoRA B = 0), log 2 = 0.6931 on both; KTO: 0.5 per row, times its weight
+        loss1 = r["steps"][0]["loss"]
+        rows = f" {r['rows_per_s']:6.2f} rows/s" if "rows_per_s" in r else ""
+        return (f"{r['pairs_per_s']:6.2f} pairs/s{rows} {r['tokens_per_s']:7.1f} tokens/s {r['s_per_step']:6.2f} "
+                f"s/step {r['tokens_per_step']:6.0f} tokens/step {r['peak_rss_mb']:6.0f} MB "
                 f"loss@1 {'-' if loss1 is None else f'{loss1:.4f}'} "
                 f"(data: {r['pairs']} pairs, {r['dataset_tokens']} tokens, {r['rows']} rows)")
 
