@@ -6,6 +6,7 @@ import math
 import shutil
 
 import pytest
+import torch
 
 from posttrain.config import load_config
 from posttrain.engine.checkpoint import list_checkpoints
@@ -127,9 +128,21 @@ def test_online_dpo_resume_equals_uninterrupted(tiny_dir, tmp_path):
         assert (out / "rounds" / "round-001.jsonl").read_text() == pairs
 
 
-def test_online_dpo_with_the_policy_as_judge(tiny_dir, tmp_path):
+def test_online_dpo_with_the_policy_as_judge(tiny_dir, tmp_path, monkeypatch):
+    import posttrain.methods.online_dpo
+    import posttrain.recipes.online_dpo
+
+    greedy, amp = posttrain.methods.online_dpo.greedy_texts, []
+
+    def recording(*a, **k):  # the start's answers and every eval's: generated under the same (loop's) autocast
+        amp.append(torch.is_autocast_enabled("cpu"))
+        return greedy(*a, **k)
+    monkeypatch.setattr(posttrain.methods.online_dpo, "greedy_texts", recording)
+    monkeypatch.setattr(posttrain.recipes.online_dpo, "greedy_texts", recording)
     out = tmp_path / "judged"
-    summary = run_online(online_cfg(tiny_dir, tmp_path, out, "online.rounds=1", "online.samples=2", judge=True))
+    summary = run_online(online_cfg(tiny_dir, tmp_path, out, "online.rounds=1", "online.samples=2",
+                                    "model.dtype=bf16_mixed", judge=True))
+    assert len(amp) >= 3 and all(amp)
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     # step 0: the starting policy against its own greedy answers, every verdict a tie under the calibrated judge
     assert metrics[0]["eval/win_rate"] == 0.5 and metrics[0]["eval/ties"] == 1.0

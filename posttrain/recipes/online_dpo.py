@@ -19,6 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from posttrain.config import OnlineDPOConfig
 from posttrain.engine import console, train_loop
 from posttrain.engine.resume import Resume
@@ -105,7 +107,8 @@ def run(cfg: OnlineDPOConfig, *, resume: bool | Resume = False) -> dict[str, Any
         console.print(f"training {total} steps: {o.rounds} rounds of {o.prompts_per_round} prompts x {o.samples} "
                       f"samples (best vs worst by {schedule.scorer}) then {o.steps_per_round} {cfg.dpo.loss} steps, "
                       f"sampled by the {engine.name} engine; reference: " + describe_reference(cfg))
-        evaluate = held_out_eval(cfg, model, tok, judge, (held_prompts, held_rows, held_chats), reward, watch, folder)
+        evaluate = held_out_eval(cfg, model, tok, judge, (held_prompts, held_rows, held_chats), reward, watch, folder,
+                                 job.loaded.numerics.autocast if job.loaded.numerics else None)
         save_config(job.out, cfg)
         records = train_loop(model, method, schedule, loop_options(t, total, cfg.model, job.loaded), job.out,
                              evaluate=evaluate, export=lora_export(cfg.finetune, model), resume=start)
@@ -183,9 +186,10 @@ def build_judge(cfg: OnlineDPOConfig, model: Any, tokenizer: Any) -> Judge:
 
 
 def held_out_eval(cfg: OnlineDPOConfig, model: Any, tok: Any, judge: Judge | None, held: tuple, reward: Any,
-                  watch: Any, folder: Path) -> Any:
+                  watch: Any, folder: Path, autocast: torch.dtype | None) -> Any:
     """The eval the loop runs: held-out rewards of greedy answers, or their win rate against the starting policy's
-    (computed once, before any step, and kept in the run folder for a resumed run)."""
+    (computed once, before any step, and kept in the run folder for a resumed run). The starting answers are
+    generated under the loop's autocast, as every eval is, so the step-0 eval compares the start with itself."""
     prompts, rows, chats = held
     if not prompts:
         return None
@@ -196,7 +200,10 @@ def held_out_eval(cfg: OnlineDPOConfig, model: Any, tok: Any, judge: Judge | Non
     path = folder / "eval-baseline.json"
     saved = read_json(path) if path.exists() else None
     if saved is None or saved.get("prompts") != [prompt_text(c) for c in chats]:
-        texts = greedy_texts(model, tok, prompts, o.max_new_tokens, batch).texts  # before any step: the start
+        amp = (torch.autocast(next(model.parameters()).device.type, dtype=autocast) if autocast
+               else contextlib.nullcontext())
+        with amp:  # before any step: the start
+            texts = greedy_texts(model, tok, prompts, o.max_new_tokens, batch).texts
         atomic_write_text(path, json.dumps({"prompts": [prompt_text(c) for c in chats], "answers": texts}))
         saved = read_json(path)
     baseline = saved["answers"]
