@@ -309,3 +309,17 @@ def test_compare_two_runs_curves_differences_and_halves(tmp_path):
     assert '<td>b</td><td class="num">4</td><td class="num">0.1</td><td class="num">0.4</td>' in html
     assert cli_main(["compare", str(tmp_path / "a"), "--out", str(out)]) == 2  # one run is no comparison
     assert cli_main(["compare", str(tmp_path / "a"), str(tmp_path / "nope")]) == 2
+
+
+def test_grouped_bar_value_labels_are_compact_and_never_overlap():
+    from posttrain.report.svg import compact, eval_bars_svg
+
+    assert [compact(v) for v in (1253.0, -1253.0, 0.5, 2.5e6, 0.000123, 999.0)] == \
+        ["1.25k", "-1.25k", "0.5", "2.5M", "0.000123", "999"]
+    svg = eval_bars_svg({"columns": ["base", "sft", "dpo"], "rows": {
+        "cards_loss/tokens": {"base": 1253.0, "sft": 1187.0, "dpo": 1249.0},
+        "heldout/loss": {"base": 2.3456, "sft": 1.987654, "dpo": 0.000123456}}})
+    labels = [(float(x), t) for x, t in re.findall(r'<text x="([\d.]+)"[^>]*font-size="9">([^<]+)</text>', svg)]
+    assert [t for _, t in labels] == ["1.25k", "1.19k", "1.25k", "2.35", "1.99", "0.000123"]
+    for (xa, ta), (xb, tb) in zip(labels, labels[1:]):  # centred labels: half of each width between the centres
+        assert xb - xa >= 5.4 * (len(ta) + len(tb)) / 2, (ta, tb)

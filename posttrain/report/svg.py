@@ -84,6 +84,15 @@ def _label_lines(label: str, width: int = 16) -> list[str]:
     return [head + "/", tail]
 
 
+def compact(v: float) -> str:
+    """A bar's value label, short enough to sit on the bar: 3 significant digits, thousands as k and millions as M
+    instead of an exponent (1250 -> 1.25k, 0.000123 -> 0.000123)."""
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= div:
+            return f"{v / div:.3g}{suffix}"
+    return f"{v:.3g}"
+
+
 def eval_bars_svg(evals: dict[str, Any], width_per_bar: int = 22, height: int = 200) -> str:
     """A grouped bar chart, one group per metric and one bar per column. Each metric is scaled by its own largest
     magnitude (metrics have different units); the numbers are written on the bars."""
@@ -98,7 +107,11 @@ def eval_bars_svg(evals: dict[str, Any], width_per_bar: int = 22, height: int = 
     zero = top + up
     arrows = {True: " \u2191", False: " \u2193"}
     labels = {m: _label_lines(str(m) + arrows.get(hib.get(m), "")) for m in values}
-    groups = [max(len(columns) * width_per_bar, 6.6 * max(map(len, labels[m]))) + 18 for m in values]
+    texts = {m: {c: compact(v) for c, v in cells.items() if v is not None} for m, cells in values.items()}
+    # Each bar is as wide as its group's widest value label (9 px text, about 5.4 px a character), so neighbouring
+    # labels never run into each other.
+    pitch = {m: max(width_per_bar, 5.4 * max(map(len, texts[m].values()), default=0) + 6) for m in values}
+    groups = [max(len(columns) * pitch[m], 6.6 * max(map(len, labels[m]))) + 18 for m in values]
     width = int(max(left * 2 + sum(groups), left + 110 * len(columns), 420))
     total_h = int(zero + (height - up) + 40)
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{total_h}" '
@@ -114,20 +127,21 @@ def eval_bars_svg(evals: dict[str, Any], width_per_bar: int = 22, height: int = 
     out.append(f'<line x1="{left}" y1="{zero}" x2="{width - left}" y2="{zero}" stroke="#888"/>')
     x_group = float(left)
     for (metric, cells), group_w in zip(values.items(), groups):
-        x0 = x_group + (group_w - len(columns) * width_per_bar) / 2
+        bar = pitch[metric]
+        x0 = x_group + (group_w - len(columns) * bar) / 2
         scale = max((abs(v) for v in cells.values() if v is not None), default=0.0) or 1.0
         for j, c in enumerate(columns):
-            x, v = x0 + j * width_per_bar, cells[c]
-            mid = x + (width_per_bar - 3) / 2
+            x, v = x0 + j * bar, cells[c]
+            mid = x + (bar - 3) / 2
             if v is None:
                 out.append(f'<text x="{mid:.1f}" y="{zero - 4}" text-anchor="middle">{EM_DASH}</text>')
                 continue
             h = abs(v) / scale * (up - 14)
             y = zero - h if v >= 0 else zero
-            out.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{width_per_bar - 3}" height="{max(h, 0.5):.1f}" '
+            out.append(f'<rect x="{x:.1f}" y="{y:.1f}" width="{bar - 3:.1f}" height="{max(h, 0.5):.1f}" '
                        f'fill="{COLOURS[j % len(COLOURS)]}"><title>{escape(f"{metric} {c}: {v:.4g}")}</title></rect>')
             out.append(f'<text x="{mid:.1f}" y="{y - 3 if v >= 0 else y + h + 10:.1f}" text-anchor="middle" '
-                       f'font-size="9">{v:.3g}</text>')
+                       f'font-size="9">{texts[metric][c]}</text>')
         for k, line in enumerate(labels[metric]):
             out.append(f'<text x="{x_group + group_w / 2:.1f}" y="{zero + (height - up) + 14 + 13 * k:.1f}" '
                        f'text-anchor="middle" font-size="11">{escape(line)}</text>')
