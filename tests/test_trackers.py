@@ -266,6 +266,21 @@ def test_tensorboard_gets_every_scalar(tiny_dir, tmp_path, monkeypatch):
     assert scalars == [(r["step"], k, v) for r in records(tmp_path) for k, v in trackers.numbers(r).items()]
 
 
+def test_tensorboard_event_files_hold_the_records_and_a_rerun_replaces_them(tiny_dir, tmp_path):
+    pytest.importorskip("tensorboard")  # in the trackers extra, not in the lock
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for total in (3, 2):  # the second run into the same folder hides the first one's steps, as metrics.jsonl does
+        train_loop(tiny(tiny_dir), SFT(), Fixed(), loop_opts(total, report_to=["tensorboard"]), tmp_path)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    expected = by_step(records(tmp_path))
+    for key in events.Tags()["scalars"]:
+        got = [(e.step, e.value) for e in events.Scalars(key)]
+        assert got == [(s, pytest.approx(v[key], rel=1e-6)) for s, v in sorted(expected.items()) if key in v]
+    assert set(events.Tags()["scalars"]) == {k for v in expected.values() for k in v}
+
+
 # --- start-up -------------------------------------------------------------------------------------------------------
 
 def test_a_missing_package_stops_the_run_before_the_model_loads(tiny_dir, tmp_path, monkeypatch):
