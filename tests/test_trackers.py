@@ -303,7 +303,8 @@ def test_report_to_values(tmp_path, monkeypatch):
     assert load_config(job, ["train.report_to=[]"]).train.report_to == []
     with pytest.raises(ConfigError, match="report_to"):
         load_config(job, ["train.report_to=[neptune]"])
-    monkeypatch.setattr(trackers, "installed", lambda module: False)
-    assert trackers.resolve("auto") == []  # as before the key: TensorBoard only when it is installed
-    monkeypatch.setattr(trackers, "installed", lambda module: True)
+    # As before the key: TensorBoard only when torch's writer imports (it refuses a missing or too old tensorboard).
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # None in sys.modules: the import fails
+    assert trackers.resolve("auto") == []
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace())
     assert trackers.resolve("auto") == ["tensorboard"] and trackers.resolve(["wandb", "wandb"]) == ["wandb"]

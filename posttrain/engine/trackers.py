@@ -191,11 +191,21 @@ def installed(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+def tensorboard_works() -> bool:
+    """Whether torch's TensorBoard writer imports: what decided TensorBoard logging before report_to existed (torch
+    refuses a tensorboard older than 1.15 with an ImportError, so an installed package is not enough)."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def resolve(report_to: str | list[str] | tuple[str, ...]) -> list[str]:
-    """The trackers a run logs to. ``auto`` is what runs did before the key existed: TensorBoard when its package
-    is installed, else metrics.jsonl alone; a list names each one, installed or not (``check_installed``)."""
+    """The trackers a run logs to. ``auto`` is what runs did before the key existed: TensorBoard when torch's writer
+    imports, else metrics.jsonl alone; a list names each one, installed or not (``check_installed``)."""
     if report_to == "auto":
-        return ["tensorboard"] if installed(TensorBoard.module) else []
+        return ["tensorboard"] if tensorboard_works() else []
     names = list(dict.fromkeys(report_to))
     unknown = [n for n in names if n not in TRACKERS]
     if unknown:
