@@ -295,6 +295,22 @@ def test_a_missing_package_stops_the_run_before_the_model_loads(tiny_dir, tmp_pa
         _common.begin_run(cfg)
 
 
+def test_a_workflow_stops_before_its_baseline_loads_a_model(tiny_dir, tmp_path, monkeypatch):
+    from posttrain.config import load_workflow
+    from posttrain.workflow import Workflow
+
+    data = write_jsonl(tmp_path / "d.jsonl", chat_rows(10))
+    (tmp_path / "wf.yaml").write_text(yaml.safe_dump({
+        "name": "t", "output_dir": str(tmp_path / "wf"), "model": tiny_dir, "eval_set": {"split": data},
+        "evals": {"heldout": {"kind": "loss", "data": "${eval_set}"}},
+        "stages": [{"name": "sft", "train": "sft", "config": {"data": {"train": "${train_set}"},
+                                                             "train": {"report_to": ["trackio"]}}}]}))
+    monkeypatch.setattr(trackers, "installed", lambda module: module != "trackio")
+    monkeypatch.setattr(Workflow, "baseline", lambda self: pytest.fail("the baseline was evaluated"))
+    with pytest.raises(ConfigError, match=r"needs trackio \(pip install trackio\)"):
+        Workflow(load_workflow(str(tmp_path / "wf.yaml"))).run()
+
+
 def test_report_to_values(tmp_path, monkeypatch):
     job = tmp_path / "job.yaml"
     job.write_text("method: sft\noutput_dir: x\ndata: {train: d.jsonl}\n")
