@@ -30,6 +30,7 @@ from posttrain.curate import contamination
 from posttrain.data import holdout_split, read_rows
 from posttrain.engine import console
 from posttrain.engine.checkpoint import list_checkpoints
+from posttrain.engine.trackers import check_installed
 from posttrain.errors import ConfigError
 from posttrain.eval.gate import Rule, check_gate, gate_table
 from posttrain.eval.suites import SUITE_OPTIONS, run_suite
@@ -232,6 +233,16 @@ class Workflow:
         return load_config(None, _substitute(st.overrides, self.names) + forced, method=st.train,
                            base=_substitute(tree, self.names))
 
+    def check_trackers(self) -> None:
+        """A tracker a stage names whose package is missing stops the workflow before the baseline loads a model;
+        a stage whose config does not load yet is left to report that itself when it runs."""
+        for st in (s for s in self.cfg.stages if s.train):
+            try:
+                job = self.job_of(st)
+            except ConfigError:
+                continue
+            check_installed(job.train.report_to)
+
     def train(self, st: StageSpec) -> str:
         job = self._jobs[st.name] = self.job_of(st)
         settings = {k: v for k, v in job.model_dump(mode="json").items() if k != "output_dir"}
@@ -287,6 +298,7 @@ class Workflow:
         blocked_by = None
         try:
             self.eval_set()
+            self.check_trackers()
             self.baseline()
             for st in self.cfg.stages:
                 if blocked_by:

@@ -95,6 +95,7 @@ def _literal(model, name):
 def test_variant_tables_agree():
     """Every config Literal that names the entries of a table offers exactly that table's keys."""
     from posttrain.engine.loop import OPTIMIZERS
+    from posttrain.engine.trackers import TRACKERS
     from posttrain.eval.suites import SUITES
     from posttrain.losses import PREFERENCE_LOSSES
     from posttrain.losses.advantages import ADVANTAGES, GROUP_FILTERS, STD_NORMS, TRUNCATED
@@ -113,6 +114,9 @@ def test_variant_tables_agree():
     assert _literal(RolloutSection, "is_correction") == set(IS_CORRECTIONS)
     assert _literal(SuiteSpec, "kind") == set(SUITES)
     assert _literal(TrainConfig, "optimizer") == set(OPTIMIZERS) | {"auto"}
+    # report_to: "auto" or a list of the tracker table's names
+    auto, names = get_args(TrainConfig.model_fields["report_to"].annotation)
+    assert get_args(auto) == ("auto",) and set(get_args(get_args(names)[0])) == set(TRACKERS)
     assert _literal(ModelConfig, "dtype") == set(DTYPES)
     assert _literal(StageSpec, "train") == set(CONFIGS)
     for method, schema in CONFIGS.items():

@@ -1,6 +1,7 @@
 """torchrun with 2 CPU processes (gloo) gives the loss curve of one process with the same global batch: SFT, DPO and
 reward (batches split by rank), GRPO and PPO (rollouts split by prompt group)."""
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def _same_curve(one, two, keys, train_only: bool = False) -> None:
 
 
 @pytest.mark.parametrize("method,parallel", [("sft", "ddp"), ("dpo", "ddp"), ("sft", "fsdp"), ("reward", "fsdp")])
-def test_two_processes_equal_one_with_the_same_global_batch(method, parallel, tiny_dir, tmp_path):
+def test_two_processes_equal_one_with_the_same_global_batch(method, parallel, tiny_dir, tmp_path, monkeypatch):
     if method == "sft":
         data = write_jsonl(tmp_path / "train.jsonl", chat_rows(40))
         extra, keys = "eval_samples: 0\n", ["loss", "grad_norm", "loss_units", "eval/loss"]
@@ -48,9 +49,18 @@ def test_two_processes_equal_one_with_the_same_global_batch(method, parallel, ti
                    "train: {max_steps: 3, micro_batch_size: 2, lr: 0.01, eval_every: 3, save_every: 2, "
                    f"min_lr_ratio: 1.0, distributed: {parallel}}}\nlora: {{r: 4}}\n{extra}")
     # One process accumulating 2 micro-batches == 2 processes with 1 each: the same 4 rows per step.
+    tracked = (method, parallel) == ("sft", "ddp") and importlib.util.find_spec("mlflow") is not None
     _launch(1, method, cfg, tmp_path / "one", "train.grad_accum=2")
-    _launch(2, method, cfg, tmp_path / "two", "train.grad_accum=1")
+    _launch(2, method, cfg, tmp_path / "two", "train.grad_accum=1", *(["train.report_to=[mlflow]"] if tracked else []))
     _same_curve(tmp_path / "one", tmp_path / "two", keys)
+    if tracked:  # rank 0 alone logs: one MLflow run, holding metrics.jsonl's losses
+        from mlflow.tracking import MlflowClient
+
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's file store, as the run chose it
+        client = MlflowClient((tmp_path / "two" / "mlruns").as_uri())
+        [run] = client.search_runs([client.get_experiment_by_name("posttrain").experiment_id])
+        assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] == \
+            [(r["step"], r["loss"]) for r in _records(tmp_path / "two") if "loss" in r]
     from safetensors.torch import load_file
 
     a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))

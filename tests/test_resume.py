@@ -252,8 +252,10 @@ def test_the_table_is_bookkeeping_only():
     # A reviewed list: adding a key here is a claim that it cannot change what a run computes.
     # train.max_minutes: a wall-clock budget only decides after which step a run stops (no step's computation reads
     # it), and a budget is not reproducible anyway; a stopped run resumes towards train.max_steps.
+    # train.report_to, tracker_project, run_name: where the records are sent, never what a step computes.
     assert set(BOOKKEEPING) == {"output_dir", "train.log_every", "train.eval_every", "train.save_every",
-                                "train.save_total_limit", "eval_samples", "train.max_minutes"}
+                                "train.save_total_limit", "eval_samples", "train.max_minutes", "train.report_to",
+                                "train.tracker_project", "train.run_name"}
 
 
 # --- allowed changes -------------------------------------------------------------------------------------------------

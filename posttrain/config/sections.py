@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -118,6 +118,20 @@ class TrainConfig(Section):
         "shards the decoder layers' weights, gradients and optimizer state with FSDP2")
     optimizer: Literal["auto", "adamw", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "auto", description="auto: paged 8-bit AdamW for a 4-bit base on a GPU, else AdamW (fp32 moments)")
+    # Here, not on the job: it is a setting of the loop (where its records go), reaches it through LoopOptions as
+    # every train.* key does, and a workflow stage overrides it as train.report_to like any other.
+    report_to: Literal["auto"] | list[Literal["tensorboard", "mlflow", "wandb", "trackio"]] = Field(
+        "auto", description="experiment trackers that get metrics.jsonl's records, the config and the final evals "
+        "(rank 0 only): a list of tensorboard, mlflow, wandb, trackio; [] for none; auto: tensorboard when its "
+        "package is installed. A named tracker whose package is missing stops the run before the model loads")
+    tracker_project: str = Field(
+        "posttrain", min_length=1, description="the MLflow experiment, W&B project or Trackio project")
+    run_name: str | None = Field(None, description="the run's name in the trackers; null: the run folder's name")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker(cls, value: object) -> object:
+        return [value] if isinstance(value, str) and value != "auto" else value  # report_to: wandb, as one name
 
 
 

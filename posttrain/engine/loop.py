@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
 import torch
+import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from posttrain.engine.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, trainer_state
@@ -22,6 +23,7 @@ from posttrain.engine.distributed import all_reduce_grads, barrier, clip_grad_no
 from posttrain.engine.logging import MetricsLog, console, format_line
 from posttrain.engine.resume import RunStart, resumed_schedule
 from posttrain.engine.schedule import Schedule
+from posttrain.engine.trackers import open_trackers
 from posttrain.models.forward import Batch
 
 # (summed loss, metrics). A metric is a float, averaged over the step's micro-batches and the ranks, or a (sum,
@@ -67,6 +69,11 @@ class LoopOptions:
     save_total_limit: int
     optimizer: str
     max_minutes: float | None
+    # Where the records go besides metrics.jsonl (engine.trackers.TRACKERS), under which project and run name
+    # (None: the run folder's name). Rank 0 alone logs, as it alone writes metrics.jsonl.
+    report_to: str | list[str]
+    tracker_project: str
+    run_name: str | None
     # bf16_mixed numerics: forwards (rollouts and evals included) under torch.autocast in this dtype, while weights,
     # gradients, optimizer state and the loss sum stay fp32. Backward follows the dtypes the forward chose.
     autocast: torch.dtype | None = None
@@ -163,7 +170,11 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
         changed = ", ".join(f"{k} {a} -> {b}" for k, (a, b) in run.changes.items())
         console.print(f"resumed from {run.checkpoint} at step {start}" + (f"; changed: {changed}" if changed else ""))
     w = world()
-    log = MetricsLog(output_dir / "metrics.jsonl", resume_step=start) if w.main else None
+    log = None
+    if w.main:
+        trackers = open_trackers(opts.report_to, opts.tracker_project, opts.run_name or output_dir.resolve().name)
+        config = yaml.safe_load(run.config_text) if run.config_text else {}  # the run's config.yaml
+        log = MetricsLog(output_dir / "metrics.jsonl", resume_step=start, trackers=trackers, config=config)
     records: list[dict[str, Any]] = []
     if state is not None and log is not None:  # the run's history: where it resumed and what a resume changed
         entry: dict[str, Any] = {"from": run.checkpoint.name, "changes": {k: list(v) for k, v in run.changes.items()}}
@@ -197,7 +208,8 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
     # Steps that share one batch (an RL schedule's mu: steps per rollout): a budget stops only after the last of
     # them, so the checkpoint it leaves resumes exactly, as train.save_every must be a multiple of mu for.
     shared = getattr(batches, "mu", 1)
-    with bar:
+    # Leaving the block ends each tracker's run with the final evals, as failed when an exception leaves it.
+    with bar, log if log is not None else contextlib.nullcontext():
         if evaluate is not None and start == 0:
             with amp():
                 emit({"step": 0, **evaluate(model)})  # the baseline every later eval is compared with
@@ -275,6 +287,4 @@ def train_loop(model: torch.nn.Module, method: Method, batches: StepBatches, opt
                 window_start = time.perf_counter()
     if start < end or not list_checkpoints(ckpt_root):
         save(end)
-    if log is not None:
-        log.close()
     return records

@@ -29,6 +29,7 @@ from posttrain.config import (
 )
 from posttrain.engine import LoopOptions, console, read_metrics, train_loop
 from posttrain.engine.distributed import device_for, gather_for_inference, shard, world
+from posttrain.engine.trackers import check_installed
 from posttrain.errors import ConfigError
 from posttrain.io import atomic_dir, atomic_write_text
 from posttrain.models import (
@@ -79,7 +80,9 @@ def load_base(mcfg: ModelConfig) -> Loaded:
 
 
 def begin_run(cfg: JobConfig) -> Job:
-    """The run folder, the start time and the loaded base model (seeded, announced)."""
+    """The run folder, the start time and the loaded base model (seeded, announced). A tracker of train.report_to
+    whose package is missing stops the run here, before the model loads (every rank checks, so none waits)."""
+    check_installed(cfg.train.report_to)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)

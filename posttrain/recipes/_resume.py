@@ -35,6 +35,9 @@ BOOKKEEPING: dict[str, str] = {
     "eval_samples": "how many held-out generations samples.jsonl gets at the end",
     "train.max_minutes": "where a wall-clock budget stops the run, never what a step computes (the lr schedule "
                          "follows train.max_steps)",
+    "train.report_to": "where the records are sent besides metrics.jsonl (a resume starts a new tracker run)",
+    "train.tracker_project": "the trackers' project the records are sent to",
+    "train.run_name": "the run's name in the trackers",
 }
 # Allowed with --extend-steps only: the rest of the lr schedule is then re-laid over the new length (Schedule.relaid).
 STEP_KEYS = frozenset({"train.max_steps"})
