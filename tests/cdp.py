@@ -93,8 +93,10 @@ class Browser:
         return reply["result"]
 
     def goto(self, url: str) -> None:
+        # The old document answers until the new one replaces it: wait for one without the old one's mark.
+        self.js("window.__leaving = true")
         self.send("Page.navigate", session=True, url=url)
-        self.wait("document.readyState === 'complete'")
+        self.wait("!window.__leaving && document.readyState === 'complete'")
 
     def js(self, expression: str) -> Any:
         result = self.send("Runtime.evaluate", session=True, expression=expression, returnByValue=True,
@@ -111,7 +113,8 @@ class Browser:
             if value:
                 return value
             if time.monotonic() > deadline:
-                raise TimeoutError(f"still false after {timeout:.0f} s: {expression}")
+                page = self.js("location.href + ': ' + document.body.innerText.slice(0, 2000)")
+                raise TimeoutError(f"still false after {timeout:.0f} s: {expression}\n{page}\nerrors: {self.errors}")
             time.sleep(0.1)
 
     def screenshot(self, path: Path) -> Path:

@@ -245,7 +245,7 @@ def test_browser_runs_page_lists_runs_and_a_run_page_draws_its_curves(live_ui, b
     assert len(xy) >= 4 and len({x for x, _ in xy}) == len(xy)  # one point per step, spread along the axis
     assert browser.js("document.getElementById('run-status').textContent") == "running"
     browser.goto(live_ui.url + "/run?name=done")
-    browser.wait("document.querySelector('#evals table')")
+    browser.wait("!!document.querySelector('#evals table')")
     _shot(browser, "run")
     browser.goto(live_ui.url + "/compare?run=done&run=live")
     browser.wait("document.querySelectorAll('#compare-out polyline').length >= 2")
@@ -284,14 +284,14 @@ def test_browser_form_starts_a_run_that_appears_in_the_runs_browser_and_finishes
     assert "env cannot be set from the form" in browser.wait(
         "!document.getElementById('launch-error').hidden && document.getElementById('launch-error').textContent")
     submit("tiny", "configs/tiny-sft.yaml", "train.max_steps=2\nlora.r=2")
-    browser.wait("document.querySelector('[data-launch=tiny]')")
+    browser.wait("!!document.querySelector('[data-launch=tiny]')")
     submit("broken", "configs/bad-data.yaml", "")
     # The CLI's DataError, as it prints it: the file, the row and the field.
     error = browser.wait("document.querySelector('[data-launch=broken] .error')?.textContent", timeout=90)
     assert "bad.jsonl, row 3" in error and "messages" in error
     _shot(browser, "launch")
     browser.goto(live_ui.url + "/")
-    browser.wait("document.querySelector('tr[data-run=tiny]')")
+    browser.wait("!!document.querySelector('tr[data-run=tiny]')")
     status = browser.wait("(s => s !== 'running' && s)(document.querySelector('tr[data-run=tiny] .status')"
                           "?.textContent)", timeout=120)
     assert status == "finished", live_ui.launcher.launches["tiny"].state()["tail"]

@@ -103,10 +103,11 @@ class Launch:
         status = "running" if code is None else "stopped" if self.stop_requested else \
             "finished" if code == 0 else "failed"
         tail = _tail(self.log_path)
-        # The CLI's own refusal (ConfigError, DataError: "error: FILE, row N, field 'x': ...") is its last word.
-        error = next((ln.removeprefix("error: ") for ln in reversed(tail) if ln.startswith("error: ")), None)
-        if status == "failed" and error is None:
-            error = f"exited with status {code}" + (f": {tail[-1]}" if tail else "")
+        error = None
+        if status == "failed":
+            # The CLI's own refusal (ConfigError, DataError: "error: FILE, row N, field 'x': ...") is its last word.
+            error = next((ln.removeprefix("error: ") for ln in reversed(tail) if ln.startswith("error: ")),
+                         f"exited with status {code}" + (f": {tail[-1]}" if tail else ""))
         return {"name": self.name, "status": status, "returncode": code, "pid": self.proc.pid,
                 "argv": self.argv[1:], "started": self.started, "tail": tail, "error": error}
 
@@ -144,7 +145,8 @@ class Launcher:
         """YAML files inside the runs directory (two levels deep), relative to it: configs the form may start."""
         files = [*self.runs_dir.glob("*.yaml"), *self.runs_dir.glob("*/*.yaml"), *self.runs_dir.glob("*.yml"),
                  *self.runs_dir.glob("*/*.yml")]
-        return sorted(str(p.relative_to(self.runs_dir)) for p in files if not p.name.startswith("."))
+        names = (p.relative_to(self.runs_dir) for p in files)
+        return sorted(str(n) for n in names if not any(part.startswith(".") for part in n.parts))
 
     def _config(self, form: dict[str, Any]) -> tuple[Path, Path]:
         """(config file, the working directory its relative paths are read against)."""
