@@ -244,6 +244,13 @@ def test_browser_runs_page_lists_runs_and_a_run_page_draws_its_curves(live_ui, b
     xy = [tuple(map(float, p.split(","))) for p in points.split()]
     assert len(xy) >= 4 and len({x for x, _ in xy}) == len(xy)  # one point per step, spread along the axis
     assert browser.js("document.getElementById('run-status').textContent") == "running"
+    # The run writes on: the half-written step 5 is finished and step 6 follows; the open page redraws by itself.
+    with open(live_ui.runs_dir / "live" / "metrics.jsonl", "a") as f:
+        f.write('5}\n{"step": 6, "loss": 0.4}\n')
+    more = browser.wait("(p => p.split(' ').length >= 6 && p)(document.querySelector('#curves polyline')"
+                        ".getAttribute('points'))", timeout=20)
+    assert more.split()[:len(xy)] != points.split()  # the y axis rescaled to the new points
+    assert browser.js("document.getElementById('run-step').textContent").startswith(" step 6")
     browser.goto(live_ui.url + "/run?name=done")
     browser.wait("!!document.querySelector('#evals table')")
     _shot(browser, "run")
@@ -297,6 +304,10 @@ def test_browser_form_starts_a_run_that_appears_in_the_runs_browser_and_finishes
     assert status == "finished", live_ui.launcher.launches["tiny"].state()["tail"]
     assert (live_ui.runs_dir / "tiny" / "adapter" / "adapter_config.json").is_file()
     assert browser.js("document.querySelector('tr[data-run=tiny] td.num').textContent") == "2"
+    _shot(browser, "runs-after")
+    browser.goto(live_ui.url + "/run?name=tiny")  # a real run's page: its loss curve and held-out evals
+    browser.wait("!!document.querySelector('#curves polyline') && !!document.querySelector('#evals table')")
+    _shot(browser, "run-tiny")
     assert browser.errors == []
 
 
