@@ -115,6 +115,20 @@ def test_compare_two_runs_curves_and_evals_side_by_side(plain_ui):
     assert status == 400 and "2 to 4 runs" in data["error"]["message"]
 
 
+def test_chat_refusals_name_the_field_before_any_model_loads(plain_ui):
+    status, data, _ = get(plain_ui, "/api/models")
+    assert data["models"] == ["base"]  # no run under runs/ has an adapter
+    status, data, _ = post(plain_ui, "/api/chat", {"model": "done", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 404 and "neither 'base' nor a run with an adapter" in data["error"]["message"]
+    status, data, _ = post(plain_ui, "/api/chat", {"model": "base", "messages": [{"role": "user", "content": "hi"}],
+                                                   "temperature": -1})
+    assert status == 400 and data["error"]["param"] == "temperature"
+    status, data, _ = post(plain_ui, "/api/chat", {"model": "base", "messages": [{"role": "user", "content": "hi"}],
+                                                   "n": 2})
+    assert status == 400 and "one choice at a time" in data["error"]["message"]
+    assert plain_ui.playground.engine is None  # every refusal came before the base was loaded
+
+
 def test_a_host_beyond_loopback_needs_a_key(tmp_path, capsys):
     for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
         check_exposure(host, None)
@@ -321,6 +335,7 @@ def test_stop_ends_the_runs_process_group(live_ui):
     status, data, _ = post(live_ui, "/api/launches/long/stop", {})
     assert status == 200
     launch.proc.wait(30)
+    assert post(live_ui, "/api/launches/nope/stop", {})[0] == 404
     assert launch.state()["status"] == "stopped" and launcher.alive("long") is False
     with pytest.raises(ProcessLookupError):
         os.killpg(launch.proc.pid, 0)  # nothing of the group is left

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from posttrain.errors import ConfigError, DataError
-from posttrain.ui.browse import valid_name
+from posttrain.ui.browse import RunNotFound, valid_name
 
 # Override keys the form refuses, and why. A key is refused when it is one of these, lies under one (env.name) or
 # holds one (``rollout={vllm_python: ...}`` sets rollout.vllm_python).
@@ -217,7 +217,7 @@ class Launcher:
     def stop(self, name: str) -> Launch:
         launch = self.launches.get(name)
         if launch is None:
-            raise KeyError(f"no run named {name!r} was started here")
+            raise RunNotFound(f"no run named {name!r} was started here")
         if launch.proc.poll() is None:
             launch.stop_requested = True
             _signal_group(launch.proc, signal.SIGTERM)

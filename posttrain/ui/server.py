@@ -179,8 +179,8 @@ class Handler(JSONHandler):
             self.send_bytes(303, b"", "text/plain", headers={"Location": exc.location})
         except ServeError as exc:
             self.send_json(exc.status, exc.body())
-        except (browse.RunNotFound, KeyError) as exc:
-            self.send_json(404, ServeError(404, str(exc.args[0] if exc.args else exc)).body())
+        except browse.RunNotFound as exc:
+            self.send_json(404, ServeError(404, str(exc)).body())
         except ClientGone:
             self.close_connection = True
         except Exception as exc:
