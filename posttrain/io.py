@@ -47,6 +47,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
 
+def read_complete_jsonl(path: Path) -> list[Any]:
+    """Every line of a JSON-lines file that ends in a newline, parsed; a last line without one is left out, since a
+    run appending to the file (metrics.jsonl of a live run) may be half-way through writing it."""
+    data = Path(path).read_bytes()
+    return [json.loads(line) for line in data.split(b"\n")[:-1] if line.strip()]
+
+
 def read_json(path: Path) -> Any | None:
     """The JSON in ``path``, or None when it is missing or unreadable (a page or a cache, never the training data)."""
     try:

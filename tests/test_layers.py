@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent / "posttrain"
 
 # Bottom first. A module may import its own layer or a lower one.
 LAYERS = [{"errors", "io", "losses"}, {"data", "config"}, {"models"}, {"engine", "rollout", "runs"},
-          {"rewards", "judge", "envs"}, {"methods"}, {"eval", "curate", "report", "plan", "serve"}, {"recipes"},
+          {"rewards", "judge", "envs"}, {"methods"}, {"eval", "curate", "report", "plan", "serve", "ui"}, {"recipes"},
           {"workflow", "ship", "demo"}, {"cli", "__main__"}]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 CONFIG_READERS = {"recipes", "runs", "workflow", "ship", "demo", "cli", "config"}

@@ -323,3 +323,11 @@ def test_grouped_bar_value_labels_are_compact_and_never_overlap():
     assert [t for _, t in labels] == ["1.25k", "1.19k", "1.25k", "2.35", "1.99", "0.000123"]
     for (xa, ta), (xb, tb) in zip(labels, labels[1:]):  # centred labels: half of each width between the centres
         assert xb - xa >= 5.4 * (len(ta) + len(tb)) / 2, (ta, tb)
+
+
+def test_tick_labels_get_the_digits_that_tell_neighbouring_ticks_apart():
+    from posttrain.report.svg import tick_labels
+
+    assert tick_labels([10.38, 10.41, 10.44, 10.47, 10.5]) == ["10.38", "10.41", "10.44", "10.47", "10.5"]
+    assert tick_labels([0, 1.5, 3, 4.5, 6]) == ["0", "1.5", "3", "4.5", "6"]  # 3 digits when they suffice
+    assert tick_labels([1.00001, 1.00002]) == ["1", "1"]  # past 5 digits: left as they are, never wider

@@ -360,11 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     from posttrain.cli.data import add_commands as add_data_commands
     from posttrain.cli.plan import add_commands as add_plan_commands
     from posttrain.cli.serve import add_commands as add_serve_commands
+    from posttrain.cli.ui import add_commands as add_ui_commands
 
     add_data_commands(sub)
     add_cai_commands(sub)
     add_plan_commands(sub)
     add_serve_commands(sub)
+    add_ui_commands(sub)
     return p
 
 

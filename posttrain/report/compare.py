@@ -2,7 +2,7 @@
 they differ, and a table of each metric's early and late means (the curves of one run alone are noisy; halves
 are what a reader compares).
 
-Layer 6 (report): imports io, engine.logging and report.html / report.svg.
+Layer 6 (report): imports io and report.html / report.svg.
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
-from posttrain.engine.logging import read_metrics
-from posttrain.io import atomic_write_text, read_json
+from posttrain.io import atomic_write_text, read_complete_jsonl, read_json
 from posttrain.report.html import EM_DASH, fmt, number, page, seconds, table
 from posttrain.report.svg import COLOURS, panels_svg
 
@@ -57,8 +56,36 @@ def _halves(pts: list[tuple[float, float]]) -> tuple[float | None, float | None]
     return sum(first) / len(first), sum(second) / len(second)
 
 
+def evals_table(runs: dict[str, Path]) -> str:
+    """Each run's last held-out eval (summary.json's eval_after) side by side, one row per metric, with the change
+    from its first (eval_before) beside it; empty when no run has one."""
+    evals = {}
+    for name, run in runs.items():
+        summary = read_json(Path(run) / "summary.json")
+        summary = summary if isinstance(summary, dict) else {}
+        evals[name] = (summary.get("eval_before") or {}, summary.get("eval_after") or {})
+    metrics = [k for k in dict.fromkeys(k for _, after in evals.values() for k in after) if k != "step"]
+    if not metrics:
+        return ""
+    rows = []
+    for k in metrics:
+        cells = [escape(k)]
+        for before, after in evals.values():
+            a, b = number(after.get(k)), number(before.get(k))
+            change = f" ({fmt(a - b, signed=True)})" if a is not None and b is not None else ""
+            cells.append(f'<td class="num">{fmt(after.get(k))}{change}</td>')
+        rows.append(cells)
+    return table(["metric (after training, change from before)", *map(escape, runs)], rows)
+
+
 def compare_html(runs: dict[str, Path], panels: dict[str, str] | None = None, title: str = "runs compared") -> str:
     """The comparison page of ``runs`` ({label: run folder}); ``panels`` maps a panel title to a metrics key."""
+    return page(title, compare_body(runs, panels, title))
+
+
+def compare_body(runs: dict[str, Path], panels: dict[str, str] | None = None,
+                 title: str = "runs compared") -> list[str]:
+    """The comparison's HTML elements (the page's body; posttrain ui shows them inside its own page)."""
     if len(runs) < 2:
         raise ValueError(f"a comparison needs at least 2 runs, got {len(runs)}")
     if len(runs) > len(COLOURS):
@@ -67,7 +94,7 @@ def compare_html(runs: dict[str, Path], panels: dict[str, str] | None = None, ti
     for name, run in runs.items():
         path = Path(run) / "metrics.jsonl"
         if path.exists():
-            records[name] = read_metrics(path)
+            records[name] = read_complete_jsonl(path)  # a live run may be writing its last line
         else:
             missing.append(f"{name} ({path})")
     if missing:
@@ -83,6 +110,9 @@ def compare_html(runs: dict[str, Path], panels: dict[str, str] | None = None, ti
         facts.append([escape(name), f'<td class="num">{fmt(summary.get("steps"))}</td>',
                       f'<td class="num">{seconds(summary.get("seconds"))}</td>'])
     body.append(table(["run", "steps", "wall"], facts))
+    held_out = evals_table(runs)
+    if held_out:
+        body += ["<h2>held-out evals</h2>", held_out]
     diffs = config_differences(runs)
     if diffs:
         body += ["<h2>what differs</h2>",
@@ -101,7 +131,7 @@ def compare_html(runs: dict[str, Path], panels: dict[str, str] | None = None, ti
                  table(["metric", "run", "points", "first half", "second half"], rows)]
     else:
         body.append('<p class="note">none of the panels\' metrics was logged by these runs</p>')
-    return page(title, body)
+    return body
 
 
 def write_compare_report(path: Path, runs: dict[str, Path], panels: dict[str, str] | None = None,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from posttrain.engine.logging import read_metrics
-from posttrain.io import atomic_write_text, read_json
+from posttrain.io import atomic_write_text, read_complete_jsonl, read_json
 from posttrain.report.html import better, cell_class, fmt, number, page, seconds, table
 from posttrain.report.svg import COLOURS, panels_svg
 
@@ -132,7 +132,7 @@ def curves_html(run_dir: Path, title: str) -> str:
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         return f'<p class="note">no metrics.jsonl in {escape(str(run_dir))}</p>'
-    figures, rest = run_figures(read_metrics(metrics), title)
+    figures, rest = run_figures(read_complete_jsonl(metrics), title)  # the run may be writing its last line
     html = "\n".join(f"<figure>{svg}</figure>" for svg in figures) or '<p class="note">no metric to plot</p>'
     if rest:
         html += f'<p class="note">also logged, not plotted: {escape(", ".join(rest))}</p>'

@@ -21,6 +21,16 @@ def _ticks(lo: float, hi: float) -> list[float]:
     return [lo + (hi - lo) * k / 4 for k in range(5)]
 
 
+def tick_labels(ticks: Sequence[float]) -> list[str]:
+    """3 significant digits, or as many more (up to 5, what fits left of a panel) as it takes for neighbouring
+    ticks to read differently: a loss between 10.38 and 10.50 gets 10.38 ... 10.5, not 10.4 three times."""
+    for digits in range(3, 6):
+        labels = [f"{t:.{digits}g}" for t in ticks]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
+
+
 def panels_svg(title: str, panels: dict[str, dict[str, Series]], width: int = 640, panel_height: int = 170,
                x_ticks: Sequence[tuple[float, str]] | None = None) -> str:
     """One panel per entry (shared x range), each with one or more named series; empty series are skipped.
@@ -53,9 +63,9 @@ def panels_svg(title: str, panels: dict[str, dict[str, Series]], width: int = 64
         out.append(f'<text x="{left}" y="{y_top - 6}" font-weight="bold">{escape(name)}</text>')
         out.append(f'<rect x="{left}" y="{y_top}" width="{width - left - right}" height="{panel_height}" '
                    'fill="none" stroke="#bbb"/>')
-        for t in _ticks(lo, hi):
-            out.append(f'<text x="{left - 4}" y="{py(t) + 4:.1f}" text-anchor="end">{t:.3g}</text>')
-        for t, tick in x_ticks or [(t, f"{t:.3g}") for t in _ticks(x0, x1)]:
+        for t, tick in zip(_ticks(lo, hi), tick_labels(_ticks(lo, hi))):
+            out.append(f'<text x="{left - 4}" y="{py(t) + 4:.1f}" text-anchor="end">{tick}</text>')
+        for t, tick in x_ticks or list(zip(_ticks(x0, x1), tick_labels(_ticks(x0, x1)))):
             out.append(f'<text x="{px(t):.1f}" y="{y_top + panel_height + 14}" text-anchor="middle">'
                        f'{escape(tick)}</text>')
         for j, (label, pts) in enumerate(series.items()):

@@ -65,3 +65,20 @@ def training_base(folder: Path) -> dict:
             quant = model.get("quantization")
             return {"init_adapter": model.get("init_adapter"), "quantization": None if quant == "none" else quant}
     return {}
+
+
+def check_servable(folder: Path, lora_path: str, quantization: str | None) -> None:
+    """Refuse (400) an adapter that would not behave on this base as it did in training: one trained on top of
+    another adapter, or against a base quantized otherwise than ``quantization`` (None: full precision)."""
+    trained = training_base(folder)
+    if trained.get("init_adapter"):  # e.g. DPO after SFT: alone, it would silently lack the SFT changes
+        raise ServeError(400, f"{lora_path!r} was trained on top of adapter {trained['init_adapter']}, and a "
+                              "row takes one adapter: merge the run (posttrain merge) and serve the result with "
+                              "--model", param="lora_path")
+    if trained.get("quantization") and trained["quantization"] != quantization:
+        # A QLoRA adapter learned to correct the 4-bit base's rounding; on the full-precision base its outputs
+        # differ (in tests, greedy answers changed on most prompts).
+        raise ServeError(400, f"{lora_path!r} was trained against a {trained['quantization']} base: start the "
+                              f"server with --quantization {trained['quantization']}, or serve the output of "
+                              "`posttrain merge` (merged into the de-quantized base) with --model",
+                         param="lora_path")

@@ -7,8 +7,6 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from posttrain.serve import logprobs
-
 DEFAULT_MAX_TOKENS = 512  # when a request names none; the context limit still applies
 
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -288,6 +286,10 @@ class Choice:
 def response(gen: GenerationRequest, rid: str, choices: list[Choice], use: dict, tokenizer) -> dict:
     """The whole answer. vLLM's extensions: with return_token_ids each choice has ``token_ids``, and the prompt's ids
     are ``prompt_token_ids`` on each completion choice, on the response for chat (vLLM >= 0.10.2)."""
+    # Imported here, the one use: logprobs loads torch, and the wire format alone (the HTTP plumbing, which
+    # posttrain ui reuses and starts in well under a second) needs none.
+    from posttrain.serve import logprobs
+
     k, chat = gen.sampling["logprobs"], gen.kind == "chat"
     out = []
     for i, c in enumerate(choices):

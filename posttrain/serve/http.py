@@ -8,6 +8,7 @@ a body size limit, a JSON nesting limit, and a cheap test of whether the client 
 
 from __future__ import annotations
 
+import hmac
 import io
 import json
 import logging
@@ -159,6 +160,21 @@ def peer_closed(sock: socket.socket) -> bool:
         return True
 
 
+def key_ok(given: str, key: str) -> bool:
+    """Whether ``given`` is the key, compared in constant time so that timing shows nothing about the key."""
+    return hmac.compare_digest(given.encode(), key.encode())
+
+
+def bearer_ok(header: str | None, key: str | None) -> bool:
+    """Whether an Authorization header is exactly ``Bearer KEY`` (the scheme's case aside, RFC 7235); any header
+    passes when there is no key."""
+    if key is None:
+        return True
+    scheme, _, given = (header or "").partition(" ")
+    same = key_ok(given, key)  # compared even when the scheme is wrong, so timing shows nothing either way
+    return scheme.lower() == "bearer" and same
+
+
 def _too_deep(value: Any, limit: int) -> bool:
     stack = [(value, 1)]
     while stack:
@@ -255,13 +271,19 @@ class JSONHandler(BaseHTTPRequestHandler, metaclass=ABCMeta):
             self.connection.settimeout(self.limits.write_timeout_s)
 
     def send_json(self, status: int, obj: dict, allow: Iterable[str] | None = None) -> None:
-        data = json.dumps(obj).encode()
+        self.send_bytes(status, json.dumps(obj).encode(), "application/json", allow=allow)
+
+    def send_bytes(self, status: int, data: bytes, content_type: str, allow: Iterable[str] | None = None,
+                   headers: dict[str, str] | None = None) -> None:
+        """One whole answer of ``content_type`` (JSON, or the UI's pages and pictures)."""
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(data)))
             if allow:
                 self.send_header("Allow", ", ".join(allow))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()

@@ -6,7 +6,6 @@ POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's names), and GET /
 
 from __future__ import annotations
 
-import hmac
 import logging
 import queue
 import threading
@@ -16,10 +15,10 @@ from urllib.parse import unquote, urlsplit
 
 from posttrain.models.quant import is_quantized
 from posttrain.serve import api
-from posttrain.serve.adapters import discover, resolve_in_dir, training_base
+from posttrain.serve.adapters import check_servable, discover, resolve_in_dir
 from posttrain.serve.api import ServeError
 from posttrain.serve.engine import Engine
-from posttrain.serve.http import ClientGone, JSONHandler, LimitedHTTPServer, Limits, parse_json, peer_closed
+from posttrain.serve.http import ClientGone, JSONHandler, LimitedHTTPServer, Limits, bearer_ok, parse_json, peer_closed
 from posttrain.serve.scheduler import Request, Scheduler
 
 log = logging.getLogger("posttrain.serve")
@@ -76,18 +75,7 @@ class Server:
         if name == self.served_name:
             raise ServeError(409, f"{name!r} is the base model's served name", param="lora_name")
         folder = resolve_in_dir(self.adapter_dir, lora_path)
-        trained = training_base(folder)
-        if trained.get("init_adapter"):  # e.g. DPO after SFT: alone, it would silently lack the SFT changes
-            raise ServeError(400, f"{lora_path!r} was trained on top of adapter {trained['init_adapter']}, and a "
-                                  "row takes one adapter: merge the run (posttrain merge) and serve the result with "
-                                  "--model", param="lora_path")
-        if trained.get("quantization") and trained["quantization"] != self.quantization:
-            # A QLoRA adapter learned to correct the 4-bit base's rounding; on the full-precision base its outputs
-            # differ (in tests, greedy answers changed on most prompts).
-            raise ServeError(400, f"{lora_path!r} was trained against a {trained['quantization']} base: start the "
-                                  f"server with --quantization {trained['quantization']}, or serve the output of "
-                                  "`posttrain merge` (merged into the de-quantized base) with --model",
-                             param="lora_path")
+        check_servable(folder, lora_path, self.quantization)
         return self.scheduler.call(lambda: self.engine.load_adapter(name, folder), self.timeout_s)
 
     def unload_adapter(self, name: str) -> None:
@@ -120,12 +108,7 @@ class Server:
 
     def authorised(self, header: str | None) -> bool:
         """Whether the Authorization header is exactly ``Bearer KEY`` (the scheme's case aside, RFC 7235)."""
-        if self.api_key is None:
-            return True
-        scheme, _, given = (header or "").partition(" ")
-        # compare_digest even when the scheme is wrong, so timing shows nothing about the key.
-        same = hmac.compare_digest(given.encode(), self.api_key.encode())
-        return scheme.lower() == "bearer" and same
+        return bearer_ok(header, self.api_key)
 
     def model_cards(self) -> list[dict]:
         base = {"id": self.served_name, "object": "model", "created": self.created, "owned_by": "posttrain",
