@@ -83,3 +83,19 @@ def test_errors_exit_2_with_file_row_field(tmp_path, tiny_dir, capsys):
     assert f"{bad}, row 1, field 'messages[1].content': expected a string, got int" in capsys.readouterr().err
     assert main(["sft", str(cfg), "train.lerning_rate=1"]) == 2
     assert "unknown key" in capsys.readouterr().err
+
+
+def test_the_data_parser_names_the_curate_tables_without_importing_torch():
+    import subprocess
+    import sys
+
+    from posttrain.cli import data
+    from posttrain.curate.audit import UNITS
+    from posttrain.curate.prm_labels import LABELS, SOLUTIONS
+    from posttrain.data.steps import STEP_SPLITS
+
+    assert set(data.LABEL_CHOICES) == set(LABELS) and set(data.SOLUTION_CHOICES) == set(SOLUTIONS)
+    assert set(data.STEP_SPLIT_CHOICES) == set(STEP_SPLITS) and set(data.UNIT_CHOICES) == set(UNITS)
+    probe = "import sys; from posttrain.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

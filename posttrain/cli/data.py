@@ -16,9 +16,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from posttrain import curate
 from posttrain.cli._output import console
-from posttrain.curate.prm_labels import LABELS, SOLUTIONS, STEP_SPLITS
+
+# The names of curate.prm_labels' and curate.audit's tables, written out so that building the parser imports no
+# torch (`posttrain --help` stays fast); tests/test_cli.py checks they are the tables' keys.
+LABEL_CHOICES = ("hard", "soft")
+STEP_SPLIT_CHOICES = ("line", "paragraph")
+SOLUTION_CHOICES = ("sampled", "reference")
+UNIT_CHOICES = ("chars", "words")  # curate.audit.UNITS
 
 
 def _json(data: dict[str, Any]) -> None:
@@ -30,6 +35,8 @@ def _warn(out: Console, text: str) -> None:
 
 
 def _cmd_dedup(args: argparse.Namespace) -> int:
+    from posttrain import curate
+
     report_path = args.report or Path(args.out).with_suffix(".report.json")
     report = curate.dedup_file(args.file, args.out, threshold=args.threshold, shingle=args.shingle,
                                report_path=report_path)
@@ -53,6 +60,8 @@ def _cmd_dedup(args: argparse.Namespace) -> int:
 
 
 def _cmd_contamination(args: argparse.Namespace) -> int:
+    from posttrain import curate
+
     report = curate.contamination(args.train, args.eval, n=args.n, threshold=args.threshold)
     leaks = report.contaminated
     failed = bool(leaks) and args.fail_on_leak
@@ -81,6 +90,8 @@ def _cmd_contamination(args: argparse.Namespace) -> int:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
+    from posttrain import curate
+
     report = curate.audit(args.file, args.field, min_share=args.min_share, max_share=args.max_share)
     if args.json:
         _json(report.to_dict())
@@ -101,6 +112,8 @@ def _cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _cmd_agreement(args: argparse.Namespace) -> int:
+    from posttrain import curate
+
     raters = [r.strip() for r in args.raters.split(",") if r.strip()]
     report = curate.agreement(args.file, raters)
     if args.json:
@@ -132,6 +145,8 @@ def _cmd_agreement(args: argparse.Namespace) -> int:
 
 
 def _cmd_length_bias(args: argparse.Namespace) -> int:
+    from posttrain import curate
+
     report = curate.length_bias(args.file, unit=args.unit)
     if args.json:
         _json(report.to_dict())
@@ -227,6 +242,7 @@ def _cmd_unpair(args: argparse.Namespace) -> int:
 
 
 def _cmd_arithmetic(args: argparse.Namespace) -> int:
+    from posttrain import curate
     from posttrain.curate.arithmetic import FILES
 
     sizes = curate.write_arithmetic(args.out, train=args.train, test=args.test, demos=args.demos, seed=args.seed)
@@ -300,7 +316,7 @@ def add_commands(sub) -> None:
 
     b = dsub.add_parser("length-bias", help="how well response length alone predicts chosen vs rejected")
     b.add_argument("file")
-    b.add_argument("--unit", choices=sorted(curate.UNITS), default="words")
+    b.add_argument("--unit", choices=UNIT_CHOICES, default="words")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=_cmd_length_bias)
 
@@ -315,11 +331,11 @@ def add_commands(sub) -> None:
     r.add_argument("--k", type=int, default=4, help="rollouts from every step prefix")
     r.add_argument("--temperature", type=_positive, default=0.8)
     r.add_argument("--max-new-tokens", type=int, default=128, help="budget of the solution and of every rollout")
-    r.add_argument("--label", choices=sorted(LABELS), default="hard",
+    r.add_argument("--label", choices=LABEL_CHOICES, default="hard",
                    help="hard: 1 when any rollout reaches the answer; soft: the share that do")
-    r.add_argument("--step-split", choices=sorted(STEP_SPLITS), default="line",
+    r.add_argument("--step-split", choices=STEP_SPLIT_CHOICES, default="line",
                    help="steps are non-empty lines, or blank-line separated paragraphs")
-    r.add_argument("--solution", choices=list(SOLUTIONS), default="sampled",
+    r.add_argument("--solution", choices=SOLUTION_CHOICES, default="sampled",
                    help="sampled: label a solution the model samples (Math-Shepherd); reference: label the row's "
                         "reference solution (steps right by construction: the positives a weak model lacks)")
     r.add_argument("--limit", type=int, default=None, help="the first N input rows")
