@@ -166,7 +166,7 @@ def test_cli_export_gguf_writes_a_checked_folder_and_exits_1_when_broken(small_a
     assert main(["export", str(small_adapter), "--format", "gguf", "--quant", "f32", "--out", str(out),
                  "--max-new-tokens", "8"]) == 0
     report = json.loads((out / "export_report.json").read_text())
-    assert sorted(p.name for p in out.iterdir()) == ["COMPLETE", "export_report.json", "model-f32.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == ["COMPLETE", "README.md", "export_report.json", "model-f32.gguf"]
     check = report["gguf_vs_base_plus_adapter"]
     assert report["within_tolerance"] and report["failures"] == [] and check["prompts"] == 8
     assert check["greedy_identical"] == report["tolerance"]["min_greedy_identical"] == 8

@@ -12,6 +12,7 @@ from posttrain.io import atomic_dir, atomic_write_text
 from posttrain.models import load_adapter
 from posttrain.models.merge import lora_tensors
 from posttrain.runs import base_of, init_adapter_of, load_run_base, resolve_adapter, run_quantization
+from posttrain.ship.card import EMBEDDED_HUB_ID, write_card
 from posttrain.ship.checks import REPORTS, check_mergeable, check_out
 
 # vLLM's LoRA loader reads PEFT folders but not every PEFT feature; what it cannot apply it refuses or ignores.
@@ -38,8 +39,9 @@ def serving_warnings(adapter_config: dict[str, Any]) -> list[str]:
 
 
 def export_run(adapter: str, out: str, *, model_name: str | None = None, dtype: str = "auto",
-               device: str = "auto") -> dict[str, Any]:
-    """The adapter alone in PEFT format (adapter_config.json + adapter_model.safetensors), loaded back and checked."""
+               device: str = "auto", workflow: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The adapter alone in PEFT format (adapter_config.json + adapter_model.safetensors), loaded back and checked,
+    with a model card (README.md; ``workflow``: a running workflow's state for it)."""
     check_mergeable(adapter)
     dest = check_out(out, adapter)
     src = resolve_adapter(adapter)
@@ -54,7 +56,7 @@ def export_run(adapter: str, out: str, *, model_name: str | None = None, dtype: 
     def write(tmp: Path) -> None:
         shutil.copy2(weights, tmp / weights.name)
         # The run may record a temporary or cache path; a server needs the base's real name.
-        config["base_model_name_or_path"] = name or "HuggingFaceTB/SmolLM2-135M-Instruct"
+        config["base_model_name_or_path"] = name or EMBEDDED_HUB_ID
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
         for f in src.iterdir():
             if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
@@ -84,5 +86,6 @@ def export_run(adapter: str, out: str, *, model_name: str | None = None, dtype: 
               "max_abs_diff_after_reload": worst, "rank": config.get("r"), "alpha": config.get("lora_alpha"),
               "target_modules": config.get("target_modules"), "notes": notes}
     atomic_write_text(dest / REPORTS[1], json.dumps(report, indent=2))
+    write_card(dest, adapter, base=name, kind="peft", export=report, workflow=workflow)
     return report
 

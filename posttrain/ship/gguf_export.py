@@ -22,6 +22,7 @@ from posttrain.io import atomic_dir
 from posttrain.models.gguf_write import GGUFQuant, check_exportable, pre_tokenizer_name, quant_of, write_gguf
 from posttrain.models.merge import ReferenceOutputs, compare
 from posttrain.runs import init_adapter_of, resolve_adapter
+from posttrain.ship.card import write_card
 from posttrain.ship.checks import CHECK_PROMPTS, REPORTS, check_mergeable, check_out, merged_with_reference, prompt_ids
 
 
@@ -88,8 +89,10 @@ def verdict(spec: GGUFQuant, check: dict, tokens: dict, llama_cpp: dict | None) 
 
 
 def export_gguf(adapter: str, out: str, *, quant: str = "f16", model_name: str | None = None, dtype: str = "auto",
-                device: str = "auto", prompts: list[str] | None = None, max_new_tokens: int = 32) -> dict[str, Any]:
-    """Merge ``adapter`` into its base, write ``model-<quant>.gguf`` into ``out``, read it back and check it."""
+                device: str = "auto", prompts: list[str] | None = None, max_new_tokens: int = 32,
+                workflow: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Merge ``adapter`` into its base, write ``model-<quant>.gguf`` into ``out``, read it back and check it; a model
+    card (README.md; ``workflow``: a running workflow's state for it) goes beside it."""
     spec = quant_of(quant)  # refusals before anything is loaded
     check_mergeable(adapter)
     dest = check_out(out, adapter)
@@ -121,6 +124,7 @@ def export_gguf(adapter: str, out: str, *, quant: str = "f16", model_name: str |
             "gguf_vs_base_plus_adapter": check, "tokenizer": tokens, "llama_cpp": through_llama_cpp,
             "within_tolerance": ok, "failures": why})
         (tmp / REPORTS[1]).write_text(json.dumps(report, indent=2))
+        write_card(tmp, adapter, base=m.base, kind="gguf", export=report, workflow=workflow)
 
     report: dict[str, Any] = {}
     atomic_dir(dest, write)

@@ -10,12 +10,15 @@ from posttrain.io import atomic_dir, atomic_write_text
 from posttrain.models import load_adapter, load_model
 from posttrain.models.merge import compare
 from posttrain.runs import init_adapter_of, resolve_adapter
+from posttrain.ship.card import write_card
 from posttrain.ship.checks import REPORTS, check_mergeable, check_out, merged_with_reference
 
 
 def merge_run(adapter: str, out: str, *, model_name: str | None = None, dtype: str = "auto", device: str = "auto",
-              prompts: list[str] | None = None, max_new_tokens: int = 32) -> dict[str, Any]:
-    """W' = W + (alpha / r) B A into a standalone HF safetensors folder, checked against base + adapter.
+              prompts: list[str] | None = None, max_new_tokens: int = 32,
+              workflow: dict[str, Any] | None = None) -> dict[str, Any]:
+    """W' = W + (alpha / r) B A into a standalone HF safetensors folder, checked against base + adapter, with a
+    model card (README.md; ``workflow``: a running workflow's state for it).
 
     A QLoRA adapter is merged into the de-quantized 4-bit base it was trained against; the report gives the logit
     error that introduces relative to the 4-bit base + adapter it replaces.
@@ -45,4 +48,5 @@ def merge_run(adapter: str, out: str, *, model_name: str | None = None, dtype: s
     if naive is not None:
         report["original_base_merged_vs_base_plus_adapter"] = naive
     atomic_write_text(dest / REPORTS[0], json.dumps(report, indent=2))
+    write_card(dest, adapter, base=m.base, kind="merged", export=report, workflow=workflow)
     return report
