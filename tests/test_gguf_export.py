@@ -193,6 +193,18 @@ def test_cli_refuses_before_loading(small_adapter, tmp_path, capsys):
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
+def test_a_non_llama_base_is_refused_by_name_before_it_is_run(small_tok, tmp_path, capsys):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=len(small_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, architectures=["Qwen2ForCausalLM"])
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path / "qwen")
+    small_tok.save_pretrained(tmp_path / "qwen")
+    adapter = make_adapter(str(tmp_path / "qwen"), tmp_path / "adapter", seed=0, targets=["q_proj"])
+    assert main(["export", str(adapter), "--format", "gguf", "--out", str(tmp_path / "g")]) == 2
+    assert "supports the Llama architecture; this model is Qwen2ForCausalLM" in capsys.readouterr().err
+
+
 def test_export_format_table_matches_the_cli():
     from posttrain.cli import build_parser
 

@@ -19,10 +19,11 @@ from typing import Any
 import torch
 
 from posttrain.io import atomic_dir
+from posttrain.models import load_tokenizer, resolve_model_path
 from posttrain.models.gguf_write import GGUFQuant, check_exportable, pre_tokenizer_name, quant_of, write_gguf
 from posttrain.models.merge import ReferenceOutputs, compare
-from posttrain.runs import init_adapter_of, resolve_adapter
-from posttrain.ship.card import write_card
+from posttrain.runs import base_of, init_adapter_of, resolve_adapter
+from posttrain.ship.card import hub_name, write_card
 from posttrain.ship.checks import CHECK_PROMPTS, REPORTS, check_mergeable, check_out, merged_with_reference, prompt_ids
 
 
@@ -93,18 +94,21 @@ def export_gguf(adapter: str, out: str, *, quant: str = "f16", model_name: str |
                 workflow: dict[str, Any] | None = None) -> dict[str, Any]:
     """Merge ``adapter`` into its base, write ``model-<quant>.gguf`` into ``out``, read it back and check it; a model
     card (README.md; ``workflow``: a running workflow's state for it) goes beside it."""
-    spec = quant_of(quant)  # refusals before anything is loaded
+    from transformers import AutoConfig
+
+    spec = quant_of(quant)  # refusals before the model is loaded and run
     check_mergeable(adapter)
     dest = check_out(out, adapter)
-    m = merged_with_reference(adapter, model_name=model_name, dtype=dtype, device=device, prompts=prompts,
+    base = model_name or base_of(adapter)
+    check_exportable(AutoConfig.from_pretrained(resolve_model_path(base)))
+    pre_tokenizer_name(load_tokenizer(base))
+    m = merged_with_reference(adapter, model_name=base, dtype=dtype, device=device, prompts=prompts,
                               max_new_tokens=max_new_tokens)
-    check_exportable(m.merged.config)
-    pre_tokenizer_name(m.tokenizer)
     param = next(m.merged.parameters())
     file = f"model-{quant.lower()}.gguf"
 
     def write(tmp: Path) -> None:
-        stored = write_gguf(m.merged, m.tokenizer, tmp / file, quant, name=Path(str(m.base or "embedded")).name)
+        stored = write_gguf(m.merged, m.tokenizer, tmp / file, quant, name=Path(hub_name(m.base)).name)
         m.merged = None  # free the merged weights before the file is loaded back
         loaded, loaded_tok = load_gguf(tmp, file, param.dtype, param.device)
         check = compare(loaded, m.reference, max_new_tokens=max_new_tokens, stop_ids=m.stop_ids)
