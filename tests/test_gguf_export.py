@@ -189,7 +189,7 @@ def test_cli_refuses_before_loading(small_adapter, tmp_path, capsys):
                  "--out", str(tmp_path / "x")]) == 2
     assert "llama-quantize" in capsys.readouterr().err
     assert main(["export", str(small_adapter), "--quant", "q8_0", "--out", str(tmp_path / "y")]) == 2
-    assert "--quant applies to --format gguf" in capsys.readouterr().err
+    assert "--quant: only with --format gguf" in capsys.readouterr().err
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 

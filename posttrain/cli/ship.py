@@ -43,10 +43,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from posttrain.errors import ConfigError
     from posttrain.ship import EXPORT_FORMATS
 
-    if args.format != "gguf" and args.quant is not None:
-        raise ConfigError(f"--quant applies to --format gguf; --format {args.format} writes the adapter as trained")
+    if args.format != "gguf":
+        given = [f for f, v in (("--quant", args.quant), ("--prompts", args.prompts),
+                                ("--max-new-tokens", args.max_new_tokens)) if v is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: only with --format gguf; --format {args.format} writes the "
+                              "adapter as trained and checks it tensor by tensor")
     options = {"quant": args.quant or "f16", "prompts": _check_prompts(args.prompts),
-               "max_new_tokens": args.max_new_tokens} if args.format == "gguf" else {}
+               "max_new_tokens": args.max_new_tokens or 32} if args.format == "gguf" else {}
     report = EXPORT_FORMATS[args.format](args.adapter, args.out, model_name=args.model, dtype=args.dtype,
                                          device=args.device, **options)
     if args.json:
@@ -82,14 +86,15 @@ def add_commands(sub) -> None:
         q.add_argument("--device", default="auto")
         q.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    def check_args(q: argparse.ArgumentParser) -> None:
+    def check_args(q: argparse.ArgumentParser, tokens: int | None) -> None:
         q.add_argument("--prompts", default=None, help="a text file, one check prompt per line (default: 8 built in)")
-        q.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens compared per check prompt")
+        q.add_argument("--max-new-tokens", type=int, default=tokens, help="greedy tokens compared per check prompt "
+                                                                          "(default: 32)")
 
     m = sub.add_parser("merge", help="W + (alpha/r) BA into a standalone HF folder, checked against base+adapter "
                                      "(a QLoRA adapter merges into the de-quantized base)")
     shipping_args(m)
-    check_args(m)
+    check_args(m, 32)
     m.set_defaults(func=_cmd_merge)
 
     x = sub.add_parser("export", help="the adapter alone in PEFT format (for PEFT, vLLM, posttrain serve), or the "
@@ -100,6 +105,6 @@ def add_commands(sub) -> None:
                         "compared with base+adapter (exit 1 beyond the quantization's tolerance)")
     x.add_argument("--quant", default=None, help="with --format gguf: f16 (default), bf16, f32, q8_0, q5_1, q5_0, "
                                                  "q4_1, q4_0 (K-quants: llama.cpp's llama-quantize on the f16 file)")
-    check_args(x)
+    check_args(x, None)  # None: told apart from a value given with --format peft
     x.set_defaults(func=_cmd_export)
 
