@@ -112,6 +112,22 @@ def test_q8_0_blocks_and_logits_within_tolerance(small_dir, small_adapter, small
     assert float(diff.mean()) < QUANTS["q8_0"].max_mean_logit_diff
 
 
+@pytest.mark.parametrize("quant", ["q4_1", "q5_0"])
+def test_a_model_read_from_a_quantized_file_re_exports_exactly(small_dir, small_tok, tmp_path, quant):
+    """Weights already on a quant's grid come back bit for bit: what the 4/5-bit path writes (block layout, row
+    order, the permuted q/k rows, the f16 scales) is what the reader takes. The embedded SmolLM2 is such a model
+    for q4_1 (its file is Q4_1), so its q4_1 export reproduces it (benchmarks/RESULTS.md)."""
+    from transformers import AutoModelForCausalLM
+
+    write_gguf(AutoModelForCausalLM.from_pretrained(small_dir), small_tok, tmp_path / "a.gguf", quant)
+    once = _read_back(tmp_path, "a.gguf")
+    write_gguf(once, small_tok, tmp_path / "b.gguf", quant)
+    twice = _read_back(tmp_path, "b.gguf")
+    for name, w in once.state_dict().items():  # the embedding (kept in q8_0) too
+        assert torch.equal(twice.state_dict()[name], w), name
+    assert torch.equal(_logits(twice), _logits(once))
+
+
 def test_real_tokenizer_ids_chat_template_and_token_types_round_trip(tokenizer, tiny_dir, tmp_path):
     """The full SmolLM2 tokenizer (49,152 tokens, 48,900 merges): same ids for the chat-rendered check prompts,
     the same template and special ids, its 17 added special tokens marked CONTROL for llama.cpp, and every
