@@ -55,8 +55,9 @@ def small_tokenizer(tokenizer, path: Path, size: int = 1024):
     return AutoTokenizer.from_pretrained(path)
 
 
-def make_adapter(base_dir: str, out: Path, *, seed: int, targets) -> Path:
-    """A LoRA adapter whose B is random (PEFT starts B at zero, a no-op), so each adapter changes the outputs."""
+def make_adapter(base_dir: str, out: Path, *, seed: int, targets, scale: float = 0.5) -> Path:
+    """A LoRA adapter whose B is random (PEFT starts B at zero, a no-op), times ``scale``, so each adapter changes
+    the outputs."""
     from transformers import AutoModelForCausalLM
 
     from posttrain.models import apply_lora
@@ -67,7 +68,7 @@ def make_adapter(base_dir: str, out: Path, *, seed: int, targets) -> Path:
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
     peft.save_pretrained(out)
     return out
 

@@ -241,8 +241,12 @@ def test_llama_cpp_greedy_matches(small_adapter, tmp_path):
 def test_embedded_model_exports_to_f16_with_identical_greedy_answers(embedded_dir, tmp_path):
     from posttrain.ship import export_gguf
 
-    adapter = make_adapter(embedded_dir, tmp_path / "adapter", seed=0, targets=["q_proj", "v_proj"])
-    report = export_gguf(str(adapter), str(tmp_path / "gguf"), quant="f16", max_new_tokens=16)
+    # a small update (B ~ 0.02 N(0, 1)), as a short fine-tune makes; 0.5 would turn the real model into noise
+    adapter = make_adapter(embedded_dir, tmp_path / "adapter", seed=0, targets=["q_proj", "v_proj"], scale=0.02)
+    # 4 prompts x 8 tokens keeps it near a minute; benchmarks/gguf_quants.py measures all 8 x 32
+    report = export_gguf(str(adapter), str(tmp_path / "gguf"), quant="f16", prompts=CHECK_PROMPTS[:4],
+                         max_new_tokens=8)
     check = report["gguf_vs_base_plus_adapter"]
     assert report["within_tolerance"], report["failures"]
-    assert check["greedy_identical"] == 8 and report["tokenizer"]["ids_identical"] == 8
+    assert check["greedy_identical"] == 4 and report["tokenizer"]["ids_identical"] == 4
+    assert report["tensor_types"] == {"F16": 30 * 7 + 1, "F32": 30 * 2 + 1}

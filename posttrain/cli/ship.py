@@ -67,6 +67,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
             print(f"llama.cpp: greedy continuations identical on {c['greedy_identical']}/{c['prompts']} prompts")
         for why in report["failures"]:
             print(f"NOT within the {report['quant']} tolerance: {why}")
+        for note in report["warnings"]:
+            print(f"note (within the {report['quant']} tolerance, {report['tolerance']['measured']} when "
+                  f"measured): {note}")
     else:
         print(f"exported {report['adapter']} -> {args.out}: {report['tensors']} tensors, r={report['rank']}, "
               f"alpha={report['alpha']}, base {report['base']}; reloaded through PEFT, max diff "

@@ -89,6 +89,14 @@ def verdict(spec: GGUFQuant, check: dict, tokens: dict, llama_cpp: dict | None) 
     return not why, why
 
 
+def warnings_of(check: dict) -> list[str]:
+    """What a user should know even when the file is within its tolerance."""
+    if check["greedy_identical"] == check["prompts"]:
+        return []
+    return [f"greedy answers differ from base+adapter on prompts {check['diverged_prompts']} "
+            f"({check['prompts'] - check['greedy_identical']} of {check['prompts']})"]
+
+
 def export_gguf(adapter: str, out: str, *, quant: str = "f16", model_name: str | None = None, dtype: str = "auto",
                 device: str = "auto", prompts: list[str] | None = None, max_new_tokens: int = 32,
                 workflow: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -126,7 +134,7 @@ def export_gguf(adapter: str, out: str, *, quant: str = "f16", model_name: str |
             "tolerance": {"min_greedy_identical": math.ceil(spec.min_greedy_identical * check["prompts"]),
                           "max_mean_logit_diff": spec.max_mean_logit_diff, "measured": spec.measured},
             "gguf_vs_base_plus_adapter": check, "tokenizer": tokens, "llama_cpp": through_llama_cpp,
-            "within_tolerance": ok, "failures": why})
+            "within_tolerance": ok, "failures": why, "warnings": [] if why else warnings_of(check)})
         (tmp / REPORTS[1]).write_text(json.dumps(report, indent=2))
         write_card(tmp, adapter, base=m.base, kind="gguf", export=report, workflow=workflow)
 
