@@ -62,13 +62,18 @@ def read_json(path: Path) -> Any | None:
         return None
 
 
-def file_hash(path: str | Path) -> str:
-    """sha256 of a file's bytes (the first 16 hex digits are plenty to tell versions of one file apart)."""
+def sha256_of(path: str | Path) -> str:
+    """The full sha256 hex digest of a file's bytes (what a model card states for its data)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
+
+
+def file_hash(path: str | Path) -> str:
+    """sha256 of a file's bytes (the first 16 hex digits are plenty to tell versions of one file apart)."""
+    return sha256_of(path)[:16]
 
 
 def content_key(*parts: Any) -> str:

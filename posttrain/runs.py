@@ -21,10 +21,19 @@ HEAD_FILE = "score_head.safetensors"
 CRITIC_DIR = "critic"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+DATA_FILES = "data_files.json"  # the data files a run read, hashed when it began: the model card's data section
 
 
 def quantization_of(mcfg: ModelConfig) -> Quantization | None:
     return None if mcfg.quantization == "none" else Quantization(mcfg.quantization, mcfg.double_quant)
+
+
+def data_files_of(config: dict[str, Any]) -> list[str]:
+    """The data files a job config (as a dict: ``model_dump()`` or a run's config.yaml) reads: train, eval, the
+    mixed-in file and the replay prompts."""
+    d = config.get("data") or {}
+    paths = [d.get("train"), d.get("eval"), (d.get("mix") or {}).get("path"), (d.get("replay") or {}).get("prompts")]
+    return [p for p in paths if isinstance(p, str) and p]
 
 
 def resolve_adapter(path: str) -> Path:

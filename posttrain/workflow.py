@@ -38,7 +38,7 @@ from posttrain.io import atomic_write_text, content_key, file_hash, read_json
 from posttrain.judge import ModelJudge
 from posttrain.recipes import RECIPES
 from posttrain.report import write_workflow_report
-from posttrain.runs import load_for_inference, trained_model_of
+from posttrain.runs import data_files_of, load_for_inference, trained_model_of
 from posttrain.ship import export_run
 
 
@@ -55,15 +55,6 @@ def _substitute(value: Any, names: dict[str, str]) -> Any:
     if isinstance(value, dict):
         return {k: _substitute(v, names) for k, v in value.items()}
     return value
-
-
-def _job_files(job: Any) -> list[str]:
-    """The data files a job reads (their contents are part of its key)."""
-    d = getattr(job, "data", None)
-    paths = [getattr(d, "train", None), getattr(d, "eval", None)]
-    for extra, field in (("mix", "path"), ("replay", "prompts")):
-        paths.append(getattr(getattr(d, extra, None), field, None))
-    return [p for p in paths if p]
 
 
 def check_suites(cfg: WorkflowConfig | SuitesConfig) -> None:
@@ -125,6 +116,7 @@ class Workflow:
         self.runs: dict[str, Path] = {}
         self._judges: dict[str | None, Any] = {}      # judge model -> ModelJudge, loaded once each
         self._jobs: dict[str, Any] = {}                 # train stage -> its resolved job config
+        self.contamination = "not checked"              # for workflow.json (and so the model card)
 
     # -- the held-out set ------------------------------------------------------------------------------------
     def eval_set(self) -> None:
@@ -154,10 +146,13 @@ class Workflow:
             report = contamination(self.names["train_set"], self.names["eval_set"])
             leaks = [r.row for r in report.rows if r.contaminated]
             if leaks:
+                self.contamination = f"held-out rows {leaks[:10]} found in {self.names['train_set']}"
                 raise GateBlocked(f"eval set: held-out rows {leaks[:10]} share >= {report.threshold:.0%} of their "
                                   f"{report.n}-grams with {self.names['train_set']} (run `posttrain data "
                                   "contamination` for the table)")
             detail += "; no train/eval contamination"
+            self.contamination = f"none: no held-out row shares >= {report.threshold:.0%} of its {report.n}-grams " \
+                                 f"with {self.names['train_set']}"
         self.keys["eval_set"] = digest
         self._row("eval_set", "ran", time.perf_counter() - t0, detail)
 
@@ -245,8 +240,9 @@ class Workflow:
 
     def train(self, st: StageSpec) -> str:
         job = self._jobs[st.name] = self.job_of(st)
-        settings = {k: v for k, v in job.model_dump(mode="json").items() if k != "output_dir"}
-        key = content_key(st.train, settings, [file_hash(p) for p in _job_files(job)],
+        # the card section names what the model is for; it changes no weight, so it is not part of the key
+        settings = {k: v for k, v in job.model_dump(mode="json").items() if k not in ("output_dir", "card")}
+        key = content_key(st.train, settings, [file_hash(p) for p in data_files_of(job.model_dump())],
                           self.keys.get(st.init_from) if st.init_from else None)
         folder = self.root / st.name
         state = read_json(folder / "stage.json") or {}
@@ -283,7 +279,7 @@ class Workflow:
         key = content_key("export", self.keys[st.export])
         if (read_json(out / "export_report.json") or {}).get("workflow_key") == key:
             return "cached"
-        report = export_run(str(self.root / st.export), str(out))
+        report = export_run(str(self.root / st.export), str(out), workflow=self.summary())
         atomic_write_text(out / "export_report.json", json.dumps({**report, "workflow_key": key}, indent=2))
         return "ran"
 
@@ -336,14 +332,21 @@ class Workflow:
         return eval_table({label: self.evals[label] for label in ["baseline", *(s.name for s in self.cfg.stages)]
                            if label in self.evals})
 
+    def summary(self) -> dict[str, Any]:
+        """workflow.json: what ran, the evals, the gate verdicts; an export stage's model card reads it too."""
+        return {"name": self.cfg.name, "eval_set_sha256": self.keys.get("eval_set"),
+                "eval_set": self.names.get("eval_set"), "contamination": self.contamination,
+                "suites": {n: {"kind": spec.kind, "data": _substitute(spec.data, self.names)}
+                           for n, spec in self.cfg.evals.items()},
+                "stages": self.stage_rows, "evals": self.eval_table(), "gates": self.gates, "keys": self.keys}
+
     def write_outputs(self) -> None:
-        table = self.eval_table()
-        summary = {"name": self.cfg.name, "eval_set_sha256": self.keys.get("eval_set"), "stages": self.stage_rows,
-                   "evals": table, "gates": self.gates, "keys": self.keys}
+        summary = self.summary()
         atomic_write_text(self.root / "workflow.json", json.dumps(summary, indent=2))
-        print_eval_table(self.cfg.name, table)
-        write_workflow_report(self.root / "report.html", title=self.cfg.name, stages=self.stage_rows, evals=table,
-                              gates=self.gates, runs=self.runs, config_text=self.source or dump_config(self.cfg))
+        print_eval_table(self.cfg.name, summary["evals"])
+        write_workflow_report(self.root / "report.html", title=self.cfg.name, stages=self.stage_rows,
+                              evals=summary["evals"], gates=self.gates, runs=self.runs,
+                              config_text=self.source or dump_config(self.cfg))
 
 
 def run_workflow(path: str, overrides: list[str] | None = None) -> int:

@@ -38,8 +38,26 @@ def make_tiny(path: Path, tokenizer, *, layers: int = 2, hidden: int = 64, seed:
     return str(path)
 
 
-def make_adapter(base_dir: str, out: Path, *, seed: int, targets) -> Path:
-    """A LoRA adapter whose B is random (PEFT starts B at zero, a no-op), so each adapter changes the outputs."""
+def small_tokenizer(tokenizer, path: Path, size: int = 1024):
+    """The SmolLM2 tokenizer cut to its first ``size`` ids: the same special tokens, byte alphabet and chat
+    template, only the merges that build a kept token. Byte-level BPE merges in id order, so the cut is a valid
+    tokenizer (rarer words split into more pieces); a GGUF of it reads back in a fraction of a second, where the
+    full 49,152-token vocabulary takes ~5 s to parse."""
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(path)
+    spec = json.loads((path / "tokenizer.json").read_text())
+    vocab = {t: i for t, i in spec["model"]["vocab"].items() if i < size}
+    spec["model"]["vocab"] = vocab
+    spec["model"]["merges"] = [m for m in spec["model"]["merges"] if "".join(m) in vocab]
+    spec["added_tokens"] = [a for a in spec["added_tokens"] if a["id"] < size]
+    (path / "tokenizer.json").write_text(json.dumps(spec))
+    return AutoTokenizer.from_pretrained(path)
+
+
+def make_adapter(base_dir: str, out: Path, *, seed: int, targets, scale: float = 0.5) -> Path:
+    """A LoRA adapter whose B is random (PEFT starts B at zero, a no-op), times ``scale``, so each adapter changes
+    the outputs."""
     from transformers import AutoModelForCausalLM
 
     from posttrain.models import apply_lora
@@ -50,7 +68,7 @@ def make_adapter(base_dir: str, out: Path, *, seed: int, targets) -> Path:
     with torch.no_grad():
         for name, p in peft.named_parameters():
             if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
     peft.save_pretrained(out)
     return out
 

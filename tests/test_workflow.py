@@ -71,6 +71,22 @@ def test_runs_every_stage_and_writes_the_report(done):
     assert dpo_cfg["model"]["init_adapter"] == str(tmp / "wf" / "sft")  # DPO starts from the SFT stage
 
 
+def test_the_export_carries_a_card_of_the_whole_chain(done):
+    """SFT -> DPO -> export: both stages, the gate verdicts and the contamination check, from the workflow's state."""
+    tmp, _ = done
+    card = (tmp / "wf" / "export" / "README.md").read_text()
+    summary = json.loads((tmp / "wf" / "workflow.json").read_text())
+    assert "SFT (LoRA) → DPO (LoRA) → PEFT adapter" in card
+    assert "### Gate gate_sft: PASSED (sft vs baseline)" in card and "### Gate gate_dpo: PASSED (dpo vs sft)" in card
+    assert f"(sha256 {summary['eval_set_sha256']}): none: no held-out row shares" in card
+    assert summary["contamination"].startswith("none") and summary["suites"]["heldout"]["data"] == summary["eval_set"]
+    loss = summary["evals"]["rows"]["heldout/loss"]
+    row = next(line for line in card.splitlines() if line.startswith("| heldout/loss |"))
+    assert row.split(" | ")[1:3] == ["in-domain (held-out set)", "no"]
+    assert [float(x) for x in row.strip(" |").split(" | ")[3:]] == \
+        pytest.approx([loss["baseline"], loss["sft"], loss["dpo"]], rel=1e-5)
+
+
 def test_rerun_is_all_cached(done, monkeypatch):
     import posttrain.recipes.dpo
     import posttrain.recipes.sft

@@ -187,46 +187,6 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_check(title: str, c: dict) -> None:
-    print(f"{title}: max |logit diff| {c['max_abs_logit_diff']:.2e} (mean {c['mean_abs_logit_diff']:.2e}, logits up "
-          f"to {c['reference_logit_scale']:.1f}); greedy continuations identical on {c['greedy_identical']}/"
-          f"{c['prompts']} prompts")
-
-
-def _cmd_merge(args: argparse.Namespace) -> int:
-    from posttrain.ship import merge_run
-
-    prompts = Path(args.prompts).read_text().splitlines() if args.prompts else None
-    report = merge_run(args.adapter, args.out, model_name=args.model, dtype=args.dtype, device=args.device,
-                       prompts=[p for p in prompts or [] if p.strip()] or None, max_new_tokens=args.max_new_tokens)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"merged {report['adapter']} into {report['base']} -> {args.out} ({report['dtype']})")
-    _print_check("merged vs base+adapter", report["merged_vs_base_plus_adapter"])
-    _print_check("saved and reloaded", report["reloaded_vs_base_plus_adapter"])
-    if "original_base_merged_vs_base_plus_adapter" in report:
-        _print_check("(for comparison) merged into the original, not de-quantized, base",
-                     report["original_base_merged_vs_base_plus_adapter"])
-    ok = report["reloaded_vs_base_plus_adapter"]
-    return 0 if ok["greedy_identical"] == ok["prompts"] else 1
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from posttrain.ship import export_run
-
-    report = export_run(args.adapter, args.out, model_name=args.model, dtype=args.dtype, device=args.device)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"exported {report['adapter']} -> {args.out}: {report['tensors']} tensors, r={report['rank']}, "
-          f"alpha={report['alpha']}, base {report['base']}; reloaded through PEFT, max diff "
-          f"{report['max_abs_diff_after_reload']:.1e}")
-    for note in report["notes"]:
-        print(f"note: {note}")
-    return 0
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     from posttrain.workflow import run_workflow
 
@@ -316,25 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help="with --trajectory: the tokenizer (default: the run's model)")
     r.set_defaults(func=_cmd_render)
 
-    def shipping_args(q: argparse.ArgumentParser) -> None:
-        q.add_argument("adapter", help="a LoRA adapter folder or a run folder")
-        q.add_argument("--out", required=True, help="folder to write (replaced atomically)")
-        q.add_argument("--model", default=None, help="base model (default: the one the run trained from)")
-        q.add_argument("--dtype", default="auto")
-        q.add_argument("--device", default="auto")
-        q.add_argument("--json", action="store_true", help="print the report as JSON")
+    from posttrain.cli.ship import add_commands as add_ship_commands
 
-    m = sub.add_parser("merge", help="W + (alpha/r) BA into a standalone HF folder, checked against base+adapter "
-                                     "(a QLoRA adapter merges into the de-quantized base)")
-    shipping_args(m)
-    m.add_argument("--prompts", default=None, help="a text file, one check prompt per line (default: 8 built in)")
-    m.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens compared per check prompt")
-    m.set_defaults(func=_cmd_merge)
-
-    x = sub.add_parser("export", help="the adapter alone in PEFT format (for PEFT, vLLM, posttrain serve), "
-                                      "loaded back and checked")
-    shipping_args(x)
-    x.set_defaults(func=_cmd_export)
+    add_ship_commands(sub)  # merge, export: here, so `posttrain -h` lists them after render, as before
 
     w = sub.add_parser("run", help="a workflow: eval set, baseline, train stages with gates, export, report.html "
                                    "(stages cached by the hash of their inputs)")

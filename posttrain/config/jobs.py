@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from posttrain.config.sections import (
+    CardConfig,
     DataConfig,
     LoraConfig,
     ModelConfig,
@@ -30,6 +31,7 @@ class JobBase(Section):
     finetune: Literal["lora", "full"] = "lora"
     model: ModelConfig = ModelConfig()
     lora: LoraConfig = LoraConfig()
+    card: CardConfig = CardConfig()
 
     @model_validator(mode="after")
     def _check_quantization(self) -> "JobBase":

@@ -56,6 +56,13 @@ class LoraConfig(Section):
     )
 
 
+class CardConfig(Section):
+    """What the model card (README.md of `posttrain merge` / `export` folders) cannot read from the run itself."""
+    intended_use: str | None = Field(None, description="who should use the model, for what, and what not for")
+    license: str | None = Field(None, description="the card's license: front matter, e.g. apache-2.0")
+    datasets: list[str] = Field(default_factory=list, description="hub dataset ids the data came from, if any")
+
+
 class MixConfig(Section):
     """A general-instruction file mixed into SFT so the model keeps what it could do (against forgetting)."""
     path: str = Field(..., description="any SFT-format file (messages, alpaca, prompt/completion)")

@@ -31,7 +31,7 @@ from posttrain.engine import LoopOptions, console, read_metrics, train_loop
 from posttrain.engine.distributed import device_for, gather_for_inference, shard, world
 from posttrain.engine.trackers import check_installed
 from posttrain.errors import ConfigError
-from posttrain.io import atomic_dir, atomic_write_text
+from posttrain.io import atomic_dir, atomic_write_text, sha256_of
 from posttrain.models import (
     Loaded,
     apply_lora,
@@ -48,7 +48,16 @@ from posttrain.models.compile import compile_layers
 from posttrain.models.heads import save_head
 from posttrain.models.kernels import apply_liger
 from posttrain.report import write_run_report
-from posttrain.runs import CONFIG_FILE, HEAD_FILE, METRICS_FILE, SUMMARY_FILE, quantization_of, resolve_adapter
+from posttrain.runs import (
+    CONFIG_FILE,
+    DATA_FILES,
+    HEAD_FILE,
+    METRICS_FILE,
+    SUMMARY_FILE,
+    data_files_of,
+    quantization_of,
+    resolve_adapter,
+)
 
 T = TypeVar("T")
 
@@ -166,7 +175,12 @@ def loop_options(t: TrainConfig, total: int, mcfg: ModelConfig, loaded: Loaded |
 
 
 def save_config(out: Path, cfg: JobConfig) -> None:
+    """config.yaml, and data_files.json: the hashes of the data files as the run begins, so a model card states
+    what was trained on rather than what the files hold by the time it is exported."""
     atomic_write_text(out / CONFIG_FILE, dump_config(cfg))
+    files = {p: {"sha256": sha256_of(p), "bytes": Path(p).stat().st_size} for p in data_files_of(cfg.model_dump())
+             if Path(p).is_file()}
+    atomic_write_text(out / DATA_FILES, json.dumps(files, indent=2))
 
 
 def shard_if_asked(cfg: SFTConfig | DPOConfig | KTOConfig | RewardConfig | PRMConfig,
