@@ -19,8 +19,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from posttrain.config import OnlineDPOConfig
 from posttrain.engine import console, train_loop
 from posttrain.engine.resume import Resume
@@ -40,6 +38,7 @@ from posttrain.methods.online_dpo import (
     prompt_text,
     read_round,
 )
+from posttrain.models.numerics import Numerics, autocast
 from posttrain.models.reference import Reference, make_reference
 from posttrain.recipes._common import (
     announce,
@@ -108,7 +107,7 @@ def run(cfg: OnlineDPOConfig, *, resume: bool | Resume = False) -> dict[str, Any
                       f"samples (best vs worst by {schedule.scorer}) then {o.steps_per_round} {cfg.dpo.loss} steps, "
                       f"sampled by the {engine.name} engine; reference: " + describe_reference(cfg))
         evaluate = held_out_eval(cfg, model, tok, judge, (held_prompts, held_rows, held_chats), reward, watch, folder,
-                                 job.loaded.numerics.autocast if job.loaded.numerics else None)
+                                 job.loaded.numerics)
         save_config(job.out, cfg)
         records = train_loop(model, method, schedule, loop_options(t, total, cfg.model, job.loaded), job.out,
                              evaluate=evaluate, export=lora_export(cfg.finetune, model), resume=start)
@@ -186,7 +185,7 @@ def build_judge(cfg: OnlineDPOConfig, model: Any, tokenizer: Any) -> Judge:
 
 
 def held_out_eval(cfg: OnlineDPOConfig, model: Any, tok: Any, judge: Judge | None, held: tuple, reward: Any,
-                  watch: Any, folder: Path, autocast: torch.dtype | None) -> Any:
+                  watch: Any, folder: Path, numerics: Numerics | None) -> Any:
     """The eval the loop runs: held-out rewards of greedy answers, or their win rate against the starting policy's
     (computed once, before any step, and kept in the run folder for a resumed run). The starting answers are
     generated under the loop's autocast, as every eval is, so the step-0 eval compares the start with itself."""
@@ -200,9 +199,7 @@ def held_out_eval(cfg: OnlineDPOConfig, model: Any, tok: Any, judge: Judge | Non
     path = folder / "eval-baseline.json"
     saved = read_json(path) if path.exists() else None
     if saved is None or saved.get("prompts") != [prompt_text(c) for c in chats]:
-        amp = (torch.autocast(next(model.parameters()).device.type, dtype=autocast) if autocast
-               else contextlib.nullcontext())
-        with amp:  # before any step: the start
+        with autocast(numerics, next(model.parameters()).device):  # before any step: the start
             texts = greedy_texts(model, tok, prompts, o.max_new_tokens, batch).texts
         atomic_write_text(path, json.dumps({"prompts": [prompt_text(c) for c in chats], "answers": texts}))
         saved = read_json(path)
