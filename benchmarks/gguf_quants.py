@@ -38,16 +38,20 @@ def main() -> int:
         rows.append({"quant": q, "max_abs_logit_diff": c["max_abs_logit_diff"],
                      "mean_abs_logit_diff": c["mean_abs_logit_diff"], "logit_scale": c["reference_logit_scale"],
                      "greedy_identical": c["greedy_identical"], "prompts": c["prompts"],
+                     "top1_agreement": c["top1_agreement"], "top1_positions": c["top1_positions"],
+                     "top1_flipped_max_margin": c["top1_flipped_max_margin"],
                      "diverged": c["diverged_prompts"], "tokenizer_ids": r["tokenizer"]["ids_identical"],
                      "bytes": r["bytes"], "bits_per_weight": r["bits_per_weight"],
                      "within_tolerance": r["within_tolerance"], "seconds": time.perf_counter() - t0})
         print(json.dumps(rows[-1]), flush=True)
         (out / q / r["file"]).unlink()  # keep the report; the files are re-made by the command above
     (out / "gguf_quants.json").write_text(json.dumps(rows, indent=2))
-    print("\n| quant | max abs dlogit | mean abs dlogit | greedy identical | tokenizer ids | file MB | bits/weight "
-          "| within tolerance | s |\n|---|---|---|---|---|---|---|---|---|")
+    print("\n| quant | max abs dlogit | mean abs dlogit | top-1 agreement (teacher-forced) | largest flipped margin "
+          "| greedy identical | tokenizer ids | file MB | bits/weight | within tolerance | s |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
     for x in rows:
         print(f"| {x['quant']} | {x['max_abs_logit_diff']:.3g} | {x['mean_abs_logit_diff']:.3g} | "
+              f"{x['top1_agreement']:.4f} of {x['top1_positions']} | {x['top1_flipped_max_margin']:.3g} | "
               f"{x['greedy_identical']}/{x['prompts']} | {x['tokenizer_ids']}/{x['prompts']} | "
               f"{x['bytes'] / 1e6:.1f} | {x['bits_per_weight']:.2f} | {x['within_tolerance']} | {x['seconds']:.0f} |")
     return 0

@@ -197,6 +197,7 @@ def test_cli_export_gguf_writes_a_checked_folder_and_exits_1_when_broken(small_a
                  "--max-new-tokens", "8"]) == 1
     report = json.loads((out / "export_report.json").read_text())
     assert not report["within_tolerance"] and any("greedy" in f or "mean" in f for f in report["failures"])
+    assert any("top-1 tokens" in f for f in report["failures"])
     assert "NOT within the f32 tolerance" in capsys.readouterr().out
 
 
@@ -250,3 +251,41 @@ def test_embedded_model_exports_to_f16_with_identical_greedy_answers(embedded_di
     assert report["within_tolerance"], report["failures"]
     assert check["greedy_identical"] == 4 and report["tokenizer"]["ids_identical"] == 4
     assert report["tensor_types"] == {"F16": 30 * 7 + 1, "F32": 30 * 2 + 1}
+
+
+def test_top1_along_scores_each_answer_token_on_the_reference_prefix():
+    """Hand-worked: a 2-token prompt and the 3-token answer [2, 0, 1]; the logits at positions 1, 2 and 3 predict
+    them. The copy agrees at positions 1 and 3 and flips position 2, where the reference led 0.5 (3.0 vs 2.5)."""
+    from posttrain.models.merge import top1_along
+
+    want = torch.tensor([[9.0, 0.0, 0.0], [0.0, 1.0, 4.0], [3.0, 2.5, 0.0], [0.0, 2.0, 1.0], [5.0, 0.0, 0.0]])
+    got = want.clone()
+    got[2] = torch.tensor([2.9, 3.0, 0.0])  # the runner-up overtakes by 0.1
+    got[0] = torch.tensor([0.0, 0.0, 9.0])  # a prompt position: not scored
+    agree, margins = top1_along(got, want, 2, [2, 0, 1])
+    assert agree == 2 and margins == [pytest.approx(0.5)]
+    assert top1_along(want, want, 2, [2, 0, 1]) == (3, [])
+
+
+def _check(**over):
+    c = {"prompts": 8, "greedy_identical": 3, "diverged_prompts": [0, 1, 3, 4, 6], "top1_agreement": 0.99,
+         "top1_positions": 256, "top1_flipped_max_margin": 0.3, "mean_abs_logit_diff": 0.2, "max_abs_logit_diff": 1.5}
+    return {**c, **over}
+
+
+def test_q8_0_verdict_rests_on_teacher_forced_agreement_not_whole_answers():
+    from posttrain.ship.gguf_export import verdict, warnings_of
+
+    tokens = {"ids_identical": 8, "prompts": 8, "differing_prompts": [], "chat_template_identical": True,
+              "special_tokens_identical": True, "special_token_ids": {}}
+    q8 = QUANTS["q8_0"]
+    ok, why = verdict(q8, _check(top1_agreement=q8.min_top1_agreement), tokens, None)
+    assert ok and why == []  # 3/8 whole answers identical, each of their tokens still the top-1 often enough
+    note = warnings_of(_check())
+    assert "prompts [0, 1, 3, 4, 6] (5 of 8)" in note[0] and "99.00%" in note[0] and "0.3 logits" in note[0]
+    ok, why = verdict(q8, _check(top1_agreement=q8.min_top1_agreement - 0.01), tokens, None)
+    assert not ok and "top-1 tokens along the reference's answers agree at" in why[0]
+    # f16 keeps whole-answer identity: its error is far below any margin a trained model's answers hold
+    ok, why = verdict(QUANTS["f16"], _check(mean_abs_logit_diff=0.007), tokens, None)
+    assert not ok and why == ["greedy continuations identical on 3/8 prompts; this quantization's tolerance is at "
+                              "least 8"]

@@ -99,7 +99,7 @@ def test_a_workflow_chain_gates_and_contamination_are_all_on_the_card():
     chain = [_stage("sft", "sft", lora={"r": 4}), _stage("dpo", "dpo", dpo={"beta": 0.1, "loss": "dpo"})]
     export = {"quant": "q8_0", "file": "model-q8_0.gguf", "bytes": 10, "bits_per_weight": 8.5,
               "gguf_vs_base_plus_adapter": {"max_abs_logit_diff": 0.5, "mean_abs_logit_diff": 0.05,
-                                            "greedy_identical": 7, "prompts": 8},
+                                            "greedy_identical": 7, "prompts": 8, "top1_agreement": 0.98},
               "tokenizer": {"ids_identical": 8, "prompts": 8, "chat_template_identical": True},
               "within_tolerance": True}
     text = model_card({"base_model": "b", "kind": "gguf", "export": export, "chain": chain, "workflow": wf})
@@ -113,3 +113,4 @@ def test_a_workflow_chain_gates_and_contamination_are_all_on_the_card():
     assert {r[1]: r[3] for r in tables["Training data"]} == {"/d/sft.jsonl": "8", "/d/dpo.jsonl": "8"}
     assert ["dpo.beta", "0.1"] in tables["dpo: DPO (LoRA)"]
     assert "Not stated by the run: set `card.intended_use`" in text
+    assert ["top-1 agreement along the reference's answers", "0.98"] in tables["Export check"]

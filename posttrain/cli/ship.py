@@ -12,8 +12,9 @@ from pathlib import Path
 
 def _print_check(title: str, c: dict) -> None:
     print(f"{title}: max |logit diff| {c['max_abs_logit_diff']:.2e} (mean {c['mean_abs_logit_diff']:.2e}, logits up "
-          f"to {c['reference_logit_scale']:.1f}); greedy continuations identical on {c['greedy_identical']}/"
-          f"{c['prompts']} prompts")
+          f"to {c['reference_logit_scale']:.1f}); top-1 along its answers {c['top1_agreement']:.2%} of "
+          f"{c['top1_positions']} tokens; greedy continuations identical on {c['greedy_identical']}/{c['prompts']} "
+          "prompts")
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:

@@ -3,9 +3,9 @@ trusted until it has been read back.
 
 The file is loaded through transformers' GGUF loader (which de-quantizes it) and, where llama-cpp-python is
 installed, through llama.cpp itself; both are compared with base + adapter on the fixed check prompts: max and
-mean |logit diff| along the reference's own tokens, greedy continuations, and the tokenizer's ids and chat
-template. The quantization's tolerance (models/gguf_write.QUANTS) decides ``within_tolerance``; the CLI exits 1
-when it is not met. The .gguf and export_report.json land together in one atomic folder write.
+mean |logit diff| and top-1 agreement along the reference's own tokens, greedy continuations, and the tokenizer's
+ids and chat template. The quantization's tolerance (models/gguf_write.QUANTS) decides ``within_tolerance``; the
+CLI exits 1 when it is not met. The .gguf and export_report.json land together in one atomic folder write.
 """
 
 from __future__ import annotations
@@ -75,6 +75,10 @@ def verdict(spec: GGUFQuant, check: dict, tokens: dict, llama_cpp: dict | None) 
     if check["greedy_identical"] < need:
         why.append(f"greedy continuations identical on {check['greedy_identical']}/{check['prompts']} prompts; "
                    f"this quantization's tolerance is at least {need}")
+    if check["top1_agreement"] < spec.min_top1_agreement:
+        why.append(f"top-1 tokens along the reference's answers agree at {check['top1_agreement']:.2%} of "
+                   f"{check['top1_positions']} positions; this quantization's tolerance is at least "
+                   f"{spec.min_top1_agreement:.2%}")
     if check["mean_abs_logit_diff"] > spec.max_mean_logit_diff:
         why.append(f"mean |logit diff| {check['mean_abs_logit_diff']:.3g} > tolerance {spec.max_mean_logit_diff}")
     if llama_cpp is not None and llama_cpp["greedy_identical"] < need:
@@ -94,7 +98,9 @@ def warnings_of(check: dict) -> list[str]:
     if check["greedy_identical"] == check["prompts"]:
         return []
     return [f"greedy answers differ from base+adapter on prompts {check['diverged_prompts']} "
-            f"({check['prompts'] - check['greedy_identical']} of {check['prompts']})"]
+            f"({check['prompts'] - check['greedy_identical']} of {check['prompts']}); teacher-forced, "
+            f"{check['top1_agreement']:.2%} of their tokens agree, and where one flips the reference led its runner-up "
+            f"by at most {check['top1_flipped_max_margin']:.2g} logits; one flip changes every token after it"]
 
 
 def export_gguf(adapter: str, out: str, *, quant: str = "f16", model_name: str | None = None, dtype: str = "auto",
@@ -132,6 +138,7 @@ def export_gguf(adapter: str, out: str, *, quant: str = "f16", model_name: str |
             "init_adapter": init_adapter_of(adapter),
             "quantization": m.quantization.kind if m.quantization else None, **stored,
             "tolerance": {"min_greedy_identical": math.ceil(spec.min_greedy_identical * check["prompts"]),
+                          "min_top1_agreement": spec.min_top1_agreement,
                           "max_mean_logit_diff": spec.max_mean_logit_diff, "measured": spec.measured},
             "gguf_vs_base_plus_adapter": check, "tokenizer": tokens, "llama_cpp": through_llama_cpp,
             "within_tolerance": ok, "failures": why, "warnings": [] if why else warnings_of(check)})
