@@ -264,5 +264,6 @@ def finish(args: argparse.Namespace, results: dict[str, list[dict]], ceilings: l
     v = versions()
     print("\nversions: " + ", ".join(f"{k} {x}" for k, x in v.items()) + f"; python {sys.version.split()[0]}")
     if args.json:
+        # default=str: path arguments (bench_dpo's --data) are written as their text
         Path(args.json).write_text(json.dumps({"ceiling_gflops": ceilings, "versions": v, "args": vars(args),
-                                               "results": results}, indent=1))
+                                               "results": results}, indent=1, default=str))
