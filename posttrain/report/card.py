@@ -181,7 +181,7 @@ def _export_section(facts: dict[str, Any]) -> list[str]:
             ["file", e["file"]], ["quantization", e["quant"]], ["bytes", e["bytes"]],
             ["bits per weight", e["bits_per_weight"]], ["max abs logit diff", c["max_abs_logit_diff"]],
             ["mean abs logit diff", c["mean_abs_logit_diff"]],
-            ["top-1 agreement along the reference's answers", c.get("top1_agreement", "not recorded")],
+            ["top-1 agreement along the reference's answers", c["top1_agreement"]],
             ["greedy identical", f"{c['greedy_identical']}/{c['prompts']}"],
             ["tokenizer ids identical", f"{t['ids_identical']}/{t['prompts']}"],
             ["chat template identical", t["chat_template_identical"]],
